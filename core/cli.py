@@ -1,0 +1,172 @@
+"""The ``prism`` command (also ``python -m core``).
+
+Every command has --help; bad input ends with a one-line ``prism: error: ...`` and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+DEMO_BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "models" / "demo"
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 1 instead of usage + exit 2
+        raise CliError(f"{message} (see `{self.prog} --help`)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def cmd_corpus(args: argparse.Namespace) -> int:
+    from .demo_corpus import build_demo_corpus
+
+    stats = build_demo_corpus(args.out, seed=args.seed, show_progress=not args.quiet)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainOptions, record_twin, remove_checkpoints, train
+
+    opts = TrainOptions(
+        corpus=args.corpus,
+        out=args.out,
+        preset=args.preset,
+        dense=args.dense,
+        max_steps=args.max_steps,
+        device=args.device,
+        seed=args.seed,
+        tokenizer=args.tokenizer,
+        resume=args.resume,
+        progress=not args.quiet,
+    )
+    record = train(opts)
+    summary = {k: record[k] for k in ("kind", "val_loss", "steps", "train_tokens", "tokens_per_second", "wall_seconds")}
+    if record["skipped_rows"]:
+        print(f"prism: note: skipped {sum(record['skipped_rows'].values())} invalid corpus rows {record['skipped_rows']}",
+              file=sys.stderr)
+    if args.twin_out:
+        twin_opts = TrainOptions(**{**vars(opts), "dense": True, "out": args.twin_out, "tokenizer": args.out,
+                                    "resume": False})
+        twin = train(twin_opts)
+        record = record_twin(args.out, twin)
+        summary.update(dense_val_loss=twin["val_loss"], val_loss_ratio=record["val_loss_ratio"])
+        if not args.keep_checkpoints:
+            remove_checkpoints(args.twin_out)
+    if not args.keep_checkpoints:
+        remove_checkpoints(args.out)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .bundle import load_bundle
+    from .control import Controls, load_controls, parse_ids
+    from .generation import generate_text
+
+    bundle = load_bundle(args.model)
+    controls = load_controls(args.controls) if args.controls else Controls()
+    if args.suppress:
+        if not bundle.is_prism:
+            raise CliError("--suppress needs a PRISM model; this bundle is a dense twin")
+        controls.suppressed = sorted(set(controls.suppressed) | set(parse_ids(args.suppress)))
+    result = generate_text(
+        bundle,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        controls=controls,
+        seed=args.seed,
+        do_sample=args.sample,
+        temperature=args.temperature,
+    )
+    if result.notice:
+        print(f"prism: note: {result.notice}", file=sys.stderr)
+    print(result.prompt + result.text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="prism", description="PRISM Explorer: prototype language models you can trace and steer.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    corpus = sub.add_parser("corpus", help="build corpora")
+    corpus_sub = corpus.add_subparsers(dest="corpus_command", required=True, parser_class=_Parser)
+    demo = corpus_sub.add_parser("demo", help="build the mixed-domain demo corpus (needs apt and pip access)")
+    demo.add_argument("--out", required=True, help="output folder")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=cmd_corpus)
+
+    from .train import PRESETS
+
+    train = sub.add_parser("train", help="train a PRISM model (or its dense twin) into a bundle")
+    train.add_argument("--corpus", required=True, help="JSONL file, or folder of .jsonl/.txt files")
+    train.add_argument("--out", required=True, help="bundle folder to write")
+    train.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size and schedule")
+    train.add_argument("--dense", action="store_true", help="train the dense twin instead of PRISM")
+    train.add_argument("--max-steps", type=_positive_int, help="override the preset's number of steps")
+    train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--tokenizer", help="reuse the tokenizer of this bundle")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    train.add_argument("--twin-out", help="also train the dense twin on the same tokens into this folder")
+    train.add_argument("--keep-checkpoints", action="store_true", help="keep OUT/checkpoints afterwards")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="generate text from a bundle")
+    gen.add_argument("--model", default=str(DEMO_BUNDLE), help="bundle folder (default: the demo bundle)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--controls", help="controls JSON (gains and suppressions)")
+    gen.add_argument("--suppress", help="prototype ids to suppress, e.g. 3,17,40-42")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=48)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (with --sample)")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit code."""
+    from .bundle import BundleError
+    from .control import ControlsError
+    from .data import CorpusError
+    from .train import TrainingError
+
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+        return args.func(args)
+    except (CliError, BundleError, ControlsError, CorpusError, TrainingError, ValueError, OSError) as err:
+        print(f"prism: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("prism: interrupted (checkpoints written so far are kept; rerun with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def main_exit() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

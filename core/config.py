@@ -1,0 +1,67 @@
+"""PrismConfig: the transformers configuration of a PRISM language model.
+
+A PRISM model is a decoder backbone (any transformers decoder, built from ``text_config``)
+followed by a prototype head. The head's settings live here; the backbone's settings live in
+the nested ``text_config`` so that ``get_text_config()`` and generation's cache find them.
+
+Field names avoid generation parameter names (``top_k``, ``temperature``): transformers
+refuses to save a config that carries those as model fields.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+class PrismConfig(PreTrainedConfig):
+    """Configuration of :class:`core.model.PrismForCausalLM`.
+
+    Attributes:
+        text_config: the backbone decoder's config (default: a small Llama-style decoder).
+        num_prototypes: P, the number of prototypes.
+        prototype_top_k: k, the number of active prototypes per token.
+        dense: True for the dense twin: same backbone, logits = E h (no prototype head).
+        cluster_weight: weight of the cluster loss (every token near a prototype).
+        anchor_weight: weight of the anchor loss (every prototype near real training tokens).
+        diversity_weight: weight of the diversity loss (prototype keys kept apart).
+        diversity_margin: cosine above which two prototype keys are penalised.
+        balance_weight: weight of the load-balance loss (no dead prototypes).
+        reseed_interval: training steps between checks for dead prototypes (0 disables).
+    """
+
+    model_type = "prism"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    num_prototypes: int = 1024
+    prototype_top_k: int = 8
+    dense: bool = False
+    cluster_weight: float = 0.05
+    anchor_weight: float = 0.05
+    diversity_weight: float = 0.05
+    diversity_margin: float = 0.5
+    balance_weight: float = 0.01
+    reseed_interval: int = 100
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.num_prototypes < 1:
+            raise ValueError(f"num_prototypes must be >= 1, got {self.num_prototypes}")
+        if not 1 <= self.prototype_top_k <= self.num_prototypes:
+            raise ValueError(
+                f"prototype_top_k must be in [1, num_prototypes={self.num_prototypes}], "
+                f"got {self.prototype_top_k}"
+            )
+        for name in ("cluster_weight", "anchor_weight", "diversity_weight", "balance_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not -1.0 <= self.diversity_margin <= 1.0:
+            raise ValueError(f"diversity_margin is a cosine in [-1, 1], got {self.diversity_margin}")
+        if self.reseed_interval < 0:
+            raise ValueError(f"reseed_interval must be >= 0, got {self.reseed_interval}")
+        # The tied unembedding is the backbone's input embedding; make the backbone agree.
+        self.text_config.tie_word_embeddings = True

@@ -1,0 +1,151 @@
+"""Controllers: per-prototype gains and suppression, as data passed per request.
+
+A controls document is JSON::
+
+    {"model_fingerprint": "...", "gains": {"12": 1.5, "40": 0.0}, "suppressed": [7, 9], "note": "..."}
+
+It is never written into a model: :meth:`Controls.tensors` turns it into the per-call
+``prototype_gains`` / ``suppressed_prototypes`` arguments of the model's forward and generate.
+A gain of 0 zeroes a prototype's slice while it still occupies one of the k active places;
+suppression removes it from the candidates, so the next prototype takes its place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+class ControlsError(ValueError):
+    """A controls document that cannot be applied, with the reason."""
+
+
+@dataclass
+class Controls:
+    """Gains and suppressions for one request.
+
+    Attributes:
+        gains: prototype id -> non-negative gain (absent ids keep gain 1).
+        suppressed: prototype ids kept out of every active set.
+        model_fingerprint: the bundle these controls were made for ("" = any).
+        note: free text.
+    """
+
+    gains: dict[int, float] = field(default_factory=dict)
+    suppressed: list[int] = field(default_factory=list)
+    model_fingerprint: str = ""
+    note: str = ""
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.suppressed and all(g == 1.0 for g in self.gains.values())
+
+    def validate(self, num_prototypes: int, top_k: int, fingerprint: str | None = None) -> None:
+        """Raise :class:`ControlsError` if these controls cannot apply to the given model."""
+        if fingerprint and self.model_fingerprint and self.model_fingerprint != fingerprint:
+            raise ControlsError(
+                f"controls were made for model {self.model_fingerprint}, not this model ({fingerprint})"
+            )
+        for pid, gain in self.gains.items():
+            if not 0 <= pid < num_prototypes:
+                raise ControlsError(f"unknown prototype id {pid} in gains (the model has 0..{num_prototypes - 1})")
+            if not isinstance(gain, (int, float)) or math.isnan(gain) or gain < 0 or math.isinf(gain):
+                raise ControlsError(f"gain of prototype {pid} must be a finite number >= 0, got {gain}")
+        for pid in self.suppressed:
+            if not 0 <= pid < num_prototypes:
+                raise ControlsError(f"unknown prototype id {pid} in suppressed (the model has 0..{num_prototypes - 1})")
+        if len(set(self.suppressed)) > num_prototypes - top_k:
+            raise ControlsError(f"at most {num_prototypes - top_k} prototypes can be suppressed")
+
+    def tensors(self, num_prototypes: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor | None]:
+        """The per-call model arguments: {"prototype_gains", "suppressed_prototypes"}."""
+        gains = None
+        if any(g != 1.0 for g in self.gains.values()):
+            gains = torch.ones(num_prototypes, device=device)
+            for pid, gain in self.gains.items():
+                gains[pid] = gain
+        mask = None
+        if self.suppressed:
+            mask = torch.zeros(num_prototypes, dtype=torch.bool, device=device)
+            mask[list(self.suppressed)] = True
+        return {"prototype_gains": gains, "suppressed_prototypes": mask}
+
+    def to_json(self) -> dict:
+        return {
+            "model_fingerprint": self.model_fingerprint,
+            "gains": {str(k): v for k, v in sorted(self.gains.items())},
+            "suppressed": sorted(set(self.suppressed)),
+            "note": self.note,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Controls:
+        """Parse a controls document, raising :class:`ControlsError` on a malformed one."""
+        if not isinstance(data, dict):
+            raise ControlsError("a controls document is a JSON object")
+        unknown = set(data) - {"model_fingerprint", "gains", "suppressed", "note"}
+        if unknown:
+            raise ControlsError(f"unknown keys in controls: {sorted(unknown)}")
+        raw_gains = data.get("gains", {})
+        if not isinstance(raw_gains, dict):
+            raise ControlsError('"gains" must be an object {prototype id: gain}')
+        gains = {}
+        for key, value in raw_gains.items():
+            try:
+                pid = int(key)
+            except ValueError:
+                raise ControlsError(f"prototype id {key!r} in gains is not an integer") from None
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ControlsError(f"gain of prototype {pid} must be a number, got {value!r}")
+            gains[pid] = float(value)
+        suppressed = data.get("suppressed", [])
+        if not isinstance(suppressed, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in suppressed):
+            raise ControlsError('"suppressed" must be a list of prototype ids')
+        return cls(
+            gains=gains,
+            suppressed=list(suppressed),
+            model_fingerprint=str(data.get("model_fingerprint", "")),
+            note=str(data.get("note", "")),
+        )
+
+
+def load_controls(path: str | Path) -> Controls:
+    """Read a controls JSON file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ControlsError(f"controls file not found: {p}")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ControlsError(f"controls file {p} is not valid JSON: {err}") from None
+    return Controls.from_json(data)
+
+
+def save_controls(controls: Controls, path: str | Path) -> None:
+    """Write a controls JSON file atomically."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(controls.to_json(), indent=2), encoding="utf-8")
+    os.replace(tmp, p)
+
+
+def parse_ids(text: str) -> list[int]:
+    """Parse "3,17,40-42" into [3, 17, 40, 41, 42]."""
+    ids: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                ids.extend(range(lo, hi + 1))
+            else:
+                ids.append(int(part))
+        except ValueError:
+            raise ControlsError(f"cannot read prototype ids from {part!r} (use e.g. 3,17,40-42)") from None
+    return ids

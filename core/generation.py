@@ -1,0 +1,112 @@
+"""Text generation from a bundle, with per-request controls and prompt truncation."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .bundle import Bundle
+from .control import Controls
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    """A generated continuation.
+
+    Attributes:
+        prompt: the prompt as the model saw it (after truncation).
+        text: the generated continuation only.
+        prompt_ids, new_ids: token ids of each part.
+        truncated_tokens: tokens dropped from the start of a too-long prompt (0 if none).
+    """
+
+    prompt: str
+    text: str
+    prompt_ids: list[int]
+    new_ids: list[int]
+    truncated_tokens: int = 0
+
+    @property
+    def notice(self) -> str | None:
+        if not self.truncated_tokens:
+            return None
+        return f"prompt truncated: its first {self.truncated_tokens} tokens were dropped to fit the context"
+
+
+def encode_prompt(bundle: Bundle, prompt: str, reserve: int) -> tuple[list[int], int]:
+    """Token ids of ``prompt``, keeping its end if it plus ``reserve`` new tokens overflow the context.
+
+    Returns:
+        (ids, number of tokens dropped from the start).
+    """
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    context = bundle.model.config.get_text_config().max_position_embeddings
+    if reserve >= context:
+        raise ValueError(f"max_new_tokens must be below the model's context of {context} tokens")
+    ids = bundle.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("the prompt has no tokens")
+    room = context - reserve
+    dropped = max(0, len(ids) - room)
+    if dropped:
+        logger.warning("prompt of %d tokens truncated to its last %d", len(ids), room)
+    return ids[dropped:], dropped
+
+
+@torch.no_grad()
+def generate_text(
+    bundle: Bundle,
+    prompt: str,
+    max_new_tokens: int = 48,
+    controls: Controls | None = None,
+    seed: int = 0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+) -> GenerationResult:
+    """Generate a continuation of ``prompt``; greedy unless ``do_sample``.
+
+    Controls apply to this call only; the bundle's model is not modified.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    model = bundle.model
+    ids, dropped = encode_prompt(bundle, prompt, max_new_tokens)
+    device = next(model.parameters()).device
+    kwargs: dict = {}
+    if controls is not None and not controls.is_empty:
+        controls.validate(model.config.num_prototypes, model.config.prototype_top_k, bundle.fingerprint)
+        kwargs.update({k: v for k, v in controls.tensors(model.config.num_prototypes, device).items() if v is not None})
+    sampling: dict = {"do_sample": do_sample}
+    if do_sample:
+        sampling.update(temperature=temperature, top_p=top_p, top_k=None)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        input_ids = torch.tensor([ids], device=device)
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=bundle.tokenizer.eos_token_id,
+            **sampling,
+            **kwargs,
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    new_ids = out[0, len(ids) :].tolist()
+    eos = bundle.tokenizer.eos_token_id
+    if eos in new_ids:
+        new_ids = new_ids[: new_ids.index(eos)]
+    return GenerationResult(
+        prompt=bundle.tokenizer.decode(ids),
+        text=bundle.tokenizer.decode(new_ids),
+        prompt_ids=ids,
+        new_ids=new_ids,
+        truncated_tokens=dropped,
+    )

@@ -1,0 +1,89 @@
+"""The clustering objectives that tie prototypes to neighbourhoods of training tokens.
+
+L = CE + l_clst * L_clst + l_anc * L_anchor + l_div * L_div + l_bal * L_bal, where
+- L_clst = mean_t (1 - max_j cos(h_t, K_j)): every token sits near some prototype;
+- L_anchor = mean_j (1 - max_t cos(K_j, h_t)) over a bank of this batch's (detached)
+  hidden states: every prototype sits on real training data;
+- L_div = mean over pairs j != l of relu(cos(K_j, K_l) - margin)^2: distinct neighbourhoods;
+- L_bal = P * sum_j f_j * p_j with f_j the share of active slots held by prototype j and p_j
+  its mean full-softmax probability (minimum 1 when usage is uniform): no dead prototypes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .config import PrismConfig
+    from .model import PrototypeHead
+
+ANCHOR_BANK_SIZE = 2048
+
+
+def cluster_loss(cosine: torch.Tensor) -> torch.Tensor:
+    """(N, P) token-prototype cosines -> scalar."""
+    return (1.0 - cosine.max(dim=-1).values).mean()
+
+
+def anchor_loss(keys: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """(P, d) keys, (M, d) detached hidden states -> scalar; gradient reaches the keys only."""
+    cos = F.normalize(keys, dim=-1) @ F.normalize(bank.detach(), dim=-1).T  # (P, M)
+    return (1.0 - cos.max(dim=-1).values).mean()
+
+
+def diversity_loss(keys: torch.Tensor, margin: float) -> torch.Tensor:
+    """(P, d) keys -> scalar penalty on pairs whose cosine exceeds ``margin``."""
+    P = keys.shape[0]
+    if P < 2:
+        return keys.sum() * 0.0
+    kn = F.normalize(keys, dim=-1)
+    cos = kn @ kn.T  # (P, P)
+    off_diagonal = ~torch.eye(P, dtype=torch.bool, device=keys.device)
+    return F.relu(cos[off_diagonal] - margin).pow(2).mean()
+
+
+def balance_loss(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(N, P) prototype scores, (N, k) active ids -> scalar load-balance loss."""
+    N, P = scores.shape
+    mean_prob = torch.softmax(scores, dim=-1).mean(dim=0)  # (P,)
+    share = torch.bincount(ids.flatten(), minlength=P).to(scores.dtype) / ids.numel()  # (P,)
+    return P * (share * mean_prob).sum()
+
+
+def prototype_losses(
+    hidden: torch.Tensor,
+    scores: torch.Tensor,
+    cosine: torch.Tensor,
+    ids: torch.Tensor,
+    head: PrototypeHead,
+    config: PrismConfig,
+) -> dict[str, torch.Tensor]:
+    """The four prototype terms for one batch, unweighted.
+
+    Args:
+        hidden: (N, d) hidden states the head read.
+        scores: (N, P) their prototype scores h . K_j.
+        cosine: (N, P) their cosines to every prototype key.
+        ids: (N, k) active prototype ids.
+    """
+    stride = max(1, hidden.shape[0] // ANCHOR_BANK_SIZE)
+    return {
+        "cluster": cluster_loss(cosine),
+        "anchor": anchor_loss(head.keys, hidden[::stride]),
+        "diversity": diversity_loss(head.keys, config.diversity_margin),
+        "balance": balance_loss(scores, ids),
+    }
+
+
+def total_loss(ce: torch.Tensor, aux: dict[str, torch.Tensor], config: PrismConfig) -> torch.Tensor:
+    """CE plus the weighted prototype terms."""
+    weights = {
+        "cluster": config.cluster_weight,
+        "anchor": config.anchor_weight,
+        "diversity": config.diversity_weight,
+        "balance": config.balance_weight,
+    }
+    return ce + sum(weights[name] * value for name, value in aux.items())
