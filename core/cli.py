@@ -151,12 +151,20 @@ def main(argv: list[str] | None = None) -> int:
     from .data import CorpusError
     from .train import TrainingError
 
+    from transformers.utils import logging as hf_logging
+
+    args = None
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+        if args.command != "train":
+            hf_logging.disable_progress_bar()  # weight-loading bars are noise around a generated text
         return args.func(args)
     except (CliError, BundleError, ControlsError, CorpusError, TrainingError, ValueError, OSError) as err:
-        print(f"prism: error: {err}", file=sys.stderr)
+        if args is not None and args.verbose:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"prism: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("prism: interrupted (checkpoints written so far are kept; rerun with --resume)", file=sys.stderr)

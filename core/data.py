@@ -268,7 +268,7 @@ def pack(dataset: datasets.Dataset, tokenizer, seq_len: int, batch_size: int = 1
     eos = tokenizer.eos_token_id
 
     def pack_batch(batch: dict, indices: list[int]) -> dict:
-        enc = tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids, docs, offsets = [], [], []
         for row, token_ids, spans in zip(indices, enc["input_ids"], enc["offset_mapping"]):
             ids.extend(token_ids)
@@ -300,7 +300,7 @@ def token_counts_by_source(dataset: datasets.Dataset, tokenizer) -> dict[str, in
     counts: dict[str, int] = {}
     for start in range(0, len(dataset), 2000):
         batch = dataset[start : start + 2000]
-        lengths = [len(x) for x in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]]
+        lengths = [len(x) for x in tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]]
         for source, n in zip(batch["source"], lengths):
             counts[source] = counts.get(source, 0) + n
     return counts

@@ -284,9 +284,12 @@ class PrismForCausalLM(PrismPreTrainedModel, GenerationMixin):
                 result.prototype_slices = prototype_slices(ids, weights, self.prototypes.values, E, slice_token_ids)
                 result.head_hidden = hidden
             if self.training and labels is not None:
+                result.head_hidden = hidden
                 flat = hidden.reshape(B * T, d)
+                every = max(1, flat.shape[0] // losses.TOKEN_SAMPLE)
+                cosine = self.prototypes.cosine(flat[::every], act.scores[::every])  # (N / every, P)
                 result.aux_losses = losses.prototype_losses(
-                    flat, act.scores, self.prototypes.cosine(flat, act.scores), act.ids, self.prototypes, self.config
+                    flat[::every], act.scores[::every], cosine, act.ids[::every], self.prototypes, self.config
                 )
         if labels is not None:
             result.loss = F.cross_entropy(

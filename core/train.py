@@ -82,6 +82,7 @@ class TrainOptions:
         resume: continue from the newest complete checkpoint in out/checkpoints.
         progress: show progress bars.
         overrides: PrismConfig fields to override (tests, experiments).
+        save_steps: checkpoint every this many steps (default: the preset's).
         stop_after: stop (as if interrupted) after this many steps; for resume tests.
     """
 
@@ -96,6 +97,7 @@ class TrainOptions:
     resume: bool = False
     progress: bool = True
     overrides: dict = field(default_factory=dict)
+    save_steps: int | None = None
     stop_after: int | None = None
 
     def __post_init__(self):
@@ -155,22 +157,14 @@ class PrismTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        is_prism = model.prototypes is not None
-        out = model(input_ids=inputs["input_ids"], labels=labels, return_prototypes=is_prism)
-        logits = out.logits[:, :-1]
-        targets = labels[:, 1:]
-        token_ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
-        ce = token_ce.mean()
-        loss = ce
-        terms = {"ce": ce.detach()}
+        out = model(input_ids=inputs["input_ids"], labels=labels)
+        loss = out.loss
+        terms = {"ce": out.loss.detach()}
         if out.aux_losses:
-            loss = losses.total_loss(ce, out.aux_losses, model.config)
+            loss = losses.total_loss(out.loss, out.aux_losses, model.config)
             terms.update({k: v.detach() for k, v in out.aux_losses.items()})
-            if model.training and model.config.reseed_interval:
-                # Highest-loss tokens of this batch: where a dead prototype is most useful.
-                hidden = out.head_hidden[:, :-1].reshape(-1, out.head_hidden.shape[-1])
-                top = token_ce.detach().topk(min(model.config.num_prototypes, token_ce.numel())).indices
-                self.reseed_candidates = (hidden[top].detach(), targets.reshape(-1)[top])
+            # Kept for the re-seeding callback: this batch's hidden states and next tokens.
+            self.reseed_candidates = (out.head_hidden[:, :-1].detach(), labels[:, 1:])
         for name, value in terms.items():
             self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value)
         self._term_count += 1
@@ -191,7 +185,8 @@ class PrismTrainer(Trainer):
 
 class _ReseedCallback(TrainerCallback):
     """Every ``reseed_interval`` steps, move prototypes unused since the last check onto the
-    hidden states of high-loss tokens, with values that promote the token they missed."""
+    hidden states of the last batch's tokens that are farthest from every prototype, with
+    values that promote the token that followed them."""
 
     def __init__(self, trainer: PrismTrainer):
         self.trainer = trainer
@@ -205,16 +200,18 @@ class _ReseedCallback(TrainerCallback):
             return
         with torch.no_grad():
             dead = (head.usage_window == 0).nonzero().flatten()
-            candidates = self.trainer.reseed_candidates
-            if len(dead) and candidates is not None:
-                hidden, targets = candidates
-                n = min(len(dead), len(hidden))
-                dead = dead[:n]
-                head.keys[dead] = F.normalize(hidden[:n].to(head.keys.dtype), dim=-1) * head.keys.norm(dim=-1).mean()
-                token_vectors = model.unembedding[targets[:n]]
+            if len(dead) and self.trainer.reseed_candidates is not None:
+                hidden, targets = self.trainer.reseed_candidates
+                hidden = hidden.reshape(-1, hidden.shape[-1]).to(head.keys.dtype)  # (N, d)
+                targets = targets.reshape(-1)
+                coverage = head.cosine(hidden, hidden @ head.keys.T).max(dim=-1).values  # (N,)
+                far = coverage.topk(min(len(dead), len(coverage)), largest=False).indices
+                dead = dead[: len(far)]
+                head.keys[dead] = F.normalize(hidden[far], dim=-1) * head.keys.norm(dim=-1).mean()
+                token_vectors = model.unembedding[targets[far]]
                 scale = head.values.norm(dim=-1).mean() / token_vectors.norm(dim=-1, keepdim=True).clamp_min(1e-6)
                 head.values[dead] = token_vectors * scale
-                self.reseeded += n
+                self.reseeded += len(dead)
             head.usage_window.zero_()
 
 
@@ -311,7 +308,7 @@ def train(opts: TrainOptions) -> dict:
         max_grad_norm=1.0,
         logging_steps=max(1, min(50, max_steps // 20)),
         save_strategy="steps",
-        save_steps=min(preset.save_steps, max_steps),
+        save_steps=min(opts.save_steps or preset.save_steps, max_steps),
         save_total_limit=2,
         seed=opts.seed,
         data_seed=opts.seed,
