@@ -43,7 +43,7 @@ class PrismConfig(PreTrainedConfig):
     anchor_weight: float = 0.05
     diversity_weight: float = 0.05
     diversity_margin: float = 0.5
-    balance_weight: float = 0.01
+    balance_weight: float = 0.1
     reseed_interval: int = 100
     tie_word_embeddings: bool = True
 

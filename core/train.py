@@ -55,8 +55,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # Trains in well under a minute on 2 CPU cores; used by the tests.
     "tiny": Preset(64, 2, 4, 128, 64, 512, 64, 8, 8, 3e-3, 200, 20, 50, 64),
-    # The shipped demo model: ~5.6M parameters, 1,024 prototypes.
-    "demo": Preset(256, 4, 4, 640, 256, 8192, 1024, 8, 16, 2e-3, 1500, 100, 250, 256),
+    # The shipped demo model: ~5.6M parameters, 1,024 prototypes, k = 16 (see model.py).
+    "demo": Preset(256, 4, 4, 640, 256, 8192, 1024, 16, 16, 2e-3, 1400, 100, 200, 256),
     # For GPU users.
     "small": Preset(512, 8, 8, 1376, 512, 16384, 4096, 8, 32, 1e-3, 20000, 1000, 1000, 1024),
 }
@@ -185,8 +185,13 @@ class PrismTrainer(Trainer):
 
 class _ReseedCallback(TrainerCallback):
     """Every ``reseed_interval`` steps, move prototypes unused since the last check onto the
-    hidden states of the last batch's tokens that are farthest from every prototype, with
-    values that promote the token that followed them."""
+    last batch's tokens that are farthest from every prototype.
+
+    A re-seeded key points at its token's hidden state, scaled so that its score on that token
+    equals the token's current k-th best score: it joins that token's active set (and its
+    close neighbours') without taking over others. Its value is the token's current mean
+    active value, so the model's output barely moves until training specialises it.
+    """
 
     def __init__(self, trainer: PrismTrainer):
         self.trainer = trainer
@@ -201,16 +206,19 @@ class _ReseedCallback(TrainerCallback):
         with torch.no_grad():
             dead = (head.usage_window == 0).nonzero().flatten()
             if len(dead) and self.trainer.reseed_candidates is not None:
-                hidden, targets = self.trainer.reseed_candidates
+                hidden, _ = self.trainer.reseed_candidates
                 hidden = hidden.reshape(-1, hidden.shape[-1]).to(head.keys.dtype)  # (N, d)
-                targets = targets.reshape(-1)
-                coverage = head.cosine(hidden, hidden @ head.keys.T).max(dim=-1).values  # (N,)
+                scores = hidden @ head.keys.T  # (N, P)
+                coverage = head.cosine(hidden, scores).max(dim=-1).values  # (N,)
                 far = coverage.topk(min(len(dead), len(coverage)), largest=False).indices
                 dead = dead[: len(far)]
-                head.keys[dead] = F.normalize(hidden[far], dim=-1) * head.keys.norm(dim=-1).mean()
-                token_vectors = model.unembedding[targets[far]]
-                scale = head.values.norm(dim=-1).mean() / token_vectors.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-                head.values[dead] = token_vectors * scale
+                h = hidden[far]  # (n, d)
+                top_scores, top_ids = scores[far].topk(head.top_k, dim=-1)  # (n, k)
+                kth = top_scores[:, -1:].clamp_min(1e-3)  # (n, 1)
+                head.keys[dead] = h * (kth / h.pow(2).sum(-1, keepdim=True).clamp_min(1e-8))
+                weights = F.softplus(top_scores)  # (n, k)
+                mean_value = (weights.unsqueeze(-1) * head.values[top_ids]).sum(1) / weights.sum(1, keepdim=True)
+                head.values[dead] = mean_value
                 self.reseeded += len(dead)
             head.usage_window.zero_()
 
