@@ -101,6 +101,54 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from .index import build_index
+
+    summary = build_index(
+        args.model,
+        args.corpus,
+        top_m=args.top_m,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        show_progress=not args.quiet,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from .attribution import attribute
+    from .bundle import load_bundle
+    from .control import Controls, load_controls, parse_ids
+    from .index import load_index
+
+    if not args.prompt:
+        raise CliError("the prompt is empty: give the text that the completion follows")
+    bundle = load_bundle(args.model)
+    if not bundle.is_prism:
+        raise CliError("attribution needs a PRISM model; this bundle is a dense twin")
+    index = load_index(args.model)
+    controls = load_controls(args.controls) if args.controls else Controls()
+    if args.suppress:
+        controls.suppressed = sorted(set(controls.suppressed) | set(parse_ids(args.suppress)))
+    result = attribute(
+        bundle,
+        index,
+        args.prompt,
+        args.completion,
+        top=args.top,
+        method=args.method,
+        controls=controls,
+        max_new_tokens=args.max_new_tokens,
+    )
+    if result.decomposition.truncated_tokens:
+        print(f"prism: note: prompt truncated: its first {result.decomposition.truncated_tokens} tokens were dropped "
+              "to fit the context", file=sys.stderr)
+    print(json.dumps(result.to_json(), indent=2, ensure_ascii=False) if args.json else result.to_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="prism", description="PRISM Explorer: prototype language models you can trace and steer.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -141,6 +189,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (with --sample)")
     gen.set_defaults(func=cmd_generate)
+
+    index = sub.add_parser("index", help="build a bundle's index: prototype neighbourhoods, usage, snippets")
+    index.add_argument("--model", required=True, help="bundle folder")
+    index.add_argument("--corpus", required=True, help="the corpus the model was trained on")
+    index.add_argument("--top-m", type=_positive_int, default=32, help="neighbours kept per prototype")
+    index.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per forward pass")
+    index.add_argument("--max-tokens", type=_positive_int, help="index only the first N training tokens")
+    index.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    index.add_argument("--quiet", action="store_true", help="no progress bars")
+    index.set_defaults(func=cmd_index)
+
+    attr = sub.add_parser("attribute", help="split a completion into prototype slices and link them to training data")
+    attr.add_argument("--model", default=str(DEMO_BUNDLE), help="indexed bundle folder (default: the demo bundle)")
+    attr.add_argument("--prompt", required=True)
+    attr.add_argument("--completion", help="text to attribute (default: generate --max-new-tokens greedily)")
+    attr.add_argument("--top", type=_positive_int, default=10, help="examples per token and overall")
+    attr.add_argument("--method", default="neighbourhood", choices=["neighbourhood", "influence"])
+    attr.add_argument("--max-new-tokens", type=_positive_int, default=16)
+    attr.add_argument("--controls", help="controls JSON (gains and suppressions)")
+    attr.add_argument("--suppress", help="prototype ids to suppress, e.g. 3,17,40-42")
+    attr.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    attr.set_defaults(func=cmd_attribute)
     return parser
 
 
@@ -149,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     from .bundle import BundleError
     from .control import ControlsError
     from .data import CorpusError
+    from .index import IndexError_
     from .train import TrainingError
 
     from transformers.utils import logging as hf_logging
@@ -160,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "train":
             hf_logging.disable_progress_bar()  # weight-loading bars are noise around a generated text
         return args.func(args)
-    except (CliError, BundleError, ControlsError, CorpusError, TrainingError, ValueError, OSError) as err:
+    except (CliError, BundleError, ControlsError, CorpusError, IndexError_, TrainingError, ValueError,
+            OSError) as err:
         if args is not None and args.verbose:
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

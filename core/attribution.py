@@ -1,0 +1,515 @@
+"""Per-token decomposition and training-data attribution.
+
+:func:`decompose` runs one forward pass over prompt + completion and, for each completion
+token (predicted from everything before it), returns its logit and probability, its k active
+prototypes with their weights and slices (which sum to the logit), and the top alternative
+tokens with their own slices.
+
+:func:`attribute` links the slices to training documents through the index
+(:mod:`core.index`). Method ``neighbourhood`` (level 0 of the design): the slice of prototype
+j is shared among j's neighbourhood in proportion to similarity (its non-negative part,
+normalised over the neighbourhood); a document's score is the sum of the shares of its
+neighbour positions over all active prototypes (and, for a span, over its tokens).
+
+Similarity (``similarity="code"``, the default) is the cosine between the query's prototype
+code and the neighbour's: each position's cosines with its k active prototypes, as a sparse
+P-vector. Neighbours whose context activates the same prototypes as the query's take most of
+the credit. ``similarity="key"`` uses cos(K_j, h_n), which gives every query the same shares:
+on the planted-canary setup of tests/test_attribution.py (64 or 128 prototypes, 3 seeds
+each) it put no canary in the top 3, while the code put one first or second every time.
+
+Credit is the *signed* slice. A negative slice (a prototype that pushed against the token)
+gives its neighbours negative scores, so examples that opposed the prediction rank last, and
+the scores of all documents add up to the logit (to the part of it whose prototypes have a
+neighbour of positive similarity, which is the usual case for all of them). Using |slice|
+would rank opposing examples as support and break that sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .bundle import Bundle
+from .control import Controls
+from .index import IndexError_, PrototypeIndex
+from .model import prototype_slices
+
+METHODS = ("neighbourhood", "influence")
+
+
+@dataclass
+class PrototypeSlice:
+    """One active prototype of a token: its id, mixture weight, slice of the logit and
+    cos(K_j, h) with the hidden state it was chosen for."""
+
+    id: int
+    weight: float
+    slice: float
+    cosine: float
+
+
+@dataclass
+class Alternative:
+    """A token the model could have chosen instead, with its slices (same prototype order)."""
+
+    token: str
+    token_id: int
+    logit: float
+    probability: float
+    slices: list[float]
+
+
+@dataclass
+class TokenDecomposition:
+    """A completion token split into prototype slices.
+
+    Attributes:
+        position: index of the token in the completion (0 = first completion token).
+        context_tokens: number of tokens it was predicted from.
+        token, token_id: the token.
+        logit, probability: its logit and softmax probability under the call's controls.
+        prototypes: the k active prototypes, by decreasing slice; slices sum to ``logit``.
+        alternatives: the most likely other tokens, by decreasing logit.
+    """
+
+    position: int
+    context_tokens: int
+    token: str
+    token_id: int
+    logit: float
+    probability: float
+    prototypes: list[PrototypeSlice]
+    alternatives: list[Alternative] = field(default_factory=list)
+
+
+@dataclass
+class Decomposition:
+    """A decomposed completion.
+
+    Attributes:
+        prompt, completion: the texts as the model saw them (the prompt after truncation).
+        prompt_ids, completion_ids: their token ids.
+        tokens: one record per completion token.
+        generated: True when the completion was generated greedily by the model.
+        truncated_tokens: tokens dropped from the start of a prompt too long for the context.
+    """
+
+    prompt: str
+    completion: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    tokens: list[TokenDecomposition]
+    generated: bool = False
+    truncated_tokens: int = 0
+
+
+@dataclass
+class Example:
+    """A training document credited for a token (or a span), with its best snippet.
+
+    Attributes:
+        doc_id, source: the corpus row's id (unchanged) and source.
+        score: summed credit of the document's neighbour positions.
+        snippet: text around the position that carried most credit; the trigger token is
+            ``snippet[highlight_start:highlight_end]``.
+        prototype: the prototype that carried most credit to this document.
+        doc_index: row of the document in the training split.
+        char_offset: start of the trigger token in the document.
+        positions: number of the document's neighbour positions that received credit.
+    """
+
+    doc_id: str
+    source: str
+    score: float
+    snippet: str
+    highlight_start: int
+    highlight_end: int
+    prototype: int
+    doc_index: int
+    char_offset: int
+    positions: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Attribution:
+    """Attribution of a completion: per-token decomposition and examples, and examples over
+    the whole completion (or ``span``)."""
+
+    model: str
+    model_fingerprint: str
+    method: str
+    decomposition: Decomposition
+    token_examples: list[list[Example]]
+    examples: list[Example]
+    labels: dict[int, str] = field(default_factory=dict)
+    span: tuple[int, int] | None = None
+
+    def to_json(self) -> dict:
+        """The ``prism attribute --json`` object (DESIGN section 8, plus extra keys)."""
+        dec = self.decomposition
+        tokens = []
+        for token, examples in zip(dec.tokens, self.token_examples, strict=True):
+            record = asdict(token)
+            for p in record["prototypes"]:
+                p["label"] = self.labels.get(p["id"])
+            tokens.append({**record, "examples": [e.to_json() for e in examples]})
+        return {
+            "model": self.model,
+            "model_fingerprint": self.model_fingerprint,
+            "method": self.method,
+            "prompt": dec.prompt,
+            "completion": dec.completion,
+            "generated": dec.generated,
+            "truncated_tokens": dec.truncated_tokens,
+            "span": list(self.span) if self.span else None,
+            "tokens": tokens,
+            "examples": [e.to_json() for e in self.examples],
+        }
+
+    def to_text(self, prototypes: int = 4, examples: int = 3) -> str:
+        """A readable table: each token with its strongest slices and examples, then the
+        examples over the whole completion."""
+        dec = self.decomposition
+        lines = [
+            f"prompt: {dec.prompt!r}",
+            f"completion: {dec.completion!r}" + (" (generated)" if dec.generated else ""),
+            "each token: its strongest slices, then examples with the trigger token in [[ ]]",
+        ]
+        for token, token_examples in zip(dec.tokens, self.token_examples, strict=True):
+            lines.append(f"[{token.position:>3}] {token.token!r:<16} logit {token.logit:8.3f}  "
+                         f"p {token.probability:.3f}")
+            for p in token.prototypes[:prototypes]:
+                label = f"  {self.labels[p.id]}" if p.id in self.labels else ""
+                lines.append(f"        prototype {p.id:>5}  weight {p.weight:7.3f}  slice {p.slice:8.3f}{label}")
+            for e in token_examples[:examples]:
+                lines.append(f"        {e.score:8.3f}  {e.doc_id} ({e.source}): {_marked(e)}")
+        span = f" tokens {self.span[0]}..{self.span[1] - 1}" if self.span else " the whole completion"
+        lines.append(f"examples over{span} ({self.method}):")
+        for rank, e in enumerate(self.examples, start=1):
+            lines.append(f"  {rank:>2}. {e.score:8.3f}  {e.doc_id} ({e.source}, prototype {e.prototype}): "
+                         f"{_marked(e)}")
+        return "\n".join(lines)
+
+
+def _marked(example: Example, width: int = 70) -> str:
+    """One line of snippet around the trigger token, which is wrapped in [[ ]]."""
+    s, a, b = example.snippet, example.highlight_start, example.highlight_end
+    text = s[max(0, a - width // 2) : a] + "[[" + s[a:b] + "]]" + s[b : b + width // 2]
+    return " ".join(text.split())
+
+
+def _encode(bundle: Bundle, text: str) -> list[int]:
+    return bundle.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _control_kwargs(bundle: Bundle, controls: Controls | None, device: torch.device) -> dict:
+    if controls is None or controls.is_empty:
+        return {}
+    model = bundle.model
+    controls.validate(model.config.num_prototypes, model.config.prototype_top_k, bundle.fingerprint)
+    return {k: v for k, v in controls.tensors(model.config.num_prototypes, device).items() if v is not None}
+
+
+def _split_input(
+    bundle: Bundle,
+    text: str | None,
+    prompt: str | None,
+    completion: str | None,
+    controls: Controls | None,
+    max_new_tokens: int,
+) -> tuple[list[int], list[int], bool, int]:
+    """(prompt ids, completion ids, generated?, truncated prompt tokens), validated."""
+    from .generation import encode_prompt, generate_text
+
+    context = bundle.model.config.get_text_config().max_position_embeddings
+    if text is not None:
+        if prompt is not None or completion is not None:
+            raise ValueError("give either text, or a prompt (and optionally a completion), not both")
+        ids = _encode(bundle, text)
+        if len(ids) < 2:
+            raise ValueError("the text needs at least two tokens: each token is predicted from the ones before it")
+        if len(ids) > context:
+            raise ValueError(f"the text has {len(ids)} tokens; the model's context holds {context}")
+        return ids[:1], ids[1:], False, 0
+    if prompt is None or not prompt:
+        raise ValueError("the prompt is empty: give the text that the completion follows")
+    if completion is None:
+        result = generate_text(bundle, prompt, max_new_tokens=max_new_tokens, controls=controls)
+        if not result.new_ids:
+            raise ValueError("the model generated no tokens for this prompt (it ended the text); give a completion")
+        return result.prompt_ids, result.new_ids, True, result.truncated_tokens
+    completion_ids = _encode(bundle, completion)
+    if not completion_ids:
+        raise ValueError("the completion has no tokens: give the text to attribute after the prompt")
+    if len(completion_ids) >= context:
+        raise ValueError(
+            f"the completion has {len(completion_ids)} tokens; at most {context - 1} fit the model's "
+            f"context of {context} after the prompt"
+        )
+    prompt_ids, dropped = encode_prompt(bundle, prompt, reserve=len(completion_ids))
+    return prompt_ids, completion_ids, False, dropped
+
+
+@torch.no_grad()
+def decompose(
+    bundle: Bundle,
+    text: str | None = None,
+    prompt: str | None = None,
+    completion: str | None = None,
+    top_alternatives: int = 5,
+    *,
+    controls: Controls | None = None,
+    max_new_tokens: int = 16,
+) -> Decomposition:
+    """Split each completion token's logit into prototype slices, in one forward pass.
+
+    Args:
+        bundle: a PRISM bundle.
+        text: decompose every token of this text after the first; or else
+        prompt: the context, and
+        completion: the tokens to decompose (tokenised on their own, so they are exactly the
+            completion's tokens). Without one, ``max_new_tokens`` are generated greedily.
+        top_alternatives: other tokens, by logit, to split as well.
+        controls: per-call gains and suppression, applied to generation and decomposition.
+        max_new_tokens: tokens generated when no completion is given.
+
+    Raises:
+        ValueError: an empty prompt, a completion without tokens, input too long for the
+            context, or a dense bundle.
+    """
+    if not bundle.is_prism:
+        raise ValueError(f"{bundle.path} is a dense twin: it has no prototypes to decompose into")
+    if top_alternatives < 0:
+        raise ValueError(f"top_alternatives must be >= 0, got {top_alternatives}")
+    model, tok = bundle.model, bundle.tokenizer
+    device = next(model.parameters()).device
+    kwargs = _control_kwargs(bundle, controls, device)
+    prompt_ids, completion_ids, generated, dropped = _split_input(
+        bundle, text, prompt, completion, controls, max_new_tokens
+    )
+    ids = torch.tensor([prompt_ids + completion_ids], device=device)  # (1, T)
+    out = model(input_ids=ids[:, :-1], return_prototypes=True, **kwargs)  # the last token predicts nothing here
+    first = len(prompt_ids) - 1  # position whose output predicts the first completion token
+    logits = out.logits[0, first:].float()  # (n, V)
+    active = out.prototype_ids[0, first:]  # (n, k)
+    weights = out.prototype_weights[0, first:]  # (n, k)
+    hidden = out.head_hidden
+    if hidden is None:
+        hidden = model.model(input_ids=ids[:, :-1]).last_hidden_state
+    hidden = hidden[0, first:]  # (n, d)
+    cosines = model.prototypes.cosine(hidden, hidden @ model.prototypes.keys.T).gather(1, active)  # (n, k)
+    targets = torch.tensor(completion_ids, device=device)  # (n,)
+    n_alt = min(top_alternatives, logits.shape[-1] - 1)
+    ranked = logits.topk(n_alt + 1, dim=-1).indices  # (n, n_alt + 1)
+    alternatives = torch.stack([row[row != t][:n_alt] for row, t in zip(ranked, targets, strict=True)])  # (n, n_alt)
+    token_ids = torch.cat([targets[:, None], alternatives], dim=1)  # (n, 1 + n_alt)
+    # (n, 1 + n_alt, k): slices of the chosen token, then of each alternative
+    slices = prototype_slices(active, weights, model.prototypes.values, model.unembedding, token_ids)
+    probs = logits.softmax(-1)  # (n, V)
+
+    records = []
+    for i in range(len(completion_ids)):
+        order = slices[i, 0].argsort(descending=True)  # strongest slice first
+        chosen = [
+            PrototypeSlice(int(active[i, j]), float(weights[i, j]), float(slices[i, 0, j]), float(cosines[i, j]))
+            for j in order.tolist()
+        ]
+        alts = [
+            Alternative(
+                token=tok.decode([int(a)]),
+                token_id=int(a),
+                logit=float(logits[i, a]),
+                probability=float(probs[i, a]),
+                slices=[float(slices[i, 1 + m, j]) for j in order.tolist()],
+            )
+            for m, a in enumerate(alternatives[i].tolist())
+        ]
+        records.append(
+            TokenDecomposition(
+                position=i,
+                context_tokens=len(prompt_ids) + i,
+                token=tok.decode([completion_ids[i]]),
+                token_id=completion_ids[i],
+                logit=float(logits[i, completion_ids[i]]),
+                probability=float(probs[i, completion_ids[i]]),
+                prototypes=chosen,
+                alternatives=alts,
+            )
+        )
+    return Decomposition(
+        prompt=tok.decode(prompt_ids),
+        completion=tok.decode(completion_ids),
+        prompt_ids=prompt_ids,
+        completion_ids=completion_ids,
+        tokens=records,
+        generated=generated,
+        truncated_tokens=dropped,
+    )
+
+
+@dataclass
+class _Credit:
+    """Credit given to neighbour positions: (C,) position rows, prototypes and values."""
+
+    rows: np.ndarray
+    prototypes: np.ndarray
+    values: np.ndarray
+
+    @staticmethod
+    def concat(parts: list[_Credit]) -> _Credit:
+        return _Credit(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("rows", "prototypes", "values")))
+
+
+def neighbourhood_credit(
+    index: PrototypeIndex,
+    prototype_ids: np.ndarray,
+    slices: np.ndarray,
+    query_cosine: np.ndarray,
+    similarity: Literal["code", "key"] = "code",
+) -> _Credit:
+    """Share each slice among its prototype's neighbourhood in proportion to similarity.
+
+    Args:
+        prototype_ids: (k,) active prototypes of one token.
+        slices: (k,) their slices of the token's logit.
+        query_cosine: (k,) cos(K_j, h_q) of the query's hidden state with each of them.
+        similarity: ``code``: cosine between the query's prototype code and the neighbour's
+            (the cosines to each position's k active prototypes, as sparse P-vectors), so
+            that the neighbours whose context activates the same prototypes as the query's
+            take most of the credit; ``key``: cos(K_j, h_n), the same shares for every query.
+
+    Returns:
+        the credit of every neighbour position: slice_j * share_j(n), where share_j is the
+        non-negative part of the similarity, normalised over j's neighbourhood.
+    """
+    rows = index.neighbour_row[prototype_ids]  # (k, M)
+    filled = rows >= 0
+    if similarity == "key":
+        sim = np.clip(index.cosine[prototype_ids].astype(np.float64), 0, None)  # (k, M)
+    elif similarity == "code":
+        query = np.zeros(index.num_prototypes)
+        query[prototype_ids] = query_cosine  # (P,) sparse code of the query
+        code_ids = index.positions["code_ids"][rows]  # (k, M, k)
+        code_cos = index.positions["code_cosine"][rows].astype(np.float64)  # (k, M, k)
+        norms = np.linalg.norm(code_cos, axis=-1) * np.linalg.norm(query_cosine)  # (k, M)
+        dots = (query[code_ids] * code_cos).sum(-1)  # (k, M)
+        sim = np.clip(np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0), 0, None)
+    else:
+        raise ValueError(f"unknown similarity {similarity!r}; choose code or key")
+    sim = np.where(filled, sim, 0.0)
+    totals = sim.sum(axis=1, keepdims=True)  # (k, 1)
+    shares = np.divide(sim, totals, out=np.zeros_like(sim), where=totals > 0)  # (k, M), rows sum to 1 or 0
+    values = slices.astype(np.float64)[:, None] * shares  # (k, M)
+    keep = filled & (shares > 0)
+    protos = np.broadcast_to(prototype_ids[:, None], rows.shape)
+    return _Credit(rows[keep].astype(np.int64), protos[keep].astype(np.int64), values[keep])
+
+
+def rank_examples(index: PrototypeIndex, credit: _Credit, top: int) -> list[Example]:
+    """Sum credit per document and return the ``top`` documents, highest score first.
+
+    Ties are broken by the document's row in the training split, so the order is stable.
+    """
+    if len(credit.values) == 0:
+        return []
+    documents = index.positions["document"][credit.rows]  # (C,)
+    docs, inverse = np.unique(documents, return_inverse=True)
+    totals = np.bincount(inverse, weights=credit.values, minlength=len(docs))  # (D,)
+    doc_rows = np.array([index.documents[d]["doc_index"] for d in docs])
+    order = np.lexsort((doc_rows, -totals))[:top]
+    examples = []
+    for d in order:
+        mine = inverse == d
+        rows, per_row = np.unique(credit.rows[mine], return_inverse=True)
+        best_row = int(rows[np.argmax(np.bincount(per_row, weights=credit.values[mine]))])
+        protos, per_proto = np.unique(credit.prototypes[mine], return_inverse=True)
+        best_proto = int(protos[np.argmax(np.bincount(per_proto, weights=credit.values[mine]))])
+        record = index.example(best_row)
+        del record["token_id"], record["next_token_id"]
+        examples.append(Example(**record, score=float(totals[d]), prototype=best_proto, positions=len(rows)))
+    return examples
+
+
+def attribute(
+    bundle: Bundle,
+    index: PrototypeIndex,
+    prompt: str,
+    completion: str | None = None,
+    top: int = 10,
+    method: Literal["neighbourhood", "influence"] = "neighbourhood",
+    span: tuple[int, int] | None = None,
+    *,
+    controls: Controls | None = None,
+    max_new_tokens: int = 16,
+    top_alternatives: int = 5,
+    similarity: Literal["code", "key"] = "code",
+) -> Attribution:
+    """Attribute each completion token, and the completion as a whole, to training documents.
+
+    Args:
+        bundle: a PRISM bundle.
+        index: its index (:func:`core.index.load_index`).
+        prompt, completion: as in :func:`decompose`; without a completion, ``max_new_tokens``
+            are generated greedily first.
+        top: examples kept per token and overall.
+        method: ``neighbourhood`` (the influence method is not built yet).
+        span: (start, end) completion token indices, end exclusive, for the overall ranking;
+            None for the whole completion.
+        controls: per-call gains and suppression.
+        top_alternatives: alternative tokens decomposed per position.
+
+    Raises:
+        ValueError: bad input (see :func:`decompose`), an unknown method or a bad span.
+        IndexError_: the index belongs to another model.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
+    if method != "neighbourhood":
+        raise ValueError(f"the {method} method is not available yet; use --method neighbourhood")
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top}")
+    if index.model_fingerprint != bundle.fingerprint:
+        raise IndexError_(
+            f"the index was built for model {index.model_fingerprint}, not this model ({bundle.fingerprint}); "
+            f"rebuild it with `prism index --model {bundle.path} --corpus PATH`"
+        )
+    if index.num_prototypes != bundle.model.config.num_prototypes:
+        raise IndexError_(
+            f"the index has {index.num_prototypes} prototypes, the model {bundle.model.config.num_prototypes}; "
+            f"rebuild it with `prism index --model {bundle.path} --corpus PATH`"
+        )
+    dec = decompose(
+        bundle, prompt=prompt, completion=completion, top_alternatives=top_alternatives, controls=controls,
+        max_new_tokens=max_new_tokens,
+    )
+    n = len(dec.tokens)
+    if span is not None:
+        start, end = span
+        if not 0 <= start < end <= n:
+            raise ValueError(f"span {start}:{end} is not inside the completion's {n} tokens (0 <= start < end <= {n})")
+    credits = []
+    for token in dec.tokens:
+        ids = np.array([p.id for p in token.prototypes], dtype=np.int64)
+        slices = np.array([p.slice for p in token.prototypes], dtype=np.float64)
+        cosines = np.array([p.cosine for p in token.prototypes], dtype=np.float64)
+        credits.append(neighbourhood_credit(index, ids, slices, cosines, similarity))
+    token_examples = [rank_examples(index, credit, top) for credit in credits]
+    start, end = span if span is not None else (0, n)
+    overall = rank_examples(index, _Credit.concat(credits[start:end]), top)
+    return Attribution(
+        model=str(bundle.path),
+        model_fingerprint=bundle.fingerprint,
+        method=method,
+        decomposition=dec,
+        token_examples=token_examples,
+        examples=overall,
+        labels=dict(index.labels),
+        span=tuple(span) if span is not None else None,
+    )
