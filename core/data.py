@@ -217,8 +217,13 @@ def load_corpus(path: str | Path, validation_fraction: float = 0.02, cache_dir: 
     features = datasets.Features(
         {"id": datasets.Value("string"), "text": datasets.Value("string"), "source": datasets.Value("string")}
     )
+    n_validation = explicit_validation if has_explicit else len(validation_ids)
     splits = {}
     for want in ("train", "validation"):
+        if want == "validation" and n_validation == 0:
+            # `datasets` refuses a generator that yields nothing (a one-document corpus).
+            splits[want] = datasets.Dataset.from_dict({"id": [], "text": [], "source": []}, features=features)
+            continue
         splits[want] = datasets.Dataset.from_generator(
             _generate, gen_kwargs={"spec": json.dumps(common), "want": want}, features=features, cache_dir=cache_dir
         )

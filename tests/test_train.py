@@ -113,3 +113,9 @@ def test_folder_of_txt_files(tmp_path):
     assert len(docs) == 6
     assert {d["source"] for d in docs} == {"poems", "notes"}
     assert {d["id"] for d in docs} == {f"{s}/{i}.txt" for s in ("poems", "notes") for i in range(3)}
+
+
+def test_single_document_corpus_loads(tmp_path):
+    path = write_jsonl(tmp_path / "one.jsonl", demo_rows(1)[:1])
+    corpus = load_corpus(path)
+    assert len(corpus.train) == 1 and len(corpus.validation) == 0
