@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .bundle import Bundle
-from .control import Controls
+from .control import Controls, control_kwargs
 from .index import IndexError_, PrototypeIndex
 from .model import prototype_slices
 
@@ -209,14 +209,6 @@ def _encode(bundle: Bundle, text: str) -> list[int]:
     return bundle.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _control_kwargs(bundle: Bundle, controls: Controls | None, device: torch.device) -> dict:
-    if controls is None or controls.is_empty:
-        return {}
-    model = bundle.model
-    controls.validate(model.config.num_prototypes, model.config.prototype_top_k, bundle.fingerprint)
-    return {k: v for k, v in controls.tensors(model.config.num_prototypes, device).items() if v is not None}
-
-
 def _split_input(
     bundle: Bundle,
     text: str | None,
@@ -290,7 +282,7 @@ def decompose(
         raise ValueError(f"top_alternatives must be >= 0, got {top_alternatives}")
     model, tok = bundle.model, bundle.tokenizer
     device = next(model.parameters()).device
-    kwargs = _control_kwargs(bundle, controls, device)
+    kwargs = control_kwargs(controls, bundle.model, bundle.fingerprint, device)
     prompt_ids, completion_ids, generated, dropped = _split_input(
         bundle, text, prompt, completion, controls, max_new_tokens
     )

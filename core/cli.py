@@ -75,17 +75,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .bundle import load_bundle
+def _controls_from_args(args: argparse.Namespace, bundle):
+    """The controls of --controls FILE and --suppress IDS together."""
     from .control import Controls, load_controls, parse_ids
-    from .generation import generate_text
 
-    bundle = load_bundle(args.model)
     controls = load_controls(args.controls) if args.controls else Controls()
     if args.suppress:
         if not bundle.is_prism:
             raise CliError("--suppress needs a PRISM model; this bundle is a dense twin")
         controls.suppressed = sorted(set(controls.suppressed) | set(parse_ids(args.suppress)))
+    return controls
+
+
+def _add_control_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--controls", help="controls JSON (gains and suppressions)")
+    parser.add_argument("--suppress", help="prototype ids to suppress, e.g. 3,17,40-42")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .bundle import load_bundle
+    from .generation import generate_text
+
+    bundle = load_bundle(args.model)
+    controls = _controls_from_args(args, bundle)
     result = generate_text(
         bundle,
         args.prompt,
@@ -120,7 +132,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_attribute(args: argparse.Namespace) -> int:
     from .attribution import attribute
     from .bundle import load_bundle
-    from .control import Controls, load_controls, parse_ids
+    from .generation import truncation_notice
     from .index import load_index
 
     if not args.prompt:
@@ -129,9 +141,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     if not bundle.is_prism:
         raise CliError("attribution needs a PRISM model; this bundle is a dense twin")
     index = load_index(args.model)
-    controls = load_controls(args.controls) if args.controls else Controls()
-    if args.suppress:
-        controls.suppressed = sorted(set(controls.suppressed) | set(parse_ids(args.suppress)))
+    controls = _controls_from_args(args, bundle)
     result = attribute(
         bundle,
         index,
@@ -142,9 +152,9 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         controls=controls,
         max_new_tokens=args.max_new_tokens,
     )
-    if result.decomposition.truncated_tokens:
-        print(f"prism: note: prompt truncated: its first {result.decomposition.truncated_tokens} tokens were dropped "
-              "to fit the context", file=sys.stderr)
+    notice = truncation_notice(result.decomposition.truncated_tokens)
+    if notice:
+        print(f"prism: note: {notice}", file=sys.stderr)
     print(json.dumps(result.to_json(), indent=2, ensure_ascii=False) if args.json else result.to_text())
     return 0
 
@@ -182,8 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text from a bundle")
     gen.add_argument("--model", default=str(DEMO_BUNDLE), help="bundle folder (default: the demo bundle)")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--controls", help="controls JSON (gains and suppressions)")
-    gen.add_argument("--suppress", help="prototype ids to suppress, e.g. 3,17,40-42")
+    _add_control_arguments(gen)
     gen.add_argument("--max-new-tokens", type=_positive_int, default=48)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -207,8 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     attr.add_argument("--top", type=_positive_int, default=10, help="examples per token and overall")
     attr.add_argument("--method", default="neighbourhood", choices=["neighbourhood", "influence"])
     attr.add_argument("--max-new-tokens", type=_positive_int, default=16)
-    attr.add_argument("--controls", help="controls JSON (gains and suppressions)")
-    attr.add_argument("--suppress", help="prototype ids to suppress, e.g. 3,17,40-42")
+    _add_control_arguments(attr)
     attr.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     attr.set_defaults(func=cmd_attribute)
     return parser

@@ -114,6 +114,21 @@ class Controls:
         )
 
 
+def control_kwargs(
+    controls: Controls | None, model, fingerprint: str | None, device: str | torch.device
+) -> dict[str, torch.Tensor]:
+    """Validated per-call model arguments for ``controls`` ({} when there is nothing to apply).
+
+    Args:
+        model: the PrismForCausalLM the controls will be applied to (it is not modified).
+        fingerprint: the bundle's model fingerprint, checked against the controls' own.
+    """
+    if controls is None or controls.is_empty:
+        return {}
+    controls.validate(model.config.num_prototypes, model.config.prototype_top_k, fingerprint)
+    return {k: v for k, v in controls.tensors(model.config.num_prototypes, device).items() if v is not None}
+
+
 def load_controls(path: str | Path) -> Controls:
     """Read a controls JSON file."""
     p = Path(path)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .bundle import Bundle
-from .control import Controls
+from .control import Controls, control_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +32,14 @@ class GenerationResult:
 
     @property
     def notice(self) -> str | None:
-        if not self.truncated_tokens:
-            return None
-        return f"prompt truncated: its first {self.truncated_tokens} tokens were dropped to fit the context"
+        return truncation_notice(self.truncated_tokens)
+
+
+def truncation_notice(dropped: int) -> str | None:
+    """The user-facing notice for a prompt whose first ``dropped`` tokens were cut (None if 0)."""
+    if not dropped:
+        return None
+    return f"prompt truncated: its first {dropped} tokens were dropped to fit the context"
 
 
 def encode_prompt(bundle: Bundle, prompt: str, reserve: int) -> tuple[list[int], int]:
@@ -78,10 +83,7 @@ def generate_text(
     model = bundle.model
     ids, dropped = encode_prompt(bundle, prompt, max_new_tokens)
     device = next(model.parameters()).device
-    kwargs: dict = {}
-    if controls is not None and not controls.is_empty:
-        controls.validate(model.config.num_prototypes, model.config.prototype_top_k, bundle.fingerprint)
-        kwargs.update({k: v for k, v in controls.tensors(model.config.num_prototypes, device).items() if v is not None})
+    kwargs = control_kwargs(controls, model, bundle.fingerprint, device)
     sampling: dict = {"do_sample": do_sample}
     if do_sample:
         sampling.update(temperature=temperature, top_p=top_p, top_k=None)
