@@ -159,6 +159,28 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .bundle import load_bundle
+    from .index import load_index
+    from .report import build_report, format_of, read_prompts, write_report
+
+    format_of(args.out)  # a bad extension fails before the model loads
+    items = read_prompts(args.prompts)
+    bundle = load_bundle(args.model)
+    if not bundle.is_prism:
+        raise CliError("a report needs a PRISM model; this bundle is a dense twin")
+    index = load_index(args.model)
+    controls = _controls_from_args(args, bundle)
+    with tqdm(total=len(items), desc="tracing prompts", unit="prompt", disable=args.quiet) as bar:
+        report = build_report(bundle, index, items, controls=controls, method=args.method, top=args.top,
+                              max_new_tokens=args.max_new_tokens, progress=lambda done, total: bar.update(1))
+    path = write_report(report, args.out)
+    print(json.dumps({"out": str(path), "traces": len(report["traces"]), "format": format_of(path)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="prism", description="PRISM Explorer: prototype language models you can trace and steer.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -219,6 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_control_arguments(attr)
     attr.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     attr.set_defaults(func=cmd_attribute)
+
+    rep = sub.add_parser("report", help="trace prompts and write an attribution report (HTML, JSON or CSV)")
+    rep.add_argument("--model", default=str(DEMO_BUNDLE), help="indexed bundle folder (default: the demo bundle)")
+    rep.add_argument("--prompts", required=True,
+                     help="one prompt per line, or .jsonl rows {\"prompt\", \"completion\"}")
+    rep.add_argument("--out", required=True, help="report file: .html (self-contained), .json or .csv")
+    rep.add_argument("--top", type=_positive_int, default=10, help="examples per token and overall")
+    rep.add_argument("--method", default="neighbourhood", choices=["neighbourhood", "influence"])
+    rep.add_argument("--max-new-tokens", type=_positive_int, default=16, help="tokens generated without a completion")
+    _add_control_arguments(rep)
+    rep.add_argument("--quiet", action="store_true", help="no progress bar")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 
@@ -228,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     from .control import ControlsError
     from .data import CorpusError
     from .index import IndexError_
+    from .report import ReportError
     from .train import TrainingError
 
     from transformers.utils import logging as hf_logging
@@ -239,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "train":
             hf_logging.disable_progress_bar()  # weight-loading bars are noise around a generated text
         return args.func(args)
-    except (CliError, BundleError, ControlsError, CorpusError, IndexError_, TrainingError, ValueError,
+    except (CliError, BundleError, ControlsError, CorpusError, IndexError_, ReportError, TrainingError, ValueError,
             OSError) as err:
         if args is not None and args.verbose:
             raise

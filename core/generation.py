@@ -1,8 +1,16 @@
-"""Text generation from a bundle, with per-request controls and prompt truncation."""
+"""Text generation from a bundle, with per-request controls and prompt truncation.
+
+Safe for concurrent callers (the explorer serves several sessions from one loaded model):
+controls are per-call arguments, and a sampled call draws from its own seeded generator
+state inside ``torch.random.fork_rng`` under a process-wide lock, so one session's seed
+neither changes nor is changed by another's, and the caller's global RNG state is untouched.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +19,9 @@ from .bundle import Bundle
 from .control import Controls, control_kwargs
 
 logger = logging.getLogger(__name__)
+
+# torch's default generator is process-global: a sampled generation forks it under this lock.
+_RNG_LOCK = threading.Lock()
 
 
 @dataclass
@@ -87,20 +98,24 @@ def generate_text(
     sampling: dict = {"do_sample": do_sample}
     if do_sample:
         sampling.update(temperature=temperature, top_p=top_p, top_k=None)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        input_ids = torch.tensor([ids], device=device)
-        out = model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            pad_token_id=bundle.tokenizer.eos_token_id,
-            **sampling,
-            **kwargs,
-        )
-    finally:
-        torch.random.set_rng_state(generator_state)
+    input_ids = torch.tensor([ids], device=device)
+    arguments = dict(
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        pad_token_id=bundle.tokenizer.eos_token_id,
+        **sampling,
+        **kwargs,
+    )
+    if do_sample:
+        cuda = device.type == "cuda"
+        with _RNG_LOCK, torch.random.fork_rng(devices=[device] if cuda else []):
+            torch.random.default_generator.manual_seed(seed)
+            if cuda:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
+            out = model.generate(input_ids, **arguments)
+    else:  # greedy decoding draws no random numbers: no lock, concurrent calls run in parallel
+        out = model.generate(input_ids, **arguments)
     new_ids = out[0, len(ids) :].tolist()
     eos = bundle.tokenizer.eos_token_id
     if eos in new_ids:
@@ -112,3 +127,31 @@ def generate_text(
         new_ids=new_ids,
         truncated_tokens=dropped,
     )
+
+
+@torch.no_grad()
+def continuation_perplexity(
+    bundle: Bundle, prompt_ids: list[int], new_ids: list[int], controls: Controls | None = None
+) -> float:
+    """exp(mean negative log-likelihood) of ``new_ids`` after ``prompt_ids``, under ``controls``.
+
+    One forward pass. Returns nan for an empty continuation.
+
+    Raises:
+        ValueError: empty prompt or a sequence longer than the model's context.
+    """
+    if not new_ids:
+        return math.nan
+    if not prompt_ids:
+        raise ValueError("the prompt has no tokens")
+    context = bundle.model.config.get_text_config().max_position_embeddings
+    if len(prompt_ids) + len(new_ids) > context:
+        total = len(prompt_ids) + len(new_ids)
+        raise ValueError(f"prompt and continuation have {total} tokens; the context holds {context}")
+    device = next(bundle.model.parameters()).device
+    kwargs = control_kwargs(controls, bundle.model, bundle.fingerprint, device)
+    ids = torch.tensor([prompt_ids + new_ids], device=device)  # (1, T)
+    logits = bundle.model(input_ids=ids[:, :-1], **kwargs).logits[0, len(prompt_ids) - 1 :].float()  # (n, V)
+    targets = ids[0, len(prompt_ids) :]  # (n,)
+    nll = torch.nn.functional.cross_entropy(logits, targets)
+    return float(torch.exp(nll))
