@@ -1,0 +1,197 @@
+"""What every page shares: the cached bundle and index, per-session controls, and small helpers.
+
+The model and index are loaded once per process with ``st.cache_resource`` and never
+modified; everything that belongs to one analyst (controls, the current trace, selections)
+lives in ``st.session_state`` and reaches core as per-call arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+from core.bundle import Bundle, BundleError, load_bundle
+from core.control import Controls
+from core.index import IndexError_, PrototypeIndex, load_index
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_BUNDLE = REPO / "assets" / "models" / "demo"
+MODEL_ENV = "PRISM_EXPLORER_MODEL"
+
+# session_state keys (one place, so that pages and tests agree)
+BUNDLE_PATH = "bundle_path"
+GAINS = "controls_gains"  # dict[int, float]
+SUPPRESSED = "controls_suppressed"  # list[int]
+CONTROLS_FOR = "controls_fingerprint"  # the model the session's controls belong to
+TRACE = "trace"  # core.attribution.Attribution of the Trace page
+TRACE_CONTROLS = "trace_controls"  # Controls in force when the trace was computed
+PICKED = "atlas_picked"  # list[int] prototypes picked on the atlas
+CARD = "card_prototype"  # prototype whose card the Trace page shows
+
+
+def default_bundle_path() -> str:
+    """``--model DIR`` after ``streamlit run explorer/app.py --``, else $PRISM_EXPLORER_MODEL, else the demo."""
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    parser.add_argument("--model")
+    try:
+        args, _ = parser.parse_known_args(sys.argv[1:])
+    except (argparse.ArgumentError, SystemExit):
+        args = argparse.Namespace(model=None)
+    return args.model or os.environ.get(MODEL_ENV) or str(DEMO_BUNDLE)
+
+
+@st.cache_resource(show_spinner=False, max_entries=3)
+def _bundle(path: str) -> Bundle:
+    return load_bundle(path)
+
+
+@st.cache_resource(show_spinner=False, max_entries=3)
+def _index(path: str, fingerprint: str) -> PrototypeIndex:
+    return load_index(path)
+
+
+@dataclass
+class Loaded:
+    """The bundle this session is looking at and its index (None when it has none)."""
+
+    bundle: Bundle
+    index: PrototypeIndex | None
+    index_error: str | None = None
+
+    @property
+    def path(self) -> str:
+        return str(self.bundle.path)
+
+
+def load_current() -> Loaded:
+    """The session's bundle and index, loaded with a progress bar the first time.
+
+    Stops the page with st.error when the folder is not a usable bundle.
+    """
+    path = str(st.session_state.get(BUNDLE_PATH) or default_bundle_path())
+    seen = st.session_state.setdefault("_loaded_paths", set())
+    bar = None if path in seen else st.progress(0, text=f"Loading model from {path}…")
+    try:
+        bundle = _bundle(path)
+    except (BundleError, OSError, ValueError) as err:
+        if bar is not None:
+            bar.empty()
+        st.error(f"Cannot open bundle: {err}")
+        st.stop()
+    if bar is not None:
+        bar.progress(60, text="Loading prototype index…")
+    index, problem = None, None
+    if bundle.is_prism:
+        try:
+            index = _index(path, bundle.fingerprint)
+        except (IndexError_, OSError, ValueError) as err:
+            problem = str(err)
+    else:
+        problem = f"{path} is a dense twin: it has no prototypes to explore"
+    if bar is not None:
+        bar.empty()
+    seen.add(path)
+    if st.session_state.get(CONTROLS_FOR) != bundle.fingerprint:  # another model: old controls do not apply
+        reset_session(bundle.fingerprint)
+    return Loaded(bundle, index, problem)
+
+
+def reset_session(fingerprint: str) -> None:
+    """Forget controls, trace and picks (they belonged to another model)."""
+    st.session_state[GAINS] = {}
+    st.session_state[SUPPRESSED] = []
+    st.session_state[CONTROLS_FOR] = fingerprint
+    for key in (TRACE, TRACE_CONTROLS, PICKED, CARD):
+        st.session_state.pop(key, None)
+
+
+def require_prism(loaded: Loaded) -> None:
+    """End the page with an explanation unless the bundle is PRISM with an index."""
+    if not loaded.bundle.is_prism:
+        st.info(f"{loaded.path} is a dense twin: it has no prototypes. Open a PRISM bundle in the sidebar.")
+        st.stop()
+    if loaded.index is None:
+        st.info(f"This page needs the bundle's prototype index. {loaded.index_error}")
+        st.stop()
+
+
+def session_controls(fingerprint: str) -> Controls:
+    """The controls of this session as a core Controls (a fresh copy each call)."""
+    gains = {int(k): float(v) for k, v in st.session_state.get(GAINS, {}).items() if float(v) != 1.0}
+    suppressed = sorted({int(i) for i in st.session_state.get(SUPPRESSED, [])})
+    return Controls(gains=gains, suppressed=suppressed, model_fingerprint=fingerprint)
+
+
+def set_gain(prototype: int, gain: float) -> None:
+    gains = dict(st.session_state.get(GAINS, {}))
+    gains[int(prototype)] = float(gain)
+    st.session_state[GAINS] = gains
+
+
+def set_suppressed(prototype: int, on: bool) -> None:
+    current = set(st.session_state.get(SUPPRESSED, []))
+    current = current | {int(prototype)} if on else current - {int(prototype)}
+    st.session_state[SUPPRESSED] = sorted(current)
+
+
+def apply_controls(controls: Controls) -> None:
+    """Replace the session's controls (after load or calibration)."""
+    st.session_state[GAINS] = {int(k): float(v) for k, v in controls.gains.items()}
+    st.session_state[SUPPRESSED] = sorted(set(controls.suppressed))
+
+
+def sync_widget(key: str, value: object) -> None:
+    """Set a keyed widget's value from the session's controls before it is drawn."""
+    if st.session_state.get(key) != value:
+        st.session_state[key] = value
+
+
+def escape(text: str) -> str:
+    """HTML-escape text from the corpus, a prompt or a file."""
+    return html.escape(str(text), quote=True)
+
+
+def marked_snippet(snippet: str, start: int, end: int) -> str:
+    """Escaped HTML of a snippet with the trigger token in <mark>."""
+    start = max(0, min(int(start), len(snippet)))
+    end = max(start, min(int(end), len(snippet)))
+    return f"{escape(snippet[:start])}<mark>{escape(snippet[start:end])}</mark>{escape(snippet[end:])}"
+
+
+def visible_token(token: str) -> str:
+    """A token as a short label: spaces and newlines shown, markdown characters escaped."""
+    text = token.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5") or "\u2205"
+    return "".join("\\" + c if c in "\\`*_{}[]()#+-.!|<>~$:" else c for c in text)
+
+
+SNIPPET_CSS = (
+    "<style>.prism-snip{font-family:monospace;font-size:.82rem;white-space:pre-wrap;padding:.25rem .5rem;"
+    "border-left:3px solid #0072B2;margin:.2rem 0;background:rgba(127,127,127,.06)}"
+    ".prism-snip mark{background:#E69F00;color:#000;padding:0 1px}"
+    ".prism-tok{font-family:monospace;white-space:pre;padding:0 1px}"
+    ".prism-tok.diff{background:#E69F00;color:#000;border-radius:2px}</style>"
+)
+
+
+@st.cache_resource(show_spinner=False, max_entries=3)
+def _atlas(path: str, fingerprint: str, _bundle: Bundle, _index: PrototypeIndex):
+    from .atlas_data import build_atlas_data
+
+    return build_atlas_data(_bundle, _index)
+
+
+def atlas_data(loaded: Loaded):
+    """The per-prototype tables of the loaded bundle (computed once per process)."""
+    assert loaded.index is not None
+    return _atlas(loaded.path, loaded.bundle.fingerprint, loaded.bundle, loaded.index)
+
+
+def max_suppressed(loaded: Loaded) -> int:
+    cfg = loaded.bundle.model.config
+    return cfg.num_prototypes - cfg.prototype_top_k

@@ -1,0 +1,114 @@
+"""Calibrate: fit controller gains on a multiple-choice task, compare held-out accuracy before
+and after, see the prototypes that moved, and apply the result to the session's controls."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pandas as pd
+import streamlit as st
+
+from explorer import state
+
+TASKS = state.REPO / "assets" / "tasks"
+
+
+def parse_upload(calibration, raw: bytes, name: str) -> list:
+    """Task items from an uploaded JSONL file (errors name the line)."""
+    items = []
+    for number, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise calibration.TaskError(f"{name} line {number} is not valid JSON: {err}") from None
+            items.append(calibration.parse_item(data, f"{name} line {number}"))
+    if len(items) < 2:
+        raise calibration.TaskError(f"{name} has {len(items)} items; a task needs at least 2")
+    return items
+
+
+loaded = state.load_current()
+bundle = loaded.bundle
+st.subheader("Calibrate")
+try:
+    calibration = importlib.import_module("core.calibration")
+except ImportError:
+    st.info("Calibration needs core.calibration, which is not in this build yet.")
+    st.stop()
+if not bundle.is_prism:
+    st.info(f"{loaded.path} is a dense twin: it has no prototypes to calibrate.")
+    st.stop()
+
+st.caption("A task is JSONL rows {\"prompt\", \"choices\": [...], \"answer\": index}; each choice is scored by "
+           "its mean log-probability after the prompt. Gains are fitted on part of the task and measured on the "
+           "rest with real forward passes.")
+demo_tasks = sorted(TASKS.glob("*.jsonl")) if TASKS.is_dir() else []
+source = st.radio("Task", ["demo task", "upload"], horizontal=True, key="cal_source",
+                  disabled=not demo_tasks, index=0 if demo_tasks else 1)
+items, task_name = None, None
+try:
+    if source == "demo task" and demo_tasks:
+        path = st.selectbox("Demo task", demo_tasks, key="cal_task", format_func=lambda p: p.stem)
+        items, task_name = calibration.load_task(path), path.stem
+    else:
+        upload = st.file_uploader("Task file (JSONL)", type=["jsonl", "json"], key="cal_upload")
+        if upload is not None:
+            items, task_name = parse_upload(calibration, upload.getvalue(), upload.name), upload.name
+except (calibration.TaskError, UnicodeDecodeError, OSError) as err:
+    st.error(f"Cannot read the task: {err}")
+    st.stop()
+if items is None:
+    st.info("Pick a demo task or upload a task file.")
+    st.stop()
+
+c1, c2, c3, c4 = st.columns(4)
+limit = c1.number_input("Items used", 2, len(items), min(len(items), 200), key="cal_limit")
+holdout = c2.slider("Held out", 0.1, 0.9, 0.3, step=0.05, key="cal_holdout")
+steps = c3.slider("Steps", 10, 400, 150, step=10, key="cal_steps")
+penalty = c4.select_slider("Sparsity penalty", [0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2], 1e-3, key="cal_penalty")
+st.caption(f"{task_name}: {len(items)} items, {int(limit)} used.")
+
+if st.button("Fit", type="primary", key="cal_fit"):
+    bar = st.progress(0, text="Scoring the choices…")
+
+    def progress(done: int, total: int) -> None:
+        bar.progress(min(1.0, done / max(total, 1)), text=f"Calibrating: {done}/{total}")
+
+    try:
+        result = calibration.calibrate(bundle, items[: int(limit)], holdout=float(holdout), penalty=float(penalty),
+                                       steps=int(steps), index=loaded.index, progress=progress)
+    except (calibration.TaskError, ValueError) as err:
+        bar.empty()
+        st.error(f"Calibration failed: {err}")
+        st.stop()
+    bar.empty()
+    st.session_state["cal_result"] = result
+
+result = st.session_state.get("cal_result")
+if result is None:
+    st.stop()
+if result.controls.model_fingerprint and result.controls.model_fingerprint != bundle.fingerprint:
+    st.session_state.pop("cal_result")
+    st.stop()
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Held-out accuracy before", f"{100 * result.before:.1f}%")
+m2.metric("Held-out accuracy after", f"{100 * result.after:.1f}%", f"{100 * (result.after - result.before):+.1f} pts")
+m3.metric("Calibration split", f"{100 * result.calibration_after:.1f}%",
+          f"{100 * (result.calibration_after - result.calibration_before):+.1f} pts")
+m4.metric("Gains changed", f"{result.changed}")
+st.caption(f"{result.calibration_items} calibration items, {result.holdout_items} held out.")
+if result.moved:
+    st.markdown("**Prototypes that moved most**")
+    st.dataframe(pd.DataFrame([{"prototype": m["id"], "gain": m["gain"], "label": m.get("label") or "",
+                                "nearest training snippet": (m["examples"][0]["snippet"] if m.get("examples")
+                                                             else "")} for m in result.moved]),
+                 hide_index=True, key="cal_moved")
+a, b = st.columns(2)
+if a.button("Apply to this session's controls", key="cal_apply", disabled=not result.controls.gains):
+    for j, gain in result.controls.gains.items():
+        state.set_gain(j, gain)
+    st.success(f"Applied {len(result.controls.gains)} gains (suppressions kept); see the Steer page.")
+b.download_button("Download result (JSON)", json.dumps(result.to_json(), indent=2), file_name="calibration.json",
+                  mime="application/json", on_click="ignore", key="cal_download")
