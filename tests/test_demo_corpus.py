@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-# Load the module by path so these tests do not depend on the rest of ``core`` importing.
-_PATH = Path(__file__).resolve().parents[1] / "core" / "demo_corpus.py"
-_SPEC = importlib.util.spec_from_file_location("demo_corpus_under_test", _PATH)
-assert _SPEC is not None and _SPEC.loader is not None
-dc = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = dc
-_SPEC.loader.exec_module(dc)
-
+from core import demo_corpus as dc
 
 # ---------------------------------------------------------------- text cleaning
 
