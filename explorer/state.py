@@ -170,6 +170,17 @@ def visible_token(token: str) -> str:
     return "".join("\\" + c if c in "\\`*_{}[]()#+-.!|<>~$:" else c for c in text)
 
 
+def unique_labels(labels: list[str]) -> list[str]:
+    """Make repeated labels distinct with invisible zero-width spaces (widgets match options by label)."""
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        count = seen.get(label, 0)
+        seen[label] = count + 1
+        out.append(label + "\u200b" * count)
+    return out
+
+
 SNIPPET_CSS = (
     "<style>.prism-snip{font-family:monospace;font-size:.82rem;white-space:pre-wrap;padding:.25rem .5rem;"
     "border-left:3px solid #0072B2;margin:.2rem 0;background:rgba(127,127,127,.06)}"

@@ -77,7 +77,9 @@ data = state.atlas_data(loaded) if loaded.index is not None else None
 st.subheader("Steer")
 prompt = st.text_area("Prompt", DEFAULT_PROMPT, key="steer_prompt", height=70)
 c1, c2, c3, c4 = st.columns(4)
-max_new = c1.slider("Tokens", 8, 128, 64, step=8, key="steer_max_new")
+context = bundle.model.config.get_text_config().max_position_embeddings
+most = max(8, min(128, context // 2 // 8 * 8))
+max_new = c1.slider("Tokens", 8, most, min(64, most), step=8, key="steer_max_new")
 seed = c2.number_input("Seed", 0, 2**31 - 1, 0, key="steer_seed")
 sample = c3.toggle("Sample", key="steer_sample", help="Sample instead of greedy decoding (same seed both sides)")
 temperature = c4.slider("Temperature", 0.1, 2.0, 0.8, step=0.1, key="steer_temperature", disabled=not sample)

@@ -51,7 +51,8 @@ prompt = st.text_area("Prompt", DEFAULT_PROMPT, key="trace_prompt", height=80)
 c1, c2, c3, c4 = st.columns([1.4, 1, 1, 1])
 mode = c1.radio("Completion", ["generate", "score my own"], key="trace_mode", horizontal=True,
                 help="Generate greedily with the session's controls, or paste a completion to score")
-max_new = c2.slider("Tokens to generate", 1, 64, 16, key="trace_max_new", disabled=mode != "generate")
+most = max(1, min(64, bundle.model.config.get_text_config().max_position_embeddings // 2))
+max_new = c2.slider("Tokens to generate", 1, most, min(16, most), key="trace_max_new", disabled=mode != "generate")
 method = c3.selectbox("Attribution method", list(METHODS), key="trace_method",
                       help="neighbourhood: each slice shared over its prototype's training neighbours")
 top = c4.number_input("Examples per token", 1, 50, 10, key="trace_top")
@@ -95,8 +96,9 @@ if dec.truncated_tokens:
 
 if st.session_state.get("trace_token") not in range(n):
     st.session_state["trace_token"] = 0
+chips = state.unique_labels([state.visible_token(t.token) for t in dec.tokens])
 choice = st.pills("Tokens (pick one)", list(range(n)), key="trace_token", selection_mode="single",
-                  format_func=lambda i: state.visible_token(dec.tokens[i].token))
+                  format_func=lambda i: chips[i])
 i = int(choice) if choice is not None else 0
 token = dec.tokens[i]
 total = sum(p.slice for p in token.prototypes)

@@ -1,0 +1,289 @@
+"""The explorer under Streamlit's AppTest, on a tiny PRISM bundle trained and indexed in the run:
+every page renders without exceptions, the slices shown sum to the logit shown, a gain change
+changes the regenerated text, two sessions keep their own controls, corpus HTML is shown as
+text; plus the figure builders, the report and concurrent seeded generation."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("streamlit")
+pytest.importorskip("plotly")
+
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from core.attribution import attribute, decompose  # noqa: E402
+from core.bundle import load_bundle  # noqa: E402
+from core.cli import main  # noqa: E402
+from core.control import Controls  # noqa: E402
+from core.generation import generate_text  # noqa: E402
+from core.index import build_index, load_index  # noqa: E402
+from core.report import read_prompts, report_from_attributions, to_csv, to_html, to_json  # noqa: E402
+from explorer.figures import atlas_figure, selected_ids, waterfall_figure  # noqa: E402
+
+from .conftest import REPO, demo_rows, write_jsonl  # noqa: E402
+
+APP = str(REPO / "explorer" / "app.py")
+EVIL = "<script>alert('x')</script> and <img src=x onerror=alert(1)>"
+EVIL_ESCAPED = ("&lt;script&gt;", "&lt;img s", "onerror=alert(1)&gt;")  # a trigger <mark> may split a word
+
+
+@pytest.fixture(scope="module")
+def explorer_bundle(tmp_path_factory, tiny_bundle) -> Path:
+    """A copy of the tiny bundle indexed on a corpus where some documents carry HTML/JS."""
+    root = tmp_path_factory.mktemp("explorer")
+    bundle = Path(shutil.copytree(tiny_bundle, root / "bundle", ignore=shutil.ignore_patterns("index")))
+    rows = demo_rows(40, max_chars=600)
+    rows += [{"id": f"evil-{i}", "source": "web", "text": f"Note {i}: {EVIL} end of note {i}."} for i in range(12)]
+    corpus = root / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "train.jsonl", rows)
+    write_jsonl(corpus / "validation.jsonl", demo_rows(2, max_chars=300))
+    build_index(bundle, corpus, top_m=16, show_progress=False)
+    return bundle
+
+
+@pytest.fixture(autouse=True)
+def _quiet_threads(monkeypatch):
+    monkeypatch.setenv("PRISM_EXPLORER_THREADS", "0")  # leave torch's thread setting to the test run
+
+
+def app(bundle: Path) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["bundle_path"] = str(bundle)
+    return at
+
+
+def open_page(at: AppTest, page: str) -> AppTest:
+    at.switch_page(f"views/{page}.py")
+    return at.run()
+
+
+def no_errors(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def htmls(at: AppTest) -> list[str]:
+    return [h.proto.body for h in at.get("html")]
+
+
+def chart_spec(at: AppTest, index: int = 0) -> dict:
+    return json.loads(at.get("plotly_chart")[index].proto.spec)
+
+
+def decode(value) -> np.ndarray:
+    """A plotly JSON array: a list, or numpy's base64 form {"dtype", "bdata"}."""
+    if isinstance(value, dict) and "bdata" in value:
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+    return np.asarray(value)
+
+
+def test_every_page_renders(explorer_bundle):
+    at = app(explorer_bundle).run()
+    no_errors(at)
+    spec = chart_spec(at)
+    gl = [t for t in spec["data"] if t["type"] == "scattergl"]
+    assert len(gl) == 1 and len(decode(gl[0]["customdata"])) == 64  # every tiny prototype, one WebGL trace
+    at.session_state["atlas_picked"] = [1, 2]
+    at.run()
+    no_errors(at)
+    assert any("Prototype 1" in m.value for m in at.markdown)
+    for page in ("trace", "steer", "calibrate", "report"):
+        open_page(at, page)
+        no_errors(at)
+    open_page(at, "trace")
+    at.button(key="trace_run").click().run()
+    no_errors(at)
+    open_page(at, "report")
+    no_errors(at)
+    assert [d.proto.label for d in at.get("download_button")][:3] == [
+        "Download HTML (offline)", "Download JSON", "Download CSV"]
+
+
+def test_trace_slices_sum_to_the_logit_shown(explorer_bundle):
+    at = open_page(app(explorer_bundle).run(), "trace")
+    at.text_area(key="trace_prompt").set_value("HAMLET. To be")
+    at.button(key="trace_run").click().run()
+    no_errors(at)
+    for position in (0, 3):
+        at.pills(key="trace_token").set_value(position).run()
+        no_errors(at)
+        metrics = {m.label: m.value for m in at.metric}
+        assert float(metrics["Σ slices"]) == pytest.approx(float(metrics["Logit"]), abs=1e-4)
+        waterfall = next(t for t in chart_spec(at)["data"] if t["type"] == "waterfall")
+        steps = decode(waterfall["x"]).astype(np.float64)
+        assert waterfall["measure"][-1] == "total"
+        assert steps[:-1].sum() == pytest.approx(steps[-1], abs=1e-4)
+        assert steps[-1] == pytest.approx(float(metrics["Logit"]), abs=1e-4)
+        assert f"token {position + 1} / " in " ".join(m.value for m in at.markdown)
+
+
+def steered_text(at: AppTest) -> str:
+    bodies = htmls(at)
+    return bodies[1]  # original first, then steered
+
+
+def test_gain_change_changes_regenerated_text(explorer_bundle):
+    bundle = load_bundle(explorer_bundle)
+    prompt = "KING. What"
+    first = decompose(bundle, prompt=prompt, max_new_tokens=1).tokens[0]
+    active = [p.id for p in first.prototypes]
+    at = open_page(app(explorer_bundle).run(), "steer")
+    at.text_area(key="steer_prompt").set_value(prompt)
+    at.slider(key="steer_max_new").set_value(16)
+    at.run()
+    at.session_state["controls_gains"] = {j: 0.0 for j in active[1:]} | {active[0]: 1.0}
+    at.run()
+    no_errors(at)
+    before = steered_text(at)
+    at.slider(key=f"steer_gain_{active[0]}").set_value(0.0).run()
+    no_errors(at)
+    after = steered_text(at)
+    assert after != before
+    assert at.session_state["controls_gains"][active[0]] == 0.0
+
+
+def test_two_sessions_keep_their_own_controls(explorer_bundle):
+    one = open_page(app(explorer_bundle).run(), "steer")
+    two = open_page(app(explorer_bundle).run(), "steer")
+    baseline = steered_text(two)
+    bundle = load_bundle(explorer_bundle)
+    first = decompose(bundle, prompt="HAMLET. To be, or not", max_new_tokens=1).tokens[0]
+    one.session_state["controls_gains"] = {p.id: 0.0 for p in first.prototypes}
+    one.run()
+    no_errors(one)
+    assert steered_text(one) != baseline
+    two.run()
+    no_errors(two)
+    assert two.session_state["controls_gains"] == {}
+    assert steered_text(two) == baseline
+    assert "none (the model as trained)" in [c.value for c in two.caption]
+    # the cached model itself was not touched by session one's controls
+    again = generate_text(bundle, "HAMLET. To be, or not", max_new_tokens=16)
+    assert generate_text(load_bundle(explorer_bundle), "HAMLET. To be, or not", max_new_tokens=16).text == again.text
+
+
+def test_corpus_html_is_shown_as_text(explorer_bundle):
+    index = load_index(explorer_bundle)
+    evil = [j for j in range(index.num_prototypes) if any(n["doc_id"].startswith("evil-")
+                                                          for n in index.neighbourhood(j)[:5])]
+    assert evil, "no prototype has a planted document among its nearest neighbours"
+    at = app(explorer_bundle).run()
+    at.session_state["atlas_picked"] = [evil[0]]
+    at.run()
+    no_errors(at)
+    bodies = "".join(htmls(at))
+    assert all(needle in bodies for needle in EVIL_ESCAPED), bodies[:2000]
+    assert "<script>" not in bodies and "<img" not in bodies
+    # the map's hover text is escaped too
+    hover = [t for t in chart_spec(at)["data"] if t["type"] == "scattergl"][0]["hovertext"]
+    assert not any("<script>" in h for h in hover)
+
+    at = open_page(at, "trace")
+    at.text_area(key="trace_prompt").set_value(f"Note 3: {EVIL}")
+    at.radio(key="trace_mode").set_value("score my own").run()
+    at.text_area(key="trace_completion").set_value(" end of note 3.")
+    at.button(key="trace_run").click().run()
+    no_errors(at)
+    assert f"Note 3: {EVIL}" in [t.value for t in at.text]  # the prompt as plain text
+    bodies = "".join(htmls(at))
+    assert "<script>" not in bodies and "<img" not in bodies
+
+
+def test_bad_bundle_path_is_an_error_not_a_traceback(tmp_path):
+    at = app(tmp_path / "nowhere").run()
+    assert not at.exception
+    assert any("Cannot open bundle" in e.value for e in at.error)
+
+
+def test_atlas_figure_is_one_webgl_trace_with_ids():
+    rng = np.random.default_rng(0)
+    P = 16_384
+    ids = np.arange(P, dtype=np.int32)
+    groups = rng.choice(["shakespeare", "wordnet", "debian"], P).tolist()
+    fig = atlas_figure(rng.normal(size=(P, 2)), ids, groups, rng.random(P), highlight=[5, 9])
+    gl = [t for t in fig.data if t.type == "scattergl"]
+    assert len(gl) == 1
+    assert np.array_equal(np.asarray(gl[0].customdata), ids)
+    assert len(fig.to_json()) < 1_000_000
+    event = {"selection": {"points": [{"curve_number": 0, "point_index": 3, "customdata": 3},
+                                      {"curve_number": 1, "point_index": 0, "customdata": [9]}]}}
+    assert selected_ids(event) == [3, 9]
+    assert selected_ids({"selection": {"points": []}}) == [] and selected_ids(None) == []
+
+
+def test_waterfall_total_is_the_logit():
+    slices = [0.5, -0.25, 2.0, 0.125, 0.0625]
+    fig = waterfall_figure([10, 11, 12, 13, 14], slices, sum(slices), shown=3)
+    x = np.asarray(fig.data[0].x, dtype=np.float64)
+    assert x[-1] == pytest.approx(sum(slices)) and x[:-1].sum() == pytest.approx(x[-1])
+    assert list(fig.data[0].customdata)[:3] == [12, 10, 11]
+
+
+def test_report_formats(explorer_bundle, tmp_path, capsys):
+    bundle, index = load_bundle(explorer_bundle), load_index(explorer_bundle)
+    controls = Controls(gains={3: 0.5}, suppressed=[7], model_fingerprint=bundle.fingerprint)
+    result = attribute(bundle, index, f"Note 1: {EVIL}", " end of note 1.", top=3, controls=controls)
+    report = report_from_attributions([result], controls)
+    page = to_html(report)
+    assert all(needle in page for needle in EVIL_ESCAPED)
+    assert "<img" not in page and "<script>" not in page and "<script src" not in page
+    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in page
+    embedded = page.split('id="prism-report-data">')[1].split("</script>")[0]
+    assert json.loads(embedded) == json.loads(to_json(report))
+    trace = report["traces"][0]
+    assert report["model_fingerprint"] == bundle.fingerprint and report["controls"]["suppressed"] == [7]
+    for token in trace["tokens"]:
+        assert sum(p["slice"] for p in token["prototypes"]) == pytest.approx(token["logit"], abs=1e-4)
+        assert f"{token['logit']:.4f}" in page
+    rows = list(csv.DictReader(io.StringIO(to_csv(report))))
+    k = bundle.model.config.prototype_top_k
+    assert sum(r["kind"] == "slice" for r in rows) == k * len(trace["tokens"])
+    assert all(not r["snippet"].startswith(("=", "+", "@")) for r in rows)
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "KING.", "completion": " What"}) + "\n" + json.dumps({"prompt": "dog"})
+                       + "\n")
+    assert [i["completion"] for i in read_prompts(prompts)] == [" What", None]
+    out = tmp_path / "r.json"
+    assert main(["report", "--model", str(explorer_bundle), "--prompts", str(prompts), "--out", str(out),
+                 "--quiet", "--max-new-tokens", "4"]) == 0
+    written = json.loads(out.read_text())
+    assert len(written["traces"]) == 2 and written["traces"][0]["completion"] == " What"
+    capsys.readouterr()
+    assert main(["report", "--model", str(explorer_bundle), "--prompts", str(prompts), "--out",
+                 str(tmp_path / "r.pdf")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prism: error: ") and ".html, .json or .csv" in err[0]
+
+
+def test_sampled_generation_is_seeded_per_call_and_thread_safe(loaded):
+    prompt, n = "HAMLET.", 12
+    expected = {seed: generate_text(loaded, prompt, n, seed=seed, do_sample=True).text for seed in range(4)}
+    torch.manual_seed(123)
+    state_before = torch.random.get_rng_state()
+    results: dict[int, list[str]] = {seed: [] for seed in range(4)}
+
+    def worker(seed: int) -> None:
+        for _ in range(3):
+            results[seed].append(generate_text(loaded, prompt, n, seed=seed, do_sample=True).text)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(texts == [expected[seed]] * 3 for seed, texts in results.items())
+    assert torch.equal(torch.random.get_rng_state(), state_before)  # the caller's generator is untouched
+    assert len(set(expected.values())) > 1  # different seeds really sample differently
