@@ -14,7 +14,7 @@ from core.generation import continuation_perplexity, generate_text
 from explorer import state
 from explorer.cards import MAX_GAIN, control_widgets
 
-DEFAULT_PROMPT = "HAMLET. To be, or not"
+DEFAULT_PROMPT = "KING."
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
