@@ -36,6 +36,7 @@ import torch
 from .bundle import Bundle
 from .control import Controls, control_kwargs
 from .index import IndexError_, PrototypeIndex
+from .influence import InfluenceCredit, InfluenceFactors, load_influence
 from .model import prototype_slices
 
 METHODS = ("neighbourhood", "influence")
@@ -205,6 +206,18 @@ def _marked(example: Example, width: int = 70) -> str:
     return " ".join(text.split())
 
 
+def _check_text(name: str, text: str | None) -> None:
+    """Refuse text that is not valid Unicode (undecodable bytes arrive as lone surrogates)."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = ascii(text[err.start : err.end])
+        raise ValueError(f"the {name} has characters that are not valid text ({bad}: bytes that are not UTF-8?); "
+                         "give UTF-8 text") from None
+
+
 def _encode(bundle: Bundle, text: str) -> list[int]:
     return bundle.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -221,6 +234,8 @@ def _split_input(
     from .generation import encode_prompt, generate_text
 
     context = bundle.model.config.get_text_config().max_position_embeddings
+    for name, value in (("text", text), ("prompt", prompt), ("completion", completion)):
+        _check_text(name, value)
     if text is not None:
         if prompt is not None or completion is not None:
             raise ValueError("give either text, or a prompt (and optionally a completion), not both")
@@ -240,6 +255,10 @@ def _split_input(
     completion_ids = _encode(bundle, completion)
     if not completion_ids:
         raise ValueError("the completion has no tokens: give the text to attribute after the prompt")
+    unknown = bundle.tokenizer.unk_token_id
+    if unknown is not None and all(i == unknown for i in completion_ids):
+        raise ValueError("the completion has only characters the tokenizer does not know: give text in the "
+                         "model's alphabet")
     if len(completion_ids) >= context:
         raise ValueError(
             f"the completion has {len(completion_ids)} tokens; at most {context - 1} fit the model's "
@@ -276,6 +295,20 @@ def decompose(
         ValueError: an empty prompt, a completion without tokens, input too long for the
             context, or a dense bundle.
     """
+    return _decompose(bundle, text, prompt, completion, top_alternatives, controls, max_new_tokens)[0]
+
+
+@torch.no_grad()
+def _decompose(
+    bundle: Bundle,
+    text: str | None,
+    prompt: str | None,
+    completion: str | None,
+    top_alternatives: int,
+    controls: Controls | None,
+    max_new_tokens: int,
+) -> tuple[Decomposition, _QueryTensors]:
+    """:func:`decompose`, also returning the tensors of its forward pass."""
     if not bundle.is_prism:
         raise ValueError(f"{bundle.path} is a dense twin: it has no prototypes to decompose into")
     if top_alternatives < 0:
@@ -335,7 +368,7 @@ def decompose(
                 alternatives=alts,
             )
         )
-    return Decomposition(
+    decomposition = Decomposition(
         prompt=tok.decode(prompt_ids),
         completion=tok.decode(completion_ids),
         prompt_ids=prompt_ids,
@@ -344,6 +377,25 @@ def decompose(
         generated=generated,
         truncated_tokens=dropped,
     )
+    return decomposition, _QueryTensors(hidden, active, weights, targets, kwargs.get("prototype_gains"))
+
+
+@dataclass
+class _QueryTensors:
+    """What the influence method needs from the decomposition's forward pass.
+
+    Attributes:
+        hidden: (n, d) the head's input at each completion position.
+        ids, weights: (n, k) active prototypes and their weights (controls applied).
+        targets: (n,) the completion tokens.
+        gains: (P,) the call's gains, or None.
+    """
+
+    hidden: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+    targets: torch.Tensor
+    gains: torch.Tensor | None
 
 
 @dataclass
@@ -442,6 +494,7 @@ def attribute(
     max_new_tokens: int = 16,
     top_alternatives: int = 5,
     similarity: Literal["code", "key"] = "code",
+    influence: InfluenceFactors | None = None,
 ) -> Attribution:
     """Attribute each completion token, and the completion as a whole, to training documents.
 
@@ -451,50 +504,59 @@ def attribute(
         prompt, completion: as in :func:`decompose`; without a completion, ``max_new_tokens``
             are generated greedily first.
         top: examples kept per token and overall.
-        method: ``neighbourhood`` (the influence method is not built yet).
+        method: ``neighbourhood`` (slices shared among neighbourhoods) or ``influence``
+            (prototype-block influence functions, :mod:`core.influence`).
         span: (start, end) completion token indices, end exclusive, for the overall ranking;
             None for the whole completion.
         controls: per-call gains and suppression.
         top_alternatives: alternative tokens decomposed per position.
+        similarity: neighbourhood method only, see :func:`neighbourhood_credit`.
+        influence: loaded influence factors (default: loaded from the bundle when needed).
 
     Raises:
         ValueError: bad input (see :func:`decompose`), an unknown method or a bad span.
-        IndexError_: the index belongs to another model.
+        IndexError_: the index (or the influence factors) belong to another model, or the
+            factors are missing.
     """
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
-    if method != "neighbourhood":
-        raise ValueError(f"the {method} method is not available yet; use --method neighbourhood")
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
+    hint = f"rebuild it with `prism index --model {bundle.path} --corpus PATH`"
     if index.model_fingerprint != bundle.fingerprint:
         raise IndexError_(
-            f"the index was built for model {index.model_fingerprint}, not this model ({bundle.fingerprint}); "
-            f"rebuild it with `prism index --model {bundle.path} --corpus PATH`"
+            f"the index was built for model {index.model_fingerprint}, not this model ({bundle.fingerprint}); {hint}"
         )
     if index.num_prototypes != bundle.model.config.num_prototypes:
         raise IndexError_(
-            f"the index has {index.num_prototypes} prototypes, the model {bundle.model.config.num_prototypes}; "
-            f"rebuild it with `prism index --model {bundle.path} --corpus PATH`"
+            f"the index has {index.num_prototypes} prototypes, the model {bundle.model.config.num_prototypes}; {hint}"
         )
-    dec = decompose(
-        bundle, prompt=prompt, completion=completion, top_alternatives=top_alternatives, controls=controls,
-        max_new_tokens=max_new_tokens,
-    )
+    if method == "influence":
+        influence = influence if influence is not None else load_influence(bundle.path)
+        if influence.model_fingerprint != bundle.fingerprint:
+            raise IndexError_(f"the influence factors were built for model {influence.model_fingerprint}, not this "
+                              f"model ({bundle.fingerprint}); {hint}")
+    dec, tensors = _decompose(bundle, None, prompt, completion, top_alternatives, controls, max_new_tokens)
     n = len(dec.tokens)
     if span is not None:
         start, end = span
         if not 0 <= start < end <= n:
             raise ValueError(f"span {start}:{end} is not inside the completion's {n} tokens (0 <= start < end <= {n})")
-    credits = []
-    for token in dec.tokens:
-        ids = np.array([p.id for p in token.prototypes], dtype=np.int64)
-        slices = np.array([p.slice for p in token.prototypes], dtype=np.float64)
-        cosines = np.array([p.cosine for p in token.prototypes], dtype=np.float64)
-        credits.append(neighbourhood_credit(index, ids, slices, cosines, similarity))
-    token_examples = [rank_examples(index, credit, top) for credit in credits]
     start, end = span if span is not None else (0, n)
-    overall = rank_examples(index, _Credit.concat(credits[start:end]), top)
+    if method == "influence":
+        credits = influence.credit(bundle.model, tensors.hidden, tensors.ids, tensors.weights, tensors.targets,
+                                   tensors.gains)
+        token_examples = [_influence_examples(influence, credit, top) for credit in credits]
+        overall = _influence_examples(influence, InfluenceCredit.concat(credits[start:end]), top)
+    else:
+        credits = []
+        for token in dec.tokens:
+            ids = np.array([p.id for p in token.prototypes], dtype=np.int64)
+            slices = np.array([p.slice for p in token.prototypes], dtype=np.float64)
+            cosines = np.array([p.cosine for p in token.prototypes], dtype=np.float64)
+            credits.append(neighbourhood_credit(index, ids, slices, cosines, similarity))
+        token_examples = [rank_examples(index, credit, top) for credit in credits]
+        overall = rank_examples(index, _Credit.concat(credits[start:end]), top)
     return Attribution(
         model=str(bundle.path),
         model_fingerprint=bundle.fingerprint,
@@ -505,3 +567,12 @@ def attribute(
         labels=dict(index.labels),
         span=tuple(span) if span is not None else None,
     )
+
+
+def _influence_examples(influence: InfluenceFactors, credit: InfluenceCredit, top: int) -> list[Example]:
+    """Ranked documents of an influence credit as examples, with the best token marked."""
+    ranked = influence.rank(credit, top)
+    return [
+        Example(**record, score=r.score, prototype=r.prototype, positions=r.entries)
+        for r, record in zip(ranked, influence.describe(ranked), strict=True)
+    ]

@@ -1,0 +1,766 @@
+"""Prototype-block influence: influence functions restricted to the prototype parameters.
+
+Notation (see core/model.py). Prototype j owns theta_j = (K_j, W_j), 2d numbers. A position
+with final hidden state h has scores s_j = h . K_j, active set S = top k of s, weights
+a_j = g_j softplus(s_j) (g: controller gains), z = sum_{j in S} a_j W_j, logits = E z and
+p = softmax(logits). Its loss L = -log p_y has, for j in S,
+
+    dL/dW_j = a_j r,    dL/dK_j = g_j sigmoid(s_j) (W_j . r) h,    r = E^T (p - e_y)   (d,)
+
+and zero for every other prototype (the top-k choice is piecewise constant). A token's
+gradient therefore touches only its k active blocks, and all k are built from the same two
+d-vectors h and r.
+
+Curvature. The Gauss-Newton matrix of the training loss, G = sum_t J_t^T H_t J_t with
+H_t = diag(p_t) - p_t p_t^T, only has entries in blocks (i, j) with i, j both active at t. We
+keep its diagonal blocks G_j (2d x 2d): EK-FAC restricts the curvature to layers, we restrict
+it to prototypes. Each block is estimated as the Fisher, which equals the Gauss-Newton matrix
+in expectation: with a label y' drawn from p_t, E[g' g'^T] = J_t^T H_t J_t, so
+G_j ~ (N / n) sum over n sampled positions t with j in S_t of g'_tj g'_tj^T (N: positions in
+the training split). Labels come from a generator seeded by (seed, sequence), so the factors
+do not depend on the batch size.
+
+Inversion, once at index time: a whitening factor V_j (2d x r) per block with
+V_j V_j^T ~ (G_j + lambda_j I)^-1, damping lambda_j = damping * mean eigenvalue of G_j (the
+mean over all blocks for an unused prototype). At full rank (r = 2d) V_j = L_j^-T from the
+Cholesky factor of G_j + lambda_j I, and the inverse is exact. With r < 2d (the memory bound:
+2d x r numbers per prototype) V_j = U_j (Sigma_j + lambda_j)^-1/2 from the top r eigenpairs
+(found by subspace iteration), the projection onto the dominant curvature directions (the
+idea of Arnoldi influence, Schioppa et al. 2022).
+
+Scores. The influence of training document D on a query (the summed loss of the attributed
+tokens), + = helpful (upweighting D lowers the query loss), is
+
+    I(q, D) = g_q^T (G_blockdiag + Lambda)^-1 g_D = sum_j (V_j^T g_qj) . c_jD,
+    c_jD = V_j^T sum_{t in D, j in S_t} g_tj,
+
+so only blocks active in both the query and D contribute, and a query meets only documents
+with a token that shares one of its active prototypes. The index stores, per prototype, the
+r-vectors c_jD of its M documents with the largest self-influence |c_jD|^2 (the second memory
+bound; M = None keeps all). A query costs one forward pass, k (2d x r) products per token and
+one (M x r) product per active prototype.
+
+File: ``BUNDLE/index/influence.safetensors`` (safetensors only), its build arguments and the
+model and corpus fingerprints in the header; a mismatch is refused with the command to rebuild.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.numpy import load_file, save_file
+
+from .bundle import load_bundle, model_fingerprint
+from .data import CorpusError, load_corpus, pack
+from .index import SNIPPET_AFTER, SNIPPET_BEFORE, IndexError_, index_dir
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+INFLUENCE_FILE = "influence.safetensors"
+
+
+class InfluenceError(IndexError_):
+    """Influence factors that are missing, stale or unusable, with the command that fixes it."""
+
+
+@dataclass
+class InfluenceArguments:
+    """How the influence factors are built (stored with them).
+
+    Attributes:
+        rank: columns r of each block's whitening factor (r <= 2d); None keeps all 2d (exact).
+        damping: lambda_j = damping * mean eigenvalue of block j.
+        top_documents: documents kept per prototype (M), by self-influence; None keeps all.
+        curvature_tokens: positions sampled (whole sequences, evenly spread) for the Fisher
+            blocks; None uses every position.
+        batch_size: sequences per forward pass; the factors do not depend on it.
+        max_tokens: use only the first sequences holding this many tokens; None: all.
+        dtype: precision of the passes; float64 is for tests that compare exactly.
+        storage: precision of the stored whitening factors and coefficients.
+        seed: seeds the sampled Fisher labels.
+        curvature_memory_mb: memory for the blocks being accumulated; more blocks than fit
+            are accumulated in several passes over the curvature sample.
+    """
+
+    rank: int | None = 16
+    damping: float = 0.1
+    top_documents: int | None = 64
+    curvature_tokens: int | None = 131_072
+    batch_size: int = 8
+    max_tokens: int | None = None
+    dtype: Literal["float32", "float64"] = "float32"
+    storage: Literal["float16", "float32", "float64"] = "float16"
+    seed: int = 0
+    curvature_memory_mb: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "top_documents", "curvature_tokens", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InfluenceError(f"{name} must be a positive integer or None, got {value!r}")
+        for name in ("batch_size", "curvature_memory_mb"):
+            if getattr(self, name) < 1:
+                raise InfluenceError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.damping > 0:
+            raise InfluenceError(f"damping must be > 0, got {self.damping}")
+        if self.dtype not in ("float32", "float64"):
+            raise InfluenceError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.storage not in ("float16", "float32", "float64"):
+            raise InfluenceError(f"storage must be float16, float32 or float64, got {self.storage!r}")
+
+
+# ----------------------------------------------------------------------------- the maths
+
+
+def active_set(hidden: torch.Tensor, keys: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, k) active prototype ids and weights softplus(s_j) of (N, d) hidden states."""
+    top, ids = (hidden @ keys.T).topk(top_k, dim=-1)  # (N, k)
+    return ids, F.softplus(top)
+
+
+def head_probabilities(ids: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, embedding: torch.Tensor
+                       ) -> torch.Tensor:
+    """(N, V) p = softmax(E z) with z = sum_j a_j W_j."""
+    z = (weights.unsqueeze(-1) * values[ids]).sum(1)  # (N, d)
+    return (z @ embedding.T).softmax(-1)
+
+
+def prototype_gradients(
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    probs: torch.Tensor,
+    targets: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    embedding: torch.Tensor,
+    gains: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gradients of -log p(target) with respect to each active prototype's (K_j, W_j).
+
+    Args:
+        hidden: (N, d); ids, weights: (N, k) active set and weights (gains applied);
+        probs: (N, V) the model's next-token distribution; targets: (N,) token ids;
+        keys, values: (P, d); embedding: (V, d); gains: (P,) or None.
+
+    Returns:
+        (N, k, 2d): [dL/dK_j, dL/dW_j] for the k active prototypes of each position.
+    """
+    r = probs @ embedding - embedding[targets]  # (N, d) = E^T (p - e_y)
+    scores = (keys[ids] * hidden.unsqueeze(1)).sum(-1)  # (N, k) s_j
+    gate = torch.sigmoid(scores)
+    if gains is not None:
+        gate = gate * gains.to(gate.dtype)[ids]
+    c = gate * (values[ids] @ r.unsqueeze(-1)).squeeze(-1)  # (N, k) dL/ds_j
+    return torch.cat([c.unsqueeze(-1) * hidden.unsqueeze(1), weights.unsqueeze(-1) * r.unsqueeze(1)], dim=-1)
+
+
+def sampled_targets(probs: torch.Tensor, sequences: torch.Tensor, seed: int) -> torch.Tensor:
+    """Labels drawn from the model for the Fisher, one generator per packed sequence.
+
+    Args:
+        probs: (B, T, V) next-token distributions; sequences: (B,) global sequence numbers.
+
+    Returns:
+        (B, T) sampled token ids; the same for a sequence whatever batch it comes in.
+    """
+    B, T, V = probs.shape
+    draws = []
+    for s in sequences.tolist():
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + int(s))
+        draws.append(torch.rand(T, generator=generator, dtype=torch.float64))
+    u = torch.stack(draws).to(probs.device)  # (B, T)
+    cdf = probs.double().cumsum(-1)  # (B, T, V)
+    cdf = cdf / cdf[..., -1:]
+    return torch.searchsorted(cdf, u.unsqueeze(-1)).squeeze(-1).clamp_max(V - 1)
+
+
+def _groups(ids: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """Rows of a flat (R,) prototype-id vector grouped by prototype: [(j, rows)]."""
+    order = torch.argsort(ids, stable=True)
+    unique, counts = torch.unique_consecutive(ids[order], return_counts=True)
+    return list(zip(unique.tolist(), torch.split(order, counts.tolist()), strict=True))
+
+
+# ------------------------------------------------------------------------------ the build
+
+
+def _batches(packed, sequences: np.ndarray, batch_size: int, device: torch.device, desc: str, progress: bool):
+    """Yield (sequence numbers (B,), input ids (B, T), doc_index (B, T), char_offset (B, T))."""
+    from tqdm.auto import tqdm
+
+    columns = packed.with_format("numpy", columns=["input_ids", "doc_index", "char_offset"])
+    for start in tqdm(range(0, len(sequences), batch_size), desc=desc, unit="batch", disable=not progress):
+        chosen = sequences[start : start + batch_size]
+        rows = columns[chosen.tolist()]
+        yield (
+            torch.as_tensor(chosen, dtype=torch.long),
+            torch.as_tensor(rows["input_ids"], dtype=torch.long, device=device),
+            torch.as_tensor(rows["doc_index"], dtype=torch.long, device=device),
+            torch.as_tensor(rows["char_offset"], dtype=torch.long, device=device),
+        )
+
+
+@torch.no_grad()
+def _forward(model, ids: torch.Tensor, docs: torch.Tensor):
+    """Hidden states, active sets, probabilities and the mask of attributable positions."""
+    B, T = ids.shape
+    head, E = model.prototypes, model.unembedding
+    hidden = model.model(input_ids=ids).last_hidden_state.reshape(B * T, -1)  # (N, d)
+    active, weights = active_set(hidden, head.keys, model.config.prototype_top_k)  # (N, k)
+    probs = head_probabilities(active, weights, head.values, E)  # (N, V)
+    valid = docs >= 0
+    valid[:, -1] = False  # the last position has no target inside its sequence
+    return hidden, active, weights, probs, valid.reshape(-1)
+
+
+@torch.no_grad()
+def _curvature(model, packed, sequences: np.ndarray, args: InfluenceArguments, device: torch.device,
+               progress: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Fisher blocks: ((P, 2d, 2d) sums of g' g'^T, (P,) positions per block, positions)."""
+    head, E = model.prototypes, model.unembedding
+    P, d = head.keys.shape
+    dtype = head.keys.dtype
+    per_block = (2 * d) ** 2 * torch.finfo(dtype).bits // 8
+    chunk = max(1, min(P, args.curvature_memory_mb * 2**20 // per_block))
+    blocks = torch.zeros(P, 2 * d, 2 * d, dtype=dtype)  # filled chunk by chunk
+    counts = torch.zeros(P, dtype=torch.long)
+    n_positions = 0
+    for lo in range(0, P, chunk):
+        hi = min(P, lo + chunk)
+        acc = torch.zeros(hi - lo, 2 * d, 2 * d, dtype=dtype, device=device)
+        desc = "influence: curvature" + (f" {lo}-{hi - 1}" if chunk < P else "")
+        for seqs, ids, docs, _ in _batches(packed, sequences, args.batch_size, device, desc, progress):
+            B, T = ids.shape
+            hidden, active, weights, probs, valid = _forward(model, ids, docs)
+            labels = sampled_targets(probs.view(B, T, -1), seqs, args.seed).reshape(-1)
+            grads = prototype_gradients(hidden[valid], active[valid], weights[valid], probs[valid], labels[valid],
+                                        head.keys, head.values, E)  # (n, k, 2d)
+            flat_ids = active[valid].reshape(-1)
+            flat = grads.reshape(-1, 2 * d)  # (n k, 2d)
+            inside = (flat_ids >= lo) & (flat_ids < hi)
+            flat_in = flat[inside]
+            for j, rows in _groups(flat_ids[inside]):
+                g = flat_in[rows]  # (n_j, 2d)
+                acc[j - lo] += g.T @ g
+            if lo == 0:
+                counts += torch.bincount(flat_ids.cpu(), minlength=P)
+                n_positions += int(valid.sum())
+        blocks[lo:hi] = acc.cpu()
+    return blocks, counts, n_positions
+
+
+def _invert(blocks: torch.Tensor, rank: int, damping: float, seed: int, iterations: int = 6
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Whitening factors V_j with V_j V_j^T ~ (G_j + lambda_j I)^-1, float64.
+
+    Full rank (r = 2d): V_j = L_j^-T from the Cholesky factor G_j + lambda_j I = L_j L_j^T, so
+    V_j V_j^T is the exact inverse. Low rank: the top r eigenpairs (U_j, Sigma_j) by subspace
+    iteration from a seeded start (batched matrix products; LAPACK's eigh on a thousand
+    512 x 512 blocks took minutes on 2 cores) and V_j = U_j (Sigma_j + lambda_j)^-1/2.
+
+    Returns:
+        ((P, 2d, r) V, (P, r) eigenvalues (zeros at full rank), (P,) lambda).
+    """
+    P, D, _ = blocks.shape
+    mean_eig = torch.diagonal(blocks, dim1=1, dim2=2).double().sum(-1) / D  # trace / 2d
+    used = mean_eig > 0
+    fallback = float(mean_eig[used].mean()) if bool(used.any()) else 1.0
+    lam = damping * torch.where(used, mean_eig, torch.full_like(mean_eig, fallback))
+    whitening = torch.zeros(P, D, rank, dtype=torch.float64)
+    spectrum = torch.zeros(P, rank, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randn(D, min(D, rank + 8), generator=generator, dtype=torch.float64)
+    eye = torch.eye(D, dtype=torch.float64)
+    for lo in range(0, P, 64):
+        G = blocks[lo : lo + 64].double()
+        G = (G + G.transpose(1, 2)) / 2  # (c, D, D)
+        damped = G + lam[lo : lo + 64, None, None] * eye
+        if rank >= D:
+            L = torch.linalg.cholesky(damped)
+            whitening[lo : lo + 64] = torch.linalg.solve_triangular(L, eye.expand_as(G), upper=False).transpose(1, 2)
+            continue
+        Q = start.expand(len(G), -1, -1)
+        for _ in range(iterations):
+            Q, _r = torch.linalg.qr(G @ Q)  # (c, D, r + 8)
+        small = Q.transpose(1, 2) @ G @ Q  # (c, r + 8, r + 8) Rayleigh-Ritz
+        eigvals, eigvecs = torch.linalg.eigh((small + small.transpose(1, 2)) / 2)
+        values = eigvals.flip(-1)[:, :rank].clamp_min(0)  # (c, r) largest first
+        vectors = Q @ eigvecs.flip(-1)[:, :, :rank]  # (c, D, r)
+        spectrum[lo : lo + 64] = values
+        whitening[lo : lo + 64] = vectors / (values + lam[lo : lo + 64, None]).sqrt().unsqueeze(1)
+    return whitening, spectrum, lam
+
+
+class _DocumentTable:
+    """Per (prototype, document): the summed coefficient vector c_jD, its best token and
+    self-influence; documents still open at the end of a batch are carried to the next one,
+    finished ones are merged into the top M per prototype."""
+
+    def __init__(self, top_documents: int | None):
+        self.top = top_documents
+        self.open: dict[str, torch.Tensor] | None = None
+        self.done: list[dict[str, torch.Tensor]] = []
+        self.kept: dict[str, torch.Tensor] | None = None
+        self.pending_rows = 0
+
+    @staticmethod
+    def _aggregate(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sum rows with the same (prototype, document); keep the best token (ties: earliest)."""
+        key = rows["proto"] * (2**31) + rows["doc"]
+        unique, inverse = torch.unique(key, return_inverse=True)
+        U = len(unique)
+        coef = torch.zeros(U, rows["coef"].shape[1], dtype=rows["coef"].dtype).index_add_(0, inverse, rows["coef"])
+        best = torch.full((U,), float("-inf"), dtype=rows["score"].dtype).scatter_reduce(
+            0, inverse, rows["score"], "amax")
+        is_best = rows["score"] == best[inverse]
+        big = torch.iinfo(torch.long).max
+        first = torch.full((U,), big, dtype=torch.long).scatter_reduce(
+            0, inverse, torch.where(is_best, rows["position"], big), "amin")
+        is_first = rows["position"] == first[inverse]  # one row per group: positions are distinct in a group
+        pick = torch.zeros(U, dtype=torch.long).scatter_(0, inverse[is_first], torch.nonzero(is_first).flatten())
+        return {"proto": unique // (2**31), "doc": unique % (2**31), "coef": coef, "score": best,
+                "position": first, "start": rows["start"][pick], "end": rows["end"][pick]}
+
+    def add(self, rows: dict[str, torch.Tensor], last_doc: int | None) -> None:
+        """Add a batch's token rows; documents other than ``last_doc`` are finished."""
+        if self.open is not None:
+            rows = {name: torch.cat([self.open[name], rows[name]]) for name in rows}
+        if len(rows["proto"]) == 0:
+            self.open = None
+            return
+        table = self._aggregate(rows)
+        still_open = table["doc"] == last_doc if last_doc is not None else torch.zeros_like(table["doc"], dtype=bool)
+        self.open = {name: value[still_open] for name, value in table.items()}
+        finished = {name: value[~still_open] for name, value in table.items()}
+        finished["key"] = (finished["coef"] ** 2).sum(-1)  # self-influence ||V_j^T g_jD||^2
+        self.done.append(finished)
+        self.pending_rows += len(finished["proto"])
+        if self.top is not None and self.pending_rows > 200_000:
+            self._merge()
+
+    def _merge(self) -> None:
+        parts = ([self.kept] if self.kept is not None else []) + self.done
+        if not parts:
+            return
+        table = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+        # prototype, then self-influence (descending), then document: a reproducible order
+        order = torch.from_numpy(np.lexsort((table["doc"].numpy(), -table["key"].double().numpy(),
+                                             table["proto"].numpy())))
+        table = {name: value[order] for name, value in table.items()}
+        if self.top is not None:
+            starts = torch.searchsorted(table["proto"], table["proto"], right=False)
+            rank = torch.arange(len(order)) - starts
+            table = {name: value[rank < self.top] for name, value in table.items()}
+        self.kept, self.done, self.pending_rows = table, [], 0
+
+    def finish(self) -> dict[str, torch.Tensor] | None:
+        """The kept rows sorted by prototype, then self-influence; None if there are none."""
+        assert self.open is None or len(self.open["proto"]) == 0, "documents left open after the last batch"
+        self._merge()
+        return self.kept
+
+
+@torch.no_grad()
+def _documents(model, packed, sequences: np.ndarray, whitening: torch.Tensor,
+               args: InfluenceArguments, device: torch.device, progress: bool) -> dict[str, torch.Tensor]:
+    """The pass over the training split: per prototype its documents' coefficients c_jD."""
+    head, E = model.prototypes, model.unembedding
+    dtype = head.keys.dtype
+    T = len(packed[0]["input_ids"])
+    whitening = whitening.to(device=device, dtype=dtype)
+    table = _DocumentTable(args.top_documents)
+    for seqs, ids, docs, chars in _batches(packed, sequences, args.batch_size, device, "influence: documents",
+                                           progress):
+        B = ids.shape[0]
+        hidden, active, weights, probs, valid = _forward(model, ids, docs)
+        targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).reshape(-1)  # next token (last one unused)
+        grads = prototype_gradients(hidden[valid], active[valid], weights[valid], probs[valid], targets[valid],
+                                    head.keys, head.values, E)  # (n, k, 2d)
+        k = active.shape[1]
+        flat_ids = active[valid].reshape(-1)  # (n k,)
+        flat = grads.reshape(len(flat_ids), -1)
+        coef = torch.zeros(len(flat_ids), whitening.shape[-1], dtype=dtype, device=device)
+        score = torch.zeros(len(flat_ids), dtype=dtype, device=device)
+        for j, rows in _groups(flat_ids):
+            coef[rows] = flat[rows] @ whitening[j]  # (n_j, r) V_j^T g
+            score[rows] = (coef[rows] ** 2).sum(-1)  # the token's self-influence through j
+        position = (seqs.to(device).unsqueeze(1) * T + torch.arange(T, device=device)).reshape(-1)[valid]
+        doc = docs.reshape(-1)[valid]
+        start = chars.reshape(-1)[valid]
+        next_doc = torch.cat([docs[:, 1:], docs[:, :1]], dim=1).reshape(-1)[valid]
+        next_char = torch.cat([chars[:, 1:], chars[:, :1]], dim=1).reshape(-1)[valid]
+        end = torch.where(next_doc == doc, next_char, torch.full_like(next_char, -1))  # -1: to the text's end
+        rows = {
+            "proto": flat_ids.cpu(),
+            "doc": doc.repeat_interleave(k).cpu(),
+            "coef": coef.cpu(),
+            "score": score.cpu(),
+            "position": position.repeat_interleave(k).cpu(),
+            "start": start.repeat_interleave(k).cpu(),
+            "end": end.repeat_interleave(k).cpu(),
+        }
+        # The last sequence's last document may continue in the next sequence.
+        tail = docs[-1][docs[-1] >= 0]
+        last_doc = int(tail[-1]) if len(tail) and B else None
+        table.add(rows, last_doc)
+    table.add({name: value[:0] for name, value in rows.items()}, None)  # close the last document
+    return table.finish()
+
+
+def _corpus_hint(bundle_dir: str | Path, corpus: str = "PATH") -> str:
+    return f"`prism index --model {bundle_dir} --corpus {corpus}`"
+
+
+def build_influence(
+    bundle_dir: str | Path,
+    corpus_path: str | Path,
+    args: InfluenceArguments | None = None,
+    *,
+    device: str = "cpu",
+    show_progress: bool = True,
+) -> dict:
+    """Fit the prototype-block factors and write ``BUNDLE/index/influence.safetensors``.
+
+    Needs the bundle's index (:func:`core.index.build_index`) built from the same corpus.
+
+    Returns:
+        a summary: counts, sizes (``influence_bytes`` / ``influence_mb``) and
+        ``curvature_seconds``, ``documents_seconds``, ``build_seconds``.
+
+    Raises:
+        InfluenceError: no index, an index built from another corpus, a dense bundle, a
+            corpus shorter than one sequence, or a bad argument.
+        CorpusError, BundleError: the corpus or the bundle cannot be read.
+    """
+    args = args or InfluenceArguments()
+    t0 = time.time()
+    corpus = load_corpus(corpus_path)
+    folder = index_dir(bundle_dir)
+    if not (folder / "meta.json").is_file():
+        raise InfluenceError(f"{bundle_dir} has no index; build it with {_corpus_hint(bundle_dir, str(corpus_path))}")
+    index_meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    if index_meta.get("corpus_fingerprint") != corpus.fingerprint:
+        raise InfluenceError(
+            f"the index in {folder} was built from another corpus ({index_meta.get('corpus_path')}), not "
+            f"{corpus_path}; rebuild both with {_corpus_hint(bundle_dir, str(corpus_path))}"
+        )
+    bundle = load_bundle(bundle_dir, device=device)
+    if not bundle.is_prism:
+        raise InfluenceError(f"{bundle_dir} is a dense twin: only PRISM models have prototype blocks")
+    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    model = bundle.model.to(dtype)
+    P, d = model.prototypes.keys.shape
+    rank = min(args.rank or 2 * d, 2 * d)
+    seq_len = model.config.get_text_config().max_position_embeddings
+    packed = pack(corpus.train, bundle.tokenizer, seq_len)
+    n_sequences = len(packed) if args.max_tokens is None else min(len(packed), -(-args.max_tokens // seq_len))
+    if n_sequences == 0:
+        raise InfluenceError(f"corpus {corpus_path} is shorter than one sequence of {seq_len} tokens")
+    everything = np.arange(n_sequences)
+    if args.curvature_tokens is None or args.curvature_tokens >= n_sequences * seq_len:
+        sample = everything
+    else:
+        wanted = -(-args.curvature_tokens // seq_len)
+        sample = np.unique(np.linspace(0, n_sequences - 1, wanted).round().astype(np.int64))
+    dev = torch.device(device)
+
+    blocks, counts, sampled = _curvature(model, packed, sample, args, dev, show_progress)
+    t_curv = time.time() - t0
+    total_positions = sampled * n_sequences / len(sample)  # estimated positions of the whole split
+    blocks *= total_positions / max(sampled, 1)  # the sample's sum, scaled to the whole split
+    whitening, values, lam = _invert(blocks, rank, args.damping, args.seed)
+    del blocks
+    t1 = time.time()
+    table = _documents(model, packed, everything, whitening, args, dev, show_progress)
+    t_docs = time.time() - t1
+
+    arrays = _to_arrays(table, whitening, values, lam, counts, P, rank, args.storage)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": "prototype-block influence",
+        "model_fingerprint": bundle.fingerprint,
+        "corpus_fingerprint": corpus.fingerprint,
+        "corpus_path": str(corpus_path),
+        "corpus_path_from_bundle": os.path.relpath(Path(corpus_path).resolve(), Path(bundle_dir).resolve()),
+        "arguments": asdict(args),
+        "rank": rank,
+        "num_prototypes": P,
+        "parameters_per_block": 2 * d,
+        "sequences": n_sequences,
+        "curvature_sequences": len(sample),
+        "curvature_positions": sampled,
+        "documents": int(len(np.unique(arrays["doc_index"][arrays["doc_index"] >= 0]))),
+        "entries": int((arrays["doc_index"] >= 0).sum()),
+        "curvature_seconds": round(t_curv, 3),
+        "documents_seconds": round(t_docs, 3),
+    }
+    meta["build_seconds"] = round(time.time() - t0, 3)
+    size = save_influence(bundle_dir, arrays, meta)
+    return {**{k: meta[k] for k in ("rank", "num_prototypes", "sequences", "curvature_positions", "documents",
+                                    "entries", "curvature_seconds", "documents_seconds", "build_seconds")},
+            "top_documents": args.top_documents, "influence_bytes": size, "influence_mb": round(size / 2**20, 3)}
+
+
+def _to_arrays(table: dict[str, torch.Tensor] | None, whitening: torch.Tensor, values: torch.Tensor,
+               lam: torch.Tensor, counts: torch.Tensor, P: int, rank: int, storage: str) -> dict[str, np.ndarray]:
+    """The (P, M) tables of kept documents and the per-prototype factors, as numpy arrays."""
+    np_store = {"float16": np.float16, "float32": np.float32, "float64": np.float64}[storage]
+    if table is None:
+        table = {"proto": torch.zeros(0, dtype=torch.long)}
+    per_proto = torch.bincount(table["proto"], minlength=P)
+    M = max(1, int(per_proto.max())) if len(table["proto"]) else 1
+    doc_index = np.full((P, M), -1, dtype=np.int32)
+    start = np.zeros((P, M), dtype=np.int32)
+    end = np.zeros((P, M), dtype=np.int32)
+    coefficients = np.zeros((P, M, rank), dtype=np.float64)
+    self_influence = np.zeros((P, M), dtype=np.float32)
+    if len(table["proto"]):
+        proto = table["proto"].numpy()
+        slot = np.arange(len(proto)) - np.searchsorted(proto, proto)  # rows are sorted by prototype
+        doc_index[proto, slot] = table["doc"].numpy()
+        start[proto, slot] = table["start"].numpy()
+        end[proto, slot] = table["end"].numpy()
+        coefficients[proto, slot] = table["coef"].double().numpy()
+        self_influence[proto, slot] = table["key"].float().numpy()
+    # float16 keeps 3 significant digits but not the range: scale each prototype's rows to [-1, 1]
+    scale = np.abs(coefficients).reshape(P, -1).max(axis=1)
+    scale = np.where(scale > 0, scale, 1.0)
+    w = whitening.numpy()
+    w_scale = np.abs(w).reshape(P, -1).max(axis=1)
+    w_scale = np.where(w_scale > 0, w_scale, 1.0)
+    return {
+        "whitening": (w / w_scale[:, None, None]).astype(np_store),  # (P, 2d, r) V_j / scale
+        "whitening_scale": w_scale,  # (P,)
+        "eigenvalues": values.numpy(),  # (P, r), zeros at full rank
+        "damping": lam.numpy(),  # (P,)
+        "curvature_count": counts.numpy().astype(np.int64),  # (P,)
+        "doc_index": doc_index,  # (P, M) training-split row, -1 empty
+        "char_start": start,  # (P, M) the best token of the document for this prototype
+        "char_end": end,  # (P, M), -1: to the end of the text
+        "coefficients": (coefficients / scale[:, None, None]).astype(np_store),  # (P, M, r)
+        "coefficient_scale": scale,  # (P,)
+        "self_influence": self_influence,  # (P, M)
+    }
+
+
+def save_influence(bundle_dir: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> int:
+    """Write the factors atomically into the bundle's index folder; return the file size."""
+    folder = index_dir(bundle_dir)
+    fd, tmp = tempfile.mkstemp(prefix=".influence-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp,
+                  metadata={"meta": json.dumps(meta)})
+        os.replace(tmp, folder / INFLUENCE_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    size = (folder / INFLUENCE_FILE).stat().st_size
+    meta_path = folder / "meta.json"  # list the new file beside the index's own
+    index_meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    index_meta.setdefault("files", {})[INFLUENCE_FILE] = size
+    index_meta["influence"] = {k: meta[k] for k in ("arguments", "rank", "build_seconds", "documents", "entries")}
+    fd, tmp = tempfile.mkstemp(prefix=".meta-", suffix=".json", dir=folder)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(index_meta, indent=2))
+    os.replace(tmp, meta_path)
+    return size
+
+
+def influence_exists(bundle_dir: str | Path) -> bool:
+    return (index_dir(bundle_dir) / INFLUENCE_FILE).is_file()
+
+
+# ---------------------------------------------------------------------------- the queries
+
+
+@dataclass
+class InfluenceCredit:
+    """Credit of one or more query tokens: (C,) documents, prototypes, values, best-token spans."""
+
+    doc_index: np.ndarray
+    prototypes: np.ndarray
+    values: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+
+    @staticmethod
+    def concat(parts: list[InfluenceCredit]) -> InfluenceCredit:
+        names = ("doc_index", "prototypes", "values", "start", "end")
+        return InfluenceCredit(*(np.concatenate([getattr(p, n) for p in parts]) for n in names))
+
+
+@dataclass
+class RankedDocument:
+    """A training document's influence: summed score, the prototype that carried most of it,
+    the span of its best token for that prototype, and the number of credited entries."""
+
+    doc_index: int
+    score: float
+    prototype: int
+    start: int
+    end: int
+    entries: int
+
+
+class InfluenceFactors:
+    """Loaded factors (see the module docstring); read-only, shared between queries."""
+
+    def __init__(self, bundle_dir: Path, arrays: dict[str, np.ndarray], meta: dict):
+        self.bundle_dir = bundle_dir
+        self.meta = meta
+        dtype = torch.float64 if meta["arguments"]["dtype"] == "float64" else torch.float32
+        self.dtype = dtype
+        self.whitening = torch.from_numpy(arrays["whitening"]).to(dtype) * torch.from_numpy(
+            arrays["whitening_scale"]).to(dtype)[:, None, None]  # (P, 2d, r)
+        self.coefficients = torch.from_numpy(arrays["coefficients"]).to(dtype) * torch.from_numpy(
+            arrays["coefficient_scale"]).to(dtype)[:, None, None]  # (P, M, r)
+        self.doc_index = arrays["doc_index"]
+        self.char_start = arrays["char_start"]
+        self.char_end = arrays["char_end"]
+        self.eigenvalues, self.damping = arrays["eigenvalues"], arrays["damping"]
+        self.self_influence = arrays["self_influence"]
+        self._corpus = None
+
+    @property
+    def model_fingerprint(self) -> str:
+        return self.meta["model_fingerprint"]
+
+    def stored_bytes(self) -> int:
+        return (index_dir(self.bundle_dir) / INFLUENCE_FILE).stat().st_size
+
+    @torch.no_grad()
+    def credit(self, model, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, targets: torch.Tensor,
+               gains: torch.Tensor | None = None) -> list[InfluenceCredit]:
+        """Influence of the kept documents on each query token's loss.
+
+        Args:
+            model: the PRISM model the factors were built for.
+            hidden: (n, d) the head's input at each query position; ids, weights: (n, k) its
+                active set and weights (controls applied); targets: (n,) the tokens.
+            gains: (P,) controller gains of the call, or None.
+
+        Returns:
+            one credit per token: each of its active prototypes' kept documents, valued
+            (U_j^T g_qj) . c_jD.
+        """
+        head, E = model.prototypes, model.unembedding
+        dt = self.dtype
+        h, K, W, Em = hidden.to(dt), head.keys.to(dt), head.values.to(dt), E.to(dt)
+        probs = head_probabilities(ids, weights.to(dt), W, Em)
+        grads = prototype_gradients(h, ids, weights.to(dt), probs, targets, K, W, Em, gains)  # (n, k, 2d)
+        projected = torch.einsum("nkd,nkdr->nkr", grads, self.whitening[ids])  # (n, k, r) V_j^T g_qj
+        values = torch.einsum("nkmr,nkr->nkm", self.coefficients[ids], projected).double().numpy()  # (n, k, M)
+        id_np = ids.cpu().numpy()
+        credits = []
+        for i in range(len(id_np)):
+            docs = self.doc_index[id_np[i]]  # (k, M)
+            keep = docs >= 0
+            protos = np.broadcast_to(id_np[i][:, None], docs.shape)
+            credits.append(InfluenceCredit(docs[keep].astype(np.int64), protos[keep].astype(np.int64),
+                                           values[i][keep], self.char_start[id_np[i]][keep],
+                                           self.char_end[id_np[i]][keep]))
+        return credits
+
+    @staticmethod
+    def rank(credit: InfluenceCredit, top: int) -> list[RankedDocument]:
+        """Sum credit per document; the ``top`` documents, highest first (ties: lower row)."""
+        if len(credit.values) == 0:
+            return []
+        docs, inverse = np.unique(credit.doc_index, return_inverse=True)
+        totals = np.bincount(inverse, weights=credit.values, minlength=len(docs))
+        ranked = []
+        for d in np.lexsort((docs, -totals))[:top]:
+            mine = np.flatnonzero(inverse == d)
+            protos, per_proto = np.unique(credit.prototypes[mine], return_inverse=True)
+            by_proto = np.bincount(per_proto, weights=credit.values[mine])
+            best_proto = int(protos[np.argmax(by_proto)])
+            entry = mine[np.argmax(np.where(credit.prototypes[mine] == best_proto, credit.values[mine], -np.inf))]
+            ranked.append(RankedDocument(int(docs[d]), float(totals[d]), best_proto, int(credit.start[entry]),
+                                         int(credit.end[entry]), len(mine)))
+        return ranked
+
+    def corpus(self):
+        """The training corpus the factors were built from (loaded once), checked unchanged.
+
+        Raises:
+            InfluenceError: it moved, or its files changed since the build.
+        """
+        if self._corpus is None:
+            recorded = self.meta["corpus_path"]
+            candidates = [self.bundle_dir / self.meta.get("corpus_path_from_bundle", recorded), Path(recorded)]
+            path = next((p for p in candidates if p.exists()), None)
+            hint = f"move it back, or rebuild with {_corpus_hint(self.bundle_dir, 'NEWPATH')}"
+            if path is None:
+                raise InfluenceError(f"the corpus the influence factors were built from is no longer at {recorded} "
+                                     f"(it moved or was deleted); {hint}")
+            try:
+                corpus = load_corpus(path)
+            except CorpusError as err:
+                raise InfluenceError(f"cannot read the corpus at {path} ({err}); {hint}") from None
+            if corpus.fingerprint != self.meta["corpus_fingerprint"]:
+                raise InfluenceError(f"the corpus at {path} changed since the influence factors were built; "
+                                     f"rebuild with {_corpus_hint(self.bundle_dir, str(path))}")
+            self._corpus = corpus
+        return self._corpus
+
+    def describe(self, ranked: list[RankedDocument]) -> list[dict]:
+        """Records for ranked documents: id, source and a snippet with the best token marked."""
+        if not ranked:
+            return []
+        train = self.corpus().train
+        rows = train.select([r.doc_index for r in ranked])
+        records = []
+        for r, doc_id, source, text in zip(ranked, rows["id"], rows["source"], rows["text"], strict=True):
+            begin = max(0, r.start)
+            end = len(text) if r.end < 0 else max(begin, r.end)
+            lo, hi = max(0, begin - SNIPPET_BEFORE), min(len(text), end + SNIPPET_AFTER)
+            records.append({"doc_id": doc_id, "source": source, "doc_index": r.doc_index, "char_offset": begin,
+                            "snippet": text[lo:hi], "highlight_start": begin - lo, "highlight_end": end - lo})
+        return records
+
+
+def load_influence(bundle_dir: str | Path) -> InfluenceFactors:
+    """Load a bundle's influence factors after checking that they belong to its weights and index.
+
+    Raises:
+        InfluenceError: no factors, another format, or factors built for other weights or
+            another corpus than the index.
+    """
+    bundle_dir = Path(bundle_dir)
+    path = index_dir(bundle_dir) / INFLUENCE_FILE
+    hint = _corpus_hint(bundle_dir)
+    if not path.is_file():
+        raise InfluenceError(f"{bundle_dir} has no influence factors; build them with {hint}")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise InfluenceError(f"{path} has format {meta.get('format_version')!r}, this version reads "
+                             f"{FORMAT_VERSION}; rebuild it with {hint}")
+    hint = _corpus_hint(bundle_dir, meta.get("corpus_path", "PATH"))
+    current = model_fingerprint(bundle_dir)
+    if meta.get("model_fingerprint") != current:
+        raise InfluenceError(f"the influence factors in {path.parent} were built for model "
+                             f"{meta.get('model_fingerprint')}, not this model ({current}); rebuild them with {hint}")
+    index_meta_path = index_dir(bundle_dir) / "meta.json"
+    if index_meta_path.is_file():
+        index_meta = json.loads(index_meta_path.read_text(encoding="utf-8"))
+        if index_meta.get("corpus_fingerprint") != meta.get("corpus_fingerprint"):
+            raise InfluenceError(f"the influence factors in {path.parent} were built from another corpus than the "
+                                 f"index; rebuild both with {hint}")
+    return InfluenceFactors(bundle_dir, load_file(path), meta)
+
