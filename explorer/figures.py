@@ -56,7 +56,7 @@ def atlas_figure(
     xy = np.asarray(xy, dtype=np.float32)
     ids = np.asarray(ids, dtype=np.int32)
     colours, legend = group_colours(groups)
-    hover_text = None if hover is None else [html.escape(h) for h in hover]
+    hover_text = None if hover is None else [html.escape(h, quote=False) for h in hover]
     fig = go.Figure()
     fig.add_trace(
         go.Scattergl(
@@ -149,7 +149,7 @@ def waterfall_figure(
         if rank >= shown:
             break
         label = labels[i] if labels is not None and labels[i] else ""
-        names.append(f"#{prototype_ids[i]} {html.escape(label[:28])}".strip())
+        names.append(f"#{prototype_ids[i]} {html.escape(label[:28], quote=False)}".strip())
         values.append(float(slices[i]))
         custom.append(int(prototype_ids[i]))
     if len(order) > shown:
@@ -169,6 +169,7 @@ def waterfall_figure(
             customdata=custom,
             text=[f"{v:+.3f}" for v in values[:-1]] + [f"{logit:.3f}"],
             textposition="outside",
+            cliponaxis=False,
             increasing={"marker": {"color": "#0072B2"}},
             decreasing={"marker": {"color": "#D55E00"}},
             totals={"marker": {"color": "#555555"}},
@@ -178,7 +179,7 @@ def waterfall_figure(
     )
     fig.update_layout(
         height=height or 60 + 24 * len(values),
-        margin={"l": 10, "r": 40, "t": 10, "b": 10},
+        margin={"l": 10, "r": 70, "t": 10, "b": 10},
         yaxis={"autorange": "reversed", "type": "category"},
         showlegend=False,
         clickmode="event+select",

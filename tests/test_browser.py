@@ -84,7 +84,7 @@ def page(server):
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM,
                                     args=["--use-gl=swiftshader", "--enable-unsafe-swiftshader"])
-        context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        context = browser.new_context(viewport={"width": 1400, "height": 1300}, accept_downloads=True)
         context.set_default_timeout(TIMEOUT_MS)
         yield context.new_page()
         browser.close()
@@ -101,9 +101,12 @@ def idle(page) -> None:
     page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=TIMEOUT_MS)
 
 
-def shot(page, name: str) -> None:
+def shot(page, name: str, top=None) -> None:
+    """Screenshot to tests/artifacts/NAME.png, with the ``top`` locator scrolled to the top."""
+    if top is not None:
+        top.evaluate("e => e.scrollIntoView({block: 'start'})")
     time.sleep(0.5)  # let the charts finish their transitions
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
 
 
 def steering_target() -> int:
@@ -145,8 +148,7 @@ def test_atlas_trace_steer_report(page, server, tmp_path):
     card = page.get_by_role("heading", name=re.compile(r"Prototype \d+")).first
     card.wait_for()
     idle(page)
-    card.scroll_into_view_if_needed()
-    shot(page, "atlas-card")
+    shot(page, "atlas-card", top=page.get_by_text(re.compile(r"Selection: \d+ prototypes")))
 
     # Trace: generate, then pick the third token
     nav(page, "Trace")
@@ -157,8 +159,7 @@ def test_atlas_trace_steer_report(page, server, tmp_path):
     check = page.get_by_text(re.compile(r"Σ slices = logit \(\|error\| = "))
     check.wait_for()
     idle(page)
-    check.scroll_into_view_if_needed()
-    shot(page, "trace")
+    shot(page, "trace", top=page.get_by_test_id("stButtonGroup"))
 
     # Steer: add a gain slider for the target prototype, move it to 0, see the text change
     nav(page, "Steer")
@@ -176,8 +177,7 @@ def test_atlas_trace_steer_report(page, server, tmp_path):
     idle(page)
     steered = page.get_by_test_id("stHtml").nth(1).inner_text()
     assert steered != original
-    page.get_by_text(re.compile(r"First difference at token")).scroll_into_view_if_needed()
-    shot(page, "steer")
+    shot(page, "steer", top=page.get_by_text("Controls of this session"))
 
     # Calibrate: the page and its demo tasks load
     nav(page, "Calibrate")
@@ -201,3 +201,6 @@ def test_atlas_trace_steer_report(page, server, tmp_path):
     assert "PRISM attribution report" in text and model_fingerprint(DEMO) in text
     assert "Σ slices =" in text and "<svg" in text and "ROMEO. But soft, what light" in text
     assert "<script src" not in text and "cdn" not in text.lower()
+    page.goto(path.as_uri())  # the report on its own, offline
+    page.get_by_text("Σ slices =").first.wait_for()
+    shot(page, "report-html")

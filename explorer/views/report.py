@@ -30,7 +30,7 @@ c2.download_button("Download JSON", reports.to_json(report), file_name=f"{stem}.
                    on_click="ignore", key="report_json")
 c3.download_button("Download CSV", reports.to_csv(report), file_name=f"{stem}.csv", mime="text/csv",
                    on_click="ignore", key="report_csv")
-with st.expander("Preview: the first token as it appears in the HTML report"):
+with st.expander("Preview: the first token as it appears in the HTML report", expanded=True):
     token = report["traces"][0]["tokens"][0]
     st.html(reports.waterfall_svg(token))
 with st.expander("JSON"):

@@ -3,6 +3,7 @@ text beside the original with differing tokens marked, perplexities, targeting, 
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import time
@@ -15,6 +16,7 @@ from explorer import state
 from explorer.cards import MAX_GAIN, control_widgets
 
 DEFAULT_PROMPT = "KING."
+BEHAVIOURS = state.REPO / "assets" / "behaviours"
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
@@ -38,11 +40,19 @@ def generated(path: str, fingerprint: str, prompt: str, max_new_tokens: int, see
     }
 
 
+def unmatched(ids: list[int], other: list[int]) -> set[int]:
+    """Positions of ``ids`` outside the longest matching blocks with ``other`` (difflib alignment)."""
+    matcher = difflib.SequenceMatcher(None, ids, other, autojunk=False)
+    kept = {i for block in matcher.get_matching_blocks() for i in range(block.a, block.a + block.size)}
+    return set(range(len(ids))) - kept
+
+
 def token_html(tokens: list[str], ids: list[int], other: list[int]) -> str:
-    """Escaped token spans; tokens that differ from ``other`` at the same position get class diff."""
+    """Escaped token spans; tokens not aligned with ``other`` get class diff."""
     spans = []
-    for position, (text, token_id) in enumerate(zip(tokens, ids, strict=True)):
-        differs = position >= len(other) or other[position] != token_id
+    different = unmatched(ids, other)
+    for position, text in enumerate(tokens):
+        differs = position in different
         spans.append(f'<span class="prism-tok{" diff" if differs else ""}">{state.escape(text)}</span>')
     return state.SNIPPET_CSS + '<div class="prism-snip">' + "".join(spans) + "</div>"
 
@@ -111,20 +121,32 @@ with st.expander("Find prototypes to steer: by text query or by contrast"):
     if targeting is None or loaded.index is None:
         st.info("Targeting needs core.targeting (not in this build yet) and the bundle's index.")
     else:
-        query = st.text_input("Text query over neighbourhoods", key="steer_query")
+        query = st.text_input("Text query over neighbourhoods", key="steer_query", placeholder="e.g. thou thee thy")
         top = st.slider("How many", 1, 32, 8, key="steer_target_top")
-        neutral_default = ""
+        demos = sorted(BEHAVIOURS.glob("*.json")) if BEHAVIOURS.is_dir() else []
+        if demos:
+            demo = st.selectbox("Demo behaviour", demos, key="steer_demo_behaviour", format_func=lambda p: p.stem)
+            if st.button("Fill the prompts from this behaviour", key="steer_fill"):
+                try:
+                    spec = json.loads(demo.read_text(encoding="utf-8"))
+                    st.session_state["steer_behaviour"] = "\n".join(
+                        " ".join(x.split()) for x in spec.get("contrast_behaviour") or spec.get("prompts", []))
+                    st.session_state["steer_neutral"] = "\n".join(
+                        " ".join(x.split()) for x in spec.get("contrast_neutral") or spec.get("neutral_prompts", []))
+                except (OSError, ValueError, AttributeError) as err:
+                    st.error(f"Cannot read {demo.name}: {err}")
         behaviour = st.text_area("Prompts that show the behaviour (one per line)", key="steer_behaviour")
-        neutral = st.text_area("Neutral prompts (one per line)", neutral_default, key="steer_neutral")
+        neutral = st.text_area("Neutral prompts (one per line)", key="steer_neutral")
         q_col, c_col = st.columns(2)
         found = None
         try:
             if q_col.button("Target by query", key="steer_by_query") and query.strip():
-                found = targeting.target_by_query(loaded.index, query, top)
+                found = targeting.target_by_query(loaded.index, query, top, tokenizer=bundle.tokenizer)
             if c_col.button("Target by contrast", key="steer_by_contrast"):
                 lines_b = [x for x in behaviour.splitlines() if x.strip()]
                 lines_n = [x for x in neutral.splitlines() if x.strip()]
-                found = targeting.target_by_contrast(bundle, lines_b, lines_n, top)
+                with st.spinner("Running the prompts…"):
+                    found = targeting.target_by_contrast(bundle, lines_b, lines_n, top, index=loaded.index)
         except (ValueError, ControlsError) as err:
             st.error(f"Cannot target: {err}")
         if found is not None:
@@ -163,8 +185,9 @@ if controls.is_empty:
 elif diff is None:
     st.caption("The controls did not change any generated token.")
 else:
-    changed = sum(1 for x, y in zip(original["ids"], steered["ids"], strict=False) if x != y)
-    st.caption(f"First difference at token {diff + 1}; {changed} of {len(steered['ids'])} tokens differ (marked).")
+    changed = len(unmatched(steered["ids"], original["ids"]))
+    st.caption(f"First difference at token {diff + 1}; {changed} of {len(steered['ids'])} steered tokens are not in "
+               "the original (marked, after aligning the two texts).")
 left, right = st.columns(2)
 with left:
     st.markdown("**Original**")

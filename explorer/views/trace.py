@@ -110,7 +110,8 @@ m1.metric("Token", repr(token.token))
 m2.metric("Logit", f"{token.logit:.4f}")
 m3.metric("Probability", f"{token.probability:.4f}")
 m4.metric("Σ slices", f"{total:.4f}", help="The slices of the active prototypes add up to the logit")
-st.success(f"Σ slices = logit (|error| = {error:.1e}) over {len(token.prototypes)} active prototypes", icon="✅")
+st.success(f"Σ slices = logit (|error| = {error:.1e}) over {len(token.prototypes)} active prototypes",
+           icon=":material/check_circle:")
 
 left, right = st.columns([3, 2])
 with left:

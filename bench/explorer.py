@@ -1,0 +1,222 @@
+"""Explorer speed on this machine: cold start, slider-to-regenerated-text, a 16,384-point atlas.
+
+    python bench/explorer.py [--model assets/models/demo] [--repeats 5]
+
+Measures, with headless Chromium (Debian's, software WebGL) driving `streamlit run`:
+- cold start: from launching `streamlit run explorer/app.py` on the bundle to the Atlas map
+  drawn in the browser (server start, model and index load, page render);
+- slider -> 64 tokens: on Steer, a gain slider moved with the keyboard until the regenerated
+  64-token steered text (and its perplexities) is on screen; new controls each time, so
+  nothing comes from the cache;
+- atlas 16,384: a page drawing explorer.figures.atlas_figure with 16,384 synthetic prototypes,
+  from navigation to the WebGL map drawn; plus the server-side figure build and JSON size.
+And in-process (no browser): generate_text of 64 tokens under a controls change, median.
+
+Prints a table, then one JSON line. Without Chromium or playwright only the in-process
+figures are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+CHROMIUM = os.environ.get("PRISM_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+ATLAS_SCRIPT = """
+import sys
+sys.path.insert(0, {repo!r})
+import numpy as np
+import streamlit as st
+from explorer.figures import atlas_figure
+rng = np.random.default_rng(0)
+P = 16384
+groups = rng.choice(["literature", "dictionary", "software", "python", "quotations", "names"], P).tolist()
+fig = atlas_figure(rng.normal(size=(P, 2)), np.arange(P), groups, rng.random(P),
+                   hover=[f"prototype {{j}}" for j in range(P)])
+st.plotly_chart(fig, key="map", on_select="rerun", selection_mode=("points", "box", "lasso"))
+st.write("drawn")
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_streamlit(script: Path, args: list[str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "streamlit", "run", str(script), "--server.headless=true",
+               "--server.address=127.0.0.1", f"--server.port={port}", "--server.fileWatcherType=none",
+               "--browser.gatherUsageStats=false", *(["--", *args] if args else [])]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
+                return process, url
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("streamlit did not start")
+
+
+def idle(page) -> None:
+    time.sleep(0.05)
+    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=300_000)
+
+
+def in_process(model: str, repeats: int) -> dict:
+    import torch
+
+    from core.bundle import load_bundle
+    from core.control import Controls
+    from core.generation import generate_text
+
+    torch.set_num_threads(int(os.environ.get("PRISM_EXPLORER_THREADS", "1")))  # as the app does
+    bundle = load_bundle(model)
+    generate_text(bundle, "KING.", max_new_tokens=64)  # warm up
+    times = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        generate_text(bundle, "KING.", max_new_tokens=64, controls=Controls(gains={r: 0.5}))
+        times.append(time.perf_counter() - t0)
+    return {"generate_64_ms_median": round(1000 * statistics.median(times), 1),
+            "generate_64_ms_min": round(1000 * min(times), 1), "torch_threads": torch.get_num_threads()}
+
+
+def in_browser(model: str, repeats: int) -> dict:
+    from playwright.sync_api import sync_playwright
+
+    results: dict = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--use-gl=swiftshader",
+                                                                   "--enable-unsafe-swiftshader"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(300_000)
+
+        t0 = time.perf_counter()
+        process, url = start_streamlit(REPO / "explorer" / "app.py", ["--model", model])
+        try:
+            page.goto(url)
+            page.locator(".js-plotly-plot .nsewdrag").first.wait_for()
+            results["cold_start_s"] = round(time.perf_counter() - t0, 2)
+            idle(page)
+            page.get_by_test_id("stTopNavLink").filter(has_text="Steer").click()
+            page.get_by_text("No controls in force").wait_for()
+            idle(page)
+            times = []
+            for r in range(repeats):
+                page.get_by_label("Prototype id").fill(str(100 + r))
+                page.get_by_label("Prototype id").press("Enter")
+                idle(page)
+                page.get_by_role("button", name="Add a gain slider").click()
+                idle(page)
+                slider = page.get_by_role("slider", name="Gain").last
+                slider.focus()
+                t1 = time.perf_counter()
+                page.keyboard.press("ArrowLeft")  # gain 1.0 -> 0.9: new controls, nothing cached
+                try:
+                    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='running']", timeout=5_000)
+                except Exception:  # noqa: BLE001 - the run may already be over
+                    pass
+                idle(page)
+                times.append(time.perf_counter() - t1)
+                caption = page.get_by_text(re.compile(r"Steered generation took \d+ ms for 64 tokens")).inner_text()
+                results.setdefault("server_generation_ms", []).append(int(re.search(r"took (\d+) ms", caption)[1]))
+            results["slider_to_64_tokens_s_median"] = round(statistics.median(times), 3)
+            results["slider_to_64_tokens_s_min"] = round(min(times), 3)
+            results["server_generation_ms"] = statistics.median(results["server_generation_ms"])
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            script = Path(tmp) / "atlas16k.py"
+            script.write_text(ATLAS_SCRIPT.format(repo=str(REPO)))
+            process, url = start_streamlit(script, [])
+            try:
+                times = []
+                for _ in range(max(2, repeats // 2)):
+                    t1 = time.perf_counter()
+                    page.goto(url)
+                    page.locator(".js-plotly-plot .nsewdrag").first.wait_for()
+                    page.wait_for_function("() => { const c = document.querySelector('.js-plotly-plot canvas');"
+                                           " return c && c.width > 0; }")
+                    page.get_by_text("drawn").wait_for()
+                    times.append(time.perf_counter() - t1)
+                results["atlas_16384_render_s_first"] = round(times[0], 2)
+                results["atlas_16384_render_s_median"] = round(statistics.median(times[1:]), 2)
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
+        browser.close()
+    return results
+
+
+def figure_build() -> dict:
+    import numpy as np
+
+    from explorer.figures import atlas_figure
+
+    rng = np.random.default_rng(0)
+    P = 16_384
+    groups = rng.choice(["a", "b", "c", "d", "e", "f"], P).tolist()
+    t0 = time.perf_counter()
+    fig = atlas_figure(rng.normal(size=(P, 2)), np.arange(P), groups, rng.random(P),
+                       hover=[f"prototype {j}" for j in range(P)])
+    payload = fig.to_json()
+    return {"atlas_16384_build_ms": round(1000 * (time.perf_counter() - t0), 1),
+            "atlas_16384_json_kb": round(len(payload) / 1024, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(REPO / "assets" / "models" / "demo"))
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    figures = {"cpu_cores": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2)}
+    figures |= in_process(args.model, args.repeats)
+    figures |= figure_build()
+    browser = Path(CHROMIUM).is_file()
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        browser = False
+    if browser:
+        figures |= in_browser(args.model, args.repeats)
+    figures["load_average_1min_after"] = round(os.getloadavg()[0], 2)
+    rows = [
+        ("cold start to first Atlas render (browser)", figures.get("cold_start_s"), "s"),
+        ("slider change -> 64 regenerated tokens on screen, median", figures.get("slider_to_64_tokens_s_median"), "s"),
+        ("  of which server-side generation (64 tokens), median", figures.get("server_generation_ms"), "ms"),
+        ("generate_text 64 tokens in-process, median", figures["generate_64_ms_median"], "ms"),
+        ("atlas 16,384 prototypes: first render (browser)", figures.get("atlas_16384_render_s_first"), "s"),
+        ("atlas 16,384 prototypes: later renders, median", figures.get("atlas_16384_render_s_median"), "s"),
+        ("atlas 16,384 prototypes: figure build + JSON (server)", figures["atlas_16384_build_ms"], "ms"),
+        ("atlas 16,384 prototypes: figure JSON size", figures["atlas_16384_json_kb"], "KB"),
+        ("load average (1 min) before / after", f"{figures['load_average_1min']} / "
+                                                f"{figures['load_average_1min_after']}", ""),
+    ]
+    print(f"{'measure':<58} {'value':>12}")
+    for name, value, unit in rows:
+        shown = "n/a (no browser)" if value is None else f"{value} {unit}".strip()
+        print(f"{name:<58} {shown:>12}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
