@@ -74,9 +74,11 @@ def optional_module(name: str):
 def pca_layout(keys: np.ndarray) -> np.ndarray:
     """(P, 2) float32: the first two principal components of the row-normalised keys."""
     normed = keys / np.clip(np.linalg.norm(keys, axis=1, keepdims=True), 1e-8, None)  # (P, d)
-    centred = normed - normed.mean(axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)  # vt: (d, d)
-    return (centred @ vt[:2].T).astype(np.float32)  # (P, 2)
+    centred = (normed - normed.mean(axis=0)).astype(np.float64)
+    _, vectors = np.linalg.eigh(centred.T @ centred)  # (d, d), eigenvalues ascending; cheaper than an SVD
+    top = vectors[:, ::-1][:, :2]  # (d, 2)
+    top = top * np.sign(top[np.abs(top).argmax(axis=0), [0, 1]])  # a fixed sign per axis: a stable picture
+    return (centred @ top).astype(np.float32)  # (P, 2)
 
 
 def build_atlas_data(bundle: Bundle, index: PrototypeIndex) -> AtlasData:
