@@ -7,6 +7,7 @@ import streamlit as st
 
 from core import report as reports
 from explorer import state
+from explorer.figures import waterfall_figure
 
 loaded = state.load_current()
 st.subheader("Report")
@@ -30,8 +31,12 @@ c2.download_button("Download JSON", reports.to_json(report), file_name=f"{stem}.
                    on_click="ignore", key="report_json")
 c3.download_button("Download CSV", reports.to_csv(report), file_name=f"{stem}.csv", mime="text/csv",
                    on_click="ignore", key="report_csv")
-with st.expander("Preview: the first token as it appears in the HTML report", expanded=True):
-    token = report["traces"][0]["tokens"][0]
-    st.html(reports.waterfall_svg(token))
+with st.expander("Preview: the first token's slices (the HTML report draws the same chart as inline SVG)",
+                 expanded=True):
+    token = dec.tokens[0]
+    ids = [p.id for p in token.prototypes]
+    labels = [result.labels.get(j) or "" for j in ids]
+    st.plotly_chart(waterfall_figure(ids, [p.slice for p in token.prototypes], token.logit, labels), key="report_chart",
+                    config={"displaylogo": False}, alt=f"Slices of the first token {token.token!r}")
 with st.expander("JSON"):
     st.json(report, expanded=1)
