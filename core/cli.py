@@ -125,7 +125,22 @@ def cmd_index(args: argparse.Namespace) -> int:
         device=args.device,
         show_progress=not args.quiet,
     )
+    summary["labels"] = _label_and_map(args.model, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _label_and_map(model: str, progress: bool) -> dict:
+    """Labels and the atlas of an indexed bundle; their quality summary."""
+    from .labels import build_atlas, build_labels, quality_summary
+
+    labels = build_labels(model, progress=progress)
+    coords = build_atlas(model)
+    return {**quality_summary(labels), "atlas_points": len(coords)}
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    print(json.dumps(_label_and_map(args.model, progress=not args.quiet), indent=2))
     return 0
 
 
@@ -221,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (with --sample)")
     gen.set_defaults(func=cmd_generate)
 
-    index = sub.add_parser("index", help="build a bundle's index: prototype neighbourhoods, usage, snippets")
+    index = sub.add_parser("index", help="build a bundle's index: neighbourhoods, usage, snippets, labels, atlas")
     index.add_argument("--model", required=True, help="bundle folder")
     index.add_argument("--corpus", required=True, help="the corpus the model was trained on")
     index.add_argument("--top-m", type=_positive_int, default=32, help="neighbours kept per prototype")
@@ -230,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     index.add_argument("--quiet", action="store_true", help="no progress bars")
     index.set_defaults(func=cmd_index)
+
+    label = sub.add_parser("label", help="recompute an indexed bundle's prototype labels and UMAP atlas")
+    label.add_argument("--model", required=True, help="indexed bundle folder")
+    label.add_argument("--quiet", action="store_true", help="no progress bars")
+    label.set_defaults(func=cmd_label)
 
     attr = sub.add_parser("attribute", help="split a completion into prototype slices and link them to training data")
     attr.add_argument("--model", default=str(DEMO_BUNDLE), help="indexed bundle folder (default: the demo bundle)")

@@ -252,9 +252,15 @@ def load_index(bundle_dir: str | Path, corpus_fingerprint: str | None = None) ->
     arrays = load_file(folder / "neighbourhoods.safetensors")
     positions = load_file(folder / "positions.safetensors")
     labels: dict[int, str] = {}
-    if (folder / "labels.json").is_file():
-        raw = json.loads((folder / "labels.json").read_text(encoding="utf-8")).get("labels", {})
-        labels = {int(k): v for k, v in raw.items()}
+    if (folder / "labels.json").is_file():  # written by core/labels.py: "category: role" per prototype
+        try:
+            raw = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raw = {}
+        if raw.get("model_fingerprint") == current:
+            labels = {int(r["id"]): f"{r['category']}: {r['role']}" for r in raw.get("labels", [])}
+        else:
+            logger.warning("ignoring %s/labels.json: made for other weights; run `prism label`", folder)
     return PrototypeIndex(
         path=folder,
         meta=meta,
