@@ -45,6 +45,7 @@ def write_json_atomically(path: Path, payload: dict, indent: int | None = None) 
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(payload, f, ensure_ascii=False, indent=indent)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the bundle's other files are readable
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

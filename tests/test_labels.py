@@ -102,20 +102,6 @@ def test_token_form(text, start, end, form):
     assert token_form(text, start, end)[0] == form
 
 
-def _rewire(bundle: Path, dest: Path, prototype: int, rows: list[int]) -> Path:
-    """A copy of the bundle whose index gives ``prototype`` the neighbourhood ``rows``."""
-    copy = Path(shutil.copytree(bundle, dest))
-    path = index_dir(copy) / "neighbourhoods.safetensors"
-    arrays = load_file(path)
-    M = arrays["neighbour_row"].shape[1]
-    chosen = np.full(M, -1, dtype=np.int32)
-    chosen[: min(M, len(rows))] = rows[:M]
-    arrays["neighbour_row"][prototype] = chosen
-    arrays["cosine"][prototype] = np.where(chosen >= 0, 0.5, 0.0)
-    save_file(arrays, path)
-    return copy
-
-
 def _rows_where(index, keep) -> list[int]:
     rows = []
     for row, snippet in enumerate(index.snippets):
@@ -172,29 +158,50 @@ def _plant_number_positions(bundle: Path, corpus: Path, count: int) -> list[int]
     return list(range(first, first + count))
 
 
-def test_numbers_neighbourhood_is_labelled_numbers(labelled, small_corpus, tmp_path):
-    bundle, _ = labelled
-    copy = Path(shutil.copytree(bundle, tmp_path / "numbers"))
-    rows = _plant_number_positions(copy, small_corpus, 16)
-    copy = _rewire(copy, tmp_path / "numbers-rewired", 0, rows)
+ONE_SOURCE = {1: ("wordnet", "word"), 2: ("debian", "word"), 3: ("debian", "punctuation")}
+
+
+@pytest.fixture(scope="module")
+def rewired(labelled, small_corpus, tmp_path_factory):
+    """A labelled copy in which prototype 0's neighbourhood is all numbers (real training
+    positions, planted) and prototypes 1-3 each draw on one source (ONE_SOURCE): their
+    labels from one labelling run, and the planted rows."""
+    copy = Path(shutil.copytree(labelled[0], tmp_path_factory.mktemp("rewired") / "tiny"))
+    number_rows = _plant_number_positions(copy, small_corpus, 16)
+    index = load_index(copy)
+    path = index_dir(copy) / "neighbourhoods.safetensors"
+    arrays = load_file(path)
+    M = arrays["neighbour_row"].shape[1]
+    picks = {0: number_rows}
+    for prototype, (source, form) in ONE_SOURCE.items():
+        picks[prototype] = _rows_where(index, lambda f, s, source=source, form=form: s == source and f == form)
+        assert len(picks[prototype]) >= 8, (source, form)
+    for prototype, rows in picks.items():
+        chosen = np.full(M, -1, dtype=np.int32)
+        chosen[: min(M, len(rows))] = rows[:M]
+        arrays["neighbour_row"][prototype] = chosen
+        arrays["cosine"][prototype] = np.where(chosen >= 0, 0.5, 0.0)
+    save_file(arrays, path)
+    return copy, build_labels(copy, progress=False), number_rows
+
+
+def test_numbers_neighbourhood_is_labelled_numbers(rewired):
+    copy, labels, rows = rewired
     index = load_index(copy)
     assert all(token_form(s["snippet"], s["start"], s["end"])[0] == "number"
                for s in (index.snippets[r] for r in rows))
-    label = build_labels(copy, progress=False)[0]
+    label = labels[0]
     assert label.category == "numbers & dates"
     assert label.confidence == 1.0
     assert any(c.isdigit() for c in label.role), label.role
-    assert load_index(copy).label(0).startswith("numbers & dates: ")
+    assert index.label(0).startswith("numbers & dates: ")
 
 
-@pytest.mark.parametrize(("source", "form"), [("wordnet", "word"), ("debian", "word"), ("debian", "punctuation")])
-def test_one_source_neighbourhood_carries_its_topic(labelled, tmp_path, source, form):
-    bundle, _ = labelled
-    index = load_index(bundle)
-    rows = _rows_where(index, lambda f, s: s == source and f == form)
-    assert len(rows) >= 8
-    copy = _rewire(bundle, tmp_path / "one-source", 1, rows)
-    label = build_labels(copy, progress=False)[1]
+@pytest.mark.parametrize("prototype", sorted(ONE_SOURCE))
+def test_one_source_neighbourhood_carries_its_topic(rewired, prototype):
+    _, labels, _ = rewired
+    source, form = ONE_SOURCE[prototype]
+    label = labels[prototype]
     topic = SOURCE_TOPICS[source]
     assert label.purity == 1.0 and label.source_mix == {source: 1.0}
     if form == "word":  # content words: the topic is the category
