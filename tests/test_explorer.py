@@ -177,7 +177,8 @@ def test_two_sessions_keep_their_own_controls(explorer_bundle):
     # the model the app cached for both sessions was not touched by session one's controls
     from explorer.state import _bundle
 
-    cached, fresh = _bundle(str(explorer_bundle)).model.state_dict(), load_bundle(explorer_bundle).model.state_dict()
+    cached = _bundle(str(explorer_bundle)).model.state_dict()
+    fresh = load_bundle(explorer_bundle).model.state_dict()
     assert cached.keys() == fresh.keys() and all(torch.equal(cached[k], fresh[k]) for k in cached)
 
 
@@ -294,3 +295,16 @@ def test_sampled_generation_is_seeded_per_call_and_thread_safe(loaded):
     assert all(texts == [expected[seed]] * 3 for seed, texts in results.items())
     assert torch.equal(torch.random.get_rng_state(), state_before)  # the caller's generator is untouched
     assert len(set(expected.values())) > 1  # different seeds really sample differently
+
+
+def test_steer_targets_by_query_and_suppresses_them(explorer_bundle):
+    pytest.importorskip("core.targeting")
+    at = open_page(app(explorer_bundle).run(), "steer")
+    at.text_input(key="steer_query").set_value("the")
+    at.button(key="steer_by_query").click().run()
+    no_errors(at)
+    targets = at.session_state["steer_targets"]
+    assert targets
+    at.button(key="steer_suppress_targets").click().run()
+    no_errors(at)
+    assert sorted(at.session_state["controls_suppressed"]) == sorted(targets)
