@@ -297,16 +297,33 @@ def split_items(items: Sequence[TaskItem], holdout: float, seed: int) -> tuple[l
     return [items[i] for i in order[n_hold:]], [items[i] for i in order[:n_hold]]
 
 
+def _cached_accuracy(cache: ChoiceCache, gains: torch.Tensor, values: torch.Tensor, embedding: torch.Tensor) -> float:
+    with torch.no_grad():
+        scores = cached_scores(cache, gains, values, embedding)
+    right, start = 0, 0
+    for n, count in enumerate(cache.choices.tolist()):
+        right += int(int(scores[start : start + count].argmax()) == int(cache.answers[n]))
+        start += count
+    return right / max(1, len(cache.answers))
+
+
 def fit_gains(cache: ChoiceCache, values: torch.Tensor, embedding: torch.Tensor, *, penalty: float, steps: int,
-              lr: float, tau: float, batch_items: int, seed: int,
-              progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Fit (P,) gains on a cache by minibatch Adam with a proximal L1 step towards 1."""
+              lr: float, tau: float, batch_items: int, seed: int, dev: ChoiceCache | None = None,
+              eval_every: int = 10, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Fit (P,) gains on a cache by minibatch Adam with a proximal L1 step towards 1.
+
+    With a ``dev`` cache, the gains are scored on it every ``eval_every`` steps (and before
+    the first) and the best are returned, the earliest on ties: early stopping, so a task the
+    controller cannot help keeps gains near (or at) 1 instead of fitting noise.
+    """
     generator = torch.Generator().manual_seed(seed)
     P = values.shape[0]
     delta = torch.zeros(P, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=lr)
     n_items = len(cache.answers)
     item_of_token = cache.pairs[cache.segment, 0]  # (N,)
+    best_gains = torch.ones(P)
+    best = _cached_accuracy(dev, best_gains, values, embedding) if dev is not None else 0.0
     for step in range(steps):
         batch = torch.randperm(n_items, generator=generator)[: min(batch_items, n_items)]
         in_batch = torch.zeros(n_items, dtype=torch.bool)
@@ -321,9 +338,14 @@ def fit_gains(cache: ChoiceCache, values: torch.Tensor, embedding: torch.Tensor,
         with torch.no_grad():  # proximal step of penalty * |delta|: exact zeros stay unchanged
             delta.copy_(delta.sign() * (delta.abs() - lr * penalty).clamp_min(0))
             delta.clamp_min_(-1)
+        if dev is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            gains = (1 + delta.detach()).clamp_min(0)
+            accuracy = _cached_accuracy(dev, gains, values, embedding)
+            if accuracy > best:
+                best, best_gains = accuracy, gains.clone()
         if progress:
             progress(step + 1, steps)
-    return (1 + delta.detach()).clamp_min(0)
+    return best_gains if dev is not None else (1 + delta.detach()).clamp_min(0)
 
 
 def calibrate(
@@ -336,6 +358,7 @@ def calibrate(
     lr: float = 0.05,
     tau: float = 0.1,
     batch_items: int = 64,
+    dev: float = 0.2,
     seed: int = 0,
     index=None,
     progress: Callable[[int, int], None] | None = None,
@@ -350,6 +373,8 @@ def calibrate(
         steps: optimisation steps (minibatches of ``batch_items`` items).
         lr: Adam learning rate on the gains.
         tau: temperature of the softmax over choice scores.
+        dev: fraction of the calibration items held back to pick the best step (early
+            stopping); 0 fits on all of them and keeps the last step.
         seed: split and minibatch seed.
         index: a :class:`core.index.PrototypeIndex` for the moved prototypes' neighbourhoods;
             by default the bundle's own index when it has one.
@@ -364,6 +389,8 @@ def calibrate(
     for name, value in (("penalty", penalty), ("lr", lr), ("tau", tau)):
         if not value >= 0 or (name != "penalty" and value == 0):
             raise TaskError(f"{name} must be {'>= 0' if name == 'penalty' else '> 0'}, got {value}")
+    if not 0 <= dev < 1:
+        raise TaskError(f"dev must be a fraction in [0, 1), got {dev}")
     if steps < 1 or batch_items < 1:
         raise TaskError(f"steps and batch_items must be >= 1, got {steps} and {batch_items}")
     calibration, held_out = split_items(items, holdout, seed)
@@ -380,12 +407,14 @@ def calibrate(
         if progress:
             progress(min(done[0], total), total)
 
-    scores_cal, cache = _run(bundle, calibration, {}, 4096, None, want_cache=True)
+    fit_items, dev_items = split_items(calibration, dev, seed + 1) if dev > 0 else (calibration, [])
+    _, cache = _run(bundle, fit_items, {}, 4096, None, want_cache=True)
+    dev_cache = _run(bundle, dev_items, {}, 4096, None, want_cache=True)[1] if dev_items else None
     tick()
     before = evaluate_task(bundle, held_out)
     tick()
     gains = fit_gains(cache, values, embedding, penalty=penalty, steps=steps, lr=lr, tau=tau,
-                      batch_items=batch_items, seed=seed, progress=lambda *_: tick())
+                      batch_items=batch_items, seed=seed, dev=dev_cache, progress=lambda *_: tick())
     changed_ids = ((gains - 1).abs() > CHANGED_TOLERANCE).nonzero().squeeze(1).tolist()
     controls = Controls(
         gains={int(j): round(float(gains[j]), 6) for j in changed_ids},
@@ -394,22 +423,28 @@ def calibrate(
     )
     after = evaluate_task(bundle, held_out, controls)
     tick()
-    with torch.no_grad():
-        calibration_after = _accuracy(cached_scores(cache, _gain_vector(controls, gains.shape[0]), values, embedding),
-                                      calibration)
+    applied = _gain_vector(controls, gains.shape[0])
+
+    def calibration_accuracy(vector: torch.Tensor) -> float:
+        right = _cached_accuracy(cache, vector, values, embedding) * len(fit_items)
+        if dev_cache is not None:
+            right += _cached_accuracy(dev_cache, vector, values, embedding) * len(dev_items)
+        return right / len(calibration)
+
+    calibration_before, calibration_after = calibration_accuracy(torch.ones_like(applied)), calibration_accuracy(applied)
     tick()
     return CalibrationResult(
         controls=controls,
         before=before,
         after=after,
-        calibration_before=_accuracy(scores_cal, calibration),
+        calibration_before=calibration_before,
         calibration_after=calibration_after,
         changed=len(changed_ids),
         moved=moved_prototypes(controls, bundle, index),
         calibration_items=len(calibration),
         holdout_items=len(held_out),
         settings={"holdout": holdout, "penalty": penalty, "steps": steps, "lr": lr, "tau": tau,
-                  "batch_items": batch_items, "seed": seed},
+                  "batch_items": batch_items, "dev": dev, "seed": seed},
     )
 
 

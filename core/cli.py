@@ -196,6 +196,72 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .bundle import load_bundle
+    from .calibration import calibrate, format_report, load_task
+    from .control import save_controls
+
+    items = load_task(args.task)  # a bad task file fails before the model loads
+    bundle = load_bundle(args.model)
+    if not bundle.is_prism:
+        raise CliError("calibration needs a PRISM model; this bundle is a dense twin")
+    with tqdm(total=1, desc="calibrating", unit="step", disable=args.quiet) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        tuned = {k: v for k, v in (("penalty", args.penalty), ("steps", args.steps)) if v is not None}
+        result = calibrate(bundle, items, holdout=args.holdout, seed=args.seed, progress=progress, **tuned)
+    save_controls(result.controls, args.out)
+    if args.json:
+        print(json.dumps({**result.to_json(), "out": str(args.out)}, indent=2, ensure_ascii=False))
+    else:
+        print(format_report(result))
+        print(f"controls written to {args.out}")
+    return 0
+
+
+def cmd_target(args: argparse.Namespace) -> int:
+    from .bundle import load_bundle
+    from .control import Controls, save_controls
+    from .index import index_exists, load_index
+    from .targeting import target_by_contrast, target_by_ids, target_by_label, target_by_query
+
+    if sum(x is not None for x in (args.ids, args.label, args.query, args.behaviour)) != 1:
+        raise CliError("give exactly one of --ids, --label, --query, --behaviour")
+    bundle = load_bundle(args.model)
+    if not bundle.is_prism:
+        raise CliError("targeting needs a PRISM model; this bundle is a dense twin")
+    index = load_index(args.model) if index_exists(args.model) or args.label or args.query else None
+    if args.ids is not None:
+        from .control import parse_ids
+
+        targets = target_by_ids(parse_ids(args.ids), index, bundle.model.config.num_prototypes)
+    elif args.label is not None:
+        targets = target_by_label(index, args.label, args.top)
+    elif args.query is not None:
+        targets = target_by_query(index, args.query, args.top, bundle.tokenizer)
+    else:
+        from .tasks import load_behaviour
+
+        behaviour = load_behaviour(args.behaviour)
+        targets = target_by_contrast(bundle, behaviour.contrast_behaviour, behaviour.contrast_neutral, args.top,
+                                     index=index)
+    if not targets:
+        raise CliError("no prototype matches; try another text or a larger --top")
+    for t in targets:
+        print(f"{t.id:>6}  {t.score:8.4f}  {t.evidence}")
+    if args.out:
+        controls = Controls(suppressed=[t.id for t in targets], model_fingerprint=bundle.fingerprint,
+                            note=f"suppression chosen by `prism target` ({len(targets)} prototypes)")
+        save_controls(controls, args.out)
+        print(f"controls suppressing {len(targets)} prototypes written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="prism", description="PRISM Explorer: prototype language models you can trace and steer.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -273,6 +339,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_control_arguments(rep)
     rep.add_argument("--quiet", action="store_true", help="no progress bar")
     rep.set_defaults(func=cmd_report)
+
+    cal = sub.add_parser("calibrate", help="fit per-prototype gains on a multiple-choice task (JSONL)")
+    cal.add_argument("--model", default=str(DEMO_BUNDLE), help="bundle folder (default: the demo bundle)")
+    cal.add_argument("--task", required=True, help='task JSONL, rows {"prompt", "choices", "answer"}')
+    cal.add_argument("--out", required=True, help="controls JSON to write")
+    cal.add_argument("--holdout", type=float, default=0.3, help="fraction of items kept for held-out accuracy")
+    cal.add_argument("--penalty", type=float, default=None, help="L1 weight pulling gains to 1 (default: calibrate's)")
+    cal.add_argument("--steps", type=_positive_int, default=None, help="optimisation steps (default: calibrate's)")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
+    cal.add_argument("--quiet", action="store_true", help="no progress bar")
+    cal.set_defaults(func=cmd_calibrate)
+
+    tgt = sub.add_parser("target", help="choose prototypes to suppress, with the evidence for each")
+    tgt.add_argument("--model", default=str(DEMO_BUNDLE), help="bundle folder (default: the demo bundle)")
+    tgt.add_argument("--ids", help="prototype ids, e.g. 3,17,40-42")
+    tgt.add_argument("--label", help="text contained in the prototypes' labels")
+    tgt.add_argument("--query", help="words at the trigger of the prototypes' training neighbours")
+    tgt.add_argument("--behaviour", help="behaviour JSON (assets/behaviours/): contrast its texts")
+    tgt.add_argument("--top", type=_positive_int, default=10, help="prototypes to return")
+    tgt.add_argument("--out", help="write a controls JSON suppressing them")
+    tgt.set_defaults(func=cmd_target)
     return parser
 
 

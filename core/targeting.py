@@ -221,11 +221,14 @@ def target_by_contrast(
     positions: Literal["last", "all"] = "last",
     controls: Controls | None = None,
     index: PrototypeIndex | None = None,
+    background: Sequence[str] | None = None,
 ) -> list[Target]:
     """Prototypes much more active on ``behaviour_prompts`` than on ``neutral_prompts``.
 
-    Score: mean a_j over the behaviour positions minus mean a_j over the neutral ones.
-    ``controls`` (e.g. the suppressions of an earlier round) apply to both passes;
+    Score: mean a_j over the behaviour positions minus mean a_j over the neutral ones, or,
+    with ``background`` texts (every position counts), minus the larger of the two neutral
+    means: a prototype busy on unrelated text is not worth its side effects.
+    ``controls`` (e.g. the suppressions of an earlier round) apply to every pass;
     suppressed prototypes are never returned.
     """
     _check_top(top)
@@ -235,7 +238,10 @@ def target_by_contrast(
         raise TargetingError("targeting needs a PRISM model; this bundle is a dense twin")
     b_weight, b_active, b_n = activation_profile(bundle, behaviour_prompts, positions, controls)
     n_weight, n_active, n_n = activation_profile(bundle, neutral_prompts, positions, controls)
-    scores = b_weight - n_weight
+    g_weight = np.zeros_like(n_weight)
+    if background:
+        g_weight = activation_profile(bundle, background, "all", controls)[0]
+    scores = b_weight - np.maximum(n_weight, g_weight)
     if controls is not None:
         scores[list(controls.suppressed)] = -np.inf
     order = [int(p) for p in np.argsort(-scores, kind="stable") if scores[p] > 0][:top]
@@ -244,7 +250,8 @@ def target_by_contrast(
             pid,
             float(scores[pid]),
             f"active at {100 * b_active[pid]:.0f}% of {b_n} behaviour positions (mean weight {b_weight[pid]:.3f}) "
-            f"vs {100 * n_active[pid]:.0f}% of {n_n} neutral ones ({n_weight[pid]:.3f})",
+            f"vs {100 * n_active[pid]:.0f}% of {n_n} neutral ones ({n_weight[pid]:.3f})"
+            + (f", background weight {g_weight[pid]:.3f}" if background else ""),
             _examples(index, pid),
         )
         for pid in order

@@ -6,6 +6,9 @@ Tasks (multiple choice, rows {"id", "prompt", "choices", "answer"}; see :mod:`co
 - ``wordnet_pos``: the words of a dictionary entry; pick its part of speech (noun, verb,
   adjective, adverb). Nouns are capped at a third of the items, so the task's prior differs
   from the corpus's (two thirds of the validation entries are nouns);
+- ``shakespeare_pronoun``: a passage of a play cut before "thou", "thee", "thy", "you" or
+  "your"; pick the word the text has between the archaic and the modern form (two choices,
+  balanced between archaic and modern answers);
 - ``debian_section``: a package name; pick its archive section among four (the three others
   drawn from the sections of the other validation packages);
 - ``shakespeare_speaker``: a passage of a play cut before a speech; pick who speaks next among
@@ -36,7 +39,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-TASK_NAMES = ("wordnet_pos", "debian_section", "shakespeare_speaker", "wordnet_definition", "debian_description")
+TASK_NAMES = ("wordnet_pos", "shakespeare_pronoun", "debian_section", "shakespeare_speaker", "wordnet_definition",
+              "debian_description")
+PRONOUN_PAIRS = {"thou": "you", "you": "thou", "thy": "your", "your": "thy", "thee": "you"}
 POS_NAMES = ("noun", "verb", "adjective", "adverb")
 BEHAVIOUR_NAMES = ("archaic", "package_boilerplate")
 ARCHAIC_WORDS = ("thou", "thee", "thy", "thine", "thyself", "hast", "hath", "dost", "doth", "art", "wilt", "shalt")
@@ -141,6 +146,27 @@ def wordnet_pos_items(docs: list[dict], rng: random.Random, limit: int) -> list[
             for n, (prompt, pos) in enumerate(kept)]
 
 
+def shakespeare_pronoun_items(docs: list[dict], rng: random.Random, limit: int) -> list[dict]:
+    """A passage cut before a second-person pronoun -> archaic or modern form."""
+    archaic, modern = [], []
+    for doc in docs:
+        for m in re.finditer(r"(?<= )(thou|thee|thy|you|your)\b", doc["text"]):
+            if m.start() < 100:
+                continue
+            word = m.group(1)
+            prompt = doc["text"][max(0, m.start() - 200) : m.start()].rstrip(" ")
+            entry = (doc["id"], prompt, " " + word, " " + PRONOUN_PAIRS[word])
+            (archaic if word in ("thou", "thee", "thy") else modern).append(entry)
+    rng.shuffle(archaic)
+    rng.shuffle(modern)
+    half = min(len(archaic), len(modern), limit // 2)
+    items = []
+    for n, (doc_id, prompt, right, wrong) in enumerate(archaic[:half] + modern[:half]):
+        items.append(_item(rng, f"{doc_id}/pronoun{n}", prompt, right, [wrong]))
+    rng.shuffle(items)
+    return items
+
+
 def debian_section_items(docs: list[dict], rng: random.Random, limit: int) -> list[dict]:
     """Package name -> its section among four."""
     entries = []
@@ -237,6 +263,7 @@ def build_tasks(corpus_dir: str | Path, out_dir: str | Path, seed: int = 0, limi
     validation = read_validation(corpus_dir)
     builders = {
         "wordnet_pos": (wordnet_pos_items, "wordnet"),
+        "shakespeare_pronoun": (shakespeare_pronoun_items, "shakespeare"),
         "debian_section": (debian_section_items, "debian"),
         "shakespeare_speaker": (shakespeare_speaker_items, "shakespeare"),
         "wordnet_definition": (wordnet_items, "wordnet"),
