@@ -84,6 +84,9 @@ class InfluenceArguments:
         top_documents: documents kept per prototype (M), by self-influence; None keeps all.
         curvature_tokens: positions sampled (whole sequences, evenly spread) for the Fisher
             blocks; None uses every position.
+        document_tokens: positions (whole sequences, evenly spread) whose gradients are summed
+            into the documents' coefficients; None uses every position. A cap makes each
+            document's coefficient a partial sum and leaves out documents never sampled.
         batch_size: sequences per forward pass; the factors do not depend on it.
         max_tokens: use only the first sequences holding this many tokens; None: all.
         dtype: precision of the passes; float64 is for tests that compare exactly.
@@ -97,6 +100,7 @@ class InfluenceArguments:
     damping: float = 0.1
     top_documents: int | None = 64
     curvature_tokens: int | None = 131_072
+    document_tokens: int | None = None
     batch_size: int = 8
     max_tokens: int | None = None
     dtype: Literal["float32", "float64"] = "float32"
@@ -105,7 +109,7 @@ class InfluenceArguments:
     curvature_memory_mb: int = 2048
 
     def __post_init__(self) -> None:
-        for name in ("rank", "top_documents", "curvature_tokens", "max_tokens"):
+        for name in ("rank", "top_documents", "curvature_tokens", "document_tokens", "max_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise InfluenceError(f"{name} must be a positive integer or None, got {value!r}")
@@ -184,6 +188,15 @@ def sampled_targets(probs: torch.Tensor, sequences: torch.Tensor, seed: int) -> 
     cdf = probs.double().cumsum(-1)  # (B, T, V)
     cdf = cdf / cdf[..., -1:]
     return torch.searchsorted(cdf, u.unsqueeze(-1)).squeeze(-1).clamp_max(V - 1)
+
+
+def project(grads: torch.Tensor, ids: torch.Tensor, whitening: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """(N, k, r) V_j^T g_j for (N, k, 2d) gradients of (N, k) active prototypes; the (P, 2d, r)
+    factors are gathered ``chunk`` positions at a time to bound memory."""
+    out = torch.empty(*ids.shape, whitening.shape[-1], dtype=grads.dtype, device=grads.device)
+    for lo in range(0, len(ids), chunk):
+        out[lo : lo + chunk] = torch.einsum("nkd,nkdr->nkr", grads[lo : lo + chunk], whitening[ids[lo : lo + chunk]])
+    return out
 
 
 def _groups(ids: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -391,11 +404,8 @@ def _documents(model, packed, sequences: np.ndarray, whitening: torch.Tensor,
         k = active.shape[1]
         flat_ids = active[valid].reshape(-1)  # (n k,)
         flat = grads.reshape(len(flat_ids), -1)
-        coef = torch.zeros(len(flat_ids), whitening.shape[-1], dtype=dtype, device=device)
-        score = torch.zeros(len(flat_ids), dtype=dtype, device=device)
-        for j, rows in _groups(flat_ids):
-            coef[rows] = flat[rows] @ whitening[j]  # (n_j, r) V_j^T g
-            score[rows] = (coef[rows] ** 2).sum(-1)  # the token's self-influence through j
+        coef = project(grads, active[valid], whitening).reshape(len(flat_ids), -1)  # (n k, r) V_j^T g
+        score = (coef**2).sum(-1)  # each token's self-influence through each of its prototypes
         position = (seqs.to(device).unsqueeze(1) * T + torch.arange(T, device=device)).reshape(-1)[valid]
         doc = docs.reshape(-1)[valid]
         start = chars.reshape(-1)[valid]
@@ -417,6 +427,14 @@ def _documents(model, packed, sequences: np.ndarray, whitening: torch.Tensor,
         table.add(rows, last_doc)
     table.add({name: value[:0] for name, value in rows.items()}, None)  # close the last document
     return table.finish()
+
+
+def _spread(n_sequences: int, tokens: int | None, seq_len: int) -> np.ndarray:
+    """Sequence numbers holding about ``tokens`` tokens, evenly spread (all for None)."""
+    if tokens is None or tokens >= n_sequences * seq_len:
+        return np.arange(n_sequences)
+    wanted = -(-tokens // seq_len)
+    return np.unique(np.linspace(0, n_sequences - 1, wanted).round().astype(np.int64))
 
 
 def _corpus_hint(bundle_dir: str | Path, corpus: str = "PATH") -> str:
@@ -468,12 +486,8 @@ def build_influence(
     n_sequences = len(packed) if args.max_tokens is None else min(len(packed), -(-args.max_tokens // seq_len))
     if n_sequences == 0:
         raise InfluenceError(f"corpus {corpus_path} is shorter than one sequence of {seq_len} tokens")
-    everything = np.arange(n_sequences)
-    if args.curvature_tokens is None or args.curvature_tokens >= n_sequences * seq_len:
-        sample = everything
-    else:
-        wanted = -(-args.curvature_tokens // seq_len)
-        sample = np.unique(np.linspace(0, n_sequences - 1, wanted).round().astype(np.int64))
+    sample = _spread(n_sequences, args.curvature_tokens, seq_len)
+    document_sample = _spread(n_sequences, args.document_tokens, seq_len)
     dev = torch.device(device)
 
     blocks, counts, sampled = _curvature(model, packed, sample, args, dev, show_progress)
@@ -483,7 +497,7 @@ def build_influence(
     whitening, values, lam = _invert(blocks, rank, args.damping, args.seed)
     del blocks
     t1 = time.time()
-    table = _documents(model, packed, everything, whitening, args, dev, show_progress)
+    table = _documents(model, packed, document_sample, whitening, args, dev, show_progress)
     t_docs = time.time() - t1
 
     arrays = _to_arrays(table, whitening, values, lam, counts, P, rank, args.storage)
@@ -501,6 +515,7 @@ def build_influence(
         "sequences": n_sequences,
         "curvature_sequences": len(sample),
         "curvature_positions": sampled,
+        "document_sequences": len(document_sample),
         "documents": int(len(np.unique(arrays["doc_index"][arrays["doc_index"] >= 0]))),
         "entries": int((arrays["doc_index"] >= 0).sum()),
         "curvature_seconds": round(t_curv, 3),
@@ -661,7 +676,7 @@ class InfluenceFactors:
         h, K, W, Em = hidden.to(dt), head.keys.to(dt), head.values.to(dt), E.to(dt)
         probs = head_probabilities(ids, weights.to(dt), W, Em)
         grads = prototype_gradients(h, ids, weights.to(dt), probs, targets, K, W, Em, gains)  # (n, k, 2d)
-        projected = torch.einsum("nkd,nkdr->nkr", grads, self.whitening[ids])  # (n, k, r) V_j^T g_qj
+        projected = project(grads, ids, self.whitening)  # (n, k, r) V_j^T g_qj
         values = torch.einsum("nkmr,nkr->nkm", self.coefficients[ids], projected).double().numpy()  # (n, k, M)
         id_np = ids.cpu().numpy()
         credits = []
