@@ -184,10 +184,12 @@ def token_form(snippet: str, start: int, end: int) -> tuple[str, str]:
     word = snippet[lo:hi]
     low = word.lower()
     digits = sum(c.isdigit() for c in word)
-    if _NUMBER.match(word) or low in _MONTHS or digits * 2 > len(word):
+    if _NUMBER.match(word) or (low in _MONTHS and word[0].isupper()) or digits * 2 > len(word):  # "may": a verb
         return "number", word
     if core[0] == "'" and core[1:].isalpha():  # 's, 'll, 'd, 't: clitics and contractions
         return "function", core.lower()
+    if hi == end and snippet[hi : hi + 2] in ("'t", "’t"):  # don't, isn't, can't: negated auxiliaries
+        return "function", low + "'t"
     if hi > end and (snippet[end].isalpha() or core[-1].isdigit()):  # the next character continues the word
         return "subword", core
     if low in _ARCHAIC or low in _stop_words():

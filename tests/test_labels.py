@@ -96,6 +96,8 @@ def test_labels_are_deterministic(labelled):
         ("end.\n\nNext", 3, 4, "punctuation"),
         ("end.\n\nNext", 4, 6, "punctuation"),
         ("a green tree", 1, 7, "word"),
+        ("I don't know", 1, 5, "function"),  # the auxiliary of a negated contraction
+        ("you may go", 3, 7, "function"),  # lower-case "may" is the verb, not the month
     ],
 )
 def test_token_form(text, start, end, form):
