@@ -18,12 +18,28 @@ PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F
            "#999999", "#8C510A", "#01665E", "#762A83"]
 
 
-def group_colours(groups: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-    """A colour per point from its group name, and the legend {group: colour} (sorted by size)."""
-    names, counts = np.unique(np.asarray(groups, dtype=object).astype(str), return_counts=True)
-    order = [str(n) for n in names[np.argsort(-counts, kind="stable")]]
-    legend = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(order)}
-    return [legend[str(g)] for g in groups], legend
+def group_colours(groups: Sequence[str]) -> tuple[np.ndarray, dict[str, str]]:
+    """(N,) int32 colour codes from the group names, and the legend {group: colour} (largest first).
+
+    Integer codes with a stepped colour scale keep a single trace (no per-category traces) and
+    avoid plotly validating 16k colour strings one by one (0.6 s against 1 ms).
+    """
+    names, inverse, counts = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True,
+                                       return_counts=True)
+    order = np.argsort(-counts, kind="stable")  # rank -> name index
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    legend = {str(names[i]): PALETTE[r % len(PALETTE)] for r, i in enumerate(order)}
+    return rank[inverse].astype(np.int32), legend
+
+
+def stepped_scale(colours: list[str]) -> list[list]:
+    """A plotly colour scale that maps integer code i (with cmin=-0.5, cmax=n-0.5) to colours[i]."""
+    n = max(1, len(colours))
+    scale = []
+    for i, colour in enumerate(colours):
+        scale += [[i / n, colour], [(i + 1) / n, colour]]
+    return scale or [[0, PALETTE[0]], [1, PALETTE[0]]]
 
 
 def marker_sizes(usage_share: np.ndarray, smallest: float = 4.0, largest: float = 16.0) -> np.ndarray:
@@ -55,8 +71,8 @@ def atlas_figure(
     """
     xy = np.asarray(xy, dtype=np.float32)
     ids = np.asarray(ids, dtype=np.int32)
-    colours, legend = group_colours(groups)
-    hover_text = None if hover is None else [html.escape(h, quote=False) for h in hover]
+    codes, legend = group_colours(groups)
+    hover_text = None if hover is None else np.array([html.escape(h, quote=False) for h in hover], dtype=object)
     fig = go.Figure()
     fig.add_trace(
         go.Scattergl(
@@ -64,7 +80,9 @@ def atlas_figure(
             y=xy[:, 1],
             mode="markers",
             customdata=ids,
-            marker={"color": colours, "size": marker_sizes(usage_share), "opacity": 0.8, "line": {"width": 0}},
+            marker={"color": codes, "colorscale": stepped_scale(list(legend.values())), "cmin": -0.5,
+                    "cmax": len(legend) - 0.5, "showscale": False, "size": marker_sizes(usage_share),
+                    "opacity": 0.8, "line": {"width": 0}},
             hovertext=hover_text,
             hovertemplate="%{hovertext}<extra></extra>" if hover_text is not None else "prototype %{customdata}"
             "<extra></extra>",

@@ -47,12 +47,14 @@ def default_bundle_path() -> str:
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)
-def _bundle(path: str) -> Bundle:
+def cached_bundle(path: str) -> Bundle:
+    """The bundle at ``path``, loaded once per process (shared by every session, read-only)."""
     return load_bundle(path)
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)
-def _index(path: str, fingerprint: str) -> PrototypeIndex:
+def cached_index(path: str, fingerprint: str) -> PrototypeIndex:
+    """The index of the bundle at ``path`` (``fingerprint`` keys the cache to its weights)."""
     return load_index(path)
 
 
@@ -78,7 +80,7 @@ def load_current() -> Loaded:
     seen = st.session_state.setdefault("_loaded_paths", set())
     bar = None if path in seen else st.progress(0, text=f"Loading model from {path}…")
     try:
-        bundle = _bundle(path)
+        bundle = cached_bundle(path)
     except (BundleError, OSError, ValueError) as err:
         if bar is not None:
             bar.empty()
@@ -89,7 +91,7 @@ def load_current() -> Loaded:
     index, problem = None, None
     if bundle.is_prism:
         try:
-            index = _index(path, bundle.fingerprint)
+            index = cached_index(path, bundle.fingerprint)
         except (IndexError_, OSError, ValueError) as err:
             problem = str(err)
     else:

@@ -104,7 +104,14 @@ def idle(page) -> None:
 def shot(page, name: str, top=None) -> None:
     """Screenshot to tests/artifacts/NAME.png, with the ``top`` locator scrolled to the top."""
     if top is not None:
-        top.evaluate("e => e.scrollIntoView({block: 'start'})")
+        top.evaluate("""e => {
+            e.scrollIntoView({block: 'start'});
+            let p = e.parentElement;  // the app scrolls inside a container, under a fixed top bar
+            while (p && !(p.scrollHeight > p.clientHeight && getComputedStyle(p).overflowY !== 'visible')) {
+                p = p.parentElement;
+            }
+            (p || document.scrollingElement).scrollBy(0, -90);
+        }""")
     time.sleep(0.5)  # let the charts finish their transitions
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
 

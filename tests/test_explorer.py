@@ -175,9 +175,9 @@ def test_two_sessions_keep_their_own_controls(explorer_bundle):
     assert steered_text(two) == baseline
     assert "none (the model as trained)" in [c.value for c in two.caption]
     # the model the app cached for both sessions was not touched by session one's controls
-    from explorer.state import _bundle
+    from explorer.state import cached_bundle
 
-    cached = _bundle(str(explorer_bundle)).model.state_dict()
+    cached = cached_bundle(str(explorer_bundle)).model.state_dict()
     fresh = load_bundle(explorer_bundle).model.state_dict()
     assert cached.keys() == fresh.keys() and all(torch.equal(cached[k], fresh[k]) for k in cached)
 

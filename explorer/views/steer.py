@@ -23,7 +23,7 @@ BEHAVIOURS = state.REPO / "assets" / "behaviours"
 def generated(path: str, fingerprint: str, prompt: str, max_new_tokens: int, seed: int, sample: bool,
               temperature: float, controls_json: str) -> dict:
     """One generation with its per-token strings and perplexities (cached per request)."""
-    bundle = state._bundle(path)
+    bundle = state.cached_bundle(path)
     controls = Controls.from_json(json.loads(controls_json))
     t0 = time.perf_counter()
     result = generate_text(bundle, prompt, max_new_tokens=max_new_tokens, controls=controls, seed=seed,

@@ -24,8 +24,8 @@ EXAMPLES_SHOWN = 5
 def traced(path: str, fingerprint: str, prompt: str, completion: str | None, method: str, top: int,
            max_new_tokens: int, controls_json: str) -> Attribution:
     """attribute() for one request, cached on everything that determines its result."""
-    bundle = state._bundle(path)
-    index = state._index(path, fingerprint)
+    bundle = state.cached_bundle(path)
+    index = state.cached_index(path, fingerprint)
     controls = Controls.from_json(json.loads(controls_json))
     return attribute(bundle, index, prompt, completion, top=top, method=method, controls=controls,
                      max_new_tokens=max_new_tokens)
