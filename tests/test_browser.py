@@ -127,7 +127,8 @@ def steering_target() -> int:
     original = generate_text(bundle, STEER_PROMPT, max_new_tokens=64).text
     first = decompose(bundle, prompt=STEER_PROMPT, max_new_tokens=1).tokens[0]
     for p in first.prototypes[:5]:
-        if generate_text(bundle, STEER_PROMPT, max_new_tokens=64, controls=Controls(gains={p.id: 0.0})).text != original:
+        steered = generate_text(bundle, STEER_PROMPT, max_new_tokens=64, controls=Controls(gains={p.id: 0.0}))
+        if steered.text != original:
             return p.id
     pytest.fail("no single prototype of the first token changes the demo text when switched off")
 
