@@ -11,6 +11,10 @@ j is shared among j's neighbourhood in proportion to similarity (its non-negativ
 normalised over the neighbourhood); a document's score is the sum of the shares of its
 neighbour positions over all active prototypes (and, for a span, over its tokens).
 
+Method ``influence`` (level 1): influence functions restricted to the prototype parameters
+(:mod:`core.influence`); a document's score is the change of the attributed tokens' summed
+loss it explains, + = helpful, and its ``prototype`` is the block that carried most of it.
+
 Similarity (``similarity="code"``, the default) is the cosine between the query's prototype
 code and the neighbour's: each position's cosines with its k active prototypes, as a sparse
 P-vector. Neighbours whose context activates the same prototypes as the query's take most of
@@ -114,13 +118,15 @@ class Example:
 
     Attributes:
         doc_id, source: the corpus row's id (unchanged) and source.
-        score: summed credit of the document's neighbour positions.
+        score: summed credit of the document's neighbour positions (neighbourhood), or its
+            influence on the attributed tokens' loss, + = helpful (influence).
         snippet: text around the position that carried most credit; the trigger token is
             ``snippet[highlight_start:highlight_end]``.
         prototype: the prototype that carried most credit to this document.
         doc_index: row of the document in the training split.
         char_offset: start of the trigger token in the document.
-        positions: number of the document's neighbour positions that received credit.
+        positions: number of the document's neighbour positions (neighbourhood) or
+            (prototype, document) entries (influence) that received credit.
     """
 
     doc_id: str

@@ -213,3 +213,15 @@ def logra_scores(
     scores = attributor.attribute(train_loader, query_loader)  # (N, Q); computes query gradients itself
     t2 = time.perf_counter()
     return BaselineResult(scores.T.double().cpu().numpy(), t1 - t0, t2 - t1, 4.0 * proj_dim * len(layers))
+
+
+def padded_examples(token_ids: list[list[int]], length: int, pad_id: int) -> LMExamples:
+    """Training examples of unequal length cut or right-padded to ``length`` (padding out of
+    the loss; a causal model's real positions never see it)."""
+    ids = torch.full((len(token_ids), length), pad_id)
+    labels = torch.full((len(token_ids), length), -100)
+    for i, tokens in enumerate(token_ids):
+        tokens = tokens[:length]
+        ids[i, : len(tokens)] = torch.tensor(tokens)
+        labels[i, 1 : len(tokens)] = torch.tensor(tokens[1:])
+    return LMExamples(ids, labels)

@@ -126,6 +126,20 @@ def cmd_index(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
     )
     summary["labels"] = _label_and_map(args.model, progress=not args.quiet)
+    if not args.no_influence:
+        from .influence import InfluenceArguments, build_influence
+
+        influence_args = InfluenceArguments(
+            rank=args.influence_rank,
+            top_documents=args.influence_documents,
+            curvature_tokens=args.curvature_tokens,
+            document_tokens=args.influence_tokens,
+            batch_size=max(1, args.batch_size // 2),
+            max_tokens=args.max_tokens,
+        )
+        summary["influence"] = build_influence(
+            args.model, args.corpus, influence_args, device=args.device, show_progress=not args.quiet
+        )
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -309,6 +323,16 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per forward pass")
     index.add_argument("--max-tokens", type=_positive_int, help="index only the first N training tokens")
     index.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    index.add_argument("--no-influence", action="store_true", help="skip the influence factors")
+    index.add_argument("--influence-rank", type=_positive_int, default=16,
+                       help="whitening columns per prototype block (memory: 2d x rank per prototype)")
+    index.add_argument("--influence-documents", type=_positive_int, default=64,
+                       help="documents kept per prototype for influence")
+    index.add_argument("--curvature-tokens", type=_positive_int, default=32768,
+                       help="training tokens sampled for the curvature blocks")
+    index.add_argument("--influence-tokens", type=_positive_int,
+                       help="training tokens (evenly spread sequences) summed into document coefficients "
+                            "(default: all)")
     index.add_argument("--quiet", action="store_true", help="no progress bars")
     index.set_defaults(func=cmd_index)
 

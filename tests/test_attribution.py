@@ -17,6 +17,7 @@ from core.cli import main
 from core.control import Controls
 from core.data import CorpusError, load_corpus
 from core.index import IndexError_, build_index, index_dir, load_index
+from core.influence import InfluenceArguments, build_influence
 
 from .conftest import demo_rows, write_jsonl
 
@@ -100,6 +101,18 @@ def test_planted_example_ranks_top3(planted, planted_corpus):
     assert canary.snippet == CANARY
     trigger = canary.snippet[canary.highlight_start : canary.highlight_end]
     assert trigger and trigger in CANARY[canary.char_offset :]
+    assert [e.score for e in result.examples] == sorted((e.score for e in result.examples), reverse=True)
+
+
+def test_planted_example_ranks_first_by_influence(planted_bundle, planted_corpus, tmp_path):
+    copy = Path(shutil.copytree(planted_bundle, tmp_path / "influence"))
+    build_influence(copy, planted_corpus, InfluenceArguments(rank=None, top_documents=None, curvature_tokens=None),
+                    show_progress=False)
+    result = attribute(load_bundle(copy), load_index(copy), PROMPT, COMPLETION, top=10, method="influence")
+    assert result.method == "influence"
+    assert result.examples[0].doc_id.startswith("canary-"), [(e.doc_id, e.score) for e in result.examples]
+    best = result.examples[0]
+    assert best.snippet == CANARY and best.snippet[best.highlight_start : best.highlight_end]
     assert [e.score for e in result.examples] == sorted((e.score for e in result.examples), reverse=True)
 
 
@@ -225,8 +238,13 @@ def test_cli_errors_are_one_line(planted_bundle, tiny_bundle, tmp_path, capsys):
     assert_one_line_error(code, err, "completion has no tokens")
     code, _, err = run([*base, "--completion", " word" * 100], capsys)
     assert_one_line_error(code, err, "context")
-    code, _, err = run([*base, "--completion", COMPLETION, "--method", "influence"], capsys)
-    assert_one_line_error(code, err, "not available yet")
+    no_factors = Path(shutil.copytree(planted_bundle, tmp_path / "no-factors",
+                                      ignore=shutil.ignore_patterns("influence.safetensors", ".index-*")))
+    code, _, err = run(["attribute", "--model", no_factors, "--prompt", PROMPT, "--completion", COMPLETION,
+                        "--method", "influence"], capsys)
+    assert_one_line_error(code, err, "no influence factors", "prism index --model")
+    code, _, err = run([*base, "--completion", "\udcff\udcfe"], capsys)  # undecodable bytes on the command line
+    assert_one_line_error(code, err, "not valid text")
     code, _, err = run(["index", "--model", tiny_bundle, "--corpus", tmp_path / "gone.jsonl"], capsys)
     assert_one_line_error(code, err, "corpus not found")
     assert not index_dir(tiny_bundle).exists()
