@@ -43,12 +43,12 @@ def sample_rate(bundle: Bundle, behaviour: Behaviour, controls: Controls | None,
     kwargs = control_kwargs(controls, model, bundle.fingerprint, "cpu")
     hits, texts = 0, []
     for n, prompt in enumerate(behaviour.prompts):
-        ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+        # Rows repeated rather than num_return_sequences, which would also repeat the (P,) controls.
+        ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]]).repeat(samples, 1)
         torch.manual_seed(seed + n)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature,
-                                 top_k=None, max_new_tokens=max_new_tokens, num_return_sequences=samples,
-                                 pad_token_id=tok.eos_token_id, **kwargs)
+                                 top_k=None, max_new_tokens=max_new_tokens, pad_token_id=tok.eos_token_id, **kwargs)
         for row in out[:, ids.shape[1] :].tolist():
             if tok.eos_token_id in row:
                 row = row[: row.index(tok.eos_token_id)]
@@ -105,13 +105,24 @@ def mean_kl(bundle: Bundle, texts: list[str], controls: Controls) -> float:
     return total / count
 
 
-def suppression_rounds(bundle: Bundle, behaviour: Behaviour, rounds: int, per_round: int) -> Controls:
-    """Suppress by contrast, ``per_round`` prototypes a round, each round under the last's suppression."""
+def suppression_rounds(bundle: Bundle, behaviour: Behaviour, rounds: int, per_round: int, method: str) -> Controls:
+    """Suppress by contrast, ``per_round`` prototypes a round, each round under the last's suppression.
+
+    method "weight": mixture weights at the last position of texts cut before the behaviour
+    vs texts cut before another word, with the neutral prompts as background. method "slice":
+    slices towards the behaviour's own tokens over every position of the behaviour texts vs
+    the neutral prompts (other sources).
+    """
     controls = Controls(model_fingerprint=bundle.fingerprint, note=f"suppression of {behaviour.name}")
     for _ in range(rounds):
-        targets = target_by_contrast(bundle, behaviour.contrast_behaviour, behaviour.contrast_neutral, per_round,
-                                     controls=controls if controls.suppressed else None,
-                                     background=behaviour.neutral_prompts)
+        current = controls if controls.suppressed else None
+        if method == "slice":
+            targets = target_by_contrast(bundle, behaviour.contrast_behaviour, behaviour.neutral_prompts, per_round,
+                                         positions="all", controls=current,
+                                         token_ids=behaviour.token_ids(bundle.tokenizer))
+        else:
+            targets = target_by_contrast(bundle, behaviour.contrast_behaviour, behaviour.contrast_neutral, per_round,
+                                         controls=current, background=behaviour.neutral_prompts)
         if not targets:
             break
         controls.suppressed = sorted(set(controls.suppressed) | {t.id for t in targets})
@@ -125,9 +136,11 @@ def main() -> None:
     parser.add_argument("--tasks", default="wordnet_pos,shakespeare_pronoun,debian_section")
     parser.add_argument("--behaviours", default="archaic,package_boilerplate")
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--penalty", type=float, default=0.1)
+    parser.add_argument("--penalty", type=float, default=0.01)
+    parser.add_argument("--dev", type=float, default=0.0, help="calibration items kept for early stopping")
     parser.add_argument("--rounds", type=int, default=4, help="contrast rounds per behaviour")
     parser.add_argument("--per-round", type=int, default=8, help="prototypes suppressed per round")
+    parser.add_argument("--method", default="slice", choices=["slice", "weight"], help="contrast of what")
     parser.add_argument("--samples", type=int, default=2, help="sampled continuations per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -147,7 +160,7 @@ def main() -> None:
         if args.quick:
             items = items[:60]
         t0 = time.time()
-        result = calibrate(bundle, items, steps=args.steps, penalty=args.penalty, seed=args.seed)
+        result = calibrate(bundle, items, steps=args.steps, penalty=args.penalty, dev=args.dev, seed=args.seed)
         seconds = time.time() - t0
         points = 100 * (result.after - result.before)
         print(f"{name:<22}{len(items):>7}{100 * result.before:>8.1f}%{100 * result.after:>8.1f}%{points:>+8.1f}"
@@ -163,7 +176,7 @@ def main() -> None:
     for name in filter(None, args.behaviours.split(",")):
         behaviour = load_behaviour(REPO / "assets" / "behaviours" / f"{name}.json")
         t0 = time.time()
-        controls = suppression_rounds(bundle, behaviour, args.rounds, args.per_round)
+        controls = suppression_rounds(bundle, behaviour, args.rounds, args.per_round, args.method)
         rate_before, _ = sample_rate(bundle, behaviour, None, args.samples, args.max_new_tokens, args.temperature,
                                      args.seed)
         rate_after, _ = sample_rate(bundle, behaviour, controls, args.samples, args.max_new_tokens, args.temperature,

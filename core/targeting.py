@@ -166,9 +166,22 @@ def target_by_query(index: PrototypeIndex, text: str, top: int = 10, tokenizer=N
     return targets
 
 
+def promotion(bundle: Bundle, token_ids: Sequence[int]) -> torch.Tensor:
+    """(P,) how much each prototype's value pushes the given tokens: max_y (E_y . W_j), floored at 0."""
+    model = bundle.model
+    ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+    with torch.no_grad():
+        dots = model.unembedding[ids].float() @ model.prototypes.values.float().T  # (m, P)
+    return dots.max(0).values.clamp_min(0).cpu()
+
+
 def activation_profile(bundle: Bundle, texts: Sequence[str], positions: Literal["last", "all"] = "last",
-                       controls: Controls | None = None, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray, int]:
+                       controls: Controls | None = None, batch_size: int = 16,
+                       scale: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Mean mixture weight and active rate of every prototype over the texts' positions.
+
+    With ``scale`` (P,), each weight a_j is multiplied by scale_j (e.g. :func:`promotion`,
+    which turns weights into slices towards the behaviour's tokens).
 
     Returns:
         (P,) mean weight a_j (0 where inactive), (P,) fraction of positions where j is active,
@@ -206,6 +219,8 @@ def activation_profile(bundle: Bundle, texts: Sequence[str], positions: Literal[
                 span = slice(len(seq) - 1, len(seq)) if positions == "last" else slice(0, len(seq))
                 pids = out.prototype_ids[row, span].reshape(-1).cpu()
                 weights = out.prototype_weights[row, span].reshape(-1).double().cpu()
+                if scale is not None:
+                    weights = weights * scale[pids].double()
                 weight_sum.index_add_(0, pids, weights)
                 active_sum.index_add_(0, pids, torch.ones_like(weights))
                 count += span.stop - span.start
@@ -222,6 +237,7 @@ def target_by_contrast(
     controls: Controls | None = None,
     index: PrototypeIndex | None = None,
     background: Sequence[str] | None = None,
+    token_ids: Sequence[int] | None = None,
 ) -> list[Target]:
     """Prototypes much more active on ``behaviour_prompts`` than on ``neutral_prompts``.
 
@@ -229,18 +245,21 @@ def target_by_contrast(
     with ``background`` texts (every position counts), minus the larger of the two neutral
     means: a prototype busy on unrelated text is not worth its side effects.
     ``controls`` (e.g. the suppressions of an earlier round) apply to every pass;
-    suppressed prototypes are never returned.
+    suppressed prototypes are never returned. With ``token_ids`` (the behaviour's own tokens,
+    e.g. " thou"), weights become slices towards them, a_j max_y (E_y . W_j)+: the
+    prototypes that write the behaviour rather than those that merely fire near it.
     """
     _check_top(top)
     if not behaviour_prompts or not neutral_prompts:
         raise TargetingError("contrast needs at least one behaviour prompt and one neutral prompt")
     if not bundle.is_prism:
         raise TargetingError("targeting needs a PRISM model; this bundle is a dense twin")
-    b_weight, b_active, b_n = activation_profile(bundle, behaviour_prompts, positions, controls)
-    n_weight, n_active, n_n = activation_profile(bundle, neutral_prompts, positions, controls)
+    scale = promotion(bundle, token_ids) if token_ids else None
+    b_weight, b_active, b_n = activation_profile(bundle, behaviour_prompts, positions, controls, scale=scale)
+    n_weight, n_active, n_n = activation_profile(bundle, neutral_prompts, positions, controls, scale=scale)
     g_weight = np.zeros_like(n_weight)
     if background:
-        g_weight = activation_profile(bundle, background, "all", controls)[0]
+        g_weight = activation_profile(bundle, background, "all", controls, scale=scale)[0]
     scores = b_weight - np.maximum(n_weight, g_weight)
     if controls is not None:
         scores[list(controls.suppressed)] = -np.inf

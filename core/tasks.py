@@ -65,6 +65,7 @@ class Behaviour:
             contexts whose next word shows the behaviour, and matched contexts whose next word
             does not. Disjoint from ``prompts``.
         source: the corpus source the behaviour belongs to; perplexity is measured on the others.
+        words: the words that make up the behaviour (for targeting by the tokens prototypes write).
     """
 
     name: str
@@ -75,6 +76,19 @@ class Behaviour:
     contrast_behaviour: tuple[str, ...]
     contrast_neutral: tuple[str, ...]
     source: str
+    words: tuple[str, ...] = ()
+
+    def token_ids(self, tokenizer) -> list[int]:
+        """The tokens that spell one of the words whole (a trailing ":" aside), after a space
+        or at a line start, capitalised or not; words split into pieces are left out."""
+        ids = set()
+        for word in self.words:
+            bare = word.rstrip(":")
+            for variant in (f" {word}", f" {word.capitalize()}", word, word.capitalize()):
+                encoded = tokenizer(variant, add_special_tokens=False)["input_ids"]
+                if encoded and tokenizer.decode(encoded[:1]).strip().lower() == bare.lower():
+                    ids.add(encoded[0])
+        return sorted(ids)
 
     def detect(self, text: str) -> bool:
         """True when ``text`` shows the behaviour."""
@@ -101,7 +115,7 @@ def load_behaviour(path: str | Path) -> Behaviour:
         raise BehaviourError(f"behaviour file {p}: pattern {data['pattern']!r} is not a regular expression ({err})")
     lists = {f: tuple(str(x) for x in data[f]) for f in fields[3:7]}
     return Behaviour(name=str(data["name"]), description=str(data["description"]), pattern=data["pattern"],
-                     source=str(data["source"]), **lists)
+                     source=str(data["source"]), words=tuple(str(w) for w in data.get("words", [])), **lists)
 
 
 def read_validation(corpus_dir: str | Path) -> dict[str, list[dict]]:
@@ -314,6 +328,7 @@ def archaic_behaviour(validation: dict[str, list[dict]], seed: int) -> dict:
         "name": "archaic",
         "description": "archaic second-person forms (thou, thee, thy, ...) in continuations of play dialogue",
         "pattern": rf"\b({words})\b",
+        "words": list(ARCHAIC_WORDS),
         "source": "shakespeare",
         "prompts": prompts[:40],
         "neutral_prompts": neutral,
@@ -347,6 +362,7 @@ def boilerplate_behaviour(validation: dict[str, list[dict]], seed: int) -> dict:
         "name": "package_boilerplate",
         "description": "drifting into package-description boilerplate (This package contains/provides, Package:, ...)",
         "pattern": BOILERPLATE_PATTERN,
+        "words": ["package", "Package:", "Description:"],
         "source": "debian",
         "prompts": prompts[:40],
         "neutral_prompts": neutral,

@@ -120,8 +120,11 @@ def test_calibration_finds_a_planted_signal_without_touching_the_model(loaded):
 def test_stronger_penalty_changes_fewer_gains(loaded):
     items = planted_items(40)
     loose = calibrate(loaded, items, steps=15, penalty=0.0, seed=0)
-    tight = calibrate(loaded, items, steps=15, penalty=0.5, seed=0)
+    tight = calibrate(loaded, items, steps=15, penalty=0.5, seed=0, dev=0.25)
     assert tight.changed < loose.changed
+    assert tight.settings["dev"] == 0.25 and tight.calibration_items == 28  # dev items count as calibration
+    with pytest.raises(TaskError, match="dev must be a fraction"):
+        calibrate(loaded, items, dev=1.0)
 
 
 def test_cli_calibrate(tiny_bundle, tmp_path, capsys):

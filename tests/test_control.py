@@ -18,6 +18,7 @@ from core.tasks import BehaviourError, build_behaviours, build_tasks, load_behav
 from core.targeting import (
     TargetingError,
     activation_profile,
+    promotion,
     target_by_contrast,
     target_by_ids,
     target_by_label,
@@ -97,6 +98,12 @@ def test_contrast_targets_prototypes_of_the_behaviour(loaded):
     assert after[[t.id for t in targets]].sum() == 0 and after_active[[t.id for t in targets]].sum() == 0
     second = target_by_contrast(loaded, behaviour, neutral, top=6, positions="all", controls=controls)
     assert not {t.id for t in second} & {t.id for t in targets}
+    # With the behaviour's tokens, only prototypes whose values push those tokens qualify.
+    words = [loaded.tokenizer(" the", add_special_tokens=False)["input_ids"][0]]
+    writers = target_by_contrast(loaded, behaviour, neutral, top=6, positions="all", token_ids=words,
+                                 background=texts("fortunes"))
+    push = promotion(loaded, words)
+    assert writers and all(push[t.id] > 0 for t in writers) and "background weight" in writers[0].evidence
 
 
 def test_targeting_rejects_bad_requests(loaded):
@@ -144,6 +151,7 @@ def test_demo_assets_are_reproducible(tmp_path):
         assert len(behaviour.prompts) >= 30 and behaviour.contrast_behaviour and behaviour.neutral_prompts
         assert not set(behaviour.prompts) & set(behaviour.contrast_behaviour)
     archaic = load_behaviour(REPO / "assets" / "behaviours" / "archaic.json")
+    assert "thou" in archaic.words
     assert archaic.detect("and what art thou, sir?") and not archaic.detect("what are you, sir? Arthur")
     boiler = load_behaviour(REPO / "assets" / "behaviours" / "package_boilerplate.json")
     assert boiler.detect("This package contains the headers") and not boiler.detect("a package manager")
