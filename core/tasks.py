@@ -17,8 +17,9 @@ Tasks (multiple choice, rows {"id", "prompt", "choices", "answer"}; see :mod:`co
   (the three others are definitions of other words with the same part of speech);
 - ``debian_description``: a package name and section; pick its one-line description among four;
 
-The last two matched the brief's first ideas but the demo model scores them at chance (about
-25%), before and after calibration: it has no signal for a controller to reweight.
+shakespeare_speaker and the last two (the first ideas for demo tasks) are at chance for the
+demo model (24.0%, 23.5%, 24.6% over all items), and calibrating wordnet_definition went from
+24.2% to 22.5% held out: the model has no signal there for a controller to reweight.
 
 Behaviours (``assets/behaviours/NAME.json``): prompts that elicit a behaviour of the demo
 model, neutral prompts, a detector (a regular expression over the generated continuation)
