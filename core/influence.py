@@ -578,6 +578,7 @@ def save_influence(bundle_dir: str | Path, arrays: dict[str, np.ndarray], meta: 
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp,
                   metadata={"meta": json.dumps(meta)})
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the bundle's other files are world-readable
         os.replace(tmp, folder / INFLUENCE_FILE)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -590,6 +591,7 @@ def save_influence(bundle_dir: str | Path, arrays: dict[str, np.ndarray], meta: 
     fd, tmp = tempfile.mkstemp(prefix=".meta-", suffix=".json", dir=folder)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(json.dumps(index_meta, indent=2))
+    os.chmod(tmp, 0o644)
     os.replace(tmp, meta_path)
     return size
 
