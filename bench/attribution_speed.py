@@ -1,0 +1,255 @@
+"""Attribution speed: PRISM (neighbourhood, influence) against post-hoc baselines on the dense twin.
+
+Same candidate training examples (documents of the demo corpus cut to --length tokens, evenly
+spread over the training split) and the same queries (held-out documents: a prompt of 24
+tokens and a completion of 8) for every method. Each method runs in its own process so that
+its peak RSS is its own (model load included):
+
+- PRISM: the index pass on the candidate corpus (neighbourhoods, then influence factors over
+  every candidate token, rank --rank), then per-query latency of
+  attribute(method="neighbourhood") and attribute(method="influence"), one query at a time;
+- EK-FAC (Kronfluence) on the dense twin: factor fitting, then pairwise scores for all queries
+  in one batch (its per-query latency is the batch time / queries);
+- LoGra (dattri) on the dense twin: the gradient store, sized to PRISM's bytes per example.
+
+Also: a plain forward pass of each query on the PRISM model (attribution / forward ratio) and
+latency at 25%, 50%, 100% of the candidate set. Prints a table, then one JSON line.
+
+    nice -n 5 python bench/attribution_speed.py --candidates 96
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def prepare(args, work: Path) -> dict:
+    """Candidate corpora (one per fraction) and queries, written under ``work``."""
+    import numpy as np
+
+    from core.bundle import load_bundle
+    from core.data import load_corpus
+
+    bundle = load_bundle(args.model)
+    tok = bundle.tokenizer
+    corpus = load_corpus(args.corpus)
+    train = corpus.train
+    picks, ids = [], []
+    for i in np.linspace(0, len(train) - 1, args.candidates * 4).round().astype(int).tolist():
+        row = train[i]
+        tokens = tok(row["text"], add_special_tokens=False)["input_ids"]
+        if len(tokens) >= args.length and i not in picks:
+            picks.append(i)
+            ids.append(tokens[: args.length])
+        if len(picks) == args.candidates:
+            break
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(picks)).tolist()  # nested subsets: 25% in 50% in 100%
+    rows = [{"id": train[picks[i]]["id"], "text": tok.decode(ids[i]), "source": train[picks[i]]["source"]}
+            for i in order]
+    token_ids = [ids[i] for i in order]
+    corpora = {}
+    for fraction in args.fractions:
+        n = max(4, round(len(rows) * fraction))
+        path = work / f"candidates-{n}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            for row in rows[:n]:
+                f.write(json.dumps(row) + "\n")
+        corpora[fraction] = {"path": str(path), "n": n}
+    queries = []
+    for row in corpus.validation:
+        tokens = tok(row["text"], add_special_tokens=False)["input_ids"]
+        if len(tokens) >= 32:
+            queries.append({"prompt": tok.decode(tokens[:24]), "completion": tok.decode(tokens[24:32]),
+                            "prompt_ids": tokens[:24], "completion_ids": tokens[24:32]})
+        if len(queries) == args.queries:
+            break
+    return {"corpora": corpora, "token_ids": token_ids, "queries": queries}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_prism(args, corpus: dict, queries: list[dict], work: str, out) -> None:
+    import torch
+
+    from core.attribution import attribute
+    from core.bundle import load_bundle
+    from core.index import build_index, load_index
+    from core.influence import InfluenceArguments, build_influence, load_influence
+
+    torch.set_num_threads(args.threads)
+    bundle_dir = Path(work) / f"prism-{corpus['n']}"
+    shutil.copytree(args.model, bundle_dir, ignore=shutil.ignore_patterns("index", ".index-*"))
+    t0 = time.perf_counter()
+    build_index(bundle_dir, corpus["path"], batch_size=8, show_progress=False)
+    t1 = time.perf_counter()
+    build_influence(bundle_dir, corpus["path"], InfluenceArguments(rank=args.rank, top_documents=None,
+                                                                   curvature_tokens=None), show_progress=False)
+    t2 = time.perf_counter()
+    bundle, index, influence = load_bundle(bundle_dir), load_index(bundle_dir), load_influence(bundle_dir)
+    index_bytes = sum(f.stat().st_size for f in (bundle_dir / "index").iterdir() if f.name != "influence.safetensors")
+    influence_bytes = influence.stored_bytes()
+    result = {"index_seconds": t1 - t0, "influence_seconds": t2 - t1, "n": corpus["n"],
+              "neighbourhood_bytes_per_example": index_bytes / corpus["n"],
+              "influence_bytes_per_example": (index_bytes + influence_bytes) / corpus["n"]}
+    for method in ("neighbourhood", "influence"):
+        q0 = queries[0]
+        attribute(bundle, index, q0["prompt"], q0["completion"], method=method, influence=influence)  # warm-up
+        times = []
+        for q in queries:
+            t = time.perf_counter()
+            attribute(bundle, index, q["prompt"], q["completion"], method=method, influence=influence)
+            times.append(time.perf_counter() - t)
+        result[f"{method}_ms"] = 1000 * statistics.median(times)
+    forward = []
+    with torch.no_grad():
+        for q in queries:
+            ids = torch.tensor([q["prompt_ids"] + q["completion_ids"]])
+            t = time.perf_counter()
+            bundle.model(input_ids=ids[:, :-1])
+            forward.append(time.perf_counter() - t)
+    result["forward_ms"] = 1000 * statistics.median(forward)
+    result["peak_rss_mb"] = peak_rss_mb()
+    out.put(result)
+
+
+def run_baseline(args, method: str, token_ids: list, queries: list[dict], proj_dim: int, out) -> None:
+    import torch
+
+    from core.baselines import ekfac_scores, logra_scores, query_examples, training_examples
+    from core.bundle import load_bundle
+
+    torch.set_num_threads(args.threads)
+    dense = load_bundle(args.dense)
+    train = training_examples(token_ids)
+    query = query_examples([q["prompt_ids"] for q in queries], [q["completion_ids"] for q in queries],
+                           dense.tokenizer.eos_token_id)
+    if method == "ekfac":
+        r = ekfac_scores(dense.model, train, query, train_batch_size=8, query_batch_size=len(queries))
+    else:
+        r = logra_scores(dense.model, train, query, proj_dim=proj_dim, train_batch_size=8,
+                         query_batch_size=len(queries))
+    out.put({"fit_seconds": r.fit_seconds, "ms": 1000 * r.score_seconds / len(queries),
+             "bytes_per_example": r.bytes_per_example, "peak_rss_mb": peak_rss_mb(), "n": len(token_ids)})
+
+
+def in_child(target, *args) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=target, args=(*args, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(REPO / "assets/models/demo"))
+    parser.add_argument("--dense", default=str(REPO / "assets/models/demo-dense"))
+    parser.add_argument("--corpus", default=str(REPO / "assets/corpus"))
+    parser.add_argument("--candidates", type=int, default=96, help="candidate training examples (100%%)")
+    parser.add_argument("--length", type=int, default=64, help="tokens per candidate example")
+    parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--rank", type=int, default=16, help="PRISM influence rank per prototype block")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--logra-side", type=int, default=32, help="cap on LoGra's per-layer projection side")
+    args = parser.parse_args()
+    t_start = time.time()
+    work = Path(tempfile.mkdtemp(prefix="attribution-speed-"))
+    try:
+        data = prepare(args, work)
+        rows = {}
+        for fraction in args.fractions:
+            corpus = data["corpora"][fraction]
+            n = corpus["n"]
+            prism = in_child(run_prism, args, corpus, data["queries"], str(work))
+            # LoGra's store at PRISM's bytes per example, capped at 32 x 32 per layer: its eFIM
+            # preconditioner holds proj_dim^2 floats per layer (10 GB at 99 x 99 on 28 layers).
+            side = max(1, int((prism["influence_bytes_per_example"] / 4 / (7 * _layers(args.dense))) ** 0.5))
+            side = min(side, args.logra_side)
+            logra = in_child(run_baseline, args, "logra", data["token_ids"][:n], data["queries"], side * side)
+            ekfac = in_child(run_baseline, args, "ekfac", data["token_ids"][:n], data["queries"], 0)
+            rows[fraction] = {"prism": prism, "logra": logra, "ekfac": ekfac}
+            print(f"[{time.time() - t_start:6.0f} s] {fraction:.0%} ({n} examples) done: "
+                  f"{json.dumps(rows[fraction])}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report(rows, args, time.time() - t_start)
+
+
+def _layers(dense_dir: str) -> int:
+    return json.loads((Path(dense_dir) / "config.json").read_text())["text_config"]["num_hidden_layers"]
+
+
+def report(rows: dict, args, wall: float) -> None:
+    full = rows[max(rows)]
+    p, e, g = full["prism"], full["ekfac"], full["logra"]
+    n = p["n"]
+    print(f"\nAttribution speed, {n} candidate examples of {args.length} tokens, {args.queries} queries, "
+          f"{args.threads} threads")
+    print(f"{'method':<22}{'ms/query':>12}{'one-time s':>12}{'bytes/example':>15}{'peak RSS MB':>13}")
+    table = [
+        ("PRISM neighbourhood", p["neighbourhood_ms"], p["index_seconds"], p["neighbourhood_bytes_per_example"],
+         p["peak_rss_mb"]),
+        ("PRISM influence", p["influence_ms"], p["index_seconds"] + p["influence_seconds"],
+         p["influence_bytes_per_example"], p["peak_rss_mb"]),
+        ("EK-FAC (Kronfluence)", e["ms"], e["fit_seconds"], e["bytes_per_example"], e["peak_rss_mb"]),
+        ("LoGra (dattri)", g["ms"], g["fit_seconds"], g["bytes_per_example"], g["peak_rss_mb"]),
+    ]
+    for name, ms, fit, per, rss in table:
+        print(f"{name:<22}{ms:>12.1f}{fit:>12.1f}{per:>15.0f}{rss:>13.0f}")
+    print(f"plain forward of a query: {p['forward_ms']:.1f} ms; attribution / forward: neighbourhood "
+          f"{p['neighbourhood_ms'] / p['forward_ms']:.2f}, influence {p['influence_ms'] / p['forward_ms']:.2f}")
+    print(f"EK-FAC / PRISM influence latency: {e['ms'] / p['influence_ms']:.0f}x; "
+          f"LoGra / PRISM influence: {g['ms'] / p['influence_ms']:.1f}x; "
+          f"EK-FAC / PRISM neighbourhood: {e['ms'] / p['neighbourhood_ms']:.0f}x")
+    print("\nscaling (ms/query):")
+    print(f"{'examples':>10}{'neighbourhood':>15}{'influence':>12}{'EK-FAC':>12}{'LoGra':>12}")
+    for fraction in sorted(rows):
+        r = rows[fraction]
+        print(f"{r['prism']['n']:>10}{r['prism']['neighbourhood_ms']:>15.1f}{r['prism']['influence_ms']:>12.1f}"
+              f"{r['ekfac']['ms']:>12.1f}{r['logra']['ms']:>12.1f}")
+    figures = {
+        "candidates": n, "queries": args.queries, "example_tokens": args.length, "threads": args.threads,
+        "prism_neighbourhood_ms": p["neighbourhood_ms"], "prism_influence_ms": p["influence_ms"],
+        "ekfac_ms": e["ms"], "logra_ms": g["ms"], "forward_ms": p["forward_ms"],
+        "prism_index_s": p["index_seconds"], "prism_influence_build_s": p["influence_seconds"],
+        "ekfac_fit_s": e["fit_seconds"], "logra_fit_s": g["fit_seconds"],
+        "prism_neighbourhood_bytes_per_example": p["neighbourhood_bytes_per_example"],
+        "prism_influence_bytes_per_example": p["influence_bytes_per_example"],
+        "ekfac_bytes_per_example": e["bytes_per_example"], "logra_bytes_per_example": g["bytes_per_example"],
+        "prism_peak_rss_mb": p["peak_rss_mb"], "ekfac_peak_rss_mb": e["peak_rss_mb"],
+        "logra_peak_rss_mb": g["peak_rss_mb"],
+        "ratio_ekfac_vs_influence": e["ms"] / p["influence_ms"], "ratio_logra_vs_influence": g["ms"] / p["influence_ms"],
+        "ratio_ekfac_vs_neighbourhood": e["ms"] / p["neighbourhood_ms"],
+        "influence_over_forward": p["influence_ms"] / p["forward_ms"],
+        "neighbourhood_over_forward": p["neighbourhood_ms"] / p["forward_ms"],
+        "wall_s": wall,
+    }
+    for fraction in sorted(rows):
+        pct = round(100 * fraction)
+        for key, value in (("neighbourhood", rows[fraction]["prism"]["neighbourhood_ms"]),
+                           ("influence", rows[fraction]["prism"]["influence_ms"]),
+                           ("ekfac", rows[fraction]["ekfac"]["ms"]), ("logra", rows[fraction]["logra"]["ms"])):
+            figures[f"{key}_ms_at_{pct}pct"] = value
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
+
+
+if __name__ == "__main__":
+    main()
