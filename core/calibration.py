@@ -18,7 +18,8 @@ g = max(0, 1 + delta) with delta trained by Adam and shrunk towards 0 after ever
 soft threshold (a proximal step for the L1 penalty), so prototypes the task does not need
 keep a gain of exactly 1 and the controller stays sparse. Optionally (``dev`` > 0) part of
 the calibration split picks the best step (early stopping); on the demo tasks that hurt
-(wordnet_pos: +7.5 points held-out without it, +0.0 with dev=0.2), so it is off by default. The model's weights are never
+(wordnet_pos: +7.5 points held-out without it, +0.0 with dev=0.2), so it is off by
+default. The model's weights are never
 touched: the gains reach it as the per-call ``prototype_gains`` argument, and held-out
 accuracy before and after is measured with real forward passes through :func:`evaluate_task`.
 """
@@ -433,7 +434,8 @@ def calibrate(
             right += _cached_accuracy(dev_cache, vector, values, embedding) * len(dev_items)
         return right / len(calibration)
 
-    calibration_before, calibration_after = calibration_accuracy(torch.ones_like(applied)), calibration_accuracy(applied)
+    calibration_before = calibration_accuracy(torch.ones_like(applied))
+    calibration_after = calibration_accuracy(applied)
     tick()
     return CalibrationResult(
         controls=controls,

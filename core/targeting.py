@@ -78,7 +78,9 @@ def _check_top(top: int) -> None:
         raise TargetingError(f"top must be a positive integer, got {top!r}")
 
 
-def target_by_ids(ids: Sequence[int], index: PrototypeIndex | None = None, num_prototypes: int | None = None) -> list[Target]:
+def target_by_ids(
+    ids: Sequence[int], index: PrototypeIndex | None = None, num_prototypes: int | None = None
+) -> list[Target]:
     """The given prototypes, in the given order, described from the index when there is one."""
     total = index.num_prototypes if index is not None else num_prototypes
     targets = []
@@ -106,7 +108,8 @@ def target_by_label(bundle_dir_or_index: str | Path | PrototypeIndex, text: str,
     found = [pid for pid, label in index.labels.items() if needle in str(label).lower()]
     found.sort(key=lambda pid: (-int(index.usage_count[pid]), pid))
     return [
-        Target(pid, float(index.usage_share[pid]), f"label {index.label(pid)!r} contains {text!r}", _examples(index, pid))
+        Target(pid, float(index.usage_share[pid]), f"label {index.label(pid)!r} contains {text!r}",
+               _examples(index, pid))
         for pid in found[:top]
     ]
 

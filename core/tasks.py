@@ -113,7 +113,9 @@ def load_behaviour(path: str | Path) -> Behaviour:
     try:
         re.compile(data["pattern"])
     except re.error as err:
-        raise BehaviourError(f"behaviour file {p}: pattern {data['pattern']!r} is not a regular expression ({err})")
+        raise BehaviourError(
+            f"behaviour file {p}: pattern {data['pattern']!r} is not a regular expression ({err})"
+        ) from None
     lists = {f: tuple(str(x) for x in data[f]) for f in fields[3:7]}
     return Behaviour(name=str(data["name"]), description=str(data["description"]), pattern=data["pattern"],
                      source=str(data["source"]), words=tuple(str(w) for w in data.get("words", [])), **lists)
@@ -372,7 +374,9 @@ def boilerplate_behaviour(validation: dict[str, list[dict]], seed: int) -> dict:
     }
 
 
-def _neutral_prompts(validation: dict[str, list[dict]], exclude: str, rng: random.Random, per_source: int = 8) -> list[str]:
+def _neutral_prompts(
+    validation: dict[str, list[dict]], exclude: str, rng: random.Random, per_source: int = 8
+) -> list[str]:
     prompts = []
     for source in sorted(validation):
         if source == exclude:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.cli import main
 from core.control import Controls, ControlsError, control_kwargs, load_controls
 from core.generation import generate_text
 from core.index import build_index, load_index
-from core.tasks import BehaviourError, build_behaviours, build_tasks, load_behaviour
 from core.targeting import (
     TargetingError,
     activation_profile,
@@ -24,7 +24,7 @@ from core.targeting import (
     target_by_label,
     target_by_query,
 )
-from core.cli import main
+from core.tasks import BehaviourError, build_behaviours, build_tasks, load_behaviour
 
 from .conftest import demo_rows
 
@@ -143,7 +143,8 @@ def test_demo_assets_are_reproducible(tmp_path):
     counts = build_tasks(REPO / "assets" / "corpus", tmp_path / "tasks")
     assert all(n >= 200 for n in counts.values()), counts
     for name in counts:
-        assert (tmp_path / "tasks" / f"{name}.jsonl").read_bytes() == (REPO / "assets" / "tasks" / f"{name}.jsonl").read_bytes()
+        built = (tmp_path / "tasks" / f"{name}.jsonl").read_bytes()
+        assert built == (REPO / "assets" / "tasks" / f"{name}.jsonl").read_bytes()
     build_behaviours(REPO / "assets" / "corpus", tmp_path / "behaviours")
     for path in sorted((REPO / "assets" / "behaviours").glob("*.json")):
         assert (tmp_path / "behaviours" / path.name).read_bytes() == path.read_bytes()
