@@ -203,15 +203,17 @@ def logra_scores(
     layers = [name for name, module in wrapped.named_modules() if isinstance(module, torch.nn.Linear)]
     task = AttributionTask(loss_func=lambda m, batch, device: m(**batch).loss, model=wrapped,
                            checkpoints=wrapped.state_dict())
-    attributor = LoGraAttributor(task=task, layer_names=layers, device="cpu", hessian="eFIM", damping=None,
-                                 proj_dim=proj_dim, offload="cpu")
     train_loader = DataLoader(train, batch_size=train_batch_size, shuffle=False)
     query_loader = DataLoader(queries, batch_size=query_batch_size, shuffle=False)
-    t0 = time.perf_counter()
-    attributor.cache(train_loader)
-    t1 = time.perf_counter()
-    scores = attributor.attribute(train_loader, query_loader)  # (N, Q); computes query gradients itself
-    t2 = time.perf_counter()
+    # dattri writes its batch metadata into cache_dir (the working directory by default).
+    with tempfile.TemporaryDirectory(prefix="prism-logra-") as cache_dir:
+        attributor = LoGraAttributor(task=task, layer_names=layers, device="cpu", hessian="eFIM", damping=None,
+                                     proj_dim=proj_dim, offload="cpu", cache_dir=cache_dir)
+        t0 = time.perf_counter()
+        attributor.cache(train_loader)
+        t1 = time.perf_counter()
+        scores = attributor.attribute(train_loader, query_loader)  # (N, Q); computes query gradients itself
+        t2 = time.perf_counter()
     return BaselineResult(scores.T.double().cpu().numpy(), t1 - t0, t2 - t1, 4.0 * proj_dim * len(layers))
 
 
