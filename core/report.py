@@ -248,6 +248,18 @@ def _token_strip(trace: dict) -> str:
     return "".join(chips)
 
 
+
+def _examples_table(examples: list[dict]) -> str:
+    """Ranked training examples as an HTML table; every corpus string escaped."""
+    rows = "".join(
+        f'<tr><td class="num">{rank}</td><td class="num">{e["score"]:.4f}</td><td>{_esc(e["doc_id"])}</td>'
+        f'<td>{_esc(e["source"])}</td><td class="num">{e["prototype"]}</td><td class="snippet">'
+        f'{highlighted_snippet(e["snippet"], e["highlight_start"], e["highlight_end"])}</td></tr>'
+        for rank, e in enumerate(examples, start=1)
+    )
+    return (f'<table><tr><th>#</th><th>score</th><th>document</th><th>source</th><th>prototype</th>'
+            f'<th>snippet</th></tr>{rows}</table>')
+
 def _trace_html(number: int, trace: dict, examples_per_token: int) -> str:
     out = [f'<h2>Trace {number + 1}</h2>',
            f'<p><b>Prompt</b></p><pre>{_esc(trace["prompt"])}</pre>',
@@ -278,25 +290,11 @@ def _trace_html(number: int, trace: dict, examples_per_token: int) -> str:
                        f'<th>probability</th></tr>{alts}</table></details>')
         examples = t.get("examples", [])[:examples_per_token]
         if examples:
-            rows = "".join(
-                f'<tr><td class="num">{rank}</td><td class="num">{e["score"]:.4f}</td><td>{_esc(e["doc_id"])}</td>'
-                f'<td>{_esc(e["source"])}</td><td class="num">{e["prototype"]}</td><td class="snippet">'
-                f'{highlighted_snippet(e["snippet"], e["highlight_start"], e["highlight_end"])}</td></tr>'
-                for rank, e in enumerate(examples, start=1)
-            )
-            out.append(f'<details open><summary>Training examples behind this token</summary><table><tr><th>#</th>'
-                       f'<th>score</th><th>document</th><th>source</th><th>prototype</th><th>snippet</th></tr>'
-                       f'{rows}</table></details>')
+            out.append(f'<details open><summary>Training examples behind this token</summary>'
+                       f'{_examples_table(examples)}</details>')
     ranked = trace.get("examples", [])
     if ranked:
-        rows = "".join(
-            f'<tr><td class="num">{rank}</td><td class="num">{e["score"]:.4f}</td><td>{_esc(e["doc_id"])}</td>'
-            f'<td>{_esc(e["source"])}</td><td class="num">{e["prototype"]}</td><td class="snippet">'
-            f'{highlighted_snippet(e["snippet"], e["highlight_start"], e["highlight_end"])}</td></tr>'
-            for rank, e in enumerate(ranked, start=1)
-        )
-        out.append(f'<h3>Training examples over the whole completion</h3><table><tr><th>#</th><th>score</th>'
-                   f'<th>document</th><th>source</th><th>prototype</th><th>snippet</th></tr>{rows}</table>')
+        out.append(f"<h3>Training examples over the whole completion</h3>{_examples_table(ranked)}")
     return "".join(out)
 
 
