@@ -145,6 +145,18 @@ def _distractors(rng: random.Random, pool: list[str], correct: str, n: int = 3) 
     return rng.sample(options, n) if len(options) >= n else None
 
 
+def _items_against_pool(rng: random.Random, entries: list[tuple[str, str]], name: str, limit: int) -> list[dict]:
+    """(prompt, answer) pairs -> items whose three distractors are other entries' answers."""
+    pool = [answer for _, answer in entries]
+    items = []
+    for n, (prompt, answer) in enumerate(entries):
+        others = _distractors(rng, pool, answer)
+        if others:
+            items.append(_item(rng, f"{name}/{n}", prompt, answer, others))
+    rng.shuffle(items)
+    return items[:limit]
+
+
 def wordnet_pos_items(docs: list[dict], rng: random.Random, limit: int) -> list[dict]:
     """The words of an entry -> its part of speech among the four."""
     entries = []
@@ -191,14 +203,7 @@ def debian_section_items(docs: list[dict], rng: random.Random, limit: int) -> li
         m = re.match(r"^Package: (\S+)\nSection: (\S+)", doc["text"])
         if m:
             entries.append((f"Package: {m.group(1)}\nSection:", " " + m.group(2)))
-    pool = [s for _, s in entries]
-    items = []
-    for n, (prompt, section) in enumerate(entries):
-        others = _distractors(rng, pool, section)
-        if others:
-            items.append(_item(rng, f"debian_section/{n}", prompt, section, others))
-    rng.shuffle(items)
-    return items[:limit]
+    return _items_against_pool(rng, entries, "debian_section", limit)
 
 
 def shakespeare_speaker_items(docs: list[dict], rng: random.Random, limit: int) -> list[dict]:
@@ -255,14 +260,7 @@ def debian_items(docs: list[dict], rng: random.Random, limit: int) -> list[dict]
         m = re.match(r"^Package: (\S+)\nSection: (\S+)\nDescription: (.+)$", doc["text"], flags=re.MULTILINE)
         if m:
             entries.append((f"Package: {m.group(1)}\nSection: {m.group(2)}\nDescription:", " " + m.group(3).strip()))
-    pool = [d for _, d in entries]
-    items = []
-    for n, (prompt, description) in enumerate(entries):
-        others = _distractors(rng, pool, description)
-        if others:
-            items.append(_item(rng, f"debian/{n}", prompt, description, others))
-    rng.shuffle(items)
-    return items[:limit]
+    return _items_against_pool(rng, entries, "debian", limit)
 
 
 def _speeches(text: str) -> list[str]:
