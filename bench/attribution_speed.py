@@ -3,19 +3,23 @@
 Same candidate training examples (documents of the demo corpus cut to --length tokens, evenly
 spread over the training split) and the same queries (held-out documents: a prompt of 24
 tokens and a completion of 8) for every method. Each method runs in its own process so that
-its peak RSS is its own (model load included):
+its peak RSS is its own (model load included), and the one-time pass runs apart from the
+queries, so that "query RSS" is what an attribution process holds:
 
-- PRISM: the index pass on the candidate corpus (neighbourhoods, then influence factors over
-  every candidate token, rank --rank), then per-query latency of
+- PRISM: the index pass on the candidate corpus (neighbourhoods, then influence factors:
+  curvature blocks from --fit-tokens sampled positions, a coefficient for every candidate
+  document, rank --rank); then, in a fresh process, per-query latency of
   attribute(method="neighbourhood") and attribute(method="influence"), one query at a time;
-- EK-FAC (Kronfluence) on the dense twin: factor fitting, then pairwise scores for all queries
-  in one batch (its per-query latency is the batch time / queries);
+- EK-FAC (Kronfluence) on the dense twin: factors fitted on the first --fit-tokens tokens of
+  the candidates; then, in a fresh process, pairwise scores of all queries against every
+  candidate in one batch (its per-query latency is the batch time / queries, which flatters
+  it: one query alone pays the whole pass over the candidates' gradients);
 - LoGra (dattri) on the dense twin: the gradient store, sized to PRISM's bytes per example.
 
 Also: a plain forward pass of each query on the PRISM model (attribution / forward ratio) and
 latency at 25%, 50%, 100% of the candidate set. Prints a table, then one JSON line.
 
-    nice -n 5 python bench/attribution_speed.py --candidates 96
+    python bench/attribution_speed.py --candidates 8192
 """
 
 from __future__ import annotations
@@ -83,13 +87,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_prism(args, corpus: dict, queries: list[dict], work: str, out) -> None:
+def build_prism(args, corpus: dict, work: str, out) -> None:
+    """PRISM's one-time pass: the index and the influence factors over the candidate corpus."""
     import torch
 
-    from core.attribution import attribute
-    from core.bundle import load_bundle
-    from core.index import build_index, load_index
-    from core.influence import InfluenceArguments, build_influence, load_influence
+    from core.index import build_index
+    from core.influence import InfluenceArguments, build_influence
 
     torch.set_num_threads(args.threads)
     bundle_dir = Path(work) / f"prism-{corpus['n']}"
@@ -97,15 +100,32 @@ def run_prism(args, corpus: dict, queries: list[dict], work: str, out) -> None:
     t0 = time.perf_counter()
     build_index(bundle_dir, corpus["path"], batch_size=8, show_progress=False)
     t1 = time.perf_counter()
+    # Every candidate document is kept (top_documents=None) so that any of them can be scored;
+    # the curvature blocks come from a sample of --fit-tokens positions, as EK-FAC's factors do.
     build_influence(bundle_dir, corpus["path"], InfluenceArguments(rank=args.rank, top_documents=None,
-                                                                   curvature_tokens=None), show_progress=False)
+                                                                   curvature_tokens=args.fit_tokens),
+                    show_progress=False)
     t2 = time.perf_counter()
+    out.put({"bundle": str(bundle_dir), "index_seconds": t1 - t0, "influence_seconds": t2 - t1,
+             "build_peak_rss_mb": peak_rss_mb()})
+
+
+def query_prism(args, corpus: dict, queries: list[dict], bundle_dir: str, out) -> None:
+    """Per-query latency of both PRISM methods, in a fresh process: its peak RSS is what a
+    user's attribution process holds (model, index, factors), not the build's."""
+    import torch
+
+    from core.attribution import attribute
+    from core.bundle import load_bundle
+    from core.index import load_index
+    from core.influence import load_influence
+
+    torch.set_num_threads(args.threads)
+    bundle_dir = Path(bundle_dir)
     bundle, index, influence = load_bundle(bundle_dir), load_index(bundle_dir), load_influence(bundle_dir)
     index_bytes = sum(f.stat().st_size for f in (bundle_dir / "index").iterdir() if f.name != "influence.safetensors")
-    influence_bytes = influence.stored_bytes()
-    result = {"index_seconds": t1 - t0, "influence_seconds": t2 - t1, "n": corpus["n"],
-              "neighbourhood_bytes_per_example": index_bytes / corpus["n"],
-              "influence_bytes_per_example": (index_bytes + influence_bytes) / corpus["n"]}
+    result = {"n": corpus["n"], "neighbourhood_bytes_per_example": index_bytes / corpus["n"],
+              "influence_bytes_per_example": (index_bytes + influence.stored_bytes()) / corpus["n"]}
     for method in ("neighbourhood", "influence"):
         q0 = queries[0]
         attribute(bundle, index, q0["prompt"], q0["completion"], method=method, influence=influence)  # warm-up
@@ -127,22 +147,71 @@ def run_prism(args, corpus: dict, queries: list[dict], work: str, out) -> None:
     out.put(result)
 
 
-def run_baseline(args, method: str, token_ids: list, queries: list[dict], proj_dim: int, out) -> None:
-    import torch
+def run_prism(args, corpus: dict, queries: list[dict], work: str) -> dict:
+    build = in_child(build_prism, args, corpus, work)
+    result = in_child(query_prism, args, corpus, queries, build["bundle"])
+    shutil.rmtree(build.pop("bundle"), ignore_errors=True)
+    return {**result, **build}
 
-    from core.baselines import ekfac_scores, logra_scores, query_examples, training_examples
+
+def _dense_examples(args, token_ids: list, queries: list[dict]):
+    from core.baselines import query_examples, training_examples
     from core.bundle import load_bundle
 
-    torch.set_num_threads(args.threads)
     dense = load_bundle(args.dense)
     train = training_examples(token_ids)
     query = query_examples([q["prompt_ids"] for q in queries], [q["completion_ids"] for q in queries],
                            dense.tokenizer.eos_token_id)
-    if method == "ekfac":
-        r = ekfac_scores(dense.model, train, query, train_batch_size=8, query_batch_size=len(queries))
-    else:
-        r = logra_scores(dense.model, train, query, proj_dim=proj_dim, train_batch_size=8,
-                         query_batch_size=len(queries))
+    return dense, train, query
+
+
+def fit_ekfac(args, token_ids: list, queries: list[dict], factors_dir: str, out) -> None:
+    """EK-FAC's one-time pass: factors fitted on the first --fit-tokens tokens of the candidates."""
+    import torch
+    from torch.utils.data import Subset
+
+    from core.baselines import ekfac_fit
+
+    torch.set_num_threads(args.threads)
+    dense, train, _ = _dense_examples(args, token_ids, queries)
+    sample = Subset(train, range(min(len(train), max(1, args.fit_tokens // args.length))))
+    seconds = ekfac_fit(dense.model, sample, factors_dir, train_batch_size=8)
+    out.put({"fit_seconds": seconds, "fit_examples": len(sample), "fit_peak_rss_mb": peak_rss_mb()})
+
+
+def score_ekfac(args, token_ids: list, queries: list[dict], factors_dir: str, out) -> None:
+    """EK-FAC scores of every query against every candidate, in a fresh process (query-time RSS)."""
+    import torch
+
+    from core.baselines import ekfac_pairwise
+
+    torch.set_num_threads(args.threads)
+    dense, train, query = _dense_examples(args, token_ids, queries)
+    _, seconds = ekfac_pairwise(dense.model, train, query, factors_dir, train_batch_size=8,
+                                query_batch_size=len(queries))
+    out.put({"ms": 1000 * seconds / len(queries), "bytes_per_example": 0.0, "peak_rss_mb": peak_rss_mb(),
+             "n": len(token_ids)})
+
+
+def run_ekfac(args, token_ids: list, queries: list[dict], work: Path) -> dict:
+    factors_dir = work / f"ekfac-{len(token_ids)}"
+    fit = in_child(fit_ekfac, args, token_ids, queries, str(factors_dir))
+    result = in_child(score_ekfac, args, token_ids, queries, str(factors_dir))
+    shutil.rmtree(factors_dir, ignore_errors=True)
+    return {**result, **fit}
+
+
+def run_logra(args, token_ids: list, queries: list[dict], proj_dim: int, out) -> None:
+    """LoGra: the gradient store of every candidate, then scores; one process, so its peak RSS
+    covers both (its store lives in memory)."""
+    import torch
+
+    from core.baselines import logra_scores
+
+    torch.set_num_threads(args.threads)
+    dense, train, query = _dense_examples(args, token_ids, queries)
+    r = logra_scores(dense.model, train, query, proj_dim=proj_dim, train_batch_size=8,
+                     query_batch_size=len(queries))
     out.put({"fit_seconds": r.fit_seconds, "ms": 1000 * r.score_seconds / len(queries),
              "bytes_per_example": r.bytes_per_example, "peak_rss_mb": peak_rss_mb(), "n": len(token_ids)})
 
@@ -168,6 +237,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16, help="PRISM influence rank per prototype block")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fit-tokens", type=int, default=65_536,
+                        help="candidate tokens sampled for the curvature of PRISM influence and of EK-FAC")
     parser.add_argument("--logra-side", type=int, default=32, help="cap on LoGra's per-layer projection side")
     args = parser.parse_args()
     t_start = time.time()
@@ -178,13 +249,13 @@ def main() -> None:
         for fraction in args.fractions:
             corpus = data["corpora"][fraction]
             n = corpus["n"]
-            prism = in_child(run_prism, args, corpus, data["queries"], str(work))
+            prism = run_prism(args, corpus, data["queries"], str(work))
             # LoGra's store at PRISM's bytes per example, capped at 32 x 32 per layer: its eFIM
             # preconditioner holds proj_dim^2 floats per layer (10 GB at 99 x 99 on 28 layers).
             side = max(1, int((prism["influence_bytes_per_example"] / 4 / (7 * _layers(args.dense))) ** 0.5))
             side = min(side, args.logra_side)
-            logra = in_child(run_baseline, args, "logra", data["token_ids"][:n], data["queries"], side * side)
-            ekfac = in_child(run_baseline, args, "ekfac", data["token_ids"][:n], data["queries"], 0)
+            logra = in_child(run_logra, args, data["token_ids"][:n], data["queries"], side * side)
+            ekfac = run_ekfac(args, data["token_ids"][:n], data["queries"], work)
             rows[fraction] = {"prism": prism, "logra": logra, "ekfac": ekfac}
             print(f"[{time.time() - t_start:6.0f} s] {fraction:.0%} ({n} examples) done: "
                   f"{json.dumps(rows[fraction])}", flush=True)
@@ -203,17 +274,21 @@ def report(rows: dict, args, wall: float) -> None:
     n = p["n"]
     print(f"\nAttribution speed, {n} candidate examples of {args.length} tokens, {args.queries} queries, "
           f"{args.threads} threads")
-    print(f"{'method':<22}{'ms/query':>12}{'one-time s':>12}{'bytes/example':>15}{'peak RSS MB':>13}")
+    print(f"{'method':<22}{'ms/query':>12}{'one-time s':>12}{'bytes/example':>15}{'query RSS MB':>14}"
+          f"{'one-time RSS MB':>17}")
     table = [
         ("PRISM neighbourhood", p["neighbourhood_ms"], p["index_seconds"], p["neighbourhood_bytes_per_example"],
-         p["peak_rss_mb"]),
+         p["peak_rss_mb"], p["build_peak_rss_mb"]),
         ("PRISM influence", p["influence_ms"], p["index_seconds"] + p["influence_seconds"],
-         p["influence_bytes_per_example"], p["peak_rss_mb"]),
-        ("EK-FAC (Kronfluence)", e["ms"], e["fit_seconds"], e["bytes_per_example"], e["peak_rss_mb"]),
-        ("LoGra (dattri)", g["ms"], g["fit_seconds"], g["bytes_per_example"], g["peak_rss_mb"]),
+         p["influence_bytes_per_example"], p["peak_rss_mb"], p["build_peak_rss_mb"]),
+        ("EK-FAC (Kronfluence)", e["ms"], e["fit_seconds"], e["bytes_per_example"], e["peak_rss_mb"],
+         e["fit_peak_rss_mb"]),
+        ("LoGra (dattri)", g["ms"], g["fit_seconds"], g["bytes_per_example"], g["peak_rss_mb"], g["peak_rss_mb"]),
     ]
-    for name, ms, fit, per, rss in table:
-        print(f"{name:<22}{ms:>12.1f}{fit:>12.1f}{per:>15.0f}{rss:>13.0f}")
+    for name, ms, fit, per, rss, fit_rss in table:
+        print(f"{name:<22}{ms:>12.1f}{fit:>12.1f}{per:>15.0f}{rss:>14.0f}{fit_rss:>17.0f}")
+    print(f"curvature fitted on {args.fit_tokens:,} candidate tokens ({e['fit_examples']} examples) for EK-FAC and "
+          f"PRISM influence; LoGra's store and scores run in one process (one RSS for both)")
     print(f"plain forward of a query: {p['forward_ms']:.1f} ms; attribution / forward: neighbourhood "
           f"{p['neighbourhood_ms'] / p['forward_ms']:.2f}, influence {p['influence_ms'] / p['forward_ms']:.2f}")
     print(f"EK-FAC / PRISM influence latency: {e['ms'] / p['influence_ms']:.0f}x; "
@@ -235,6 +310,8 @@ def report(rows: dict, args, wall: float) -> None:
         "prism_influence_bytes_per_example": p["influence_bytes_per_example"],
         "ekfac_bytes_per_example": e["bytes_per_example"], "logra_bytes_per_example": g["bytes_per_example"],
         "prism_peak_rss_mb": p["peak_rss_mb"], "ekfac_peak_rss_mb": e["peak_rss_mb"],
+        "prism_build_peak_rss_mb": p["build_peak_rss_mb"], "ekfac_fit_peak_rss_mb": e["fit_peak_rss_mb"],
+        "ekfac_fit_examples": e["fit_examples"], "fit_tokens": args.fit_tokens,
         "logra_peak_rss_mb": g["peak_rss_mb"],
         "ratio_ekfac_vs_influence": e["ms"] / p["influence_ms"], "ratio_logra_vs_influence": g["ms"] / p["influence_ms"],
         "ratio_ekfac_vs_neighbourhood": e["ms"] / p["neighbourhood_ms"],

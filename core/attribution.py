@@ -326,15 +326,14 @@ def _decompose(
         bundle, text, prompt, completion, controls, max_new_tokens
     )
     ids = torch.tensor([prompt_ids + completion_ids], device=device)  # (1, T)
-    out = model(input_ids=ids[:, :-1], return_prototypes=True, **kwargs)  # the last token predicts nothing here
-    first = len(prompt_ids) - 1  # position whose output predicts the first completion token
-    logits = out.logits[0, first:].float()  # (n, V)
-    active = out.prototype_ids[0, first:]  # (n, k)
-    weights = out.prototype_weights[0, first:]  # (n, k)
-    hidden = out.head_hidden
-    if hidden is None:
-        hidden = model.model(input_ids=ids[:, :-1]).last_hidden_state
-    hidden = hidden[0, first:]  # (n, d)
+    # The last token predicts nothing here; the head and the unembedding run only on the n
+    # positions that predict a completion token (the prompt's logits are never needed).
+    n = len(completion_ids)
+    out = model(input_ids=ids[:, :-1], return_prototypes=True, logits_to_keep=n, **kwargs)
+    logits = out.logits[0].float()  # (n, V)
+    active = out.prototype_ids[0]  # (n, k)
+    weights = out.prototype_weights[0]  # (n, k)
+    hidden = out.head_hidden[0]  # (n, d)
     cosines = model.prototypes.cosine(hidden, hidden @ model.prototypes.keys.T).gather(1, active)  # (n, k)
     targets = torch.tensor(completion_ids, device=device)  # (n,)
     n_alt = min(top_alternatives, logits.shape[-1] - 1)
@@ -344,23 +343,20 @@ def _decompose(
     # (n, 1 + n_alt, k): slices of the chosen token, then of each alternative
     slices = prototype_slices(active, weights, model.prototypes.values, model.unembedding, token_ids)
     probs = logits.softmax(-1)  # (n, V)
-
+    # Python lists once: element-wise float() on tensors costs more than the forward pass.
+    order = slices[:, 0].argsort(dim=-1, descending=True)  # (n, k) strongest slice first
+    active_l, weights_l, cosines_l = (t.gather(1, order).tolist() for t in (active, weights, cosines))
+    slices_l = slices.gather(2, order[:, None, :].expand_as(slices)).tolist()  # (n, 1 + n_alt, k)
+    token_logits = logits.gather(1, token_ids).tolist()  # (n, 1 + n_alt)
+    token_probs = probs.gather(1, token_ids).tolist()
     records = []
-    for i in range(len(completion_ids)):
-        order = slices[i, 0].argsort(descending=True)  # strongest slice first
-        chosen = [
-            PrototypeSlice(int(active[i, j]), float(weights[i, j]), float(slices[i, 0, j]), float(cosines[i, j]))
-            for j in order.tolist()
-        ]
+    for i in range(n):
+        chosen = [PrototypeSlice(*fields) for fields in zip(active_l[i], weights_l[i], slices_l[i][0], cosines_l[i],
+                                                            strict=True)]
         alts = [
-            Alternative(
-                token=tok.decode([int(a)]),
-                token_id=int(a),
-                logit=float(logits[i, a]),
-                probability=float(probs[i, a]),
-                slices=[float(slices[i, 1 + m, j]) for j in order.tolist()],
-            )
-            for m, a in enumerate(alternatives[i].tolist())
+            Alternative(token=tok.decode([a]), token_id=a, logit=token_logits[i][1 + m],
+                        probability=token_probs[i][1 + m], slices=slices_l[i][1 + m])
+            for m, a in enumerate(token_ids[i, 1:].tolist())
         ]
         records.append(
             TokenDecomposition(
@@ -368,8 +364,8 @@ def _decompose(
                 context_tokens=len(prompt_ids) + i,
                 token=tok.decode([completion_ids[i]]),
                 token_id=completion_ids[i],
-                logit=float(logits[i, completion_ids[i]]),
-                probability=float(probs[i, completion_ids[i]]),
+                logit=token_logits[i][0],
+                probability=token_probs[i][0],
                 prototypes=chosen,
                 alternatives=alts,
             )
@@ -470,21 +466,37 @@ def rank_examples(index: PrototypeIndex, credit: _Credit, top: int) -> list[Exam
     if len(credit.values) == 0:
         return []
     documents = index.positions["document"][credit.rows]  # (C,)
-    docs, inverse = np.unique(documents, return_inverse=True)
+    docs, first, inverse = np.unique(documents, return_index=True, return_inverse=True)
     totals = np.bincount(inverse, weights=credit.values, minlength=len(docs))  # (D,)
-    doc_rows = np.array([index.documents[d]["doc_index"] for d in docs])
-    order = np.lexsort((doc_rows, -totals))[:top]
+    doc_rows = index.positions["doc_index"][credit.rows[first]]  # (D,)
+    order = np.lexsort((doc_rows, -totals))[:top]  # (top,) ranked documents
+    rank_of = np.full(len(docs), -1)
+    rank_of[order] = np.arange(len(order))
+    mine = rank_of[inverse] >= 0  # credit entries of the ranked documents
+    rank, rows, protos, values = rank_of[inverse[mine]], credit.rows[mine], credit.prototypes[mine], credit.values[mine]
+    best_row, n_rows = _best_per_group(rank, rows, values, len(order))
+    best_proto, _ = _best_per_group(rank, protos, values, len(order))
     examples = []
-    for d in order:
-        mine = inverse == d
-        rows, per_row = np.unique(credit.rows[mine], return_inverse=True)
-        best_row = int(rows[np.argmax(np.bincount(per_row, weights=credit.values[mine]))])
-        protos, per_proto = np.unique(credit.prototypes[mine], return_inverse=True)
-        best_proto = int(protos[np.argmax(np.bincount(per_proto, weights=credit.values[mine]))])
-        record = index.example(best_row)
+    for r, d in enumerate(order.tolist()):
+        record = index.example(int(best_row[r]))
         del record["token_id"], record["next_token_id"]
-        examples.append(Example(**record, score=float(totals[d]), prototype=best_proto, positions=len(rows)))
+        examples.append(Example(**record, score=float(totals[d]), prototype=int(best_proto[r]),
+                                positions=int(n_rows[r])))
     return examples
+
+
+def _best_per_group(group: np.ndarray, item: np.ndarray, values: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each group g < ``groups``: the item whose summed values are highest (ties: the
+    smallest item), and the number of distinct items; inputs are (C,) parallel arrays."""
+    keys = group.astype(np.int64) * (int(item.max()) + 1) + item
+    pairs, inverse = np.unique(keys, return_inverse=True)  # sorted by group, then item
+    sums = np.bincount(inverse, weights=values)
+    pair_group = pairs // (int(item.max()) + 1)
+    order = np.lexsort((-sums, pair_group))  # by group, highest sum first (stable: smallest item)
+    first = np.unique(pair_group[order], return_index=True)[1]
+    best = np.zeros(groups, dtype=np.int64)
+    best[pair_group[order][first]] = pairs[order][first] % (int(item.max()) + 1)
+    return best, np.bincount(pair_group, minlength=groups)
 
 
 def attribute(

@@ -106,24 +106,10 @@ class BaselineResult:
     bytes_per_example: float
 
 
-def ekfac_scores(
-    model,
-    train: LMExamples,
-    queries: LMExamples,
-    *,
-    strategy: str = "ekfac",
-    train_batch_size: int = 8,
-    query_batch_size: int = 32,
-    output_dir: str | Path | None = None,
-) -> BaselineResult:
-    """EK-FAC (or ``identity``/``diagonal``/``kfac``) influence through Kronfluence.
-
-    Raises:
-        BaselineError: kronfluence is not installed.
-    """
+def _kronfluence_analyzer(model, output_dir: str | Path):
+    """A Kronfluence task and analyzer over a trainable copy of ``model``, writing to ``output_dir``."""
     try:
         from kronfluence.analyzer import Analyzer, prepare_model
-        from kronfluence.arguments import FactorArguments, ScoreArguments
         from kronfluence.task import Task
         from kronfluence.utils.dataset import DataLoaderKwargs
     except ImportError as err:
@@ -138,22 +124,68 @@ def ekfac_scores(
 
     task = _Task()
     twin = prepare_model(_trainable_copy(model), task)
-    with tempfile.TemporaryDirectory(prefix="kronfluence-") as tmp:
-        analyzer = Analyzer(analysis_name="prism", model=twin, task=task, cpu=True, disable_tqdm=True,
-                            output_dir=str(output_dir or tmp), disable_model_save=True)
-        analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=0))
-        t0 = time.perf_counter()
-        analyzer.fit_all_factors(factors_name=strategy, dataset=train, per_device_batch_size=train_batch_size,
-                                 factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
-        t1 = time.perf_counter()
-        analyzer.compute_pairwise_scores(scores_name=strategy, factors_name=strategy, query_dataset=queries,
-                                         train_dataset=train, per_device_query_batch_size=query_batch_size,
-                                         per_device_train_batch_size=train_batch_size,
-                                         score_args=ScoreArguments(), overwrite_output_dir=True)
-        t2 = time.perf_counter()
-        scores = analyzer.load_pairwise_scores(strategy)["all_modules"].double().numpy()  # (Q, N)
+    analyzer = Analyzer(analysis_name="prism", model=twin, task=task, cpu=True, disable_tqdm=True,
+                        output_dir=str(output_dir), disable_model_save=True)
+    analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=0))
+    return analyzer
+
+
+def ekfac_fit(model, train: Dataset, output_dir: str | Path, *, strategy: str = "ekfac",
+              train_batch_size: int = 8) -> float:
+    """Fit Kronfluence's ``strategy`` factors on ``train`` into ``output_dir``; returns seconds.
+
+    The factors are a curvature estimate, so ``train`` may be a sample of the examples that
+    :func:`ekfac_pairwise` later scores (Kronfluence's own examples fit on subsets too).
+    """
+    analyzer = _kronfluence_analyzer(model, output_dir)  # raises BaselineError without kronfluence
+    from kronfluence.arguments import FactorArguments
+
+    t0 = time.perf_counter()
+    analyzer.fit_all_factors(factors_name=strategy, dataset=train, per_device_batch_size=train_batch_size,
+                             factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
+    return time.perf_counter() - t0
+
+
+def ekfac_pairwise(model, train: LMExamples, queries: LMExamples, output_dir: str | Path, *,
+                   strategy: str = "ekfac", train_batch_size: int = 8,
+                   query_batch_size: int = 32) -> tuple[np.ndarray, float]:
+    """(Q, N) influence scores (+ = helpful) of every training example on every query, from the
+    factors :func:`ekfac_fit` wrote into ``output_dir``; and the seconds it took."""
+    analyzer = _kronfluence_analyzer(model, output_dir)  # raises BaselineError without kronfluence
+    from kronfluence.arguments import ScoreArguments
+
+    t0 = time.perf_counter()
+    analyzer.compute_pairwise_scores(scores_name=strategy, factors_name=strategy, query_dataset=queries,
+                                     train_dataset=train, per_device_query_batch_size=query_batch_size,
+                                     per_device_train_batch_size=train_batch_size,
+                                     score_args=ScoreArguments(), overwrite_output_dir=True)
+    seconds = time.perf_counter() - t0
     # Kronfluence's pairwise score is g_q^T H^-1 g_train of the two losses: + = helpful already.
-    return BaselineResult(scores, t1 - t0, t2 - t1, 0.0)
+    return analyzer.load_pairwise_scores(strategy)["all_modules"].double().numpy(), seconds
+
+
+def ekfac_scores(
+    model,
+    train: LMExamples,
+    queries: LMExamples,
+    *,
+    strategy: str = "ekfac",
+    train_batch_size: int = 8,
+    query_batch_size: int = 32,
+    output_dir: str | Path | None = None,
+) -> BaselineResult:
+    """EK-FAC (or ``identity``/``diagonal``/``kfac``) influence through Kronfluence: factors
+    fitted on ``train``, then pairwise scores.
+
+    Raises:
+        BaselineError: kronfluence is not installed.
+    """
+    with tempfile.TemporaryDirectory(prefix="kronfluence-") as tmp:
+        out = output_dir or tmp
+        fit = ekfac_fit(model, train, out, strategy=strategy, train_batch_size=train_batch_size)
+        scores, seconds = ekfac_pairwise(model, train, queries, out, strategy=strategy,
+                                         train_batch_size=train_batch_size, query_batch_size=query_batch_size)
+    return BaselineResult(scores, fit, seconds, 0.0)
 
 
 class _SummedLoss(torch.nn.Module):
