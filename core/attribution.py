@@ -485,7 +485,9 @@ def rank_examples(index: PrototypeIndex, credit: _Credit, top: int) -> list[Exam
     return examples
 
 
-def _best_per_group(group: np.ndarray, item: np.ndarray, values: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+def _best_per_group(
+    group: np.ndarray, item: np.ndarray, values: np.ndarray, groups: int
+) -> tuple[np.ndarray, np.ndarray]:
     """For each group g < ``groups``: the item whose summed values are highest (ties: the
     smallest item), and the number of distinct items; inputs are (C,) parallel arrays."""
     keys = group.astype(np.int64) * (int(item.max()) + 1) + item

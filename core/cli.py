@@ -59,7 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     record = train(opts)
     summary = {k: record[k] for k in ("kind", "val_loss", "steps", "train_tokens", "tokens_per_second", "wall_seconds")}
     if record["skipped_rows"]:
-        print(f"prism: note: skipped {sum(record['skipped_rows'].values())} invalid corpus rows {record['skipped_rows']}",
+        skipped = record["skipped_rows"]
+        print(f"prism: note: skipped {sum(skipped.values())} invalid corpus rows {skipped}",
               file=sys.stderr)
     if args.twin_out:
         twin_opts = TrainOptions(**{**vars(opts), "dense": True, "out": args.twin_out, "tokenizer": args.out,
@@ -390,14 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code."""
+    from transformers.utils import logging as hf_logging
+
     from .bundle import BundleError
     from .control import ControlsError
     from .data import CorpusError
     from .index import IndexError_
     from .report import ReportError
     from .train import TrainingError
-
-    from transformers.utils import logging as hf_logging
 
     args = None
     try:

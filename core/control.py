@@ -104,7 +104,9 @@ class Controls:
                 raise ControlsError(f"gain of prototype {pid} must be a number, got {value!r}")
             gains[pid] = float(value)
         suppressed = data.get("suppressed", [])
-        if not isinstance(suppressed, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in suppressed):
+        if not isinstance(suppressed, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in suppressed
+        ):
             raise ControlsError('"suppressed" must be a list of prototype ids')
         return cls(
             gains=gains,

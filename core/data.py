@@ -163,7 +163,7 @@ def _generate(spec: str, want: str) -> Iterator[dict]:
     # Lists in gen_kwargs would be taken as shards by `datasets`, so the spec travels as JSON;
     # it includes the corpus fingerprint, which keys the Arrow cache to the files' bytes.
     spec = json.loads(spec)
-    corpus = [CorpusFile(Path(p), k, s) for p, k, s in zip(spec["files"], spec["kinds"], spec["splits"])]
+    corpus = [CorpusFile(Path(p), k, s) for p, k, s in zip(spec["files"], spec["kinds"], spec["splits"], strict=True)]
     validation = set(spec["validation_ids"])
     for row in iter_rows(corpus, Path(spec["root"])):
         split = row.pop("split") or ("validation" if row["id"] in validation else "train")
@@ -275,7 +275,7 @@ def pack(dataset: datasets.Dataset, tokenizer, seq_len: int, batch_size: int = 1
     def pack_batch(batch: dict, indices: list[int]) -> dict:
         enc = tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids, docs, offsets = [], [], []
-        for row, token_ids, spans in zip(indices, enc["input_ids"], enc["offset_mapping"]):
+        for row, token_ids, spans in zip(indices, enc["input_ids"], enc["offset_mapping"], strict=True):
             ids.extend(token_ids)
             ids.append(eos)
             docs.extend([row] * len(token_ids))
@@ -306,6 +306,6 @@ def token_counts_by_source(dataset: datasets.Dataset, tokenizer) -> dict[str, in
     for start in range(0, len(dataset), 2000):
         batch = dataset[start : start + 2000]
         lengths = [len(x) for x in tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]]
-        for source, n in zip(batch["source"], lengths):
+        for source, n in zip(batch["source"], lengths, strict=True):
             counts[source] = counts.get(source, 0) + n
     return counts

@@ -403,7 +403,6 @@ def _documents(model, packed, sequences: np.ndarray, whitening: torch.Tensor,
                                     head.keys, head.values, E)  # (n, k, 2d)
         k = active.shape[1]
         flat_ids = active[valid].reshape(-1)  # (n k,)
-        flat = grads.reshape(len(flat_ids), -1)
         coef = project(grads, active[valid], whitening).reshape(len(flat_ids), -1)  # (n k, r) V_j^T g
         score = (coef**2).sum(-1)  # each token's self-influence through each of its prototypes
         position = (seqs.to(device).unsqueeze(1) * T + torch.arange(T, device=device)).reshape(-1)[valid]

@@ -129,7 +129,9 @@ def test_python_dash_m_core_has_no_traceback(tmp_path):
     assert proc.stderr.strip().startswith("prism: error:") and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["generate", "--help"], ["corpus", "demo", "--help"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["train", "--help"], ["generate", "--help"], ["corpus", "demo", "--help"]]
+)
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

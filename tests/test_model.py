@@ -156,7 +156,8 @@ def test_generate_with_and_without_cache_agree(loaded):
     model, tok = loaded.model, loaded.tokenizer
     for prompt in ["HAMLET. To be", "json.dumps(obj)", "dog (noun):"]:
         ids = torch.tensor([tok(prompt)["input_ids"]])
-        kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id, attention_mask=torch.ones_like(ids))
+        kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id,
+                  attention_mask=torch.ones_like(ids))
         with_cache = model.generate(ids, use_cache=True, **kw)
         without = model.generate(ids, use_cache=False, **kw)
         assert torch.equal(with_cache, without)
