@@ -566,8 +566,8 @@ def attribute(
     if method == "influence":
         credits = influence.credit(bundle.model, tensors.hidden, tensors.ids, tensors.weights, tensors.targets,
                                    tensors.gains)
-        token_examples = [_influence_examples(influence, credit, top) for credit in credits]
-        overall = _influence_examples(influence, InfluenceCredit.concat(credits[start:end]), top)
+        *token_examples, overall = _influence_examples(
+            influence, [*credits, InfluenceCredit.concat(credits[start:end])], top)
     else:
         credits = []
         for token in dec.tokens:
@@ -589,10 +589,10 @@ def attribute(
     )
 
 
-def _influence_examples(influence: InfluenceFactors, credit: InfluenceCredit, top: int) -> list[Example]:
-    """Ranked documents of an influence credit as examples, with the best token marked."""
-    ranked = influence.rank(credit, top)
-    return [
-        Example(**record, score=r.score, prototype=r.prototype, positions=r.entries)
-        for r, record in zip(ranked, influence.describe(ranked), strict=True)
-    ]
+def _influence_examples(influence: InfluenceFactors, credits: list[InfluenceCredit], top: int) -> list[list[Example]]:
+    """Ranked documents of each influence credit as examples, with the best token marked (the
+    documents' texts are read from the corpus in one pass for all the credits)."""
+    ranked = [influence.rank(credit, top) for credit in credits]
+    records = iter(influence.describe([r for ranking in ranked for r in ranking]))
+    return [[Example(**next(records), score=r.score, prototype=r.prototype, positions=r.entries) for r in ranking]
+            for ranking in ranked]

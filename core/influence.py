@@ -697,16 +697,26 @@ class InfluenceFactors:
             return []
         docs, inverse = np.unique(credit.doc_index, return_inverse=True)
         totals = np.bincount(inverse, weights=credit.values, minlength=len(docs))
-        ranked = []
-        for d in np.lexsort((docs, -totals))[:top]:
-            mine = np.flatnonzero(inverse == d)
-            protos, per_proto = np.unique(credit.prototypes[mine], return_inverse=True)
-            by_proto = np.bincount(per_proto, weights=credit.values[mine])
-            best_proto = int(protos[np.argmax(by_proto)])
-            entry = mine[np.argmax(np.where(credit.prototypes[mine] == best_proto, credit.values[mine], -np.inf))]
-            ranked.append(RankedDocument(int(docs[d]), float(totals[d]), best_proto, int(credit.start[entry]),
-                                         int(credit.end[entry]), len(mine)))
-        return ranked
+        order = np.lexsort((docs, -totals))[:top]  # ranked documents
+        rank_of = np.full(len(docs), -1)
+        rank_of[order] = np.arange(len(order))
+        mine = np.flatnonzero(rank_of[inverse] >= 0)  # entries of the ranked documents
+        rank = rank_of[inverse[mine]]
+        protos, values = credit.prototypes[mine], credit.values[mine]
+        # the prototype with the highest summed credit per document (ties: the lower id) ...
+        pairs, per_pair = np.unique(rank * (int(protos.max()) + 1) + protos, return_inverse=True)
+        sums = np.bincount(per_pair, weights=values)
+        pair_rank, pair_proto = np.divmod(pairs, int(protos.max()) + 1)
+        by_rank = np.lexsort((-sums, pair_rank))
+        firsts = by_rank[np.unique(pair_rank[by_rank], return_index=True)[1]]
+        best_proto = pair_proto[firsts]  # (top,)
+        # ... and its highest-valued entry (ties: the first entry), whose token span is shown
+        candidate = np.where(protos == best_proto[rank], values, -np.inf)
+        by_entry = np.lexsort((-candidate, rank))
+        entry = mine[by_entry[np.unique(rank[by_entry], return_index=True)[1]]]  # (top,)
+        entries = np.bincount(rank, minlength=len(order))
+        return [RankedDocument(int(docs[d]), float(totals[d]), int(best_proto[r]), int(credit.start[entry[r]]),
+                               int(credit.end[entry[r]]), int(entries[r])) for r, d in enumerate(order.tolist())]
 
     def corpus(self):
         """The training corpus the factors were built from (loaded once), checked unchanged.
@@ -737,9 +747,13 @@ class InfluenceFactors:
         if not ranked:
             return []
         train = self.corpus().train
-        rows = train.select([r.doc_index for r in ranked])
+        unique = sorted({r.doc_index for r in ranked})
+        rows = train.select(unique)  # each document read once
+        row_of = {d: i for i, d in enumerate(unique)}
+        ids, sources, texts = rows["id"], rows["source"], rows["text"]
         records = []
-        for r, doc_id, source, text in zip(ranked, rows["id"], rows["source"], rows["text"], strict=True):
+        for r in ranked:
+            doc_id, source, text = (column[row_of[r.doc_index]] for column in (ids, sources, texts))
             begin = max(0, r.start)
             end = len(text) if r.end < 0 else max(begin, r.end)
             lo, hi = max(0, begin - SNIPPET_BEFORE), min(len(text), end + SNIPPET_AFTER)
