@@ -55,6 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         resume=args.resume,
         progress=not args.quiet,
+        overrides={"router_gradient": args.router_gradient} if args.router_gradient else {},
     )
     record = train(opts)
     summary = {k: record[k] for k in ("kind", "val_loss", "steps", "train_tokens", "tokens_per_second", "wall_seconds")}
@@ -305,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--twin-out", help="also train the dense twin on the same tokens into this folder")
     train.add_argument("--keep-checkpoints", action="store_true", help="keep OUT/checkpoints afterwards")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--router-gradient", choices=["active", "all"],
+                       help="all: straight-through gradient through every prototype's score while training "
+                            "(forward unchanged); default: active, the exact top-k gradient")
     train.set_defaults(func=cmd_train)
 
     gen = sub.add_parser("generate", help="generate text from a bundle")

@@ -28,6 +28,11 @@ class PrismConfig(PreTrainedConfig):
         diversity_margin: cosine above which two prototype keys are penalised.
         balance_weight: weight of the load-balance loss (no dead prototypes).
         reseed_interval: training steps between checks for dead prototypes (0 disables).
+        router_gradient: ``active``: training follows the exact gradient of the top-k head, so
+            a token's loss reaches only its k active prototypes; ``all``: a straight-through
+            estimator also passes the gradient through the softplus mixture of all P
+            prototypes, so that the hidden state learns to move towards prototypes outside its
+            active set that would help. The forward pass (and every slice) is the same.
     """
 
     model_type = "prism"
@@ -45,6 +50,7 @@ class PrismConfig(PreTrainedConfig):
     diversity_margin: float = 0.5
     balance_weight: float = 0.1
     reseed_interval: int = 100
+    router_gradient: str = "active"
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
@@ -61,6 +67,8 @@ class PrismConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not -1.0 <= self.diversity_margin <= 1.0:
             raise ValueError(f"diversity_margin is a cosine in [-1, 1], got {self.diversity_margin}")
+        if self.router_gradient not in ("active", "all"):
+            raise ValueError(f"router_gradient must be 'active' or 'all', got {self.router_gradient!r}")
         if self.reseed_interval < 0:
             raise ValueError(f"reseed_interval must be >= 0, got {self.reseed_interval}")
         # The tied unembedding is the backbone's input embedding; make the backbone agree.

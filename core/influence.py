@@ -37,8 +37,10 @@ tokens), + = helpful (upweighting D lowers the query loss), is
 so only blocks active in both the query and D contribute, and a query meets only documents
 with a token that shares one of its active prototypes. The index stores, per prototype, the
 r-vectors c_jD of its M documents with the largest self-influence |c_jD|^2 (the second memory
-bound; M = None keeps all). A query costs one forward pass, k (2d x r) products per token and
-one (M x r) product per active prototype.
+bound; M = None keeps all), as one list of entries sorted by prototype (``offsets[j]`` to
+``offsets[j + 1]`` are prototype j's), so a prototype used by few documents costs only those.
+A query costs one forward pass, k (2d x r) products per token and one (entries x r) product
+per active prototype, read in the stored precision.
 
 File: ``BUNDLE/index/influence.safetensors`` (safetensors only), its build arguments and the
 model and corpus fingerprints in the header; a mismatch is refused with the command to rebuild.
@@ -66,7 +68,7 @@ from .index import SNIPPET_AFTER, SNIPPET_BEFORE, IndexError_, index_dir
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: (P, M) tables padded with -1; 2: entries sorted by prototype with offsets
 INFLUENCE_FILE = "influence.safetensors"
 
 
@@ -515,8 +517,8 @@ def build_influence(
         "curvature_sequences": len(sample),
         "curvature_positions": sampled,
         "document_sequences": len(document_sample),
-        "documents": int(len(np.unique(arrays["doc_index"][arrays["doc_index"] >= 0]))),
-        "entries": int((arrays["doc_index"] >= 0).sum()),
+        "documents": int(len(np.unique(arrays["doc_index"]))),
+        "entries": int(len(arrays["doc_index"])),
         "curvature_seconds": round(t_curv, 3),
         "documents_seconds": round(t_docs, 3),
     }
@@ -529,27 +531,19 @@ def build_influence(
 
 def _to_arrays(table: dict[str, torch.Tensor] | None, whitening: torch.Tensor, values: torch.Tensor,
                lam: torch.Tensor, counts: torch.Tensor, P: int, rank: int, storage: str) -> dict[str, np.ndarray]:
-    """The (P, M) tables of kept documents and the per-prototype factors, as numpy arrays."""
+    """The kept (prototype, document) entries, sorted by prototype, and the per-prototype
+    factors, as numpy arrays."""
     np_store = {"float16": np.float16, "float32": np.float32, "float64": np.float64}[storage]
     if table is None:
-        table = {"proto": torch.zeros(0, dtype=torch.long)}
-    per_proto = torch.bincount(table["proto"], minlength=P)
-    M = max(1, int(per_proto.max())) if len(table["proto"]) else 1
-    doc_index = np.full((P, M), -1, dtype=np.int32)
-    start = np.zeros((P, M), dtype=np.int32)
-    end = np.zeros((P, M), dtype=np.int32)
-    coefficients = np.zeros((P, M, rank), dtype=np.float64)
-    self_influence = np.zeros((P, M), dtype=np.float32)
-    if len(table["proto"]):
-        proto = table["proto"].numpy()
-        slot = np.arange(len(proto)) - np.searchsorted(proto, proto)  # rows are sorted by prototype
-        doc_index[proto, slot] = table["doc"].numpy()
-        start[proto, slot] = table["start"].numpy()
-        end[proto, slot] = table["end"].numpy()
-        coefficients[proto, slot] = table["coef"].double().numpy()
-        self_influence[proto, slot] = table["key"].float().numpy()
+        table = {name: torch.zeros(0, dtype=torch.long) for name in ("proto", "doc", "start", "end")}
+        table.update(coef=torch.zeros(0, rank, dtype=torch.float64), key=torch.zeros(0))
+    proto = table["proto"].numpy()  # sorted by prototype, then self-influence
+    offsets = np.zeros(P + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(np.bincount(proto, minlength=P))
+    coefficients = table["coef"].double().numpy().reshape(len(proto), rank)
     # float16 keeps 3 significant digits but not the range: scale each prototype's rows to [-1, 1]
-    scale = np.abs(coefficients).reshape(P, -1).max(axis=1)
+    scale = np.zeros(P)
+    np.maximum.at(scale, proto, np.abs(coefficients).max(axis=1) if len(proto) else np.zeros(0))
     scale = np.where(scale > 0, scale, 1.0)
     w = whitening.numpy()
     w_scale = np.abs(w).reshape(P, -1).max(axis=1)
@@ -560,12 +554,13 @@ def _to_arrays(table: dict[str, torch.Tensor] | None, whitening: torch.Tensor, v
         "eigenvalues": values.numpy(),  # (P, r), zeros at full rank
         "damping": lam.numpy(),  # (P,)
         "curvature_count": counts.numpy().astype(np.int64),  # (P,)
-        "doc_index": doc_index,  # (P, M) training-split row, -1 empty
-        "char_start": start,  # (P, M) the best token of the document for this prototype
-        "char_end": end,  # (P, M), -1: to the end of the text
-        "coefficients": (coefficients / scale[:, None, None]).astype(np_store),  # (P, M, r)
+        "offsets": offsets,  # (P + 1,) prototype j's entries are offsets[j]:offsets[j + 1]
+        "doc_index": table["doc"].numpy().astype(np.int32),  # (N,) training-split row of each entry
+        "char_start": table["start"].numpy().astype(np.int32),  # (N,) the document's best token for j
+        "char_end": table["end"].numpy().astype(np.int32),  # (N,), -1: to the end of the text
+        "coefficients": (coefficients / scale[proto][:, None]).astype(np_store),  # (N, r)
         "coefficient_scale": scale,  # (P,)
-        "self_influence": self_influence,  # (P, M)
+        "self_influence": table["key"].float().numpy(),  # (N,)
     }
 
 
@@ -641,9 +636,12 @@ class InfluenceFactors:
         self.dtype = dtype
         self.whitening = torch.from_numpy(arrays["whitening"]).to(dtype) * torch.from_numpy(
             arrays["whitening_scale"]).to(dtype)[:, None, None]  # (P, 2d, r)
-        self.coefficients = torch.from_numpy(arrays["coefficients"]).to(dtype) * torch.from_numpy(
-            arrays["coefficient_scale"]).to(dtype)[:, None, None]  # (P, M, r)
-        self.doc_index = arrays["doc_index"]
+        # Entries stay in their stored precision (float16 for a default build): a query reads
+        # only its active prototypes' rows and widens those.
+        self.offsets = arrays["offsets"]  # (P + 1,)
+        self.coefficients = torch.from_numpy(arrays["coefficients"])  # (N, r), scaled per prototype
+        self.coefficient_scale = arrays["coefficient_scale"]  # (P,)
+        self.doc_index = arrays["doc_index"]  # (N,)
         self.char_start = arrays["char_start"]
         self.char_end = arrays["char_end"]
         self.eigenvalues, self.damping = arrays["eigenvalues"], arrays["damping"]
@@ -677,17 +675,22 @@ class InfluenceFactors:
         h, K, W, Em = hidden.to(dt), head.keys.to(dt), head.values.to(dt), E.to(dt)
         probs = head_probabilities(ids, weights.to(dt), W, Em)
         grads = prototype_gradients(h, ids, weights.to(dt), probs, targets, K, W, Em, gains)  # (n, k, 2d)
-        projected = project(grads, ids, self.whitening)  # (n, k, r) V_j^T g_qj
-        values = torch.einsum("nkmr,nkr->nkm", self.coefficients[ids], projected).double().numpy()  # (n, k, M)
+        projected = project(grads, ids, self.whitening).cpu()  # (n, k, r) V_j^T g_qj
         id_np = ids.cpu().numpy()
+        rows = {}  # prototype -> its entries' coefficients c_jD, widened once per query
         credits = []
         for i in range(len(id_np)):
-            docs = self.doc_index[id_np[i]]  # (k, M)
-            keep = docs >= 0
-            protos = np.broadcast_to(id_np[i][:, None], docs.shape)
-            credits.append(InfluenceCredit(docs[keep].astype(np.int64), protos[keep].astype(np.int64),
-                                           values[i][keep], self.char_start[id_np[i]][keep],
-                                           self.char_end[id_np[i]][keep]))
+            parts = []
+            for j, p in enumerate(id_np[i].tolist()):
+                lo, hi = int(self.offsets[p]), int(self.offsets[p + 1])
+                if p not in rows:
+                    rows[p] = self.coefficients[lo:hi].to(dt) * float(self.coefficient_scale[p])  # (m, r)
+                parts.append((lo, hi, p, (rows[p] @ projected[i, j]).double().numpy()))
+            entries = np.concatenate([np.arange(lo, hi) for lo, hi, _, _ in parts])
+            credits.append(InfluenceCredit(
+                self.doc_index[entries].astype(np.int64),
+                np.concatenate([np.full(hi - lo, p, dtype=np.int64) for lo, hi, p, _ in parts]),
+                np.concatenate([v for *_, v in parts]), self.char_start[entries], self.char_end[entries]))
         return credits
 
     @staticmethod
@@ -778,7 +781,7 @@ def load_influence(bundle_dir: str | Path) -> InfluenceFactors:
 
     with safe_open(str(path), framework="numpy") as f:
         meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in (1, FORMAT_VERSION):
         raise InfluenceError(f"{path} has format {meta.get('format_version')!r}, this version reads "
                              f"{FORMAT_VERSION}; rebuild it with {hint}")
     hint = _corpus_hint(bundle_dir, meta.get("corpus_path", "PATH"))
@@ -792,5 +795,21 @@ def load_influence(bundle_dir: str | Path) -> InfluenceFactors:
         if index_meta.get("corpus_fingerprint") != meta.get("corpus_fingerprint"):
             raise InfluenceError(f"the influence factors in {path.parent} were built from another corpus than the "
                                  f"index; rebuild both with {hint}")
-    return InfluenceFactors(bundle_dir, load_file(path), meta)
+    arrays = load_file(path)
+    if meta["format_version"] == 1:
+        arrays = _entries_from_tables(arrays)
+    return InfluenceFactors(bundle_dir, arrays, meta)
+
+
+def _entries_from_tables(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Format 1 (P, M) tables padded with -1 -> format 2 entries (same numbers, same order)."""
+    filled = arrays["doc_index"] >= 0  # (P, M); a prototype's entries fill its first slots
+    counts = filled.sum(axis=1)
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(counts)
+    out = {name: value for name, value in arrays.items() if name not in ("coefficients",)}
+    out.update({name: arrays[name][filled] for name in ("doc_index", "char_start", "char_end", "self_influence")})
+    out["coefficients"] = arrays["coefficients"][filled]  # (N, r)
+    out["offsets"] = offsets
+    return out
 

@@ -53,10 +53,11 @@ class PrototypeHead(nn.Module):
     the tiny preset 0.5-1.4 nats of validation loss against its dense twin in our probes.
     """
 
-    def __init__(self, num_prototypes: int, hidden_size: int, top_k: int):
+    def __init__(self, num_prototypes: int, hidden_size: int, top_k: int, router_gradient: str = "active"):
         super().__init__()
         self.num_prototypes = num_prototypes
         self.top_k = top_k
+        self.router_gradient = router_gradient
         self.keys = nn.Parameter(torch.empty(num_prototypes, hidden_size))
         self.values = nn.Parameter(torch.empty(num_prototypes, hidden_size))
         # How often each prototype was active since the last dead-prototype check. Updated in
@@ -83,6 +84,16 @@ class PrototypeHead(nn.Module):
         if gains is not None:
             weights = weights * gains[ids]
         mixed = mix_values(ids, weights, self.values)  # (N, d)
+        if self.training and self.router_gradient == "all" and torch.is_grad_enabled():
+            # Straight-through: the value of `mixed` is unchanged, its gradient also flows
+            # through the softplus mixture of every (unsuppressed) prototype.
+            every = F.softplus(scores)  # (N, P)
+            if suppressed is not None:
+                every = every.masked_fill(suppressed, 0.0)
+            if gains is not None:
+                every = every * gains
+            full = every @ self.values  # (N, d)
+            mixed = mixed + (full - full.detach())
         if self.training:
             with torch.no_grad():
                 self.usage_window += torch.bincount(ids.flatten(), minlength=self.num_prototypes)
@@ -183,7 +194,7 @@ class PrismForCausalLM(PrismPreTrainedModel, GenerationMixin):
         self.prototypes = (
             None
             if config.dense
-            else PrototypeHead(config.num_prototypes, hidden, config.prototype_top_k)
+            else PrototypeHead(config.num_prototypes, hidden, config.prototype_top_k, config.router_gradient)
         )
         self.post_init()
 

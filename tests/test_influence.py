@@ -166,6 +166,43 @@ def test_float16_storage_keeps_the_ranking(small_bundle, short_corpus, tmp_path)
     assert max(abs(exact[d] - half[d]) for d in exact) < 1e-2 * scale
 
 
+def test_format_1_factors_load_with_the_same_scores(small_bundle, short_corpus, tmp_path):
+    """Factors written as (P, M) tables padded with -1 (format 1) give the same scores as the
+    per-prototype entry lists of format 2."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    bundle_dir = copy_bundle(small_bundle, tmp_path / "v1")
+    build_influence(bundle_dir, short_corpus, InfluenceArguments(**{**EXACT, "rank": 8}), show_progress=False)
+    path = bundle_dir / "index" / "influence.safetensors"
+    arrays = load_file(path)
+    with safe_open(str(path), framework="numpy") as f:
+        meta = json.loads(f.metadata()["meta"])
+    per_entry = ("doc_index", "char_start", "char_end", "self_influence", "coefficients")
+    # Drop the last entry of every other prototype, so that format 1 needs padding.
+    offsets = arrays["offsets"]
+    keep = np.ones(offsets[-1], dtype=bool)
+    keep[offsets[1:][::2] - 1] = False
+    counts = np.add.reduceat(keep, offsets[:-1]) if len(keep) else np.zeros(len(offsets) - 1, dtype=int)
+    arrays = {**arrays, **{name: arrays[name][keep] for name in per_entry}}
+    arrays["offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    save_file(arrays, path, metadata={"meta": json.dumps(meta)})
+    current = scores_of(bundle_dir)
+    assert counts.min() < counts.max() and len(current) >= 2
+
+    offsets = arrays.pop("offsets")
+    P, M = len(counts), int(counts.max())
+    proto = np.repeat(np.arange(P), counts)
+    slot = np.arange(len(proto)) - offsets[proto]
+    for name in per_entry:
+        value = arrays[name]
+        table = np.full((P, M, *value.shape[1:]), -1 if name == "doc_index" else 0, dtype=value.dtype)
+        table[proto, slot] = value
+        arrays[name] = table
+    save_file(arrays, path, metadata={"meta": json.dumps({**meta, "format_version": 1})})
+    assert scores_of(bundle_dir) == pytest.approx(current, rel=1e-12, abs=1e-15)
+
+
 def test_stale_or_missing_factors_are_refused(small_bundle, short_corpus, tmp_path):
     bundle_dir = copy_bundle(small_bundle, tmp_path / "stale")
     with pytest.raises(InfluenceError, match="no influence factors.*prism index"):

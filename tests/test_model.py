@@ -208,3 +208,28 @@ def test_head_invariants(n, P, d, k_frac, seed, n_suppressed):
     # Sparse: the dense mixture weight vector has at most k non-zeros.
     dense = torch.zeros(n, P, dtype=torch.float64).scatter(1, act.ids, act.weights)
     assert ((dense != 0).sum(-1) <= k).all()
+
+
+def test_router_gradient_all_keeps_the_forward_and_reaches_inactive_prototypes():
+    """Straight-through routing: same logits and active sets; the loss's gradient reaches the
+    keys of prototypes outside every active set (with `active` it reaches none of them)."""
+    torch.manual_seed(0)
+    reference = PrismForCausalLM(tiny_config()).state_dict()
+    ids = torch.arange(24).view(2, 12) % 96 + 1
+    grads = {}
+    for mode in ("active", "all"):
+        model = PrismForCausalLM(tiny_config(router_gradient=mode))
+        model.load_state_dict(reference)
+        model.train()
+        out = model(input_ids=ids, labels=ids, return_prototypes=True)
+        out.loss.backward()
+        active = torch.zeros(24, dtype=torch.bool)
+        active[out.prototype_ids.flatten()] = True
+        grads[mode] = (out.logits.detach(), out.prototype_ids, model.prototypes.keys.grad.norm(dim=-1), active)
+    (logits_a, ids_a, key_grad_a, active_a), (logits_b, ids_b, key_grad_b, _) = grads["active"], grads["all"]
+    assert torch.equal(ids_a, ids_b) and torch.allclose(logits_a, logits_b, atol=1e-6)
+    assert (~active_a).any(), "the test needs a prototype that no position activated"
+    assert (key_grad_a[~active_a] == 0).all()
+    assert (key_grad_b[~active_a] > 0).all()
+    with pytest.raises(ValueError, match="router_gradient"):
+        tiny_config(router_gradient="some")
