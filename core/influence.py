@@ -676,35 +676,41 @@ class InfluenceFactors:
         probs = head_probabilities(ids, weights.to(dt), W, Em)
         grads = prototype_gradients(h, ids, weights.to(dt), probs, targets, K, W, Em, gains)  # (n, k, 2d)
         projected = project(grads, ids, self.whitening).cpu()  # (n, k, r) V_j^T g_qj
-        id_np = ids.cpu().numpy()
-        rows = {}  # prototype -> its entries' coefficients c_jD, widened once per query
-        credits = []
-        for i in range(len(id_np)):
-            parts = []
-            for j, p in enumerate(id_np[i].tolist()):
-                lo, hi = int(self.offsets[p]), int(self.offsets[p + 1])
-                if p not in rows:
-                    rows[p] = self.coefficients[lo:hi].to(dt) * float(self.coefficient_scale[p])  # (m, r)
-                parts.append((lo, hi, p, (rows[p] @ projected[i, j]).double().numpy()))
-            entries = np.concatenate([np.arange(lo, hi) for lo, hi, _, _ in parts])
-            credits.append(InfluenceCredit(
-                self.doc_index[entries].astype(np.int64),
-                np.concatenate([np.full(hi - lo, p, dtype=np.int64) for lo, hi, p, _ in parts]),
-                np.concatenate([v for *_, v in parts]), self.char_start[entries], self.char_end[entries]))
-        return credits
+        n, k = ids.shape
+        flat = ids.cpu().numpy().reshape(-1)  # (n k,) the (token, active prototype) pairs
+        starts, counts = self.offsets[flat], self.offsets[flat + 1] - self.offsets[flat]
+        owner = np.repeat(np.arange(n * k), counts)  # (N_q,) pair of each entry read
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        entries = np.repeat(starts - first, counts) + np.arange(int(counts.sum()))  # (N_q,) entry rows
+        scale = torch.from_numpy(self.coefficient_scale[flat[owner]]).to(dt)
+        coefficients = self.coefficients[torch.from_numpy(entries)].to(dt) * scale[:, None]  # (N_q, r) c_jD
+        values = (coefficients * projected.reshape(n * k, -1)[torch.from_numpy(owner)]).sum(-1).double().numpy()
+        bounds = np.searchsorted(owner, np.arange(0, n * k + 1, k))  # each token's slice of the entries
+        return [
+            InfluenceCredit(self.doc_index[entries[lo:hi]].astype(np.int64), flat[owner[lo:hi]].astype(np.int64),
+                            values[lo:hi], self.char_start[entries[lo:hi]], self.char_end[entries[lo:hi]])
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
 
     @staticmethod
     def rank(credit: InfluenceCredit, top: int) -> list[RankedDocument]:
         """Sum credit per document; the ``top`` documents, highest first (ties: lower row)."""
         if len(credit.values) == 0:
             return []
-        docs, inverse = np.unique(credit.doc_index, return_inverse=True)
-        totals = np.bincount(inverse, weights=credit.values, minlength=len(docs))
-        order = np.lexsort((docs, -totals))[:top]  # ranked documents
-        rank_of = np.full(len(docs), -1)
-        rank_of[order] = np.arange(len(order))
-        mine = np.flatnonzero(rank_of[inverse] >= 0)  # entries of the ranked documents
-        rank = rank_of[inverse[mine]]
+        # Sums by document row with bincount (no sort of the entries: a query's active
+        # prototypes can bring hundreds of thousands of them); only the candidates sort.
+        size = int(credit.doc_index.max()) + 1
+        by_doc = np.bincount(credit.doc_index, weights=credit.values, minlength=size)
+        docs = np.flatnonzero(np.bincount(credit.doc_index, minlength=size))  # credited documents, ascending
+        totals = by_doc[docs]
+        if len(docs) > top:  # keep the top scores and every tie with the last of them
+            cut = np.partition(-totals, top - 1)[top - 1]
+            docs, totals = docs[-totals <= cut], totals[-totals <= cut]
+        order = np.lexsort((docs, -totals))[:top]  # ranked documents (ties: lower row)
+        rank_of_doc = np.full(size, -1)
+        rank_of_doc[docs[order]] = np.arange(len(order))
+        mine = np.flatnonzero(rank_of_doc[credit.doc_index] >= 0)  # entries of the ranked documents
+        rank = rank_of_doc[credit.doc_index[mine]]
         protos, values = credit.prototypes[mine], credit.values[mine]
         # the prototype with the highest summed credit per document (ties: the lower id) ...
         pairs, per_pair = np.unique(rank * (int(protos.max()) + 1) + protos, return_inverse=True)
@@ -751,7 +757,7 @@ class InfluenceFactors:
             return []
         train = self.corpus().train
         unique = sorted({r.doc_index for r in ranked})
-        rows = train.select(unique)  # each document read once
+        rows = train[unique]  # each document read once, as lists (a column of a selection is lazy)
         row_of = {d: i for i, d in enumerate(unique)}
         ids, sources, texts = rows["id"], rows["source"], rows["text"]
         records = []
