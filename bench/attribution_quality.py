@@ -150,6 +150,7 @@ def lds(args, work: Path) -> dict:
     from scipy.stats import spearmanr
 
     from core.bundle import load_bundle
+    from core.data import load_corpus
 
     rows = demo_slice(args.lds_per_source, 400)
     held = demo_slice(2, 400, skip=args.lds_per_source)
@@ -167,12 +168,19 @@ def lds(args, work: Path) -> dict:
     for prompt, completion in queries:
         for method in ("neighbourhood", "influence"):
             predicted[method].append(methods.prism(method, prompt, completion))
+    # Halves of the full model's training split, written with the same validation documents as
+    # explicit split files, so that each retrained model sees exactly its half.
     doc_ids = methods.doc_ids
+    train_rows = [dict(r) for r in methods.train]
+    validation_rows = [dict(r) for r in load_corpus(corpus).validation]
     rng = np.random.default_rng(0)
-    masks = [rng.permutation(len(rows)) < len(rows) // 2 for _ in range(args.halves)]
+    masks = [rng.permutation(len(doc_ids)) < len(doc_ids) // 2 for _ in range(args.halves)]
     actual = {"prism": np.zeros((args.halves, len(queries))), "dense": np.zeros((args.halves, len(queries)))}
     for h, mask in enumerate(masks):
-        half = write_jsonl(work / f"half-{h}.jsonl", [r for r, keep in zip(rows, mask, strict=True) if keep])
+        half = work / f"half-{h}-corpus"
+        half.mkdir()
+        write_jsonl(half / "train.jsonl", [r for r, keep in zip(train_rows, mask, strict=True) if keep])
+        write_jsonl(half / "validation.jsonl", validation_rows)
         out = work / f"half-{h}"
         from core.train import TrainOptions, train
 
@@ -220,7 +228,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="attribution-quality-"))
     try:
         recall, latency = canaries(args, work)
-        print(f"[{time.time() - t0:.0f} s] canaries done", flush=True)
+        print(f"[{time.time() - t0:.0f} s] canaries done: recall@10 {json.dumps(recall)}, ms {json.dumps(latency)}",
+              flush=True)
         scores = {} if args.skip_lds else lds(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
