@@ -254,7 +254,9 @@ def _curvature(model, packed, sequences: np.ndarray, args: InfluenceArguments, d
     n_positions = 0
     for lo in range(0, P, chunk):
         hi = min(P, lo + chunk)
-        acc = torch.zeros(hi - lo, 2 * d, 2 * d, dtype=dtype, device=device)
+        # On the CPU the chunk accumulates in place, inside the (P, 2d, 2d) result.
+        acc = blocks[lo:hi] if device.type == "cpu" else torch.zeros(hi - lo, 2 * d, 2 * d, dtype=dtype,
+                                                                          device=device)
         desc = "influence: curvature" + (f" {lo}-{hi - 1}" if chunk < P else "")
         for seqs, ids, docs, _ in _batches(packed, sequences, args.batch_size, device, desc, progress):
             B, T = ids.shape
@@ -272,7 +274,8 @@ def _curvature(model, packed, sequences: np.ndarray, args: InfluenceArguments, d
             if lo == 0:
                 counts += torch.bincount(flat_ids.cpu(), minlength=P)
                 n_positions += int(valid.sum())
-        blocks[lo:hi] = acc.cpu()
+        if device.type != "cpu":
+            blocks[lo:hi] = acc.cpu()
     return blocks, counts, n_positions
 
 
