@@ -50,11 +50,14 @@ def prepare(args, work: Path) -> dict:
     tok = bundle.tokenizer
     corpus = load_corpus(args.corpus)
     train = corpus.train
-    picks, ids = [], []
+    picks, ids, seen = [], [], set()
     for i in np.linspace(0, len(train) - 1, args.candidates * 4).round().astype(int).tolist():
+        if i in seen:
+            continue
+        seen.add(i)
         row = train[i]
         tokens = tok(row["text"], add_special_tokens=False)["input_ids"]
-        if len(tokens) >= args.length and i not in picks:
+        if len(tokens) >= args.length:
             picks.append(i)
             ids.append(tokens[: args.length])
         if len(picks) == args.candidates:
