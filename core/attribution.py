@@ -40,7 +40,7 @@ import torch
 from .bundle import Bundle
 from .control import Controls, control_kwargs
 from .index import IndexError_, PrototypeIndex
-from .influence import InfluenceCredit, InfluenceFactors, load_influence
+from .influence import InfluenceCredit, InfluenceFactors
 from .model import prototype_slices
 
 METHODS = ("neighbourhood", "influence")
@@ -531,7 +531,7 @@ def attribute(
         controls: per-call gains and suppression.
         top_alternatives: alternative tokens decomposed per position.
         similarity: neighbourhood method only, see :func:`neighbourhood_credit`.
-        influence: loaded influence factors (default: loaded from the bundle when needed).
+        influence: loaded influence factors (default: the index's, loaded once when first needed).
 
     Raises:
         ValueError: bad input (see :func:`decompose`), an unknown method or a bad span.
@@ -552,7 +552,7 @@ def attribute(
             f"the index has {index.num_prototypes} prototypes, the model {bundle.model.config.num_prototypes}; {hint}"
         )
     if method == "influence":
-        influence = influence if influence is not None else load_influence(bundle.path)
+        influence = influence if influence is not None else index.influence_factors()
         if influence.model_fingerprint != bundle.fingerprint:
             raise IndexError_(f"the influence factors were built for model {influence.model_fingerprint}, not this "
                               f"model ({bundle.fingerprint}); {hint}")

@@ -132,6 +132,7 @@ class PrototypeIndex:
     documents: list[dict]
     labels: dict[int, str] = field(default_factory=dict)
     _shares: np.ndarray | None = field(default=None, repr=False)
+    _influence: object | None = field(default=None, repr=False)
 
     @property
     def model_fingerprint(self) -> str:
@@ -160,6 +161,20 @@ class PrototypeIndex:
             totals = similarity.sum(axis=1, keepdims=True)  # (P, 1)
             self._shares = np.divide(similarity, totals, out=np.zeros_like(similarity), where=totals > 0)
         return self._shares
+
+    def influence_factors(self):
+        """The bundle's influence factors (:func:`core.influence.load_influence`), loaded on
+        first use and kept with the index, so that later queries (a report's items, the
+        explorer's requests) do not read the file and the corpus again.
+
+        Raises:
+            core.influence.InfluenceError: no factors, or factors for other weights or corpus.
+        """
+        if self._influence is None:
+            from .influence import load_influence  # influence imports this module
+
+            self._influence = load_influence(self.path.parent)
+        return self._influence
 
     def label(self, prototype: int) -> str | None:
         """The prototype's label, or None until labels exist."""

@@ -203,6 +203,28 @@ def test_format_1_factors_load_with_the_same_scores(small_bundle, short_corpus, 
     assert scores_of(bundle_dir) == pytest.approx(current, rel=1e-12, abs=1e-15)
 
 
+def test_factors_load_once_per_index(small_bundle, short_corpus, tmp_path, monkeypatch):
+    """A report of several influence traces reads the factors (and the corpus) once, not per item."""
+    import core.influence
+    from core.report import build_report
+
+    bundle_dir = copy_bundle(small_bundle, tmp_path / "once")
+    build_influence(bundle_dir, short_corpus, InfluenceArguments(**{**EXACT, "rank": 8}), show_progress=False)
+    loads = []
+    real = core.influence.InfluenceFactors.__init__
+
+    def counted(self, *args, **kwargs):
+        loads.append(args[0])
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(core.influence.InfluenceFactors, "__init__", counted)
+    bundle, index = load_bundle(bundle_dir), load_index(bundle_dir)
+    items = [{"prompt": PROMPT, "completion": COMPLETION}, {"prompt": "To be", "completion": " or not"}]
+    report = build_report(bundle, index, items, method="influence")
+    assert len(loads) == 1
+    assert len(report["traces"]) == 2 and all(trace["examples"] for trace in report["traces"])
+
+
 def test_stale_or_missing_factors_are_refused(small_bundle, short_corpus, tmp_path):
     bundle_dir = copy_bundle(small_bundle, tmp_path / "stale")
     with pytest.raises(InfluenceError, match="no influence factors.*prism index"):
