@@ -39,7 +39,7 @@ import torch
 
 from .bundle import Bundle
 from .control import Controls, control_kwargs
-from .index import IndexError_, PrototypeIndex
+from .index import IndexError_, PrototypeIndex, best_per_group
 from .influence import InfluenceCredit, InfluenceFactors
 from .model import prototype_slices
 
@@ -474,8 +474,8 @@ def rank_examples(index: PrototypeIndex, credit: _Credit, top: int) -> list[Exam
     rank_of[order] = np.arange(len(order))
     mine = rank_of[inverse] >= 0  # credit entries of the ranked documents
     rank, rows, protos, values = rank_of[inverse[mine]], credit.rows[mine], credit.prototypes[mine], credit.values[mine]
-    best_row, n_rows = _best_per_group(rank, rows, values, len(order))
-    best_proto, _ = _best_per_group(rank, protos, values, len(order))
+    best_row, n_rows = best_per_group(rank, rows, values, len(order))
+    best_proto, _ = best_per_group(rank, protos, values, len(order))
     examples = []
     for r, d in enumerate(order.tolist()):
         record = index.example(int(best_row[r]))
@@ -483,22 +483,6 @@ def rank_examples(index: PrototypeIndex, credit: _Credit, top: int) -> list[Exam
         examples.append(Example(**record, score=float(totals[d]), prototype=int(best_proto[r]),
                                 positions=int(n_rows[r])))
     return examples
-
-
-def _best_per_group(
-    group: np.ndarray, item: np.ndarray, values: np.ndarray, groups: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """For each group g < ``groups``: the item whose summed values are highest (ties: the
-    smallest item), and the number of distinct items; inputs are (C,) parallel arrays."""
-    keys = group.astype(np.int64) * (int(item.max()) + 1) + item
-    pairs, inverse = np.unique(keys, return_inverse=True)  # sorted by group, then item
-    sums = np.bincount(inverse, weights=values)
-    pair_group = pairs // (int(item.max()) + 1)
-    order = np.lexsort((-sums, pair_group))  # by group, highest sum first (stable: smallest item)
-    first = np.unique(pair_group[order], return_index=True)[1]
-    best = np.zeros(groups, dtype=np.int64)
-    best[pair_group[order][first]] = pairs[order][first] % (int(item.max()) + 1)
-    return best, np.bincount(pair_group, minlength=groups)
 
 
 def attribute(

@@ -98,6 +98,25 @@ def _rebuild_hint(bundle_dir: str | Path, corpus: str = "PATH") -> str:
     return f"`prism index --model {bundle_dir} --corpus {corpus}`"
 
 
+def best_per_group(
+    group: np.ndarray, item: np.ndarray, values: np.ndarray, groups: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each group g < ``groups`` of (C,) parallel arrays: the item whose summed values are
+    highest (ties: the smallest item), and the number of distinct items in the group.
+
+    Used to name, for each ranked document, the position or prototype that carried its credit.
+    """
+    width = int(item.max()) + 1
+    pairs, inverse = np.unique(group.astype(np.int64) * width + item, return_inverse=True)  # by group, item
+    sums = np.bincount(inverse, weights=values)
+    pair_group, pair_item = np.divmod(pairs, width)
+    order = np.lexsort((-sums, pair_group))  # by group, highest sum first (stable: smallest item)
+    first = order[np.unique(pair_group[order], return_index=True)[1]]
+    best = np.zeros(groups, dtype=np.int64)
+    best[pair_group[first]] = pair_item[first]
+    return best, np.bincount(pair_group, minlength=groups)
+
+
 @dataclass
 class PrototypeIndex:
     """A loaded index (see the module docstring for the meaning of each array).

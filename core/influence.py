@@ -64,7 +64,7 @@ from safetensors.numpy import load_file, save_file
 
 from .bundle import load_bundle, model_fingerprint
 from .data import CorpusError, load_corpus, pack
-from .index import SNIPPET_AFTER, SNIPPET_BEFORE, IndexError_, index_dir
+from .index import SNIPPET_AFTER, SNIPPET_BEFORE, IndexError_, best_per_group, index_dir
 
 logger = logging.getLogger(__name__)
 
@@ -716,12 +716,7 @@ class InfluenceFactors:
         rank = rank_of_doc[credit.doc_index[mine]]
         protos, values = credit.prototypes[mine], credit.values[mine]
         # the prototype with the highest summed credit per document (ties: the lower id) ...
-        pairs, per_pair = np.unique(rank * (int(protos.max()) + 1) + protos, return_inverse=True)
-        sums = np.bincount(per_pair, weights=values)
-        pair_rank, pair_proto = np.divmod(pairs, int(protos.max()) + 1)
-        by_rank = np.lexsort((-sums, pair_rank))
-        firsts = by_rank[np.unique(pair_rank[by_rank], return_index=True)[1]]
-        best_proto = pair_proto[firsts]  # (top,)
+        best_proto, _ = best_per_group(rank, protos, values, len(order))  # (top,)
         # ... and its highest-valued entry (ties: the first entry), whose token span is shown
         candidate = np.where(protos == best_proto[rank], values, -np.inf)
         by_entry = np.lexsort((-candidate, rank))
