@@ -75,15 +75,47 @@ def prepare(args, work: Path) -> dict:
             for row in rows[:n]:
                 f.write(json.dumps(row) + "\n")
         corpora[fraction] = {"path": str(path), "n": n}
+    return {"corpora": corpora, "token_ids": token_ids, "queries": held_out_queries(corpus, tok, args.queries)}
+
+
+def held_out_queries(corpus, tok, n: int) -> list[dict]:
+    """The first ``n`` validation documents with 32 tokens: a prompt of 24 and a completion of 8."""
     queries = []
     for row in corpus.validation:
         tokens = tok(row["text"], add_special_tokens=False)["input_ids"]
         if len(tokens) >= 32:
             queries.append({"prompt": tok.decode(tokens[:24]), "completion": tok.decode(tokens[24:32]),
                             "prompt_ids": tokens[:24], "completion_ids": tokens[24:32]})
-        if len(queries) == args.queries:
+        if len(queries) == n:
             break
-    return {"corpora": corpora, "token_ids": token_ids, "queries": queries}
+    return queries
+
+
+def time_queries(bundle, index, influence, queries: list[dict]) -> dict:
+    """Median ms per query of attribute() by each PRISM method and of a plain forward pass."""
+    import torch
+
+    from core.attribution import attribute
+
+    result = {}
+    for method in ("neighbourhood", "influence"):
+        q0 = queries[0]
+        attribute(bundle, index, q0["prompt"], q0["completion"], method=method, influence=influence)  # warm-up
+        times = []
+        for q in queries:
+            t = time.perf_counter()
+            attribute(bundle, index, q["prompt"], q["completion"], method=method, influence=influence)
+            times.append(time.perf_counter() - t)
+        result[f"{method}_ms"] = 1000 * statistics.median(times)
+    forward = []
+    with torch.no_grad():
+        for q in queries:
+            ids = torch.tensor([q["prompt_ids"] + q["completion_ids"]])
+            t = time.perf_counter()
+            bundle.model(input_ids=ids[:, :-1])
+            forward.append(time.perf_counter() - t)
+    result["forward_ms"] = 1000 * statistics.median(forward)
+    return result
 
 
 def peak_rss_mb() -> float:
@@ -118,7 +150,6 @@ def query_prism(args, corpus: dict, queries: list[dict], bundle_dir: str, out) -
     user's attribution process holds (model, index, factors), not the build's."""
     import torch
 
-    from core.attribution import attribute
     from core.bundle import load_bundle
     from core.index import load_index
     from core.influence import load_influence
@@ -128,25 +159,8 @@ def query_prism(args, corpus: dict, queries: list[dict], bundle_dir: str, out) -
     bundle, index, influence = load_bundle(bundle_dir), load_index(bundle_dir), load_influence(bundle_dir)
     index_bytes = sum(f.stat().st_size for f in (bundle_dir / "index").iterdir() if f.name != "influence.safetensors")
     result = {"n": corpus["n"], "neighbourhood_bytes_per_example": index_bytes / corpus["n"],
-              "influence_bytes_per_example": (index_bytes + influence.stored_bytes()) / corpus["n"]}
-    for method in ("neighbourhood", "influence"):
-        q0 = queries[0]
-        attribute(bundle, index, q0["prompt"], q0["completion"], method=method, influence=influence)  # warm-up
-        times = []
-        for q in queries:
-            t = time.perf_counter()
-            attribute(bundle, index, q["prompt"], q["completion"], method=method, influence=influence)
-            times.append(time.perf_counter() - t)
-        result[f"{method}_ms"] = 1000 * statistics.median(times)
-    forward = []
-    with torch.no_grad():
-        for q in queries:
-            ids = torch.tensor([q["prompt_ids"] + q["completion_ids"]])
-            t = time.perf_counter()
-            bundle.model(input_ids=ids[:, :-1])
-            forward.append(time.perf_counter() - t)
-    result["forward_ms"] = 1000 * statistics.median(forward)
-    result["peak_rss_mb"] = peak_rss_mb()
+              "influence_bytes_per_example": (index_bytes + influence.stored_bytes()) / corpus["n"],
+              **time_queries(bundle, index, influence, queries), "peak_rss_mb": peak_rss_mb()}
     out.put(result)
 
 
