@@ -248,7 +248,6 @@ def _token_strip(trace: dict) -> str:
     return "".join(chips)
 
 
-
 def _examples_table(examples: list[dict]) -> str:
     """Ranked training examples as an HTML table; every corpus string escaped."""
     rows = "".join(
@@ -259,6 +258,7 @@ def _examples_table(examples: list[dict]) -> str:
     )
     return (f'<table><tr><th>#</th><th>score</th><th>document</th><th>source</th><th>prototype</th>'
             f'<th>snippet</th></tr>{rows}</table>')
+
 
 def _trace_html(number: int, trace: dict, examples_per_token: int) -> str:
     out = [f'<h2>Trace {number + 1}</h2>',

@@ -183,7 +183,7 @@ def test_format_1_factors_load_with_the_same_scores(small_bundle, short_corpus, 
     offsets = arrays["offsets"]
     keep = np.ones(offsets[-1], dtype=bool)
     keep[offsets[1:][::2] - 1] = False
-    counts = np.add.reduceat(keep, offsets[:-1]) if len(keep) else np.zeros(len(offsets) - 1, dtype=int)
+    counts = np.bincount(np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))[keep], minlength=len(offsets) - 1)
     arrays = {**arrays, **{name: arrays[name][keep] for name in per_entry}}
     arrays["offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     save_file(arrays, path, metadata={"meta": json.dumps(meta)})
