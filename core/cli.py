@@ -138,6 +138,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             document_tokens=args.influence_tokens,
             batch_size=max(1, args.batch_size // 2),
             max_tokens=args.max_tokens,
+            curvature_memory_mb=args.curvature_memory_mb,
         )
         summary["influence"] = build_influence(
             args.model, args.corpus, influence_args, device=args.device, show_progress=not args.quiet
@@ -335,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="documents kept per prototype for influence")
     index.add_argument("--curvature-tokens", type=_positive_int, default=32768,
                        help="training tokens sampled for the curvature blocks")
+    index.add_argument("--curvature-memory-mb", type=_positive_int, default=2048,
+                       help="memory for the curvature blocks held at once; fewer MB means more passes over the "
+                            "curvature sample")
     index.add_argument("--influence-tokens", type=_positive_int,
                        help="training tokens (evenly spread sequences) summed into document coefficients "
                             "(default: all)")

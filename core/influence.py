@@ -94,8 +94,8 @@ class InfluenceArguments:
         dtype: precision of the passes; float64 is for tests that compare exactly.
         storage: precision of the stored whitening factors and coefficients.
         seed: seeds the sampled Fisher labels.
-        curvature_memory_mb: memory for the blocks being accumulated; more blocks than fit
-            are accumulated in several passes over the curvature sample.
+        curvature_memory_mb: memory for the curvature blocks held at once; more blocks than
+            fit are accumulated and inverted in several passes over the curvature sample.
     """
 
     rank: int | None = 16
@@ -241,22 +241,36 @@ def _forward(model, ids: torch.Tensor, docs: torch.Tensor):
 
 
 @torch.no_grad()
-def _curvature(model, packed, sequences: np.ndarray, args: InfluenceArguments, device: torch.device,
-               progress: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Fisher blocks: ((P, 2d, 2d) sums of g' g'^T, (P,) positions per block, positions)."""
+def _fit_whitening(model, packed, sequences: np.ndarray, n_sequences: int, rank: int, args: InfluenceArguments,
+                   device: torch.device, progress: bool) -> dict[str, torch.Tensor | int]:
+    """Fisher blocks, accumulated and inverted chunk by chunk.
+
+    As many blocks as fit in ``args.curvature_memory_mb`` are accumulated in one pass over the
+    curvature sample, scaled to the whole split, inverted (:func:`_invert_blocks`) and dropped,
+    so the build holds one chunk of (2d x 2d) blocks at a time, never all P of them. Unused
+    prototypes (no sampled position) are inverted last: their damping is the mean over the
+    used blocks.
+
+    Returns:
+        ``whitening`` (P, 2d, r) float64, ``spectrum`` (P, r), ``damping`` (P,), ``counts`` (P,)
+        positions per block, ``positions`` sampled.
+    """
     head, E = model.prototypes, model.unembedding
     P, d = head.keys.shape
+    D = 2 * d
     dtype = head.keys.dtype
-    per_block = (2 * d) ** 2 * torch.finfo(dtype).bits // 8
+    per_block = D**2 * torch.finfo(dtype).bits // 8
     chunk = max(1, min(P, args.curvature_memory_mb * 2**20 // per_block))
-    blocks = torch.zeros(P, 2 * d, 2 * d, dtype=dtype)  # filled chunk by chunk
+    whitening = torch.zeros(P, D, rank, dtype=torch.float64)
+    spectrum = torch.zeros(P, rank, dtype=torch.float64)
+    lam = torch.zeros(P, dtype=torch.float64)
+    mean_eig = torch.zeros(P, dtype=torch.float64)
     counts = torch.zeros(P, dtype=torch.long)
     n_positions = 0
+    start = torch.randn(D, min(D, rank + 8), generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
     for lo in range(0, P, chunk):
         hi = min(P, lo + chunk)
-        # On the CPU the chunk accumulates in place, inside the (P, 2d, 2d) result.
-        acc = blocks[lo:hi] if device.type == "cpu" else torch.zeros(hi - lo, 2 * d, 2 * d, dtype=dtype,
-                                                                          device=device)
+        acc = torch.zeros(hi - lo, D, D, dtype=dtype, device=device)
         desc = "influence: curvature" + (f" {lo}-{hi - 1}" if chunk < P else "")
         for seqs, ids, docs, _ in _batches(packed, sequences, args.batch_size, device, desc, progress):
             B, T = ids.shape
@@ -265,7 +279,7 @@ def _curvature(model, packed, sequences: np.ndarray, args: InfluenceArguments, d
             grads = prototype_gradients(hidden[valid], active[valid], weights[valid], probs[valid], labels[valid],
                                         head.keys, head.values, E)  # (n, k, 2d)
             flat_ids = active[valid].reshape(-1)
-            flat = grads.reshape(-1, 2 * d)  # (n k, 2d)
+            flat = grads.reshape(-1, D)  # (n k, 2d)
             inside = (flat_ids >= lo) & (flat_ids < hi)
             flat_in = flat[inside]
             for j, rows in _groups(flat_ids[inside]):
@@ -274,51 +288,58 @@ def _curvature(model, packed, sequences: np.ndarray, args: InfluenceArguments, d
             if lo == 0:
                 counts += torch.bincount(flat_ids.cpu(), minlength=P)
                 n_positions += int(valid.sum())
-        if device.type != "cpu":
-            blocks[lo:hi] = acc.cpu()
-    return blocks, counts, n_positions
+        # The sample's sums, scaled to the estimated positions of the whole split (in place).
+        acc = acc.cpu()
+        acc *= n_positions * n_sequences / len(sequences) / max(n_positions, 1)
+        mean_eig[lo:hi] = torch.diagonal(acc, dim1=1, dim2=2).double().sum(-1) / D  # trace / 2d
+        used = torch.nonzero(mean_eig[lo:hi] > 0).flatten()
+        lam[lo + used] = args.damping * mean_eig[lo + used]
+        for part in used.split(64):
+            whitening[lo + part], spectrum[lo + part] = _invert_blocks(acc[part].double(), lam[lo + part], rank,
+                                                                       start)
+        del acc
+    unused = torch.nonzero(mean_eig <= 0).flatten()
+    if len(unused):
+        fallback = float(mean_eig[mean_eig > 0].mean()) if len(unused) < P else 1.0
+        lam[unused] = args.damping * fallback
+        for part in unused.split(64):
+            zeros = torch.zeros(len(part), D, D, dtype=torch.float64)
+            whitening[part], spectrum[part] = _invert_blocks(zeros, lam[part], rank, start)
+    return {"whitening": whitening, "spectrum": spectrum, "damping": lam, "counts": counts, "positions": n_positions}
 
 
-def _invert(blocks: torch.Tensor, rank: int, damping: float, seed: int, iterations: int = 6
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Whitening factors V_j with V_j V_j^T ~ (G_j + lambda_j I)^-1, float64.
+def _invert_blocks(G: torch.Tensor, lam: torch.Tensor, rank: int, start: torch.Tensor, iterations: int = 6
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whitening factors V_j with V_j V_j^T ~ (G_j + lambda_j I)^-1 for a few blocks, float64.
 
     Full rank (r = 2d): V_j = L_j^-T from the Cholesky factor G_j + lambda_j I = L_j L_j^T, so
     V_j V_j^T is the exact inverse. Low rank: the top r eigenpairs (U_j, Sigma_j) by subspace
-    iteration from a seeded start (batched matrix products; LAPACK's eigh on a thousand
+    iteration from the seeded ``start`` (batched matrix products; LAPACK's eigh on a thousand
     512 x 512 blocks took minutes on 2 cores) and V_j = U_j (Sigma_j + lambda_j)^-1/2.
 
+    Args:
+        G: (c, 2d, 2d) curvature blocks (float64).
+        lam: (c,) their damping.
+        start: (2d, r + 8) start of the subspace iteration.
+
     Returns:
-        ((P, 2d, r) V, (P, r) eigenvalues (zeros at full rank), (P,) lambda).
+        ((c, 2d, r) V, (c, r) eigenvalues, zeros at full rank).
     """
-    P, D, _ = blocks.shape
-    mean_eig = torch.diagonal(blocks, dim1=1, dim2=2).double().sum(-1) / D  # trace / 2d
-    used = mean_eig > 0
-    fallback = float(mean_eig[used].mean()) if bool(used.any()) else 1.0
-    lam = damping * torch.where(used, mean_eig, torch.full_like(mean_eig, fallback))
-    whitening = torch.zeros(P, D, rank, dtype=torch.float64)
-    spectrum = torch.zeros(P, rank, dtype=torch.float64)
-    generator = torch.Generator().manual_seed(seed)
-    start = torch.randn(D, min(D, rank + 8), generator=generator, dtype=torch.float64)
+    c, D, _ = G.shape
     eye = torch.eye(D, dtype=torch.float64)
-    for lo in range(0, P, 64):
-        G = blocks[lo : lo + 64].double()
-        G = (G + G.transpose(1, 2)) / 2  # (c, D, D)
-        damped = G + lam[lo : lo + 64, None, None] * eye
-        if rank >= D:
-            L = torch.linalg.cholesky(damped)
-            whitening[lo : lo + 64] = torch.linalg.solve_triangular(L, eye.expand_as(G), upper=False).transpose(1, 2)
-            continue
-        Q = start.expand(len(G), -1, -1)
-        for _ in range(iterations):
-            Q, _r = torch.linalg.qr(G @ Q)  # (c, D, r + 8)
-        small = Q.transpose(1, 2) @ G @ Q  # (c, r + 8, r + 8) Rayleigh-Ritz
-        eigvals, eigvecs = torch.linalg.eigh((small + small.transpose(1, 2)) / 2)
-        values = eigvals.flip(-1)[:, :rank].clamp_min(0)  # (c, r) largest first
-        vectors = Q @ eigvecs.flip(-1)[:, :, :rank]  # (c, D, r)
-        spectrum[lo : lo + 64] = values
-        whitening[lo : lo + 64] = vectors / (values + lam[lo : lo + 64, None]).sqrt().unsqueeze(1)
-    return whitening, spectrum, lam
+    G = (G + G.transpose(1, 2)) / 2
+    if rank >= D:
+        L = torch.linalg.cholesky(G + lam[:, None, None] * eye)
+        return torch.linalg.solve_triangular(L, eye.expand_as(G), upper=False).transpose(1, 2), torch.zeros(c, rank,
+                                                                                                         dtype=G.dtype)
+    Q = start.expand(c, -1, -1)
+    for _ in range(iterations):
+        Q, _r = torch.linalg.qr(G @ Q)  # (c, D, r + 8)
+    small = Q.transpose(1, 2) @ G @ Q  # (c, r + 8, r + 8) Rayleigh-Ritz
+    eigvals, eigvecs = torch.linalg.eigh((small + small.transpose(1, 2)) / 2)
+    values = eigvals.flip(-1)[:, :rank].clamp_min(0)  # (c, r) largest first
+    vectors = Q @ eigvecs.flip(-1)[:, :, :rank]  # (c, D, r)
+    return vectors / (values + lam[:, None]).sqrt().unsqueeze(1), values
 
 
 class _DocumentTable:
@@ -494,12 +515,10 @@ def build_influence(
     document_sample = _spread(n_sequences, args.document_tokens, seq_len)
     dev = torch.device(device)
 
-    blocks, counts, sampled = _curvature(model, packed, sample, args, dev, show_progress)
+    fit = _fit_whitening(model, packed, sample, n_sequences, rank, args, dev, show_progress)
+    whitening, values, lam, counts, sampled = (fit[name] for name in ("whitening", "spectrum", "damping", "counts",
+                                                                       "positions"))
     t_curv = time.time() - t0
-    total_positions = sampled * n_sequences / len(sample)  # estimated positions of the whole split
-    blocks *= total_positions / max(sampled, 1)  # the sample's sum, scaled to the whole split
-    whitening, values, lam = _invert(blocks, rank, args.damping, args.seed)
-    del blocks
     t1 = time.time()
     table = _documents(model, packed, document_sample, whitening, args, dev, show_progress)
     t_docs = time.time() - t1
