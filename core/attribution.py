@@ -379,7 +379,7 @@ def _decompose(
         generated=generated,
         truncated_tokens=dropped,
     )
-    return decomposition, _QueryTensors(hidden, active, weights, targets, kwargs.get("prototype_gains"))
+    return decomposition, _QueryTensors(hidden, active, weights, targets, kwargs.get("prototype_gains"), probs)
 
 
 @dataclass
@@ -391,6 +391,7 @@ class _QueryTensors:
         ids, weights: (n, k) active prototypes and their weights (controls applied).
         targets: (n,) the completion tokens.
         gains: (P,) the call's gains, or None.
+        probs: (n, V) the forward pass's next-token distributions.
     """
 
     hidden: torch.Tensor
@@ -398,6 +399,7 @@ class _QueryTensors:
     weights: torch.Tensor
     targets: torch.Tensor
     gains: torch.Tensor | None
+    probs: torch.Tensor
 
 
 @dataclass
@@ -549,7 +551,7 @@ def attribute(
     start, end = span if span is not None else (0, n)
     if method == "influence":
         credits = influence.credit(bundle.model, tensors.hidden, tensors.ids, tensors.weights, tensors.targets,
-                                   tensors.gains)
+                                   tensors.gains, tensors.probs)
         *token_examples, overall = _influence_examples(
             influence, [*credits, InfluenceCredit.concat(credits[start:end])], top)
     else:

@@ -679,7 +679,7 @@ class InfluenceFactors:
 
     @torch.no_grad()
     def credit(self, model, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, targets: torch.Tensor,
-               gains: torch.Tensor | None = None) -> list[InfluenceCredit]:
+               gains: torch.Tensor | None = None, probs: torch.Tensor | None = None) -> list[InfluenceCredit]:
         """Influence of the kept documents on each query token's loss.
 
         Args:
@@ -687,6 +687,8 @@ class InfluenceFactors:
             hidden: (n, d) the head's input at each query position; ids, weights: (n, k) its
                 active set and weights (controls applied); targets: (n,) the tokens.
             gains: (P,) controller gains of the call, or None.
+            probs: (n, V) the next-token distributions of the forward pass that gave ``hidden``,
+                used when already in the factors' precision (else recomputed in it).
 
         Returns:
             one credit per token: each of its active prototypes' kept documents, valued
@@ -695,7 +697,8 @@ class InfluenceFactors:
         head, E = model.prototypes, model.unembedding
         dt = self.dtype
         h, K, W, Em = hidden.to(dt), head.keys.to(dt), head.values.to(dt), E.to(dt)
-        probs = head_probabilities(ids, weights.to(dt), W, Em)
+        if probs is None or probs.dtype != dt:
+            probs = head_probabilities(ids, weights.to(dt), W, Em)
         grads = prototype_gradients(h, ids, weights.to(dt), probs, targets, K, W, Em, gains)  # (n, k, 2d)
         projected = project(grads, ids, self.whitening).cpu()  # (n, k, r) V_j^T g_qj
         n, k = ids.shape
