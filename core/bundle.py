@@ -76,6 +76,10 @@ def write_bundle(out: str | Path, model: PrismForCausalLM, tokenizer, training: 
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     model.save_pretrained(staging, max_shard_size=MAX_SHARD_SIZE)
+    # A tokenizer loaded from a folder carries that load's options (transformers 5); a bundle
+    # keeps only the tokenizer's own settings.
+    for option in ("is_local", "local_files_only"):
+        tokenizer.init_kwargs.pop(option, None)
     tokenizer.save_pretrained(staging)
     training = {**training, "model_fingerprint": model_fingerprint(staging)}
     (staging / "training.json").write_text(json.dumps(training, indent=2))

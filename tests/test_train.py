@@ -63,6 +63,9 @@ def test_dense_twin_trains_on_the_same_tokens(tmp_path, small_corpus, tiny_bundl
     bundle = load_bundle(out)
     assert bundle.model.prototypes is None
     assert bundle.tokenizer.get_vocab() == load_bundle(tiny_bundle).tokenizer.get_vocab()
+    # the reused tokenizer is saved with its own settings, not the options of loading it
+    saved = json.loads((out / "tokenizer_config.json").read_text())
+    assert saved == json.loads((tiny_bundle / "tokenizer_config.json").read_text())
 
 
 def test_invalid_utf8_rows_are_skipped_and_counted(tmp_path):
