@@ -138,7 +138,8 @@ def build_prism(args, corpus: dict, work: str, out) -> None:
     # Every candidate document is kept (top_documents=None) so that any of them can be scored;
     # the curvature blocks come from a sample of --fit-tokens positions, as EK-FAC's factors do.
     build_influence(bundle_dir, corpus["path"], InfluenceArguments(rank=args.rank, top_documents=None,
-                                                                   curvature_tokens=args.fit_tokens),
+                                                                   curvature_tokens=args.fit_tokens,
+                                                                   curvature_memory_mb=args.curvature_memory_mb),
                     show_progress=False)
     t2 = time.perf_counter()
     out.put({"bundle": str(bundle_dir), "index_seconds": t1 - t0, "influence_seconds": t2 - t1,
@@ -256,6 +257,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fit-tokens", type=int, default=65_536,
                         help="candidate tokens sampled for the curvature of PRISM influence and of EK-FAC")
+    parser.add_argument("--curvature-memory-mb", type=int, default=256,
+                        help="PRISM's curvature blocks held at once while building (more passes when smaller)")
     parser.add_argument("--logra-side", type=int, default=32, help="cap on LoGra's per-layer projection side")
     args = parser.parse_args()
     t_start = time.time()
