@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument("--router-gradient", choices=["active", "all"],
                        help="all: straight-through gradient through every prototype's score while training "
-                            "(forward unchanged); default: active, the exact top-k gradient")
+                            "(forward unchanged); active: the exact top-k gradient; default: the preset's")
     train.set_defaults(func=cmd_train)
 
     gen = sub.add_parser("generate", help="generate text from a bundle")
