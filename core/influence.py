@@ -288,9 +288,10 @@ def _fit_whitening(model, packed, sequences: np.ndarray, n_sequences: int, rank:
             if lo == 0:
                 counts += torch.bincount(flat_ids.cpu(), minlength=P)
                 n_positions += int(valid.sum())
-        # The sample's sums, scaled to the estimated positions of the whole split (in place).
+        # The sample's sums, scaled by (all sequences / sampled sequences) to estimate the whole
+        # split's (in place).
         acc = acc.cpu()
-        acc *= n_positions * n_sequences / len(sequences) / max(n_positions, 1)
+        acc *= n_sequences / len(sequences)
         mean_eig[lo:hi] = torch.diagonal(acc, dim1=1, dim2=2).double().sum(-1) / D  # trace / 2d
         used = torch.nonzero(mean_eig[lo:hi] > 0).flatten()
         lam[lo + used] = args.damping * mean_eig[lo + used]
