@@ -55,7 +55,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         resume=args.resume,
         progress=not args.quiet,
-        overrides={"router_gradient": args.router_gradient} if args.router_gradient else {},
+        overrides={name: value for name, value in (("router_gradient", args.router_gradient),
+                                                   ("prototype_top_k", args.top_k)) if value is not None},
     )
     record = train(opts)
     summary = {k: record[k] for k in ("kind", "val_loss", "steps", "train_tokens", "tokens_per_second", "wall_seconds")}
@@ -307,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--twin-out", help="also train the dense twin on the same tokens into this folder")
     train.add_argument("--keep-checkpoints", action="store_true", help="keep OUT/checkpoints afterwards")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--top-k", type=_positive_int,
+                       help="active prototypes per token (default: the preset's; at most its prototypes)")
     train.add_argument("--router-gradient", choices=["active", "all"],
                        help="all: straight-through gradient through every prototype's score while training "
                             "(forward unchanged); active: the exact top-k gradient; default: the preset's")

@@ -51,6 +51,16 @@ def test_bad_max_steps(tmp_path, capsys, small_corpus):
     assert_one_line_error(code, err, "positive integer")
 
 
+def test_train_top_k_overrides_the_preset(tmp_path, capsys, small_corpus):
+    code, _, err = run(["train", "--corpus", small_corpus, "--out", tmp_path / "m", "--max-steps", "2", "--top-k", "4",
+                        "--quiet"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["prototype_top_k"] == 4
+    code, _, err = run(["train", "--corpus", small_corpus, "--out", tmp_path / "big", "--max-steps", "2",
+                        "--top-k", "65", "--quiet"], capsys)
+    assert_one_line_error(code, err, "prototype_top_k", "65")
+
+
 def test_resume_without_checkpoint(tmp_path, capsys, small_corpus):
     code, _, err = run(["train", "--corpus", small_corpus, "--out", tmp_path / "m", "--resume"], capsys)
     assert_one_line_error(code, err, "no complete checkpoint")
