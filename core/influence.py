@@ -242,7 +242,8 @@ def _forward(model, ids: torch.Tensor, docs: torch.Tensor):
 
 @torch.no_grad()
 def _fit_whitening(model, packed, sequences: np.ndarray, n_sequences: int, rank: int, args: InfluenceArguments,
-                   device: torch.device, progress: bool) -> dict[str, torch.Tensor | int]:
+                   device: torch.device, progress: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Fisher blocks, accumulated and inverted chunk by chunk.
 
     As many blocks as fit in ``args.curvature_memory_mb`` are accumulated in one pass over the
@@ -252,8 +253,8 @@ def _fit_whitening(model, packed, sequences: np.ndarray, n_sequences: int, rank:
     used blocks.
 
     Returns:
-        ``whitening`` (P, 2d, r) float64, ``spectrum`` (P, r), ``damping`` (P,), ``counts`` (P,)
-        positions per block, ``positions`` sampled.
+        ((P, 2d, r) whitening V, float64; (P, r) eigenvalues; (P,) damping; (P,) sampled
+        positions per block; positions sampled).
     """
     head, E = model.prototypes, model.unembedding
     P, d = head.keys.shape
@@ -306,7 +307,7 @@ def _fit_whitening(model, packed, sequences: np.ndarray, n_sequences: int, rank:
         for part in unused.split(64):
             zeros = torch.zeros(len(part), D, D, dtype=torch.float64)
             whitening[part], spectrum[part] = _invert_blocks(zeros, lam[part], rank, start)
-    return {"whitening": whitening, "spectrum": spectrum, "damping": lam, "counts": counts, "positions": n_positions}
+    return whitening, spectrum, lam, counts, n_positions
 
 
 def _invert_blocks(G: torch.Tensor, lam: torch.Tensor, rank: int, start: torch.Tensor, iterations: int = 6
@@ -516,9 +517,8 @@ def build_influence(
     document_sample = _spread(n_sequences, args.document_tokens, seq_len)
     dev = torch.device(device)
 
-    fit = _fit_whitening(model, packed, sample, n_sequences, rank, args, dev, show_progress)
-    whitening, values, lam, counts, sampled = (fit[name] for name in ("whitening", "spectrum", "damping", "counts",
-                                                                       "positions"))
+    whitening, values, lam, counts, sampled = _fit_whitening(model, packed, sample, n_sequences, rank, args, dev,
+                                                             show_progress)
     t_curv = time.time() - t0
     t1 = time.time()
     table = _documents(model, packed, document_sample, whitening, args, dev, show_progress)
