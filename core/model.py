@@ -83,17 +83,17 @@ class PrototypeHead(nn.Module):
         weights = F.softplus(top_scores)  # (N, k), > 0
         if gains is not None:
             weights = weights * gains[ids]
-        mixed = mix_values(ids, weights, self.values)  # (N, d)
         if self.training and self.router_gradient == "all" and torch.is_grad_enabled():
-            # Straight-through: the value of `mixed` is unchanged, its gradient also flows
-            # through the softplus mixture of every (unsuppressed) prototype.
+            # Straight-through: the value of `mixed` is the sparse mixture, its gradient is
+            # that of the softplus mixture of every (unsuppressed) prototype as well.
             every = F.softplus(scores)  # (N, P)
             if suppressed is not None:
                 every = every.masked_fill(suppressed, 0.0)
             if gains is not None:
                 every = every * gains
-            full = every @ self.values  # (N, d)
-            mixed = mixed + (full - full.detach())
+            mixed = _StraightThroughMix.apply(ids, weights, every, self.values)  # (N, d)
+        else:
+            mixed = mix_values(ids, weights, self.values)  # (N, d)
         if self.training:
             with torch.no_grad():
                 self.usage_window += torch.bincount(ids.flatten(), minlength=self.num_prototypes)
@@ -103,6 +103,32 @@ class PrototypeHead(nn.Module):
         """(N, P) cos(h, K_j) from the (N, d) hidden states and their (N, P) scores."""
         norms = hidden.norm(dim=-1, keepdim=True) * self.keys.norm(dim=-1)  # (N, P)
         return scores / norms.clamp_min(1e-8)
+
+
+class _StraightThroughMix(torch.autograd.Function):
+    """z = sum_j a_j W_j over the k active prototypes, with the gradient of z + Z - stop(Z)
+    where Z = sum_j e_j W_j over all P prototypes (e = softplus(s) with gains, suppressed 0).
+
+    Same value and gradient as that expression written out, at lower cost: Z's forward
+    product is never formed (its value cancels), and the backward pass serves both mixtures
+    with the two dense products Z needs anyway: G = g W^T gives the gradient of e and, read
+    at the active ids, that of a; the values' gradient is (e + a scattered)^T g.
+    """
+
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, weights: torch.Tensor, every: torch.Tensor, values: torch.Tensor):
+        ctx.save_for_backward(ids, weights, every, values)
+        return mix_values(ids, weights, values)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ids, weights, every, values = ctx.saved_tensors
+        grad = grad.to(values.dtype)
+        grad_every = grad @ values.T  # (N, P)
+        grad_weights = grad_every.gather(1, ids).to(weights.dtype)  # (N, k)
+        both = every.to(values.dtype).scatter_add(1, ids, weights.to(values.dtype))  # (N, P)
+        grad_values = both.T @ grad  # (P, d)
+        return None, grad_weights, grad_every.to(every.dtype), grad_values
 
 
 def mix_values(ids: torch.Tensor, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -233,3 +233,37 @@ def test_router_gradient_all_keeps_the_forward_and_reaches_inactive_prototypes()
     assert (key_grad_b[~active_a] > 0).all()
     with pytest.raises(ValueError, match="router_gradient"):
         tiny_config(router_gradient="some")
+
+
+def test_straight_through_mix_has_the_gradient_of_its_written_out_expression():
+    """The fused straight-through mixture gives the value and the gradients (hidden states,
+    keys, values) of z + Z - stop(Z), with gains and a suppressed set, in float64."""
+    torch.manual_seed(0)
+    P, d, k, n = 40, 12, 5, 30
+    head = PrototypeHead(P, d, k, router_gradient="all").double().train()
+    torch.nn.init.normal_(head.keys)
+    torch.nn.init.normal_(head.values)
+    hidden = torch.randn(n, d, dtype=torch.float64)
+    upstream = torch.randn(n, d, dtype=torch.float64)
+    gains = torch.rand(P, dtype=torch.float64) * 2
+    suppressed = torch.zeros(P, dtype=torch.bool)
+    suppressed[[3, 17, 29]] = True
+
+    def written_out(h):
+        scores = h @ head.keys.T
+        top, ids = scores.masked_fill(suppressed, float("-inf")).topk(k, dim=-1)
+        weights = torch.nn.functional.softplus(top) * gains[ids]
+        sparse = torch.zeros(n, P, dtype=h.dtype).scatter(1, ids, weights) @ head.values
+        full = (torch.nn.functional.softplus(scores).masked_fill(suppressed, 0.0) * gains) @ head.values
+        return sparse + (full - full.detach())
+
+    results = []
+    for mix in (lambda h: head(h, gains, suppressed).mixed, written_out):
+        head.zero_grad()
+        h = hidden.clone().requires_grad_(True)
+        z = mix(h)
+        (z * upstream).sum().backward()
+        results.append((z.detach(), h.grad, head.keys.grad.clone(), head.values.grad.clone()))
+    for fused, reference in zip(*results, strict=True):
+        assert torch.allclose(fused, reference, rtol=1e-10, atol=1e-12)
+    assert (results[0][2][suppressed] == 0).all(), "a suppressed key got a gradient"
