@@ -151,6 +151,7 @@ class PrototypeIndex:
     documents: list[dict]
     labels: dict[int, str] = field(default_factory=dict)
     _shares: np.ndarray | None = field(default=None, repr=False)
+    _codes: object | None = field(default=None, repr=False)
     _influence: object | None = field(default=None, repr=False)
 
     @property
@@ -180,6 +181,22 @@ class PrototypeIndex:
             totals = similarity.sum(axis=1, keepdims=True)  # (P, 1)
             self._shares = np.divide(similarity, totals, out=np.zeros_like(similarity), where=totals > 0)
         return self._shares
+
+    def codes(self):
+        """(R, P) scipy CSR matrix of the positions' prototype codes: row t holds the cosines
+        of t's k active prototypes, scaled to unit length (a row without cosines stays zero),
+        so that one sparse product gives a query code's cosine to every neighbour's code."""
+        if self._codes is None:
+            from scipy.sparse import csr_matrix
+
+            ids = self.positions["code_ids"]  # (R, k)
+            cos = self.positions["code_cosine"].astype(np.float64)  # (R, k)
+            norms = np.linalg.norm(cos, axis=1, keepdims=True)  # (R, 1)
+            unit = np.divide(cos, norms, out=np.zeros_like(cos), where=norms > 0)
+            R, k = ids.shape
+            self._codes = csr_matrix((unit.ravel(), ids.ravel(), np.arange(0, R * k + 1, k)),
+                                     shape=(R, self.num_prototypes))
+        return self._codes
 
     def influence_factors(self):
         """The bundle's influence factors (:func:`core.influence.load_influence`), loaded on

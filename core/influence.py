@@ -708,9 +708,11 @@ class InfluenceFactors:
         owner = np.repeat(np.arange(n * k), counts)  # (N_q,) pair of each entry read
         first = np.concatenate([[0], np.cumsum(counts)[:-1]])
         entries = np.repeat(starts - first, counts) + np.arange(int(counts.sum()))  # (N_q,) entry rows
-        scale = torch.from_numpy(self.coefficient_scale[flat[owner]]).to(dt)
-        coefficients = self.coefficients[torch.from_numpy(entries)].to(dt) * scale[:, None]  # (N_q, r) c_jD
-        values = (coefficients * projected.reshape(n * k, -1)[torch.from_numpy(owner)]).sum(-1).double().numpy()
+        # c_jD = stored row * the prototype's scale; the scale multiplies the (n k) projections
+        # instead of the (N_q) entries.
+        scaled = projected.reshape(n * k, -1) * torch.from_numpy(self.coefficient_scale[flat]).to(dt)[:, None]
+        coefficients = self.coefficients[torch.from_numpy(entries)].to(dt)  # (N_q, r)
+        values = (coefficients * scaled[torch.from_numpy(owner)]).sum(-1).double().numpy()
         bounds = np.searchsorted(owner, np.arange(0, n * k + 1, k))  # each token's slice of the entries
         return [
             InfluenceCredit(self.doc_index[entries[lo:hi]].astype(np.int64), flat[owner[lo:hi]].astype(np.int64),

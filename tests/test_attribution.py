@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.attribution import attribute, decompose
+from core.attribution import _Credit, attribute, decompose, neighbourhood_credit, rank_examples
 from core.bundle import load_bundle, write_bundle
 from core.cli import main
 from core.control import Controls
@@ -130,6 +130,48 @@ def test_scores_add_up_to_the_logit_and_spans_sum_tokens(planted):
     assert {e.doc_id: e.score for e in result.examples} == pytest.approx(per_doc, rel=1e-9, abs=1e-12)
     with pytest.raises(ValueError, match="span 3:99"):
         attribute(bundle, index, PROMPT, COMPLETION, span=(3, 99))
+
+
+def test_code_similarity_and_ranking_match_their_definitions(planted):
+    """Neighbourhood shares use cos(query code, neighbour code) over sparse P-vectors, and the
+    ranking sums credit per document with ties broken by training row: both checked against
+    a direct computation, with a top that cuts through tied scores."""
+    bundle, index = planted
+    rng = np.random.default_rng(0)
+    k = bundle.model.config.prototype_top_k
+    P = index.num_prototypes
+    for _ in range(5):
+        ids = rng.choice(P, k, replace=False)
+        cosines = rng.uniform(-0.2, 1.0, k)
+        slices = rng.normal(size=k)
+        credit = neighbourhood_credit(index, ids, slices, cosines)
+        query = np.zeros(P)
+        query[ids] = cosines
+        expected = {}
+        for j, s in zip(ids, slices, strict=True):
+            sims = {}
+            for row in index.neighbour_row[j][index.neighbour_row[j] >= 0]:
+                code = np.zeros(P)
+                code[index.positions["code_ids"][row]] = index.positions["code_cosine"][row]
+                denominator = np.linalg.norm(code) * np.linalg.norm(query)
+                sims[int(row)] = max(0.0, code @ query / denominator) if denominator > 0 else 0.0
+            total = sum(sims.values())
+            expected.update({(int(j), r): s * v / total for r, v in sims.items() if total > 0 and v > 0})
+        got = {(int(p), int(r)): v for p, r, v in zip(credit.prototypes, credit.rows, credit.values, strict=True)}
+        assert got.keys() == expected.keys()
+        assert list(got.values()) == pytest.approx([expected[key] for key in got], rel=1e-9, abs=1e-12)
+
+    # Ranking: equal credit on every document, so the order is by training row alone.
+    rows = np.unique(index.neighbour_row[index.neighbour_row >= 0])
+    flat = _Credit(rows, np.zeros(len(rows), dtype=np.int64), np.ones(len(rows)))
+    totals = {}
+    for r in rows:
+        key = int(index.positions["doc_index"][r])
+        totals[key] = totals.get(key, 0.0) + 1.0
+    order = sorted(totals, key=lambda doc: (-totals[doc], doc))
+    ranked = rank_examples(index, flat, top=7)
+    assert [e.doc_index for e in ranked] == order[:7]
+    assert [e.score for e in ranked] == [totals[doc] for doc in order[:7]]
 
 
 def test_neighbourhoods_one_position_per_document_with_snippets(planted):
