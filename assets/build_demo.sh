@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuilds the shipped demo: corpus (optional, needs apt + PyPI), PRISM bundle, dense twin and
 # the bundle's index (neighbourhoods, labels, atlas, influence factors).
-# On 2 CPU cores: PRISM about 33 minutes, the twin about 30, the index about 12.
+# On 2 CPU cores: PRISM about 31 minutes, the twin about 30, the index about 13.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${REBUILD_CORPUS:-0}" = 1 ]; then
