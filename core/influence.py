@@ -72,6 +72,12 @@ FORMAT_VERSION = 2  # 1: (P, M) tables padded with -1; 2: entries sorted by prot
 INFLUENCE_FILE = "influence.safetensors"
 
 
+# Entries (kept (prototype, document) pairs) an influence query reads at once: about 64 MB for
+# each of its (entries, r) float32 arrays at r = 16. A query whose tokens reach more is worked
+# through in runs of tokens, so its memory stays bounded when every document is kept.
+CREDIT_CHUNK_ENTRIES = 1 << 20
+
+
 class InfluenceError(IndexError_):
     """Influence factors that are missing, stale or unusable, with the command that fixes it."""
 
@@ -704,16 +710,28 @@ class InfluenceFactors:
         projected = project(grads, ids, self.whitening).cpu()  # (n, k, r) V_j^T g_qj
         n, k = ids.shape
         flat = ids.cpu().numpy().reshape(-1)  # (n k,) the (token, active prototype) pairs
-        starts, counts = self.offsets[flat], self.offsets[flat + 1] - self.offsets[flat]
-        owner = np.repeat(np.arange(n * k), counts)  # (N_q,) pair of each entry read
-        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        entries = np.repeat(starts - first, counts) + np.arange(int(counts.sum()))  # (N_q,) entry rows
         # c_jD = stored row * the prototype's scale; the scale multiplies the (n k) projections
         # instead of the (N_q) entries.
         scaled = projected.reshape(n * k, -1) * torch.from_numpy(self.coefficient_scale[flat]).to(dt)[:, None]
-        coefficients = self.coefficients[torch.from_numpy(entries)].to(dt)  # (N_q, r)
+        per_token = (self.offsets[flat + 1] - self.offsets[flat]).reshape(n, k).sum(1)  # (n,) entries
+        credits: list[InfluenceCredit] = []
+        lo = 0
+        while lo < n:  # tokens in runs of at most CREDIT_CHUNK_ENTRIES entries (one token at least)
+            hi = lo + 1 + int(np.searchsorted(np.cumsum(per_token[lo + 1:]), CREDIT_CHUNK_ENTRIES - per_token[lo],
+                                              side="right"))
+            credits += self._credit_run(flat[lo * k : hi * k], scaled[lo * k : hi * k], k)
+            lo = hi
+        return credits
+
+    def _credit_run(self, flat: np.ndarray, scaled: torch.Tensor, k: int) -> list[InfluenceCredit]:
+        """Credits of a run of tokens from their (m k,) pairs and (m k, r) scaled projections."""
+        starts, counts = self.offsets[flat], self.offsets[flat + 1] - self.offsets[flat]
+        owner = np.repeat(np.arange(len(flat)), counts)  # (N_q,) pair of each entry read
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        entries = np.repeat(starts - first, counts) + np.arange(int(counts.sum()))  # (N_q,) entry rows
+        coefficients = self.coefficients[torch.from_numpy(entries)].to(scaled.dtype)  # (N_q, r)
         values = (coefficients * scaled[torch.from_numpy(owner)]).sum(-1).double().numpy()
-        bounds = np.searchsorted(owner, np.arange(0, n * k + 1, k))  # each token's slice of the entries
+        bounds = np.searchsorted(owner, np.arange(0, len(flat) + 1, k))  # each token's slice of the entries
         return [
             InfluenceCredit(self.doc_index[entries[lo:hi]].astype(np.int64), flat[owner[lo:hi]].astype(np.int64),
                             values[lo:hi], self.char_start[entries[lo:hi]], self.char_end[entries[lo:hi]])

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core import influence as influence_module
 from core.attribution import attribute
 from core.bundle import load_bundle, write_bundle
 from core.cli import main
@@ -129,7 +130,7 @@ def brute_force_scores(bundle_dir: Path, corpus_path: Path, damping: float) -> d
     return dict(zip(names, values.tolist(), strict=True))
 
 
-def test_engine_matches_brute_force(small_bundle, short_corpus, tmp_path):
+def test_engine_matches_brute_force(small_bundle, short_corpus, tmp_path, monkeypatch):
     bundle_dir = copy_bundle(small_bundle, tmp_path / "exact")
     summary = build_influence(bundle_dir, short_corpus, InfluenceArguments(**EXACT, batch_size=4),
                               show_progress=False)
@@ -140,6 +141,10 @@ def test_engine_matches_brute_force(small_bundle, short_corpus, tmp_path):
     for doc_id in set(engine) | set(brute):  # a document the engine never meets has no shared block
         assert engine.get(doc_id, 0.0) == pytest.approx(brute.get(doc_id, 0.0), rel=1e-7, abs=1e-9 * max(
             abs(v) for v in brute.values())), doc_id
+    # A query worked through one token at a time (as one whose tokens reach more entries than a
+    # run holds) gives the same scores.
+    monkeypatch.setattr(influence_module, "CREDIT_CHUNK_ENTRIES", 1)
+    assert scores_of(bundle_dir) == pytest.approx(engine, rel=1e-12, abs=0)
 
 
 def test_scores_do_not_depend_on_batch_size(small_bundle, short_corpus, tmp_path):
