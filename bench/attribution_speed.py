@@ -91,14 +91,15 @@ def held_out_queries(corpus, tok, n: int) -> list[dict]:
     return queries
 
 
-def time_queries(bundle, index, influence, queries: list[dict]) -> dict:
-    """Median ms per query of attribute() by each PRISM method and of a plain forward pass."""
+def time_queries(bundle, index, influence, queries: list[dict],
+                 methods: tuple[str, ...] = ("neighbourhood", "influence")) -> dict:
+    """Median ms per query of attribute() by each of ``methods`` and of a plain forward pass."""
     import torch
 
     from core.attribution import attribute
 
     result = {}
-    for method in ("neighbourhood", "influence"):
+    for method in methods:
         q0 = queries[0]
         attribute(bundle, index, q0["prompt"], q0["completion"], method=method, influence=influence)  # warm-up
         times = []
@@ -146,9 +147,10 @@ def build_prism(args, corpus: dict, work: str, out) -> None:
              "build_peak_rss_mb": peak_rss_mb()})
 
 
-def query_prism(args, corpus: dict, queries: list[dict], bundle_dir: str, out) -> None:
-    """Per-query latency of both PRISM methods, in a fresh process: its peak RSS is what a
-    user's attribution process holds (model, index, factors), not the build's."""
+def query_prism(args, corpus: dict, queries: list[dict], bundle_dir: str, method: str, out) -> None:
+    """Per-query latency of one PRISM method, in a fresh process: its peak RSS is what a user's
+    attribution process holds for that method (model and index, plus the influence factors
+    for ``influence``), not the build's."""
     import torch
 
     from core.bundle import load_bundle
@@ -157,19 +159,21 @@ def query_prism(args, corpus: dict, queries: list[dict], bundle_dir: str, out) -
 
     torch.set_num_threads(args.threads)
     bundle_dir = Path(bundle_dir)
-    bundle, index, influence = load_bundle(bundle_dir), load_index(bundle_dir), load_influence(bundle_dir)
+    bundle, index = load_bundle(bundle_dir), load_index(bundle_dir)
+    influence = load_influence(bundle_dir) if method == "influence" else None
     index_bytes = sum(f.stat().st_size for f in (bundle_dir / "index").iterdir() if f.name != "influence.safetensors")
-    result = {"n": corpus["n"], "neighbourhood_bytes_per_example": index_bytes / corpus["n"],
-              "influence_bytes_per_example": (index_bytes + influence.stored_bytes()) / corpus["n"],
-              **time_queries(bundle, index, influence, queries), "peak_rss_mb": peak_rss_mb()}
-    out.put(result)
+    stored = index_bytes + (influence.stored_bytes() if influence is not None else 0)
+    out.put({"n": corpus["n"], f"{method}_bytes_per_example": stored / corpus["n"],
+             **time_queries(bundle, index, influence, queries, (method,)), f"{method}_peak_rss_mb": peak_rss_mb()})
 
 
 def run_prism(args, corpus: dict, queries: list[dict], work: str) -> dict:
     build = in_child(build_prism, args, corpus, work)
-    result = in_child(query_prism, args, corpus, queries, build["bundle"])
+    neighbourhood = in_child(query_prism, args, corpus, queries, build["bundle"], "neighbourhood")
+    influence = in_child(query_prism, args, corpus, queries, build["bundle"], "influence")
+    influence.pop("forward_ms")  # the neighbourhood process's forward timing is the one reported
     shutil.rmtree(build.pop("bundle"), ignore_errors=True)
-    return {**result, **build}
+    return {**influence, **neighbourhood, **build}
 
 
 def _dense_examples(args, token_ids: list, queries: list[dict]):
@@ -298,9 +302,9 @@ def report(rows: dict, args, wall: float) -> None:
           f"{'one-time RSS MB':>17}")
     table = [
         ("PRISM neighbourhood", p["neighbourhood_ms"], p["index_seconds"], p["neighbourhood_bytes_per_example"],
-         p["peak_rss_mb"], p["build_peak_rss_mb"]),
+         p["neighbourhood_peak_rss_mb"], p["build_peak_rss_mb"]),
         ("PRISM influence", p["influence_ms"], p["index_seconds"] + p["influence_seconds"],
-         p["influence_bytes_per_example"], p["peak_rss_mb"], p["build_peak_rss_mb"]),
+         p["influence_bytes_per_example"], p["influence_peak_rss_mb"], p["build_peak_rss_mb"]),
         ("EK-FAC (Kronfluence)", e["ms"], e["fit_seconds"], e["bytes_per_example"], e["peak_rss_mb"],
          e["fit_peak_rss_mb"]),
         ("LoGra (dattri)", g["ms"], g["fit_seconds"], g["bytes_per_example"], g["peak_rss_mb"], g["peak_rss_mb"]),
@@ -329,7 +333,8 @@ def report(rows: dict, args, wall: float) -> None:
         "prism_neighbourhood_bytes_per_example": p["neighbourhood_bytes_per_example"],
         "prism_influence_bytes_per_example": p["influence_bytes_per_example"],
         "ekfac_bytes_per_example": e["bytes_per_example"], "logra_bytes_per_example": g["bytes_per_example"],
-        "prism_peak_rss_mb": p["peak_rss_mb"], "ekfac_peak_rss_mb": e["peak_rss_mb"],
+        "prism_neighbourhood_peak_rss_mb": p["neighbourhood_peak_rss_mb"],
+        "prism_influence_peak_rss_mb": p["influence_peak_rss_mb"], "ekfac_peak_rss_mb": e["peak_rss_mb"],
         "prism_build_peak_rss_mb": p["build_peak_rss_mb"], "ekfac_fit_peak_rss_mb": e["fit_peak_rss_mb"],
         "ekfac_fit_examples": e["fit_examples"], "fit_tokens": args.fit_tokens,
         "logra_peak_rss_mb": g["peak_rss_mb"],
