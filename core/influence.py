@@ -714,14 +714,15 @@ class InfluenceFactors:
         # instead of the (N_q) entries.
         scaled = projected.reshape(n * k, -1) * torch.from_numpy(self.coefficient_scale[flat]).to(dt)[:, None]
         per_token = (self.offsets[flat + 1] - self.offsets[flat]).reshape(n, k).sum(1)  # (n,) entries
-        credits: list[InfluenceCredit] = []
-        lo = 0
-        while lo < n:  # tokens in runs of at most CREDIT_CHUNK_ENTRIES entries (one token at least)
-            hi = lo + 1 + int(np.searchsorted(np.cumsum(per_token[lo + 1:]), CREDIT_CHUNK_ENTRIES - per_token[lo],
-                                              side="right"))
-            credits += self._credit_run(flat[lo * k : hi * k], scaled[lo * k : hi * k], k)
-            lo = hi
-        return credits
+        bounds, entries = [0], 0  # tokens in runs of at most CREDIT_CHUNK_ENTRIES entries (one token at least)
+        for t, count in enumerate(per_token.tolist()):
+            if entries and entries + count > CREDIT_CHUNK_ENTRIES:
+                bounds.append(t)
+                entries = 0
+            entries += count
+        bounds.append(n)
+        return [credit for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+                for credit in self._credit_run(flat[lo * k : hi * k], scaled[lo * k : hi * k], k)]
 
     def _credit_run(self, flat: np.ndarray, scaled: torch.Tensor, k: int) -> list[InfluenceCredit]:
         """Credits of a run of tokens from their (m k,) pairs and (m k, r) scaled projections."""
