@@ -32,8 +32,8 @@ def main() -> None:
     from attribution_speed import held_out_queries, time_queries
 
     from core.bundle import load_bundle
-    from core.data import load_corpus
-    from core.index import load_index
+    from core.data.corpus import load_corpus
+    from core.index.format import load_index
 
     torch.set_num_threads(args.threads)
     bundle, index = load_bundle(args.model), load_index(args.model)

@@ -62,7 +62,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def train_pair(corpus: Path, out: Path, steps: int, seed: int = 0) -> tuple[Path, Path]:
     """A tiny PRISM model and its dense twin on the same tokens (the twin reuses the tokenizer)."""
-    from core.train import TrainOptions, train
+    from core.train.trainer import TrainOptions, train
 
     prism, dense = out / "prism", out / "dense"
     train(TrainOptions(corpus=str(corpus), out=str(prism), preset="tiny", max_steps=steps, seed=seed,
@@ -79,9 +79,9 @@ class Methods:
         import torch
 
         from core.bundle import load_bundle
-        from core.data import load_corpus
-        from core.index import build_index, load_index
-        from core.influence import InfluenceArguments, build_influence, load_influence
+        from core.data.corpus import load_corpus
+        from core.index.format import build_index, load_index
+        from core.attribution.influence import InfluenceArguments, build_influence, load_influence
 
         torch.set_num_threads(threads)
         build_index(prism_dir, corpus, show_progress=False)
@@ -95,7 +95,7 @@ class Methods:
         self.latency: dict[str, list[float]] = {"neighbourhood": [], "influence": [], "ekfac": []}
 
     def prism(self, method: str, prompt: str, completion: str) -> dict[str, float]:
-        from core.attribution import attribute
+        from core.attribution.engine import attribute
 
         t = time.perf_counter()
         result = attribute(self.bundle, self.index, prompt, completion, top=10**6, method=method,
@@ -104,7 +104,7 @@ class Methods:
         return {e.doc_id: e.score for e in result.examples}
 
     def ekfac(self, queries: list[tuple[str, str]]) -> list[dict[str, float]]:
-        from core.baselines import ekfac_scores, padded_examples, query_examples
+        from core.attribution.baselines import ekfac_scores, padded_examples, query_examples
 
         tok = self.dense.tokenizer
         docs = [tok(t, add_special_tokens=False)["input_ids"] for t in self.train["text"]]
@@ -150,7 +150,7 @@ def lds(args, work: Path) -> dict:
     from scipy.stats import spearmanr
 
     from core.bundle import load_bundle
-    from core.data import load_corpus
+    from core.data.corpus import load_corpus
 
     rows = demo_slice(args.lds_per_source, 400)
     held = demo_slice(2, 400, skip=args.lds_per_source)
@@ -182,7 +182,7 @@ def lds(args, work: Path) -> dict:
         write_jsonl(half / "train.jsonl", [r for r, keep in zip(train_rows, mask, strict=True) if keep])
         write_jsonl(half / "validation.jsonl", validation_rows)
         out = work / f"half-{h}"
-        from core.train import TrainOptions, train
+        from core.train.trainer import TrainOptions, train
 
         for kind, dense_flag in (("prism", False), ("dense", True)):
             train(TrainOptions(corpus=str(half), out=str(out / kind), preset="tiny", max_steps=args.lds_steps,

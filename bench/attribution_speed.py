@@ -44,7 +44,7 @@ def prepare(args, work: Path) -> dict:
     import numpy as np
 
     from core.bundle import load_bundle
-    from core.data import load_corpus
+    from core.data.corpus import load_corpus
 
     bundle = load_bundle(args.model)
     tok = bundle.tokenizer
@@ -96,7 +96,7 @@ def time_queries(bundle, index, influence, queries: list[dict],
     """Median ms per query of attribute() by each of ``methods`` and of a plain forward pass."""
     import torch
 
-    from core.attribution import attribute
+    from core.attribution.engine import attribute
 
     result = {}
     for method in methods:
@@ -127,8 +127,8 @@ def build_prism(args, corpus: dict, work: str, out) -> None:
     """PRISM's one-time pass: the index and the influence factors over the candidate corpus."""
     import torch
 
-    from core.index import build_index
-    from core.influence import InfluenceArguments, build_influence
+    from core.index.format import build_index
+    from core.attribution.influence import InfluenceArguments, build_influence
 
     torch.set_num_threads(args.threads)
     bundle_dir = Path(work) / f"prism-{corpus['n']}"
@@ -154,8 +154,8 @@ def query_prism(args, corpus: dict, queries: list[dict], bundle_dir: str, method
     import torch
 
     from core.bundle import load_bundle
-    from core.index import load_index
-    from core.influence import load_influence
+    from core.index.format import load_index
+    from core.attribution.influence import load_influence
 
     torch.set_num_threads(args.threads)
     bundle_dir = Path(bundle_dir)
@@ -177,7 +177,7 @@ def run_prism(args, corpus: dict, queries: list[dict], work: str) -> dict:
 
 
 def _dense_examples(args, token_ids: list, queries: list[dict]):
-    from core.baselines import query_examples, training_examples
+    from core.attribution.baselines import query_examples, training_examples
     from core.bundle import load_bundle
 
     dense = load_bundle(args.dense)
@@ -192,7 +192,7 @@ def fit_ekfac(args, token_ids: list, queries: list[dict], factors_dir: str, out)
     import torch
     from torch.utils.data import Subset
 
-    from core.baselines import ekfac_fit
+    from core.attribution.baselines import ekfac_fit
 
     torch.set_num_threads(args.threads)
     dense, train, _ = _dense_examples(args, token_ids, queries)
@@ -205,7 +205,7 @@ def score_ekfac(args, token_ids: list, queries: list[dict], factors_dir: str, ou
     """EK-FAC scores of every query against every candidate, in a fresh process (query-time RSS)."""
     import torch
 
-    from core.baselines import ekfac_pairwise
+    from core.attribution.baselines import ekfac_pairwise
 
     torch.set_num_threads(args.threads)
     dense, train, query = _dense_examples(args, token_ids, queries)
@@ -228,7 +228,7 @@ def run_logra(args, token_ids: list, queries: list[dict], proj_dim: int, out) ->
     covers both (its store lives in memory)."""
     import torch
 
-    from core.baselines import logra_scores
+    from core.attribution.baselines import logra_scores
 
     torch.set_num_threads(args.threads)
     dense, train, query = _dense_examples(args, token_ids, queries)

@@ -30,10 +30,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from core.bundle import Bundle, load_bundle  # noqa: E402
-from core.calibration import calibrate, load_task  # noqa: E402
-from core.control import Controls, control_kwargs  # noqa: E402
-from core.targeting import target_by_contrast  # noqa: E402
-from core.tasks import Behaviour, load_behaviour, read_validation  # noqa: E402
+from core.control.calibration import calibrate, load_task  # noqa: E402
+from core.control.controls import Controls, control_kwargs  # noqa: E402
+from core.control.targeting import target_by_contrast  # noqa: E402
+from core.data.demo.tasks import Behaviour, load_behaviour, read_validation  # noqa: E402
 
 
 def sample_rate(bundle: Bundle, behaviour: Behaviour, controls: Controls | None, samples: int, max_new_tokens: int,

@@ -83,7 +83,7 @@ def in_process(model: str, repeats: int) -> dict:
     import torch
 
     from core.bundle import load_bundle
-    from core.control import Controls
+    from core.control.controls import Controls
     from core.generation import generate_text
 
     torch.set_num_threads(int(os.environ.get("PRISM_EXPLORER_THREADS", "1")))  # as the app does

@@ -22,8 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from core.index import load_index  # noqa: E402
-from core.labels import build_labels, load_labels, read_labels_file  # noqa: E402
+from core.index.format import load_index  # noqa: E402
+from core.atlas.labels import build_labels, load_labels, read_labels_file  # noqa: E402
 
 
 def one_line(text: str) -> str:

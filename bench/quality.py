@@ -22,10 +22,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from core import losses  # noqa: E402
+from core.model import losses  # noqa: E402
 from core.bundle import load_bundle  # noqa: E402
-from core.data import load_corpus, pack  # noqa: E402
-from core.train import PRESETS, evaluate_loss  # noqa: E402
+from core.data.corpus import load_corpus, pack  # noqa: E402
+from core.train.trainer import PRESETS, evaluate_loss  # noqa: E402
 
 
 def train_throughput(model, batches: list[torch.Tensor], lr: float) -> float:

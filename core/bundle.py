@@ -15,14 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .model import PrismForCausalLM
+from core.model.modeling import PrismForCausalLM
+from core.errors import BundleError
 
 MAX_SHARD_SIZE = "8MB"  # keeps every committed file small; transformers reassembles shards
 WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json")
-
-
-class BundleError(ValueError):
-    """A folder that is not a usable PRISM bundle, with the reason and the fix."""
 
 
 @dataclass

@@ -10,12 +10,9 @@ import json
 import logging
 import sys
 from pathlib import Path
+from core.errors import CliError, PrismError
 
 DEMO_BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "models" / "demo"
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit 1."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,7 +31,7 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:
-    from .demo_corpus import build_demo_corpus
+    from core.data.demo import build_demo_corpus
 
     stats = build_demo_corpus(args.out, seed=args.seed, show_progress=not args.quiet)
     print(json.dumps(stats, indent=2))
@@ -42,7 +39,7 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainOptions, record_twin, remove_checkpoints, train
+    from core.train.trainer import TrainOptions, record_twin, remove_checkpoints, train
 
     opts = TrainOptions(
         corpus=args.corpus,
@@ -80,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _controls_from_args(args: argparse.Namespace, bundle):
     """The controls of --controls FILE and --suppress IDS together."""
-    from .control import Controls, load_controls, parse_ids
+    from core.control.controls import Controls, load_controls, parse_ids
 
     controls = load_controls(args.controls) if args.controls else Controls()
     if args.suppress:
@@ -96,8 +93,8 @@ def _add_control_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .bundle import load_bundle
-    from .generation import generate_text
+    from core.bundle import load_bundle
+    from core.generation import generate_text
 
     bundle = load_bundle(args.model)
     controls = _controls_from_args(args, bundle)
@@ -117,7 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from .index import build_index
+    from core.index.format import build_index
 
     summary = build_index(
         args.model,
@@ -130,7 +127,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     )
     summary["labels"] = _label_and_map(args.model, progress=not args.quiet)
     if not args.no_influence:
-        from .influence import InfluenceArguments, build_influence
+        from core.attribution.influence import InfluenceArguments, build_influence
 
         influence_args = InfluenceArguments(
             rank=args.influence_rank,
@@ -150,7 +147,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def _label_and_map(model: str, progress: bool) -> dict:
     """Labels and the atlas of an indexed bundle; their quality summary."""
-    from .labels import build_atlas, build_labels, quality_summary
+    from core.atlas.labels import build_atlas, build_labels, quality_summary
 
     labels = build_labels(model, progress=progress)
     coords = build_atlas(model)
@@ -163,10 +160,10 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
-    from .attribution import attribute
-    from .bundle import load_bundle
-    from .generation import truncation_notice
-    from .index import load_index
+    from core.attribution.engine import attribute
+    from core.bundle import load_bundle
+    from core.generation import truncation_notice
+    from core.index.format import load_index
 
     if not args.prompt:
         raise CliError("the prompt is empty: give the text that the completion follows")
@@ -195,9 +192,9 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .bundle import load_bundle
-    from .index import load_index
-    from .report import build_report, format_of, read_prompts, write_report
+    from core.bundle import load_bundle
+    from core.index.format import load_index
+    from core.report import build_report, format_of, read_prompts, write_report
 
     format_of(args.out)  # a bad extension fails before the model loads
     items = read_prompts(args.prompts)
@@ -217,9 +214,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .bundle import load_bundle
-    from .calibration import calibrate, format_report, load_task
-    from .control import save_controls
+    from core.bundle import load_bundle
+    from core.control.calibration import calibrate, format_report, load_task
+    from core.control.controls import save_controls
 
     items = load_task(args.task)  # a bad task file fails before the model loads
     bundle = load_bundle(args.model)
@@ -243,10 +240,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_target(args: argparse.Namespace) -> int:
-    from .bundle import load_bundle
-    from .control import Controls, save_controls
-    from .index import index_exists, load_index
-    from .targeting import target_by_contrast, target_by_ids, target_by_label, target_by_query
+    from core.bundle import load_bundle
+    from core.control.controls import Controls, save_controls
+    from core.index.format import index_exists, load_index
+    from core.control.targeting import target_by_contrast, target_by_ids, target_by_label, target_by_query
 
     if sum(x is not None for x in (args.ids, args.label, args.query, args.behaviour)) != 1:
         raise CliError("give exactly one of --ids, --label, --query, --behaviour")
@@ -255,7 +252,7 @@ def cmd_target(args: argparse.Namespace) -> int:
         raise CliError("targeting needs a PRISM model; this bundle is a dense twin")
     index = load_index(args.model) if index_exists(args.model) or args.label or args.query else None
     if args.ids is not None:
-        from .control import parse_ids
+        from core.control.controls import parse_ids
 
         targets = target_by_ids(parse_ids(args.ids), index, bundle.model.config.num_prototypes)
     elif args.label is not None:
@@ -263,7 +260,7 @@ def cmd_target(args: argparse.Namespace) -> int:
     elif args.query is not None:
         targets = target_by_query(index, args.query, args.top, bundle.tokenizer)
     else:
-        from .tasks import load_behaviour
+        from core.data.demo.tasks import load_behaviour
 
         behaviour = load_behaviour(args.behaviour)
         targets = target_by_contrast(bundle, behaviour.contrast_behaviour, behaviour.contrast_neutral, args.top,
@@ -293,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_corpus)
 
-    from .train import PRESETS
+    from core.train.trainer import PRESETS
 
     train = sub.add_parser("train", help="train a PRISM model (or its dense twin) into a bundle")
     train.add_argument("--corpus", required=True, help="JSONL file, or folder of .jsonl/.txt files")
@@ -404,13 +401,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code."""
     from transformers.utils import logging as hf_logging
 
-    from .bundle import BundleError
-    from .control import ControlsError
-    from .data import CorpusError
-    from .index import IndexError_
-    from .report import ReportError
-    from .train import TrainingError
-
     args = None
     try:
         args = build_parser().parse_args(argv)
@@ -418,8 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "train":
             hf_logging.disable_progress_bar()  # weight-loading bars are noise around a generated text
         return args.func(args)
-    except (CliError, BundleError, ControlsError, CorpusError, IndexError_, ReportError, TrainingError, ValueError,
-            OSError) as err:
+    except (PrismError, ValueError, OSError) as err:  # PrismError first: every error the library means for users
         if args is not None and args.verbose:
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .bundle import Bundle
-from .control import Controls, control_kwargs
+from core.bundle import Bundle
+from core.control.controls import Controls, control_kwargs
 
 logger = logging.getLogger(__name__)
 

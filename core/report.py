@@ -28,10 +28,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from .attribution import Attribution, attribute
-from .bundle import Bundle
-from .control import Controls
-from .index import PrototypeIndex
+from core.attribution.engine import Attribution, attribute
+from core.bundle import Bundle
+from core.control.controls import Controls
+from core.index.format import PrototypeIndex
+from core.errors import ReportError
 
 REPORT_FORMAT = "prism-report"
 REPORT_VERSION = 1
@@ -41,10 +42,6 @@ CSV_COLUMNS = (
     "slice", "label", "doc_id", "source", "score", "snippet", "highlight_start", "highlight_end",
 )
 MAX_PROMPTS = 1000
-
-
-class ReportError(ValueError):
-    """A prompts file or output path that cannot make a report, with the fix."""
 
 
 def read_prompts(path: str | Path) -> list[dict]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core.bundle import Bundle
-from core.index import PrototypeIndex
+from core.index.format import PrototypeIndex
 
 NO_LABEL = ""
 
@@ -87,7 +87,7 @@ def build_atlas_data(bundle: Bundle, index: PrototypeIndex) -> AtlasData:
     keys = bundle.model.prototypes.keys.detach().float().cpu().numpy()  # (P, d)
     records: dict[int, object] = {}
     xy, layout = None, ""
-    labels_mod, atlas_mod = optional_module("core.labels"), optional_module("core.atlas")
+    labels_mod, atlas_mod = optional_module("core.atlas.labels"), optional_module("core.atlas.layout")
     try:
         if labels_mod is not None and hasattr(labels_mod, "load_labels"):
             records = {int(r.id): r for r in (labels_mod.load_labels(bundle.path) or [])}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.index import PrototypeIndex
+from core.index.format import PrototypeIndex
 
 from . import state
 from .atlas_data import AtlasData

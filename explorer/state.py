@@ -17,8 +17,8 @@ from pathlib import Path
 import streamlit as st
 
 from core.bundle import Bundle, BundleError, load_bundle
-from core.control import Controls
-from core.index import IndexError_, PrototypeIndex, load_index
+from core.control.controls import Controls
+from core.index.format import PrototypeIndexError, PrototypeIndex, load_index
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_BUNDLE = REPO / "assets" / "models" / "demo"
@@ -92,7 +92,7 @@ def load_current() -> Loaded:
     if bundle.is_prism:
         try:
             index = cached_index(path, bundle.fingerprint)
-        except (IndexError_, OSError, ValueError) as err:
+        except (PrototypeIndexError, OSError, ValueError) as err:
             problem = str(err)
     else:
         problem = f"{path} is a dense twin: it has no prototypes to explore"

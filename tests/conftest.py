@@ -51,7 +51,7 @@ def small_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, small_corpus) -> Path:
     """A tiny PRISM bundle trained for 120 steps on the small corpus."""
-    from core.train import TrainOptions, train
+    from core.train.trainer import TrainOptions, train
 
     out = tmp_path_factory.mktemp("bundle") / "tiny"
     train(TrainOptions(corpus=str(small_corpus), out=str(out), preset="tiny", max_steps=120, progress=False))

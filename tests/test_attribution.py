@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.attribution import _Credit, attribute, decompose, neighbourhood_credit, rank_examples
+from core.attribution.engine import _Credit, attribute, decompose, neighbourhood_credit, rank_examples
 from core.bundle import load_bundle, write_bundle
 from core.cli import main
-from core.control import Controls
-from core.data import CorpusError, load_corpus
-from core.index import IndexError_, build_index, index_dir, load_index
-from core.influence import InfluenceArguments, build_influence
+from core.control.controls import Controls
+from core.data.corpus import CorpusError, load_corpus
+from core.index.format import PrototypeIndexError, build_index, index_dir, load_index
+from core.attribution.influence import InfluenceArguments, build_influence
 
 from .conftest import demo_rows, write_jsonl
 
@@ -37,7 +37,7 @@ def planted_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def planted_bundle(tmp_path_factory, planted_corpus) -> Path:
     """A tiny PRISM model (128 prototypes) trained 250 steps on the planted corpus, indexed."""
-    from core.train import TrainOptions, train
+    from core.train.trainer import TrainOptions, train
 
     out = tmp_path_factory.mktemp("planted_bundle") / "tiny"
     train(TrainOptions(corpus=str(planted_corpus), out=str(out), preset="tiny", max_steps=250, progress=False,
@@ -195,15 +195,15 @@ def test_neighbourhoods_one_position_per_document_with_snippets(planted):
 
 def test_index_refuses_other_corpus_and_other_model(planted_bundle, planted_corpus, small_corpus, tmp_path):
     load_index(planted_bundle, corpus_fingerprint=load_corpus(planted_corpus).fingerprint)  # the right one loads
-    with pytest.raises(IndexError_, match="built from corpus .* not this corpus"):
+    with pytest.raises(PrototypeIndexError, match="built from corpus .* not this corpus"):
         load_index(planted_bundle, corpus_fingerprint=load_corpus(small_corpus).fingerprint)
     other = Path(shutil.copytree(planted_bundle, tmp_path / "other"))
     bundle = load_bundle(other)
     bundle.model.prototypes.values.mul_(1.01)  # other weights, same shapes
     write_bundle(other, bundle.model, bundle.tokenizer, bundle.training)  # leaves index/ in place
-    with pytest.raises(IndexError_, match="built for model .* not this model"):
+    with pytest.raises(PrototypeIndexError, match="built for model .* not this model"):
         load_index(other)
-    with pytest.raises(IndexError_, match="built for model"):
+    with pytest.raises(PrototypeIndexError, match="built for model"):
         attribute(load_bundle(other), load_index(planted_bundle), PROMPT, COMPLETION)
 
 
@@ -241,7 +241,7 @@ def test_index_is_written_atomically(planted_bundle, tmp_path):
     # A failed rebuild keeps the previous index intact.
     meta = (index_dir(planted_bundle) / "meta.json").read_text()
     short = write_jsonl(tmp_path / "short.jsonl", [{"id": i, "text": "Too short.", "source": "x"} for i in "abc"])
-    with pytest.raises(IndexError_, match="shorter than one sequence"):
+    with pytest.raises(PrototypeIndexError, match="shorter than one sequence"):
         build_index(planted_bundle, short, show_progress=False)
     assert (index_dir(planted_bundle) / "meta.json").read_text() == meta
     assert not list(planted_bundle.glob(".index-*"))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.baselines import BaselineError, ekfac_scores, logra_scores, query_examples, training_examples
+from core.attribution.baselines import BaselineError, ekfac_scores, logra_scores, query_examples, training_examples
 
 
 def needs(module: str):
@@ -22,9 +22,9 @@ def needs(module: str):
 def tiny_dense():
     """A freshly initialised tiny dense twin (2 layers, d = 64, vocab 512), 12 training
     examples of 16 tokens and two queries that repeat examples 3 and 7."""
-    from core.config import PrismConfig
-    from core.model import PrismForCausalLM
-    from core.train import PRESETS, build_config
+    from core.model.config import PrismConfig
+    from core.model.modeling import PrismForCausalLM
+    from core.train.trainer import PRESETS, build_config
 
     config = build_config(PRESETS["tiny"], vocab_size=512, eos_id=0, dense=True)
     assert isinstance(config, PrismConfig) and config.dense

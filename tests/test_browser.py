@@ -118,9 +118,9 @@ def shot(page, name: str, top=None) -> None:
 
 def steering_target() -> int:
     """A prototype whose gain 0 changes the Steer page's default greedy text (checked in core)."""
-    from core.attribution import decompose
+    from core.attribution.engine import decompose
     from core.bundle import load_bundle
-    from core.control import Controls
+    from core.control.controls import Controls
     from core.generation import generate_text
 
     bundle = load_bundle(DEMO)

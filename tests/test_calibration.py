@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from core.calibration import (
+from core.control.calibration import (
     TaskError,
     TaskItem,
     _run,
@@ -21,7 +21,7 @@ from core.calibration import (
     split_items,
 )
 from core.cli import main
-from core.control import Controls, load_controls
+from core.control.controls import Controls, load_controls
 
 from .conftest import demo_rows, write_jsonl
 

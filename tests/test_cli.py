@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from core.cli import main
-from core.control import Controls, save_controls
+from core.control.controls import Controls, save_controls
 
 from .conftest import REPO
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from core.cli import main
-from core.control import Controls, ControlsError, control_kwargs, load_controls
+from core.control.controls import Controls, ControlsError, control_kwargs, load_controls
 from core.generation import generate_text
-from core.index import build_index, load_index
-from core.targeting import (
+from core.index.format import build_index, load_index
+from core.control.targeting import (
     TargetingError,
     activation_profile,
     promotion,
@@ -24,7 +24,7 @@ from core.targeting import (
     target_by_label,
     target_by_query,
 )
-from core.tasks import BehaviourError, build_behaviours, build_tasks, load_behaviour
+from core.data.demo.tasks import BehaviourError, build_behaviours, build_tasks, load_behaviour
 
 from .conftest import demo_rows
 

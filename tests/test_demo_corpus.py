@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from core import demo_corpus as dc
+from core.data import demo as dc
 
 # ---------------------------------------------------------------- text cleaning
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core import influence as influence_module
-from core.attribution import attribute
+from core.attribution import influence as influence_module
+from core.attribution.engine import attribute
 from core.bundle import load_bundle, write_bundle
 from core.cli import main
-from core.data import load_corpus, pack
-from core.index import build_index, load_index
-from core.influence import (
+from core.data.corpus import load_corpus, pack
+from core.index.format import build_index, load_index
+from core.attribution.influence import (
     InfluenceArguments,
     InfluenceError,
     build_influence,
@@ -44,8 +44,8 @@ def short_corpus(tmp_path_factory) -> Path:
 def small_bundle(tmp_path_factory, tiny_bundle, short_corpus) -> Path:
     """A freshly initialised tiny PRISM model (24 prototypes, the tiny bundle's tokenizer),
     indexed on the first sequences of the small corpus: small enough for a dense solve."""
-    from core.config import PrismConfig
-    from core.model import PrismForCausalLM
+    from core.model.config import PrismConfig
+    from core.model.modeling import PrismForCausalLM
 
     base = load_bundle(tiny_bundle)
     config = PrismConfig.from_dict({**base.model.config.to_dict(), "num_prototypes": 24})
@@ -227,19 +227,19 @@ def test_format_1_factors_load_with_the_same_scores(small_bundle, short_corpus, 
 
 def test_factors_load_once_per_index(small_bundle, short_corpus, tmp_path, monkeypatch):
     """A report of several influence traces reads the factors (and the corpus) once, not per item."""
-    import core.influence
+    import core.attribution.influence
     from core.report import build_report
 
     bundle_dir = copy_bundle(small_bundle, tmp_path / "once")
     build_influence(bundle_dir, short_corpus, InfluenceArguments(**{**EXACT, "rank": 8}), show_progress=False)
     loads = []
-    real = core.influence.InfluenceFactors.__init__
+    real = core.attribution.influence.InfluenceFactors.__init__
 
     def counted(self, *args, **kwargs):
         loads.append(args[0])
         real(self, *args, **kwargs)
 
-    monkeypatch.setattr(core.influence.InfluenceFactors, "__init__", counted)
+    monkeypatch.setattr(core.attribution.influence.InfluenceFactors, "__init__", counted)
     bundle, index = load_bundle(bundle_dir), load_index(bundle_dir)
     items = [{"prompt": PROMPT, "completion": COMPLETION}, {"prompt": "To be", "completion": " or not"}]
     report = build_report(bundle, index, items, method="influence")

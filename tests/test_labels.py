@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-import core.atlas
-from core.atlas import ATLAS_FILE, build_atlas, load_atlas
+import core.atlas.layout
+from core.atlas.layout import ATLAS_FILE, build_atlas, load_atlas
 from core.cli import main
-from core.index import index_dir, load_index
-from core.labels import (
+from core.index.format import index_dir, load_index
+from core.atlas.labels import (
     CATEGORIES,
     LABELS_FILE,
     SOURCE_TOPICS,
@@ -119,8 +119,8 @@ def _plant_number_positions(bundle: Path, corpus: Path, count: int) -> list[int]
     return their rows. The small corpus has such numbers, but the tiny model's index holds
     only a few of them; planting keeps the test independent of what the tiny model learnt."""
     from core.bundle import load_bundle
-    from core.data import load_corpus
-    from core.index import SNIPPET_AFTER, SNIPPET_BEFORE
+    from core.data.corpus import load_corpus
+    from core.index.format import SNIPPET_AFTER, SNIPPET_BEFORE
 
     tokenizer = load_bundle(bundle).tokenizer
     folder = index_dir(bundle)
@@ -217,13 +217,13 @@ def test_atlas_is_cached_and_reused(labelled, tmp_path, monkeypatch):
     bundle = Path(shutil.copytree(labelled[0], tmp_path / "atlas"))
     path = index_dir(bundle) / ATLAS_FILE
     calls = []
-    compute = core.atlas.umap_coordinates
+    compute = core.atlas.layout.umap_coordinates
 
     def spy(*args, **kwargs):
         calls.append(args[1:])
         return compute(*args, **kwargs)
 
-    monkeypatch.setattr(core.atlas, "umap_coordinates", spy)
+    monkeypatch.setattr(core.atlas.layout, "umap_coordinates", spy)
     cached = load_atlas(bundle)
     stamp = path.stat().st_mtime_ns
     again = build_atlas(bundle)  # the defaults `prism index` used: served from the file

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from core.bundle import load_bundle
-from core.data import CorpusError, load_corpus
-from core.train import TrainingError, TrainOptions, latest_checkpoint, train
+from core.data.corpus import CorpusError, load_corpus
+from core.train.trainer import TrainingError, TrainOptions, latest_checkpoint, train
 
 from .conftest import demo_rows, write_jsonl
 

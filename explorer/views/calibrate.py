@@ -33,7 +33,7 @@ loaded = state.load_current()
 bundle = loaded.bundle
 st.subheader("Calibrate")
 try:
-    calibration = importlib.import_module("core.calibration")
+    calibration = importlib.import_module("core.control.calibration")
 except ImportError:
     st.info("Calibration needs core.calibration, which is not in this build yet.")
     st.stop()

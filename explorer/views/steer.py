@@ -10,7 +10,7 @@ import time
 
 import streamlit as st
 
-from core.control import Controls, ControlsError
+from core.control.controls import Controls, ControlsError
 from core.generation import continuation_perplexity, generate_text
 from explorer import state
 from explorer.cards import MAX_GAIN, control_widgets
@@ -114,7 +114,7 @@ b.button("Add a gain slider", key="steer_add", on_click=_add_row)
 
 targeting = None
 try:
-    targeting = importlib.import_module("core.targeting")
+    targeting = importlib.import_module("core.control.targeting")
 except ImportError:
     pass
 with st.expander("Find prototypes to steer: by text query or by contrast"):

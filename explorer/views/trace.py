@@ -8,9 +8,9 @@ import json
 import pandas as pd
 import streamlit as st
 
-from core.attribution import METHODS, Attribution, attribute
-from core.control import Controls, ControlsError
-from core.index import IndexError_
+from core.attribution.engine import METHODS, Attribution, attribute
+from core.control.controls import Controls, ControlsError
+from core.index.format import PrototypeIndexError
 from explorer import state
 from explorer.cards import render_card
 from explorer.figures import selected_ids, waterfall_figure
@@ -67,7 +67,7 @@ if submitted:
         try:
             result = traced(loaded.path, bundle.fingerprint, prompt, completion, method, int(top),
                             int(max_new), json.dumps(controls.to_json(), sort_keys=True))
-        except (ValueError, ControlsError, IndexError_) as err:
+        except (ValueError, ControlsError, PrototypeIndexError) as err:
             st.error(f"Cannot trace: {err}")
             st.stop()
     st.session_state[state.TRACE] = result

@@ -19,10 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-
-class ControlsError(ValueError):
-    """A controls document that cannot be applied, with the reason."""
+from core.errors import ControlsError
 
 
 @dataclass

@@ -62,9 +62,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 
-from .bundle import load_bundle, model_fingerprint
-from .data import CorpusError, load_corpus, pack
-from .index import SNIPPET_AFTER, SNIPPET_BEFORE, IndexError_, best_per_group, index_dir
+from core.bundle import load_bundle, model_fingerprint
+from core.data.corpus import CorpusError, load_corpus, pack
+from core.index.format import SNIPPET_AFTER, SNIPPET_BEFORE, PrototypeIndexError, best_per_group, index_dir
+from core.errors import InfluenceError
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +77,6 @@ INFLUENCE_FILE = "influence.safetensors"
 # each of its (entries, r) float32 arrays at r = 16. A query whose tokens reach more is worked
 # through in runs of tokens, so its memory stays bounded when every document is kept.
 CREDIT_CHUNK_ENTRIES = 1 << 20
-
-
-class InfluenceError(IndexError_):
-    """Influence factors that are missing, stale or unusable, with the command that fixes it."""
 
 
 @dataclass

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bundle import model_fingerprint
-from .index import IndexError_, PrototypeIndex, _rebuild_hint, index_dir
+from core.bundle import model_fingerprint
+from core.index.format import PrototypeIndexError, PrototypeIndex, _rebuild_hint, index_dir
+from core.errors import AtlasError
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,6 @@ ATLAS_FORMAT = 1
 METRIC = "cosine"
 CONTEXT_TOKENS = 64  # at most this many tokens re-read before each neighbour's trigger
 FORWARD_BATCH = 128
-
-
-class AtlasError(ValueError):
-    """Bad atlas arguments, with the reason and the fix."""
 
 
 def write_json_atomically(path: Path, payload: dict, indent: int | None = None) -> None:
@@ -67,7 +64,7 @@ def _arguments(n_neighbors: int, min_dist: float, seed: int) -> dict:
 
 def _prototype_keys(bundle_dir: Path) -> np.ndarray:
     """(P, d) float64 prototype keys, read from the bundle's weights."""
-    from .bundle import load_bundle
+    from core.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
     if not bundle.is_prism:
@@ -118,7 +115,7 @@ def build_atlas(bundle_dir: str | Path, *, n_neighbors: int = 15, min_dist: floa
 
     Raises:
         AtlasError: bad arguments or a dense bundle.
-        IndexError_: the bundle has no index folder to keep the atlas in.
+        PrototypeIndexError: the bundle has no index folder to keep the atlas in.
     """
     if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int) or n_neighbors < 2:
         raise AtlasError(f"n_neighbors must be an integer >= 2, got {n_neighbors!r}")
@@ -129,7 +126,7 @@ def build_atlas(bundle_dir: str | Path, *, n_neighbors: int = 15, min_dist: floa
     bundle_dir = Path(bundle_dir)
     folder = index_dir(bundle_dir)
     if not (folder / "meta.json").is_file():
-        raise IndexError_(f"{bundle_dir} has no index; build it with {_rebuild_hint(bundle_dir)}")
+        raise PrototypeIndexError(f"{bundle_dir} has no index; build it with {_rebuild_hint(bundle_dir)}")
     fingerprint = model_fingerprint(bundle_dir)
     arguments = _arguments(n_neighbors, float(min_dist), seed)
     path = folder / ATLAS_FILE

@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from . import losses
-from .bundle import BundleError, write_bundle
-from .config import PrismConfig
-from .data import Corpus, load_corpus, pack, token_counts_by_source, train_tokenizer
-from .model import PrismForCausalLM
+from core.model import losses
+from core.bundle import BundleError, write_bundle
+from core.model.config import PrismConfig
+from core.data.corpus import Corpus, load_corpus, pack, token_counts_by_source, train_tokenizer
+from core.model.modeling import PrismForCausalLM
+from core.errors import TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +64,6 @@ PRESETS: dict[str, Preset] = {
     # For GPU users.
     "small": Preset(512, 8, 8, 1376, 512, 16384, 4096, 8, 32, 1e-3, 20000, 1000, 1000, 1024),
 }
-
-
-class TrainingError(ValueError):
-    """Bad training arguments, with the reason and the fix."""
 
 
 @dataclass

@@ -27,15 +27,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .bundle import Bundle
-from .control import Controls, control_kwargs
-from .index import PrototypeIndex, load_index
+from core.bundle import Bundle
+from core.control.controls import Controls, control_kwargs
+from core.index.format import PrototypeIndex, load_index
+from core.errors import TargetingError
 
 EXAMPLES_PER_TARGET = 3
-
-
-class TargetingError(ValueError):
-    """A targeting request that cannot be answered, with the reason and the fix."""
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,9 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from .bundle import Bundle, load_bundle, model_fingerprint
-from .data import load_corpus, pack
+from core.bundle import Bundle, load_bundle, model_fingerprint
+from core.data.corpus import load_corpus, pack
+from core.errors import PrototypeIndexError
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +75,6 @@ PROMOTED_TOKENS = 10  # top tokens of E W_j stored per prototype
 REQUIRED_FILES = (
     "meta.json", "neighbourhoods.safetensors", "positions.safetensors", "positions.jsonl", "documents.jsonl"
 )
-
-
-class IndexError_(ValueError):
-    """An index that is missing, stale or built for another model or corpus, with the fix.
-
-    The trailing underscore keeps Python's builtin ``IndexError`` unshadowed.
-    """
 
 
 def index_dir(bundle_dir: str | Path) -> Path:
@@ -207,7 +201,7 @@ class PrototypeIndex:
             core.influence.InfluenceError: no factors, or factors for other weights or corpus.
         """
         if self._influence is None:
-            from .influence import load_influence  # influence imports this module
+            from core.attribution.influence import load_influence  # influence imports this module
 
             self._influence = load_influence(self.path.parent)
         return self._influence
@@ -266,36 +260,36 @@ def load_index(bundle_dir: str | Path, corpus_fingerprint: str | None = None) ->
         corpus_fingerprint: if given, the index must have been built from this corpus.
 
     Raises:
-        IndexError_: no index, an incomplete or unknown-format one, or one built for other
+        PrototypeIndexError: no index, an incomplete or unknown-format one, or one built for other
             weights or another corpus.
     """
     folder = index_dir(bundle_dir)
     if not (folder / "meta.json").is_file():
-        raise IndexError_(f"{bundle_dir} has no index; build it with {_rebuild_hint(bundle_dir)}")
+        raise PrototypeIndexError(f"{bundle_dir} has no index; build it with {_rebuild_hint(bundle_dir)}")
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         hint = _rebuild_hint(bundle_dir)
-        raise IndexError_(f"{folder}/meta.json is not valid JSON ({err}); rebuild it with {hint}") from None
+        raise PrototypeIndexError(f"{folder}/meta.json is not valid JSON ({err}); rebuild it with {hint}") from None
     corpus_hint = _rebuild_hint(bundle_dir, meta.get("corpus_path", "PATH"))
     if meta.get("format_version") != FORMAT_VERSION:
-        raise IndexError_(
+        raise PrototypeIndexError(
             f"the index in {folder} has format {meta.get('format_version')!r}, this version reads {FORMAT_VERSION}; "
             f"rebuild it with {corpus_hint}"
         )
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     if missing:
-        raise IndexError_(
+        raise PrototypeIndexError(
             f"the index in {folder} is incomplete (missing {', '.join(missing)}); rebuild it with {corpus_hint}"
         )
     current = model_fingerprint(bundle_dir)
     if meta.get("model_fingerprint") != current:
-        raise IndexError_(
+        raise PrototypeIndexError(
             f"the index in {folder} was built for model {meta.get('model_fingerprint')}, not this model ({current}); "
             f"rebuild it with {corpus_hint}"
         )
     if corpus_fingerprint is not None and meta.get("corpus_fingerprint") != corpus_fingerprint:
-        raise IndexError_(
+        raise PrototypeIndexError(
             f"the index in {folder} was built from corpus {str(meta.get('corpus_fingerprint'))[:16]} "
             f"({meta.get('corpus_path')}), not this corpus ({corpus_fingerprint[:16]}); rebuild it with "
             f"{_rebuild_hint(bundle_dir)}"
@@ -480,19 +474,19 @@ def build_index(
         a summary: counts, fingerprints, ``build_seconds`` and ``index_bytes`` / ``index_mb``.
 
     Raises:
-        IndexError_: bad arguments, a dense bundle, or a corpus shorter than one sequence.
+        PrototypeIndexError: bad arguments, a dense bundle, or a corpus shorter than one sequence.
         CorpusError, BundleError: the corpus or the bundle cannot be read.
     """
     for name, value in (("top_m", top_m), ("batch_size", batch_size), ("max_tokens", max_tokens or 1)):
         if value < 1:
-            raise IndexError_(f"{name} must be >= 1, got {value}")
+            raise PrototypeIndexError(f"{name} must be >= 1, got {value}")
     if dtype not in ("float32", "float64"):
-        raise IndexError_(f"dtype must be float32 or float64, got {dtype!r}")
+        raise PrototypeIndexError(f"dtype must be float32 or float64, got {dtype!r}")
     t0 = time.time()
     corpus = load_corpus(corpus_path)  # before anything is written: a bad path leaves no trace
     bundle = load_bundle(bundle_dir, device=device)
     if not bundle.is_prism:
-        raise IndexError_(f"{bundle_dir} is a dense twin: only PRISM models have prototypes to index")
+        raise PrototypeIndexError(f"{bundle_dir} is a dense twin: only PRISM models have prototypes to index")
     if bundle.training.get("corpus_fingerprint") not in (None, corpus.fingerprint):
         logger.warning("corpus %s differs from the one the model was trained on", corpus_path)
     model = bundle.model.to(torch.float64 if dtype == "float64" else torch.float32)
@@ -502,7 +496,7 @@ def build_index(
         packed = pack(corpus.train, bundle.tokenizer, seq_len)
     n_sequences = len(packed) if max_tokens is None else min(len(packed), -(-max_tokens // seq_len))
     if n_sequences == 0:
-        raise IndexError_(f"corpus {corpus_path} is shorter than one sequence of {seq_len} tokens")
+        raise PrototypeIndexError(f"corpus {corpus_path} is shorter than one sequence of {seq_len} tokens")
     running, usage, n_positions = _scan(model, packed, n_sequences, top_m, batch_size, device, show_progress)
 
     running.sort()

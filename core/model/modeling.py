@@ -23,7 +23,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from . import losses
-from .config import PrismConfig
+from core.model.config import PrismConfig
 
 
 @dataclass

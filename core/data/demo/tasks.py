@@ -39,6 +39,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from core.errors import BehaviourError
 
 TASK_NAMES = ("wordnet_pos", "shakespeare_pronoun", "debian_section", "shakespeare_speaker", "wordnet_definition",
               "debian_description")
@@ -47,10 +48,6 @@ POS_NAMES = ("noun", "verb", "adjective", "adverb")
 BEHAVIOUR_NAMES = ("archaic", "package_boilerplate")
 ARCHAIC_WORDS = ("thou", "thee", "thy", "thine", "thyself", "hast", "hath", "dost", "doth", "art", "wilt", "shalt")
 BOILERPLATE_PATTERN = r"\b(this package|package (contains|provides|includes)|Package:|Description:)"
-
-
-class BehaviourError(ValueError):
-    """A behaviour file that cannot be used, with the reason."""
 
 
 @dataclass(frozen=True)

@@ -37,11 +37,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .bundle import Bundle
-from .control import Controls, control_kwargs
-from .index import IndexError_, PrototypeIndex, best_per_group
-from .influence import InfluenceCredit, InfluenceFactors
-from .model import prototype_slices
+from core.bundle import Bundle
+from core.control.controls import Controls, control_kwargs
+from core.index.format import PrototypeIndexError, PrototypeIndex, best_per_group
+from core.attribution.influence import InfluenceCredit, InfluenceFactors
+from core.model.modeling import prototype_slices
 
 METHODS = ("neighbourhood", "influence")
 
@@ -237,7 +237,7 @@ def _split_input(
     max_new_tokens: int,
 ) -> tuple[list[int], list[int], bool, int]:
     """(prompt ids, completion ids, generated?, truncated prompt tokens), validated."""
-    from .generation import encode_prompt, generate_text
+    from core.generation import encode_prompt, generate_text
 
     context = bundle.model.config.get_text_config().max_position_embeddings
     for name, value in (("text", text), ("prompt", prompt), ("completion", completion)):
@@ -530,7 +530,7 @@ def attribute(
 
     Raises:
         ValueError: bad input (see :func:`decompose`), an unknown method or a bad span.
-        IndexError_: the index (or the influence factors) belong to another model, or the
+        PrototypeIndexError: the index (or the influence factors) belong to another model, or the
             factors are missing.
     """
     if method not in METHODS:
@@ -539,17 +539,17 @@ def attribute(
         raise ValueError(f"top must be >= 1, got {top}")
     hint = f"rebuild it with `prism index --model {bundle.path} --corpus PATH`"
     if index.model_fingerprint != bundle.fingerprint:
-        raise IndexError_(
+        raise PrototypeIndexError(
             f"the index was built for model {index.model_fingerprint}, not this model ({bundle.fingerprint}); {hint}"
         )
     if index.num_prototypes != bundle.model.config.num_prototypes:
-        raise IndexError_(
+        raise PrototypeIndexError(
             f"the index has {index.num_prototypes} prototypes, the model {bundle.model.config.num_prototypes}; {hint}"
         )
     if method == "influence":
         influence = influence if influence is not None else index.influence_factors()
         if influence.model_fingerprint != bundle.fingerprint:
-            raise IndexError_(f"the influence factors were built for model {influence.model_fingerprint}, not this "
+            raise PrototypeIndexError(f"the influence factors were built for model {influence.model_fingerprint}, not this "
                               f"model ({bundle.fingerprint}); {hint}")
     dec, tensors = _decompose(bundle, None, prompt, completion, top_alternatives, controls, max_new_tokens)
     n = len(dec.tokens)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atlas import (
+from core.atlas.layout import (
     build_atlas,
     coherence,
     context_fidelity,
@@ -48,8 +48,9 @@ from .atlas import (
     register_index_file,
     write_json_atomically,
 )
-from .bundle import load_bundle, model_fingerprint
-from .index import PrototypeIndex, index_dir, load_index
+from core.bundle import load_bundle, model_fingerprint
+from core.index.format import PrototypeIndex, index_dir, load_index
+from core.errors import LabelsError
 
 __all__ = [
     "CATEGORIES", "SOURCE_TOPICS", "LabelsError", "PrototypeLabel", "build_labels", "load_labels",
@@ -106,10 +107,6 @@ _FORM_NAMES = {"number": "numbers", "subword": "inside words", "punctuation": "p
                "function": "function words", "name": "names", "word": "content words"}
 _SENTENCE_START = set(".!?:;\"'([{*#-=>|%\n")
 _NUMBER = re.compile(r"^\d+(?:st|nd|rd|th|s)?$|^\d+[.,:/-]?\d*$")
-
-
-class LabelsError(ValueError):
-    """Labels that are missing their inputs, unreadable or made for other weights, with the fix."""
 
 
 @dataclass(frozen=True)
@@ -331,7 +328,7 @@ def build_labels(bundle_dir: str | Path, *, progress: bool = True) -> list[Proto
         one label per prototype, in id order.
 
     Raises:
-        IndexError_: no index, or one built for other weights.
+        PrototypeIndexError: no index, or one built for other weights.
     """
     t0 = time.time()
     bundle_dir = Path(bundle_dir)

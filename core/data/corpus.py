@@ -22,15 +22,12 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+from core.errors import CorpusError
 
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 SPLIT_FILES = {"train": ("train.jsonl", "train.jsonl.gz"), "validation": ("validation.jsonl", "validation.jsonl.gz")}
-
-
-class CorpusError(ValueError):
-    """A corpus path that cannot be used, with the reason and the fix."""
 
 
 @dataclass

@@ -27,10 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-
-
-class BaselineError(ValueError):
-    """A baseline that cannot run (library missing, bad input), with the fix."""
+from core.errors import BaselineError
 
 
 class LMExamples(Dataset):

@@ -36,18 +36,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .bundle import Bundle
-from .control import Controls, control_kwargs
+from core.bundle import Bundle
+from core.control.controls import Controls, control_kwargs
+from core.errors import TaskError
 
 logger = logging.getLogger(__name__)
 
 CHANGED_TOLERANCE = 1e-3  # |g - 1| above this counts as a changed gain
 MOVED_SHOWN = 10  # prototypes listed in CalibrationResult.moved
 EXAMPLES_PER_PROTOTYPE = 3
-
-
-class TaskError(ValueError):
-    """A task file or item that cannot be used, with the bad row and the fix."""
 
 
 @dataclass(frozen=True)
@@ -463,12 +460,12 @@ def moved_prototypes(controls: Controls, bundle: Bundle, index=None, top: int = 
     """The prototypes whose gains moved most, with labels and training neighbourhoods when
     an index is available ("this correction up-weights these training examples")."""
     if index is None:
-        from .index import IndexError_, index_exists, load_index
+        from core.index.format import PrototypeIndexError, index_exists, load_index
 
         if index_exists(bundle.path):
             try:
                 index = load_index(bundle.path)
-            except IndexError_ as err:
+            except PrototypeIndexError as err:
                 logger.warning("no neighbourhoods for the moved prototypes: %s", err)
     moved = sorted(controls.gains.items(), key=lambda kv: -abs(kv[1] - 1))[:top]
     records = []

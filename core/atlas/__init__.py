@@ -1,0 +1,1 @@
+"""Prototype labels and the UMAP atlas."""

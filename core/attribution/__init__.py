@@ -1,0 +1,1 @@
+"""Per-token decomposition and training-data attribution (neighbourhood, influence, baselines)."""

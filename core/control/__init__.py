@@ -1,0 +1,1 @@
+"""Controllers: per-prototype gains and suppression, calibration and targeting."""

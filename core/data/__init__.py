@@ -1,0 +1,1 @@
+"""Corpora: load, tokenise, pack and split; the demo corpus and its tasks."""

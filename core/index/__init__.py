@@ -1,0 +1,1 @@
+"""The prototype index: neighbourhoods of training positions, stored with the bundle."""

@@ -1,0 +1,1 @@
+"""The PRISM model: config, prototype head, causal LM and the clustering losses."""

@@ -1,0 +1,103 @@
+"""The artifact layer: atomic writes, checked reads and rebuild hints.
+
+Every file the library writes goes through :func:`atomic_write` (a temporary name beside the
+target, then a rename), so an interrupted run leaves either the old file or the new one, never a
+half-written one. Every JSON or safetensors file it reads goes through :func:`read_json` or
+:func:`read_safetensors`, which turn a missing, truncated or malformed file into the caller's
+:class:`~core.errors.PrismError` subclass naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from core.errors import ArtifactError, PrismError
+
+
+def rebuild_hint(bundle_dir: str | Path, corpus: str | Path = "PATH") -> str:
+    """The command that rebuilds a bundle's index and everything derived from it."""
+    return f"`prism index --model {bundle_dir} --corpus {corpus}`"
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the bundle's other files are readable
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, payload: object, indent: int | None = None) -> Path:
+    """Atomically write ``payload`` as UTF-8 JSON."""
+    return atomic_write(path, json.dumps(payload, ensure_ascii=False, indent=indent))
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    """Atomically write one JSON object per line."""
+    return atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def write_safetensors(path: str | Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> Path:
+    """Atomically write numpy arrays as a safetensors file."""
+    from safetensors.numpy import save
+
+    return atomic_write(path, save(arrays, metadata=metadata))
+
+
+def read_json(
+    path: str | Path, what: str = "file", fix: str | None = None, error: type[PrismError] = ArtifactError
+) -> object:
+    """Parse a JSON file, raising ``error`` that names the file and the fix on any failure.
+
+    Args:
+        path: the file.
+        what: what the file is, for the message ("the index metadata").
+        fix: the sentence that fixes it ("rebuild it with `prism index ...`").
+        error: the PrismError subclass to raise.
+    """
+    path = Path(path)
+    tail = f"; {fix}" if fix else ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{what} {path} not found{tail}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"{what} {path} cannot be read ({err}){tail}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(f"{what} {path} is not valid JSON ({err}){tail}") from None
+    except RecursionError:
+        raise error(f"{what} {path} is nested too deeply to be valid{tail}") from None
+
+
+def read_safetensors(
+    path: str | Path, what: str = "file", fix: str | None = None, error: type[PrismError] = ArtifactError
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Load a safetensors file as numpy arrays and its metadata, raising ``error`` on any failure."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    tail = f"; {fix}" if fix else ""
+    if not path.is_file():
+        raise error(f"{what} {path} not found{tail}")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            arrays = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise error(f"{what} {path} is not a readable safetensors file ({err}){tail}") from None
+    return arrays, metadata

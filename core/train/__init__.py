@@ -1,0 +1,1 @@
+"""Training PRISM and its dense twin through the transformers Trainer."""
