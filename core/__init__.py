@@ -29,7 +29,8 @@ from core.errors import (
     TrainingError,
 )
 from core.model.config import PrismConfig
-from core.model.modeling import PrismCausalLMOutput, PrismForCausalLM, PrototypeHead, prototype_slices
+from core.model.head import PrototypeHead, prototype_slices
+from core.model.modeling import PrismCausalLMOutput, PrismForCausalLM
 
 # name -> module that defines it; resolved by __getattr__ on first use.
 _LAZY = {

@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import core  # noqa: F401  (registers the prism model type)
 from core import PrismConfig, PrismForCausalLM, prototype_slices
-from core.model.modeling import PrototypeHead
+from core.model.head import PrototypeHead
 
 
 def tiny_config(**overrides) -> PrismConfig:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.model.head import active_prototypes, prototype_scores
 from core.bundle import model_fingerprint
 from core.index.format import PrototypeIndexError, PrototypeIndex, _rebuild_hint, index_dir
 from core.errors import AtlasError
@@ -214,6 +215,6 @@ def coherence(unit: np.ndarray, rows: list[np.ndarray]) -> np.ndarray:
 
 def context_fidelity(hidden: np.ndarray, keys: np.ndarray, top_k: int, rows: list[np.ndarray]) -> np.ndarray:
     """(P,) share of each prototype's neighbours where it is active in the re-read context."""
-    scores = torch.from_numpy(hidden).double() @ torch.from_numpy(keys).double().T  # (R, P)
-    active = scores.topk(top_k, dim=1).indices.numpy()  # (R, k)
+    scores = prototype_scores(torch.from_numpy(hidden).double(), torch.from_numpy(keys).double())  # (R, P)
+    active = active_prototypes(scores, top_k)[0].numpy()  # (R, k)
     return np.array([float(np.mean((active[r] == j).any(axis=1))) if len(r) else 0.0 for j, r in enumerate(rows)])

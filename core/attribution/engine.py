@@ -41,7 +41,7 @@ from core.bundle import Bundle
 from core.control.controls import Controls, control_kwargs
 from core.index.format import PrototypeIndexError, PrototypeIndex, best_per_group
 from core.attribution.influence import InfluenceCredit, InfluenceFactors
-from core.model.modeling import prototype_slices
+from core.model.head import prototype_scores, prototype_slices
 
 METHODS = ("neighbourhood", "influence")
 
@@ -334,7 +334,7 @@ def _decompose(
     active = out.prototype_ids[0]  # (n, k)
     weights = out.prototype_weights[0]  # (n, k)
     hidden = out.head_hidden[0]  # (n, d)
-    cosines = model.prototypes.cosine(hidden, hidden @ model.prototypes.keys.T).gather(1, active)  # (n, k)
+    cosines = model.prototypes.cosine(hidden, prototype_scores(hidden, model.prototypes.keys)).gather(1, active)  # (n, k)
     targets = torch.tensor(completion_ids, device=device)  # (n,)
     n_alt = min(top_alternatives, logits.shape[-1] - 1)
     ranked = logits.topk(n_alt + 1, dim=-1).indices  # (n, n_alt + 1)

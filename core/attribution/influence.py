@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 
+from core.model.head import gained, mix_values, prototype_weights_grad, route
 from core.bundle import load_bundle, model_fingerprint
 from core.data.corpus import CorpusError, load_corpus, pack
 from core.index.format import SNIPPET_AFTER, SNIPPET_BEFORE, PrototypeIndexError, best_per_group, index_dir
@@ -133,16 +134,15 @@ class InfluenceArguments:
 
 
 def active_set(hidden: torch.Tensor, keys: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, k) active prototype ids and weights softplus(s_j) of (N, d) hidden states."""
-    top, ids = (hidden @ keys.T).topk(top_k, dim=-1)  # (N, k)
-    return ids, F.softplus(top)
+    """(N, k) active prototype ids and weights a_j (no gains) of (N, d) hidden states."""
+    ids, weights, _ = route(hidden, keys, top_k)  # (N, k)
+    return ids, weights
 
 
 def head_probabilities(ids: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, embedding: torch.Tensor
                        ) -> torch.Tensor:
     """(N, V) p = softmax(E z) with z = sum_j a_j W_j."""
-    z = (weights.unsqueeze(-1) * values[ids]).sum(1)  # (N, d)
-    return (z @ embedding.T).softmax(-1)
+    return (mix_values(ids, weights, values) @ embedding.T).softmax(-1)  # (N, V)
 
 
 def prototype_gradients(
@@ -168,9 +168,7 @@ def prototype_gradients(
     """
     r = probs @ embedding - embedding[targets]  # (N, d) = E^T (p - e_y)
     scores = (keys[ids] * hidden.unsqueeze(1)).sum(-1)  # (N, k) s_j
-    gate = torch.sigmoid(scores)
-    if gains is not None:
-        gate = gate * gains.to(gate.dtype)[ids]
+    gate = gained(prototype_weights_grad(scores), ids, gains)  # (N, k) da_j/ds_j
     c = gate * (values[ids] @ r.unsqueeze(-1)).squeeze(-1)  # (N, k) dL/ds_j
     return torch.cat([c.unsqueeze(-1) * hidden.unsqueeze(1), weights.unsqueeze(-1) * r.unsqueeze(1)], dim=-1)
 

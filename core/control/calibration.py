@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from core.bundle import Bundle
+from core.model.head import gained, mix_values
 from core.control.controls import Controls, control_kwargs
 from core.errors import TaskError
 
@@ -224,8 +225,8 @@ def cached_scores(cache: ChoiceCache, gains: torch.Tensor, values: torch.Tensor,
     """
     rows = torch.arange(len(cache.targets)) if token_rows is None else token_rows
     ids = cache.ids[rows]  # (n, k)
-    weights = cache.base[rows] * gains[ids]  # (n, k)
-    mixed = F.embedding_bag(ids, values, per_sample_weights=weights, mode="sum")  # (n, d)
+    weights = gained(cache.base[rows], ids, gains)  # (n, k)
+    mixed = mix_values(ids, weights, values)  # (n, d)
     logits = mixed @ embedding.T  # (n, V)
     logp = logits.gather(1, cache.targets[rows, None]).squeeze(1) - logits.logsumexp(-1)  # (n,)
     segment = cache.segment[rows]

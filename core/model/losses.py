@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from core.model.config import PrismConfig
-    from core.model.modeling import PrototypeHead
+    from core.model.head import PrototypeHead
 
 ANCHOR_BANK_SIZE = 1024  # hidden states per batch that keys are anchored to
 TOKEN_SAMPLE = 2048  # tokens per batch for the cluster and balance terms

@@ -1,12 +1,9 @@
-"""The PRISM model: a decoder backbone, a prototype head and a tied unembedding.
+"""The PRISM causal LM: a decoder backbone, the prototype head (core/model/head.py) and a
+tied unembedding, as a transformers model (save_pretrained / from_pretrained / generate).
 
-For a token with final normalised hidden state h (dimension d), the head scores every
-prototype by s_j = h . K_j, keeps the top k (suppressed prototypes are masked out first),
-gives each active prototype the weight a_j = softplus(s_j) times its controller gain g_j,
-and returns z = sum_j a_j W_j. The logits are E z with E the tied token
-embedding and no bias, so the logit of any token y splits exactly into per-prototype slices
-
-    logit(y) = sum_j a_j (E_y . W_j) = sum_j slice_j(y).
+The logits are E z with z the head's prototype mixture, E the tied token embedding and no
+bias, so the logit of any token y splits exactly into per-prototype slices
+(see :func:`core.model.head.prototype_slices`).
 
 Controls (gains and suppression) are per-call arguments and never written into the model.
 """
@@ -22,141 +19,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Generation
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from . import losses
+from core.model import losses
 from core.model.config import PrismConfig
-
-
-@dataclass
-class PrototypeActivations:
-    """What the prototype head computed for a batch of positions.
-
-    Attributes:
-        ids: (N, k) active prototype ids, by decreasing score.
-        weights: (N, k) mixture weights a_j after gains (non-negative).
-        scores: (N, P) s_j = h . K_j for every prototype (before masking).
-        mixed: (N, d) z = sum_j a_j W_j.
-    """
-
-    ids: torch.Tensor
-    weights: torch.Tensor
-    scores: torch.Tensor
-    mixed: torch.Tensor
-
-
-class PrototypeHead(nn.Module):
-    """P prototypes with keys K (P, d) and values W (P, d).
-
-    A token's active set is the top k of s_j = h . K_j; each active prototype gets the weight
-    a_j = softplus(s_j) * g_j, so exactly k weights are positive (for positive gains) and the
-    rest are zero. softplus rather than a softmax over the active set: a convex combination
-    of k values cannot reach the output scale and directions a dense head reaches, and cost
-    the tiny preset 0.5-1.4 nats of validation loss against its dense twin in our probes.
-    """
-
-    def __init__(self, num_prototypes: int, hidden_size: int, top_k: int, router_gradient: str = "active"):
-        super().__init__()
-        self.num_prototypes = num_prototypes
-        self.top_k = top_k
-        self.router_gradient = router_gradient
-        self.keys = nn.Parameter(torch.empty(num_prototypes, hidden_size))
-        self.values = nn.Parameter(torch.empty(num_prototypes, hidden_size))
-        # How often each prototype was active since the last dead-prototype check. Updated in
-        # training mode only; persistent so that a resumed run continues the same window.
-        self.register_buffer("usage_window", torch.zeros(num_prototypes), persistent=True)
-
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        gains: torch.Tensor | None = None,
-        suppressed: torch.Tensor | None = None,
-    ) -> PrototypeActivations:
-        """Mix prototypes for each position.
-
-        Args:
-            hidden: (N, d) final normalised hidden states.
-            gains: (P,) non-negative controller gains, or None for all ones.
-            suppressed: (P,) bool mask of prototypes that may not be active, or None.
-        """
-        scores = hidden @ self.keys.T  # (N, P)
-        masked = scores if suppressed is None else scores.masked_fill(suppressed, float("-inf"))
-        top_scores, ids = masked.topk(self.top_k, dim=-1)  # (N, k)
-        weights = F.softplus(top_scores)  # (N, k), > 0
-        if gains is not None:
-            weights = weights * gains[ids]
-        if self.training and self.router_gradient == "all" and torch.is_grad_enabled():
-            # Straight-through: the value of `mixed` is the sparse mixture, its gradient is
-            # that of the softplus mixture of every (unsuppressed) prototype as well.
-            every = F.softplus(scores)  # (N, P)
-            if suppressed is not None:
-                every = every.masked_fill(suppressed, 0.0)
-            if gains is not None:
-                every = every * gains
-            mixed = _StraightThroughMix.apply(ids, weights, every, self.values)  # (N, d)
-        else:
-            mixed = mix_values(ids, weights, self.values)  # (N, d)
-        if self.training:
-            with torch.no_grad():
-                self.usage_window += torch.bincount(ids.flatten(), minlength=self.num_prototypes)
-        return PrototypeActivations(ids=ids, weights=weights, scores=scores, mixed=mixed)
-
-    def cosine(self, hidden: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """(N, P) cos(h, K_j) from the (N, d) hidden states and their (N, P) scores."""
-        norms = hidden.norm(dim=-1, keepdim=True) * self.keys.norm(dim=-1)  # (N, P)
-        return scores / norms.clamp_min(1e-8)
-
-
-class _StraightThroughMix(torch.autograd.Function):
-    """z = sum_j a_j W_j over the k active prototypes, with the gradient of z + Z - stop(Z)
-    where Z = sum_j e_j W_j over all P prototypes (e = softplus(s) with gains, suppressed 0).
-
-    Same value and gradient as that expression written out, at lower cost: Z's forward
-    product is never formed (its value cancels), and the backward pass serves both mixtures
-    with the two dense products Z needs anyway: G = g W^T gives the gradient of e and, read
-    at the active ids, that of a; the values' gradient is (e + a scattered)^T g.
-    """
-
-    @staticmethod
-    def forward(ctx, ids: torch.Tensor, weights: torch.Tensor, every: torch.Tensor, values: torch.Tensor):
-        ctx.save_for_backward(ids, weights, every, values)
-        return mix_values(ids, weights, values)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        ids, weights, every, values = ctx.saved_tensors
-        grad = grad.to(values.dtype)
-        grad_every = grad @ values.T  # (N, P)
-        grad_weights = grad_every.gather(1, ids).to(weights.dtype)  # (N, k)
-        both = every.to(values.dtype).scatter_add(1, ids, weights.to(values.dtype))  # (N, P)
-        grad_values = both.T @ grad  # (P, d)
-        return None, grad_weights, grad_every.to(every.dtype), grad_values
-
-
-def mix_values(ids: torch.Tensor, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """z = sum_j a_j W_j for each position: (N, k) ids and weights, (P, d) values -> (N, d)."""
-    # embedding_bag is a fused gather-and-sum whose backward is a fast scatter on CPU and GPU;
-    # bench/quality.py measures the head's overhead against the dense twin.
-    return F.embedding_bag(ids, values, per_sample_weights=weights.to(values.dtype), mode="sum")
-
-
-def prototype_slices(
-    ids: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, embedding: torch.Tensor, token_ids: torch.Tensor
-) -> torch.Tensor:
-    """slice_j(y) = a_j (E_y . W_j) for the k active prototypes of each position.
-
-    Args:
-        ids: (..., k) active prototype ids.
-        weights: (..., k) their mixture weights.
-        values: (P, d) prototype values W.
-        embedding: (V, d) tied token embedding E.
-        token_ids: (..., m) the tokens y whose logits are split.
-
-    Returns:
-        (..., m, k) slices; summing over the last axis gives the logits of ``token_ids``.
-    """
-    proto_values = values[ids]  # (..., k, d)
-    token_vectors = embedding[token_ids]  # (..., m, d)
-    dots = token_vectors @ proto_values.transpose(-1, -2)  # (..., m, k)
-    return dots * weights.unsqueeze(-2)
+from core.model.head import PrototypeHead, prototype_slices
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from core.model import losses
+from core.model.head import active_prototypes, prototype_scores, prototype_weights
 from core.bundle import BundleError, write_bundle
 from core.model.config import PrismConfig
 from core.data.corpus import Corpus, load_corpus, pack, token_counts_by_source, train_tokenizer
@@ -209,15 +210,15 @@ class _ReseedCallback(TrainerCallback):
             if len(dead) and self.trainer.reseed_candidates is not None:
                 hidden, _ = self.trainer.reseed_candidates
                 hidden = hidden.reshape(-1, hidden.shape[-1]).to(head.keys.dtype)  # (N, d)
-                scores = hidden @ head.keys.T  # (N, P)
+                scores = prototype_scores(hidden, head.keys)  # (N, P)
                 coverage = head.cosine(hidden, scores).max(dim=-1).values  # (N,)
                 far = coverage.topk(min(len(dead), len(coverage)), largest=False).indices
                 dead = dead[: len(far)]
                 h = hidden[far]  # (n, d)
-                top_scores, top_ids = scores[far].topk(head.top_k, dim=-1)  # (n, k)
+                top_ids, top_scores = active_prototypes(scores[far], head.top_k)  # (n, k)
                 kth = top_scores[:, -1:].clamp_min(1e-3)  # (n, 1)
                 head.keys[dead] = h * (kth / h.pow(2).sum(-1, keepdim=True).clamp_min(1e-8))
-                weights = F.softplus(top_scores)  # (n, k)
+                weights = prototype_weights(top_scores)  # (n, k)
                 mean_value = (weights.unsqueeze(-1) * head.values[top_ids]).sum(1) / weights.sum(1, keepdim=True)
                 head.values[dead] = mean_value
                 self.reseeded += len(dead)
