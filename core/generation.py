@@ -8,9 +8,11 @@ neither changes nor is changed by another's, and the caller's global RNG state i
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -155,3 +157,47 @@ def continuation_perplexity(
     targets = ids[0, len(prompt_ids) :]  # (n,)
     nll = torch.nn.functional.cross_entropy(logits, targets)
     return float(torch.exp(nll))
+
+
+@dataclass(frozen=True)
+class TokenComparison:
+    """How a steered continuation differs from the original, token by token.
+
+    Attributes:
+        first_difference: position of the first differing token (the shorter length when one is
+            a prefix of the other), None when both are the same.
+        original_unaligned: positions of original tokens outside the aligned blocks.
+        steered_unaligned: positions of steered tokens outside the aligned blocks.
+    """
+
+    first_difference: int | None
+    original_unaligned: frozenset[int]
+    steered_unaligned: frozenset[int]
+
+
+def unaligned_positions(ids: Sequence[int], other: Sequence[int]) -> frozenset[int]:
+    """Positions of ``ids`` outside the longest matching blocks with ``other`` (difflib alignment)."""
+    matcher = difflib.SequenceMatcher(None, ids, other, autojunk=False)
+    kept = {i for block in matcher.get_matching_blocks() for i in range(block.a, block.a + block.size)}
+    return frozenset(range(len(ids))) - kept
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """The first position where ``a`` and ``b`` differ; None when they are equal."""
+    for position, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return position
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def compare_tokens(original: Sequence[int], steered: Sequence[int]) -> TokenComparison:
+    """Align two continuations' token ids: where they first differ and which tokens each side adds.
+
+    Each side is aligned against the other separately (difflib's matching is not symmetric),
+    so the marks on each side are exactly the tokens that side does not share.
+    """
+    return TokenComparison(
+        first_difference=first_difference(original, steered),
+        original_unaligned=unaligned_positions(original, steered),
+        steered_unaligned=unaligned_positions(steered, original),
+    )

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.index.format import PrototypeIndex
+from core import AtlasTables, PrototypeIndex
 
 from . import state
-from .atlas_data import AtlasData
 
 SNIPPETS_SHOWN = 5
 MAX_GAIN = 3.0
@@ -38,7 +37,7 @@ def control_widgets(prototype: int, prefix: str, max_suppressed: int) -> None:
 
 
 def render_card(
-    index: PrototypeIndex, atlas: AtlasData, tokenizer, prototype: int, prefix: str, max_suppressed: int
+    index: PrototypeIndex, atlas: AtlasTables, tokenizer, prototype: int, prefix: str, max_suppressed: int
 ) -> None:
     """Draw one prototype's card."""
     if not 0 <= prototype < index.num_prototypes:

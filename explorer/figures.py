@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import plotly.graph_objects as go
 
+from core import WATERFALL_SLICES
+
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000",
            "#999999", "#8C510A", "#01665E", "#762A83"]
@@ -153,13 +155,14 @@ def waterfall_figure(
     slices: Sequence[float],
     logit: float,
     labels: Sequence[str] | None = None,
-    shown: int = 16,
+    shown: int = WATERFALL_SLICES,
     height: int | None = None,
 ) -> go.Figure:
     """A horizontal waterfall of a token's slices (strongest first) ending in the logit they sum to.
 
     Slices beyond the ``shown`` strongest are merged into one "others" step, so the total
-    is always the exact logit. ``customdata`` holds the prototype id (-1 for others/total).
+    is always the exact logit; ``shown`` defaults to the HTML report's number, so the app and
+    the report draw the same steps. ``customdata`` holds the prototype id (-1 for others/total).
     """
     order = np.argsort(-np.abs(np.asarray(slices, dtype=np.float64)), kind="stable")
     names, values, custom = [], [], []

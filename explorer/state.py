@@ -16,9 +16,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from core.bundle import Bundle, BundleError, load_bundle
-from core.control.controls import Controls
-from core.index.format import PrototypeIndexError, PrototypeIndex, load_index
+import core
+from core import AtlasTables, Bundle, BundleError, Controls, PrototypeIndex, PrototypeIndexError
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_BUNDLE = REPO / "assets" / "models" / "demo"
@@ -29,7 +28,7 @@ BUNDLE_PATH = "bundle_path"
 GAINS = "controls_gains"  # dict[int, float]
 SUPPRESSED = "controls_suppressed"  # list[int]
 CONTROLS_FOR = "controls_fingerprint"  # the model the session's controls belong to
-TRACE = "trace"  # core.attribution.Attribution of the Trace page
+TRACE = "trace"  # core.Attribution of the Trace page
 TRACE_CONTROLS = "trace_controls"  # Controls in force when the trace was computed
 PICKED = "atlas_picked"  # list[int] prototypes picked on the atlas
 CARD = "card_prototype"  # prototype whose card the Trace page shows
@@ -49,13 +48,13 @@ def default_bundle_path() -> str:
 @st.cache_resource(show_spinner=False, max_entries=3)
 def cached_bundle(path: str) -> Bundle:
     """The bundle at ``path``, loaded once per process (shared by every session, read-only)."""
-    return load_bundle(path)
+    return core.load_bundle(path)
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)
 def cached_index(path: str, fingerprint: str) -> PrototypeIndex:
     """The index of the bundle at ``path`` (``fingerprint`` keys the cache to its weights)."""
-    return load_index(path)
+    return core.load_index(path)
 
 
 @dataclass
@@ -193,14 +192,12 @@ SNIPPET_CSS = (
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)
-def _atlas(path: str, fingerprint: str, _bundle: Bundle, _index: PrototypeIndex):
-    from .atlas_data import build_atlas_data
-
-    return build_atlas_data(_bundle, _index)
+def _atlas(path: str, fingerprint: str, _bundle: Bundle, _index: PrototypeIndex) -> AtlasTables:
+    return core.build_atlas_tables(_bundle, _index)
 
 
-def atlas_data(loaded: Loaded):
-    """The per-prototype tables of the loaded bundle (computed once per process)."""
+def atlas_data(loaded: Loaded) -> AtlasTables:
+    """The per-prototype tables of the loaded bundle (computed once per process, read-only)."""
     assert loaded.index is not None
     return _atlas(loaded.path, loaded.bundle.fingerprint, loaded.bundle, loaded.index)
 

@@ -118,10 +118,7 @@ def shot(page, name: str, top=None) -> None:
 
 def steering_target() -> int:
     """A prototype whose gain 0 changes the Steer page's default greedy text (checked in core)."""
-    from core.attribution.engine import decompose
-    from core.bundle import load_bundle
-    from core.control.controls import Controls
-    from core.generation import generate_text
+    from core import Controls, decompose, generate_text, load_bundle
 
     bundle = load_bundle(DEMO)
     original = generate_text(bundle, STEER_PROMPT, max_new_tokens=64).text
@@ -204,7 +201,7 @@ def test_atlas_trace_steer_report(page, server, tmp_path):
     path = tmp_path / "report.html"
     download.value.save_as(path)
     text = path.read_text(encoding="utf-8")
-    from core.bundle import model_fingerprint
+    from core import model_fingerprint
 
     assert "PRISM attribution report" in text and model_fingerprint(DEMO) in text
     assert "Σ slices =" in text and "<svg" in text and "ROMEO. But soft, what light" in text

@@ -22,13 +22,19 @@ pytest.importorskip("plotly")
 
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from core.attribution.engine import attribute, decompose  # noqa: E402
-from core.bundle import load_bundle  # noqa: E402
+from core import (  # noqa: E402
+    Controls,
+    attribute,
+    build_index,
+    decompose,
+    generate_text,
+    load_bundle,
+    load_index,
+    read_prompts,
+    report_from_attributions,
+)
 from core.cli import main  # noqa: E402
-from core.control.controls import Controls  # noqa: E402
-from core.generation import generate_text  # noqa: E402
-from core.index.format import build_index, load_index  # noqa: E402
-from core.report import read_prompts, report_from_attributions, to_csv, to_html, to_json  # noqa: E402
+from core.report import to_csv, to_html, to_json  # noqa: E402
 from explorer.figures import atlas_figure, selected_ids, waterfall_figure  # noqa: E402
 
 from .conftest import REPO, demo_rows, write_jsonl  # noqa: E402
@@ -298,7 +304,6 @@ def test_sampled_generation_is_seeded_per_call_and_thread_safe(loaded):
 
 
 def test_steer_targets_by_query_and_suppresses_them(explorer_bundle):
-    pytest.importorskip("core.control.targeting")
     at = open_page(app(explorer_bundle).run(), "steer")
     at.text_input(key="steer_query").set_value("the")
     at.button(key="steer_by_query").click().run()

@@ -3,40 +3,21 @@ and after, see the prototypes that moved, and apply the result to the session's 
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pandas as pd
 import streamlit as st
 
+import core
+from core import TaskError
 from explorer import state
 
 TASKS = state.REPO / "assets" / "tasks"
-
-
-def parse_upload(calibration, raw: bytes, name: str) -> list:
-    """Task items from an uploaded JSONL file (errors name the line)."""
-    items = []
-    for number, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise calibration.TaskError(f"{name} line {number} is not valid JSON: {err}") from None
-            items.append(calibration.parse_item(data, f"{name} line {number}"))
-    if len(items) < 2:
-        raise calibration.TaskError(f"{name} has {len(items)} items; a task needs at least 2")
-    return items
-
+PENALTIES = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # the slider's stops; the library's default is always one
 
 loaded = state.load_current()
 bundle = loaded.bundle
 st.subheader("Calibrate")
-try:
-    calibration = importlib.import_module("core.control.calibration")
-except ImportError:
-    st.info("Calibration needs core.calibration, which is not in this build yet.")
-    st.stop()
 if not bundle.is_prism:
     st.info(f"{loaded.path} is a dense twin: it has no prototypes to calibrate.")
     st.stop()
@@ -51,23 +32,26 @@ items, task_name = None, None
 try:
     if source == "demo task" and demo_tasks:
         path = st.selectbox("Demo task", demo_tasks, key="cal_task", format_func=lambda p: p.stem)
-        items, task_name = calibration.load_task(path), path.stem
+        items, task_name = core.load_task(path), path.stem
     else:
         upload = st.file_uploader("Task file (JSONL)", type=["jsonl", "json"], key="cal_upload")
         if upload is not None:
-            items, task_name = parse_upload(calibration, upload.getvalue(), upload.name), upload.name
-except (calibration.TaskError, UnicodeDecodeError, OSError) as err:
+            lines = upload.getvalue().decode("utf-8").splitlines()
+            items, task_name = core.read_task_lines(lines, upload.name), upload.name
+except (TaskError, UnicodeDecodeError, OSError) as err:
     st.error(f"Cannot read the task: {err}")
     st.stop()
 if items is None:
     st.info("Pick a demo task or upload a task file.")
     st.stop()
 
+defaults = core.CalibrationArguments()  # the library's defaults, as `prism calibrate` uses them
 c1, c2, c3, c4 = st.columns(4)
 limit = c1.number_input("Items used", 2, len(items), min(len(items), 200), key="cal_limit")
-holdout = c2.slider("Held out", 0.1, 0.9, 0.3, step=0.05, key="cal_holdout")
-steps = c3.slider("Steps", 10, 400, 150, step=10, key="cal_steps")
-penalty = c4.select_slider("Sparsity penalty", [0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2], 1e-3, key="cal_penalty")
+holdout = c2.slider("Held out", 0.1, 0.9, defaults.holdout, step=0.05, key="cal_holdout")
+steps = c3.slider("Steps", 10, 400, defaults.steps, step=10, key="cal_steps")
+penalty = c4.select_slider("Sparsity penalty", sorted({*PENALTIES, defaults.penalty}), defaults.penalty,
+                           key="cal_penalty")
 st.caption(f"{task_name}: {len(items)} items, {int(limit)} used.")
 
 if st.button("Fit", type="primary", key="cal_fit"):
@@ -77,9 +61,9 @@ if st.button("Fit", type="primary", key="cal_fit"):
         bar.progress(min(1.0, done / max(total, 1)), text=f"Calibrating: {done}/{total}")
 
     try:
-        result = calibration.calibrate(bundle, items[: int(limit)], holdout=float(holdout), penalty=float(penalty),
-                                       steps=int(steps), index=loaded.index, progress=progress)
-    except (calibration.TaskError, ValueError) as err:
+        result = core.calibrate(bundle, items[: int(limit)], holdout=float(holdout), penalty=float(penalty),
+                                steps=int(steps), index=loaded.index, progress=progress)
+    except (TaskError, ValueError) as err:
         bar.empty()
         st.error(f"Calibration failed: {err}")
         st.stop()

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import report as reports
+import core
 from explorer import state
 from explorer.figures import waterfall_figure
+
+DOWNLOADS = (("html", "Download HTML (offline)", "text/html"), ("json", "Download JSON", "application/json"),
+             ("csv", "Download CSV", "text/csv"))  # (report format, button label, MIME type)
 
 loaded = state.load_current()
 st.subheader("Report")
@@ -18,19 +21,15 @@ if result is None:
     st.stop()
 
 controls = st.session_state.get(state.TRACE_CONTROLS)
-report = reports.report_from_attributions([result], controls)
+report = core.report_from_attributions([result], controls)
 dec = result.decomposition
 st.markdown(f"Trace of {len(dec.tokens)} tokens · method {result.method} · model {result.model_fingerprint} · "
             f"controls: {'none' if controls is None or controls.is_empty else controls.to_json()}")
 st.text(dec.prompt + dec.completion)
 stem = f"prism-report-{result.model_fingerprint}"
-c1, c2, c3 = st.columns(3)
-c1.download_button("Download HTML (offline)", reports.to_html(report), file_name=f"{stem}.html", mime="text/html",
-                   on_click="ignore", key="report_html", type="primary")
-c2.download_button("Download JSON", reports.to_json(report), file_name=f"{stem}.json", mime="application/json",
-                   on_click="ignore", key="report_json")
-c3.download_button("Download CSV", reports.to_csv(report), file_name=f"{stem}.csv", mime="text/csv",
-                   on_click="ignore", key="report_csv")
+for column, (fmt, label, mime) in zip(st.columns(len(DOWNLOADS)), DOWNLOADS, strict=True):
+    column.download_button(label, core.render_report(report, fmt), file_name=f"{stem}.{fmt}", mime=mime,
+                           on_click="ignore", key=f"report_{fmt}", type="primary" if fmt == "html" else "secondary")
 with st.expander("Preview: the first token's slices (the HTML report draws the same chart as inline SVG)",
                  expanded=True):
     token = dec.tokens[0]

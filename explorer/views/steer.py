@@ -3,15 +3,13 @@ text beside the original with differing tokens marked, perplexities, targeting, 
 
 from __future__ import annotations
 
-import difflib
-import importlib
 import json
 import time
 
 import streamlit as st
 
-from core.control.controls import Controls, ControlsError
-from core.generation import continuation_perplexity, generate_text
+import core
+from core import BehaviourError, Controls, ControlsError
 from explorer import state
 from explorer.cards import MAX_GAIN, control_widgets
 
@@ -26,42 +24,27 @@ def generated(path: str, fingerprint: str, prompt: str, max_new_tokens: int, see
     bundle = state.cached_bundle(path)
     controls = Controls.from_json(json.loads(controls_json))
     t0 = time.perf_counter()
-    result = generate_text(bundle, prompt, max_new_tokens=max_new_tokens, controls=controls, seed=seed,
+    result = core.generate_text(bundle, prompt, max_new_tokens=max_new_tokens, controls=controls, seed=seed,
                            do_sample=sample, temperature=temperature)
     seconds = time.perf_counter() - t0
     return {
         "text": result.text,
         "ids": result.new_ids,
         "tokens": [bundle.tokenizer.decode([t]) for t in result.new_ids],
-        "ppl_own": continuation_perplexity(bundle, result.prompt_ids, result.new_ids, controls),
-        "ppl_base": continuation_perplexity(bundle, result.prompt_ids, result.new_ids, None),
+        "ppl_own": core.continuation_perplexity(bundle, result.prompt_ids, result.new_ids, controls),
+        "ppl_base": core.continuation_perplexity(bundle, result.prompt_ids, result.new_ids, None),
         "notice": result.notice,
         "seconds": seconds,
     }
 
 
-def unmatched(ids: list[int], other: list[int]) -> set[int]:
-    """Positions of ``ids`` outside the longest matching blocks with ``other`` (difflib alignment)."""
-    matcher = difflib.SequenceMatcher(None, ids, other, autojunk=False)
-    kept = {i for block in matcher.get_matching_blocks() for i in range(block.a, block.a + block.size)}
-    return set(range(len(ids))) - kept
-
-
-def token_html(tokens: list[str], ids: list[int], other: list[int]) -> str:
-    """Escaped token spans; tokens not aligned with ``other`` get class diff."""
+def token_html(tokens: list[str], different: frozenset[int]) -> str:
+    """Escaped token spans; the tokens at positions ``different`` get class diff."""
     spans = []
-    different = unmatched(ids, other)
     for position, text in enumerate(tokens):
         differs = position in different
         spans.append(f'<span class="prism-tok{" diff" if differs else ""}">{state.escape(text)}</span>')
     return state.SNIPPET_CSS + '<div class="prism-snip">' + "".join(spans) + "</div>"
-
-
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    for position, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return position
-    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 def _add_row() -> None:
@@ -112,14 +95,9 @@ a, b = st.columns([1, 3])
 a.number_input("Prototype id", 0, P - 1, step=1, key="steer_add_id")
 b.button("Add a gain slider", key="steer_add", on_click=_add_row)
 
-targeting = None
-try:
-    targeting = importlib.import_module("core.control.targeting")
-except ImportError:
-    pass
 with st.expander("Find prototypes to steer: by text query or by contrast"):
-    if targeting is None or loaded.index is None:
-        st.info("Targeting needs core.targeting (not in this build yet) and the bundle's index.")
+    if loaded.index is None:
+        st.info("Targeting needs the bundle's index.")
     else:
         query = st.text_input("Text query over neighbourhoods", key="steer_query", placeholder="e.g. thou thee thy")
         top = st.slider("How many", 1, 32, 8, key="steer_target_top")
@@ -128,25 +106,26 @@ with st.expander("Find prototypes to steer: by text query or by contrast"):
             demo = st.selectbox("Demo behaviour", demos, key="steer_demo_behaviour", format_func=lambda p: p.stem)
             if st.button("Fill the prompts from this behaviour", key="steer_fill"):
                 try:
-                    spec = json.loads(demo.read_text(encoding="utf-8"))
-                    st.session_state["steer_behaviour"] = "\n".join(
-                        " ".join(x.split()) for x in spec.get("contrast_behaviour") or spec.get("prompts", []))
-                    st.session_state["steer_neutral"] = "\n".join(
-                        " ".join(x.split()) for x in spec.get("contrast_neutral") or spec.get("neutral_prompts", []))
-                except (OSError, ValueError, AttributeError) as err:
+                    spec = core.load_behaviour(demo)
+                except (OSError, BehaviourError) as err:
                     st.error(f"Cannot read {demo.name}: {err}")
+                else:  # one prompt per line: a prompt's own line breaks become spaces
+                    st.session_state["steer_behaviour"] = "\n".join(
+                        " ".join(x.split()) for x in spec.contrast_behaviour or spec.prompts)
+                    st.session_state["steer_neutral"] = "\n".join(
+                        " ".join(x.split()) for x in spec.contrast_neutral or spec.neutral_prompts)
         behaviour = st.text_area("Prompts that show the behaviour (one per line)", key="steer_behaviour")
         neutral = st.text_area("Neutral prompts (one per line)", key="steer_neutral")
         q_col, c_col = st.columns(2)
         found = None
         try:
             if q_col.button("Target by query", key="steer_by_query") and query.strip():
-                found = targeting.target_by_query(loaded.index, query, top, tokenizer=bundle.tokenizer)
+                found = core.target_by_query(loaded.index, query, top, tokenizer=bundle.tokenizer)
             if c_col.button("Target by contrast", key="steer_by_contrast"):
                 lines_b = [x for x in behaviour.splitlines() if x.strip()]
                 lines_n = [x for x in neutral.splitlines() if x.strip()]
                 with st.spinner("Running the prompts…"):
-                    found = targeting.target_by_contrast(bundle, lines_b, lines_n, top, index=loaded.index)
+                    found = core.target_by_contrast(bundle, lines_b, lines_n, top, index=loaded.index)
         except (ValueError, ControlsError) as err:
             st.error(f"Cannot target: {err}")
         if found is not None:
@@ -179,23 +158,23 @@ with st.spinner("Regenerating…"):
         st.stop()
 if original["notice"]:
     st.warning(original["notice"])
-diff = first_difference(original["ids"], steered["ids"])
+diff = core.compare_tokens(original["ids"], steered["ids"])
 if controls.is_empty:
     st.caption("No controls in force: the steered text is the original.")
-elif diff is None:
+elif diff.first_difference is None:
     st.caption("The controls did not change any generated token.")
 else:
-    changed = len(unmatched(steered["ids"], original["ids"]))
-    st.caption(f"First difference at token {diff + 1}; {changed} of {len(steered['ids'])} steered tokens are not in "
-               "the original (marked, after aligning the two texts).")
+    changed = len(diff.steered_unaligned)
+    st.caption(f"First difference at token {diff.first_difference + 1}; {changed} of {len(steered['ids'])} "
+               "steered tokens are not in the original (marked, after aligning the two texts).")
 left, right = st.columns(2)
 with left:
     st.markdown("**Original**")
-    st.html(token_html(original["tokens"], original["ids"], steered["ids"]))
+    st.html(token_html(original["tokens"], diff.original_unaligned))
     st.metric("Perplexity (original model)", f"{original['ppl_base']:.2f}")
 with right:
     st.markdown("**Steered**")
-    st.html(token_html(steered["tokens"], steered["ids"], original["ids"]))
+    st.html(token_html(steered["tokens"], diff.steered_unaligned))
     m1, m2 = st.columns(2)
     m1.metric("Perplexity (original model)", f"{steered['ppl_base']:.2f}",
               help="How natural the steered text is to the unsteered model")

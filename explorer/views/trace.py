@@ -8,9 +8,8 @@ import json
 import pandas as pd
 import streamlit as st
 
-from core.attribution.engine import METHODS, Attribution, attribute
-from core.control.controls import Controls, ControlsError
-from core.index.format import PrototypeIndexError
+import core
+from core import Attribution, Controls, ControlsError, PrototypeIndexError
 from explorer import state
 from explorer.cards import render_card
 from explorer.figures import selected_ids, waterfall_figure
@@ -27,7 +26,7 @@ def traced(path: str, fingerprint: str, prompt: str, completion: str | None, met
     bundle = state.cached_bundle(path)
     index = state.cached_index(path, fingerprint)
     controls = Controls.from_json(json.loads(controls_json))
-    return attribute(bundle, index, prompt, completion, top=top, method=method, controls=controls,
+    return core.attribute(bundle, index, prompt, completion, top=top, method=method, controls=controls,
                      max_new_tokens=max_new_tokens)
 
 
@@ -53,7 +52,7 @@ mode = c1.radio("Completion", ["generate", "score my own"], key="trace_mode", ho
                 help="Generate greedily with the session's controls, or paste a completion to score")
 most = max(1, min(64, bundle.model.config.get_text_config().max_position_embeddings // 2))
 max_new = c2.slider("Tokens to generate", 1, most, min(16, most), key="trace_max_new", disabled=mode != "generate")
-method = c3.selectbox("Attribution method", list(METHODS), key="trace_method",
+method = c3.selectbox("Attribution method", list(core.METHODS), key="trace_method",
                       help="neighbourhood: each slice shared over its prototype's training neighbours")
 top = c4.number_input("Examples per token", 1, 50, 10, key="trace_top")
 completion = None

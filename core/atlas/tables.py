@@ -1,25 +1,31 @@
-"""Per-prototype tables behind the Atlas and the prototype cards, computed once per bundle.
+"""Per-prototype tables behind the explorer's atlas and prototype cards, computed once per bundle.
 
-Labels and the UMAP layout come from ``core.labels`` when that module and the bundle's label
-files exist; otherwise prototypes are laid out by a PCA of their normalised keys and carry no
-label (the page says which layout it shows).
+Labels and the UMAP layout come from the bundle's label and atlas files when they exist
+(``prism label``); otherwise prototypes are laid out by a PCA of their normalised keys and carry
+the index's label, if any (``AtlasTables.layout`` says which layout it is).
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from core.bundle import Bundle
-from core.index.format import PrototypeIndex
+from core.atlas.labels import PrototypeLabel, load_labels
+from core.atlas.layout import load_atlas
+
+if TYPE_CHECKING:  # pragma: no cover
+    from core.bundle import Bundle
+    from core.index.format import PrototypeIndex
 
 NO_LABEL = ""
+SNIPPET_BEFORE, SNIPPET_AFTER = 40, 20  # characters of context kept around a trigger in ``top_snippet``
+SEARCH_LIMIT = 200
 
 
 @dataclass
-class AtlasData:
+class AtlasTables:
     """Everything the map and the cards show about each of the P prototypes.
 
     Attributes:
@@ -28,10 +34,12 @@ class AtlasData:
         usage_share, usage_count: (P,) from the index.
         labels, categories, roles, descriptions: P strings ("" when unknown).
         sources: the corpus sources, sorted; source_mix: (P, S) share of each source among
-            the prototype's neighbours; dominant: P source names.
-        top_snippet: P short snippets (nearest neighbour), for hover text.
-        search_text: P lower-case strings: label, role and all neighbourhood snippets.
-        label_records: the core.labels records by id, when present.
+            the prototype's neighbours; dominant: P source names ("none" without neighbours).
+        top_snippet: P short snippets around the nearest neighbour's trigger, for hover text.
+        search_text: P lower-case strings: label, role, category, description and every
+            neighbourhood snippet.
+        label_records: the label records by prototype id, when the bundle has labels.
+        has_labels: whether the bundle has labels (label records or index labels).
     """
 
     xy: np.ndarray
@@ -47,14 +55,14 @@ class AtlasData:
     dominant: list[str]
     top_snippet: list[str]
     search_text: list[str]
-    label_records: dict[int, object] = field(default_factory=dict)
+    label_records: dict[int, PrototypeLabel] = field(default_factory=dict)
     has_labels: bool = False
 
     @property
     def num_prototypes(self) -> int:
         return len(self.labels)
 
-    def search(self, query: str, limit: int = 200) -> list[int]:
+    def search(self, query: str, limit: int = SEARCH_LIMIT) -> list[int]:
         """Prototype ids whose label, role or neighbourhood text contains every word of ``query``."""
         words = query.lower().split()
         if not words:
@@ -63,16 +71,8 @@ class AtlasData:
         return hits[:limit]
 
 
-def optional_module(name: str):
-    """A core module built by another part of the project, or None while it does not exist."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
-
-
 def pca_layout(keys: np.ndarray) -> np.ndarray:
-    """(P, 2) float32: the first two principal components of the row-normalised keys."""
+    """(P, 2) float32: the first two principal components of the row-normalised (P, d) keys."""
     normed = keys / np.clip(np.linalg.norm(keys, axis=1, keepdims=True), 1e-8, None)  # (P, d)
     centred = (normed - normed.mean(axis=0)).astype(np.float64)
     _, vectors = np.linalg.eigh(centred.T @ centred)  # (d, d), eigenvalues ascending; cheaper than an SVD
@@ -81,59 +81,72 @@ def pca_layout(keys: np.ndarray) -> np.ndarray:
     return (centred @ top).astype(np.float32)  # (P, 2)
 
 
-def build_atlas_data(bundle: Bundle, index: PrototypeIndex) -> AtlasData:
-    """Collect the per-prototype tables (a few hundred ms for 1,024 prototypes x 32 neighbours)."""
-    P = index.num_prototypes
-    keys = bundle.model.prototypes.keys.detach().float().cpu().numpy()  # (P, d)
-    records: dict[int, object] = {}
+def _layout(bundle: Bundle, num_prototypes: int) -> tuple[np.ndarray, str, dict[int, PrototypeLabel]]:
+    """(xy, layout in words, label records): the UMAP atlas when the bundle has one, else PCA."""
+    records: dict[int, PrototypeLabel] = {}
     xy, layout = None, ""
-    labels_mod, atlas_mod = optional_module("core.atlas.labels"), optional_module("core.atlas.layout")
     try:
-        if labels_mod is not None and hasattr(labels_mod, "load_labels"):
-            records = {int(r.id): r for r in (labels_mod.load_labels(bundle.path) or [])}
-        loader = getattr(labels_mod, "load_atlas", None) or getattr(atlas_mod, "load_atlas", None)
-        atlas = loader(bundle.path) if loader is not None else None
-        if atlas is not None and len(atlas) == P:
+        records = {int(r.id): r for r in (load_labels(bundle.path) or [])}
+        atlas = load_atlas(bundle.path)
+        if atlas is not None and len(atlas) == num_prototypes:
             xy, layout = np.asarray(atlas, dtype=np.float32), "UMAP of the normalised prototype keys"
-    except (OSError, ValueError, KeyError, AttributeError) as err:
+    except (OSError, ValueError, KeyError) as err:  # LabelsError and AtlasError are ValueErrors
         layout = f"(labels or atlas could not be read: {err}) "
     if xy is None:
+        keys = bundle.model.prototypes.keys.detach().float().cpu().numpy()  # (P, d)
         xy = pca_layout(keys)
         layout += "PCA of the normalised prototype keys (no UMAP atlas in this bundle: run `prism label --model DIR`)"
+    return xy, layout, records
 
+
+def neighbourhood_sources(index: PrototypeIndex) -> tuple[list[str], np.ndarray, list[str]]:
+    """(sources, (P, S) share of each source among each prototype's neighbours, P dominant sources)."""
+    P = index.num_prototypes
     doc_sources = [d["source"] for d in index.documents]
     sources = sorted(set(doc_sources)) or ["unknown"]
     source_code = {s: i for i, s in enumerate(sources)}
-    doc_code = np.array([source_code[s] for s in doc_sources], dtype=np.int64)
-    rows = index.neighbour_row  # (P, M)
+    doc_code = np.array([source_code[s] for s in doc_sources], dtype=np.int64)  # (D,)
+    rows = index.neighbour_row  # (P, M), -1 where empty
     filled = rows >= 0
-    mix = np.zeros((P, len(sources)))
+    mix = np.zeros((P, len(sources)))  # (P, S)
     if doc_code.size:
         codes = np.where(filled, doc_code[index.positions["document"][np.where(filled, rows, 0)]], 0)  # (P, M)
         for s in range(len(sources)):
             mix[:, s] = ((codes == s) & filled).sum(axis=1)
     mix = mix / np.clip(mix.sum(axis=1, keepdims=True), 1, None)
     dominant = [sources[int(np.argmax(m))] if m.sum() > 0 else "none" for m in mix]
+    return sources, mix, dominant
+
+
+def build_atlas_tables(bundle: Bundle, index: PrototypeIndex) -> AtlasTables:
+    """Collect the per-prototype tables (a few hundred ms for 1,024 prototypes x 32 neighbours).
+
+    Reads the bundle's label and atlas files when present; never writes anything.
+    """
+    P = index.num_prototypes
+    xy, layout, records = _layout(bundle, P)
+    sources, mix, dominant = neighbourhood_sources(index)
 
     labels, categories, roles, descriptions = [], [], [], []
     for j in range(P):
         r = records.get(j)
-        labels.append(str(getattr(r, "role", "") or "") if r is not None else (index.label(j) or NO_LABEL))
-        categories.append(str(getattr(r, "category", "") or ""))
-        roles.append(str(getattr(r, "role", "") or ""))
-        descriptions.append(str(getattr(r, "description", "") or ""))
+        labels.append(str(r.role or "") if r is not None else (index.label(j) or NO_LABEL))
+        categories.append(str(r.category or "") if r is not None else "")
+        roles.append(str(r.role or "") if r is not None else "")
+        descriptions.append(str(r.description or "") if r is not None else "")
     top_snippet, search_text = [], []
+    rows = index.neighbour_row  # (P, M)
     for j in range(P):
         snippets = [index.snippets[int(r)] for r in rows[j] if r >= 0]
         if snippets:
             s = snippets[0]
-            around = s["snippet"][max(0, s["start"] - 40) : s["end"] + 20]
+            around = s["snippet"][max(0, s["start"] - SNIPPET_BEFORE) : s["end"] + SNIPPET_AFTER]
             top_snippet.append(" ".join(around.split()))
         else:
             top_snippet.append("")
         search_text.append(" ".join([labels[j], roles[j], categories[j], descriptions[j],
                                      *(s["snippet"] for s in snippets)]).lower())
-    return AtlasData(
+    return AtlasTables(
         xy=xy,
         layout=layout,
         usage_share=np.asarray(index.usage_share, dtype=np.float64),
