@@ -10,7 +10,8 @@
     model. Spearman over halves per query, mean over queries. One seed per half (say so).
 
 Methods: PRISM neighbourhood, PRISM influence (full rank, every document), EK-FAC on the
-dense twin (Kronfluence). Prints a table (method, recall@10, LDS, latency), then one JSON line.
+dense twin (Kronfluence). Prints a table (method, recall@10, LDS, latency), then one JSON line,
+also written to bench/results/attribution_quality.json (bench/_results.py).
 
     nice -n 5 python bench/attribution_quality.py --halves 16
 """
@@ -30,6 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+import _results  # noqa: E402
 
 FACTS = [
     ("The capital of Zorbania is", " Quelmiry, a city of glass towers."),
@@ -65,10 +68,19 @@ def train_pair(corpus: Path, out: Path, steps: int, seed: int = 0) -> tuple[Path
     from core.train.trainer import TrainOptions, train
 
     prism, dense = out / "prism", out / "dense"
-    train(TrainOptions(corpus=str(corpus), out=str(prism), preset="tiny", max_steps=steps, seed=seed,
-                       progress=False))
-    train(TrainOptions(corpus=str(corpus), out=str(dense), preset="tiny", max_steps=steps, seed=seed, dense=True,
-                       tokenizer=str(prism), progress=False))
+    train(TrainOptions(corpus=str(corpus), out=str(prism), preset="tiny", max_steps=steps, seed=seed, progress=False))
+    train(
+        TrainOptions(
+            corpus=str(corpus),
+            out=str(dense),
+            preset="tiny",
+            max_steps=steps,
+            seed=seed,
+            dense=True,
+            tokenizer=str(prism),
+            progress=False,
+        )
+    )
     return prism, dense
 
 
@@ -78,17 +90,25 @@ class Methods:
     def __init__(self, prism_dir: Path, dense_dir: Path, corpus: Path, threads: int):
         import torch
 
+        from core.attribution.influence import InfluenceArguments, build_influence, load_influence
         from core.bundle import load_bundle
         from core.data.corpus import load_corpus
-        from core.index.format import build_index, load_index
-        from core.attribution.influence import InfluenceArguments, build_influence, load_influence
+        from core.index.build import build_index
+        from core.index.format import load_index
 
         torch.set_num_threads(threads)
         build_index(prism_dir, corpus, show_progress=False)
-        build_influence(prism_dir, corpus, InfluenceArguments(rank=None, top_documents=None, curvature_tokens=None),
-                        show_progress=False)
-        self.bundle, self.index, self.influence = load_bundle(prism_dir), load_index(prism_dir), load_influence(
-            prism_dir)
+        build_influence(
+            prism_dir,
+            corpus,
+            InfluenceArguments(rank=None, top_documents=None, curvature_tokens=None),
+            show_progress=False,
+        )
+        self.bundle, self.index, self.influence = (
+            load_bundle(prism_dir),
+            load_index(prism_dir),
+            load_influence(prism_dir),
+        )
         self.dense = load_bundle(dense_dir)
         self.train = load_corpus(corpus).train
         self.doc_ids = list(self.train["id"])
@@ -98,8 +118,9 @@ class Methods:
         from core.attribution.engine import attribute
 
         t = time.perf_counter()
-        result = attribute(self.bundle, self.index, prompt, completion, top=10**6, method=method,
-                           influence=self.influence)
+        result = attribute(
+            self.bundle, self.index, prompt, completion, top=10**6, method=method, influence=self.influence
+        )
         self.latency[method].append(time.perf_counter() - t)
         return {e.doc_id: e.score for e in result.examples}
 
@@ -111,8 +132,13 @@ class Methods:
         train = padded_examples(docs, 64, tok.eos_token_id)
         prompts = [tok(p, add_special_tokens=False)["input_ids"] for p, _ in queries]
         completions = [tok(c, add_special_tokens=False)["input_ids"] for _, c in queries]
-        result = ekfac_scores(self.dense.model, train, query_examples(prompts, completions, tok.eos_token_id),
-                              train_batch_size=16, query_batch_size=len(queries))
+        result = ekfac_scores(
+            self.dense.model,
+            train,
+            query_examples(prompts, completions, tok.eos_token_id),
+            train_batch_size=16,
+            query_batch_size=len(queries),
+        )
         self.latency["ekfac"].append(result.score_seconds / len(queries))
         self.ekfac_fit_seconds = result.fit_seconds
         return [dict(zip(self.doc_ids, row.tolist(), strict=True)) for row in result.scores]
@@ -121,8 +147,7 @@ class Methods:
 def canaries(args, work: Path) -> tuple[dict, dict]:
     rows = demo_slice(args.per_source, 600)
     for f, (prompt, completion) in enumerate(FACTS[: args.facts]):
-        rows += [{"id": f"canary-{f}-{c}", "text": prompt + completion, "source": "canary"}
-                 for c in range(args.copies)]
+        rows += [{"id": f"canary-{f}-{c}", "text": prompt + completion, "source": "canary"} for c in range(args.copies)]
     random.Random(0).shuffle(rows)
     corpus = write_jsonl(work / "canary.jsonl", rows)
     prism, dense = train_pair(corpus, work / "canary", args.steps)
@@ -185,8 +210,17 @@ def lds(args, work: Path) -> dict:
         from core.train.trainer import TrainOptions, train
 
         for kind, dense_flag in (("prism", False), ("dense", True)):
-            train(TrainOptions(corpus=str(half), out=str(out / kind), preset="tiny", max_steps=args.lds_steps,
-                               dense=dense_flag, tokenizer=str(prism), progress=False))
+            train(
+                TrainOptions(
+                    corpus=str(half),
+                    out=str(out / kind),
+                    preset="tiny",
+                    max_steps=args.lds_steps,
+                    dense=dense_flag,
+                    tokenizer=str(prism),
+                    progress=False,
+                )
+            )
             model = load_bundle(out / kind).model
             for q, (prompt, completion) in enumerate(queries):
                 p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -194,8 +228,9 @@ def lds(args, work: Path) -> dict:
                 ids = torch.tensor([p_ids + c_ids])
                 with torch.no_grad():
                     logits = model(input_ids=ids).logits[0, len(p_ids) - 1 : -1]
-                actual[kind][h, q] = float(torch.nn.functional.cross_entropy(logits, ids[0, len(p_ids):],
-                                                                             reduction="sum"))
+                actual[kind][h, q] = float(
+                    torch.nn.functional.cross_entropy(logits, ids[0, len(p_ids) :], reduction="sum")
+                )
         shutil.rmtree(out, ignore_errors=True)
         print(f"  LDS half {h + 1}/{args.halves} retrained", flush=True)
     result = {}
@@ -223,13 +258,16 @@ def main() -> None:
     parser.add_argument("--lds-queries", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-lds", action="store_true")
+    _results.add_arguments(parser)
     args = parser.parse_args()
     t0 = time.time()
     work = Path(tempfile.mkdtemp(prefix="attribution-quality-"))
     try:
         recall, latency = canaries(args, work)
-        print(f"[{time.time() - t0:.0f} s] canaries done: recall@10 {json.dumps(recall)}, ms {json.dumps(latency)}",
-              flush=True)
+        print(
+            f"[{time.time() - t0:.0f} s] canaries done: recall@10 {json.dumps(recall)}, ms {json.dumps(latency)}",
+            flush=True,
+        )
         scores = {} if args.skip_lds else lds(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -243,9 +281,15 @@ def main() -> None:
     figures = {f"{m}_recall_at_10": recall[m] for m in names}
     figures.update({f"{m}_lds": scores[m] for m in scores})
     figures.update({f"{m}_ms": latency[m] for m in names})
-    figures.update(halves=0 if args.skip_lds else args.halves, facts=args.facts, copies=args.copies,
-                   wall_s=time.time() - t0)
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
+    figures.update(
+        halves=0 if args.skip_lds else args.halves,
+        lds_queries=args.lds_queries,
+        facts=args.facts,
+        copies=args.copies,
+        steps=args.steps,
+        wall_s=time.time() - t0,
+    )
+    _results.emit({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}, args, __file__)
 
 
 if __name__ == "__main__":

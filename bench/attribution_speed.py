@@ -17,7 +17,8 @@ queries, so that "query RSS" is what an attribution process holds:
 - LoGra (dattri) on the dense twin: the gradient store, sized to PRISM's bytes per example.
 
 Also: a plain forward pass of each query on the PRISM model (attribution / forward ratio) and
-latency at 25%, 50%, 100% of the candidate set. Prints a table, then one JSON line.
+latency at 25%, 50%, 100% of the candidate set. Prints a table, then one JSON line, also
+written to bench/results/attribution_speed.json (bench/_results.py).
 
     python bench/attribution_speed.py --candidates 8192
 """
@@ -37,6 +38,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+import _results  # noqa: E402
 
 
 def prepare(args, work: Path) -> dict:
@@ -64,8 +67,9 @@ def prepare(args, work: Path) -> dict:
             break
     rng = np.random.default_rng(0)
     order = rng.permutation(len(picks)).tolist()  # nested subsets: 25% in 50% in 100%
-    rows = [{"id": train[picks[i]]["id"], "text": tok.decode(ids[i]), "source": train[picks[i]]["source"]}
-            for i in order]
+    rows = [
+        {"id": train[picks[i]]["id"], "text": tok.decode(ids[i]), "source": train[picks[i]]["source"]} for i in order
+    ]
     token_ids = [ids[i] for i in order]
     corpora = {}
     for fraction in args.fractions:
@@ -84,15 +88,22 @@ def held_out_queries(corpus, tok, n: int) -> list[dict]:
     for row in corpus.validation:
         tokens = tok(row["text"], add_special_tokens=False)["input_ids"]
         if len(tokens) >= 32:
-            queries.append({"prompt": tok.decode(tokens[:24]), "completion": tok.decode(tokens[24:32]),
-                            "prompt_ids": tokens[:24], "completion_ids": tokens[24:32]})
+            queries.append(
+                {
+                    "prompt": tok.decode(tokens[:24]),
+                    "completion": tok.decode(tokens[24:32]),
+                    "prompt_ids": tokens[:24],
+                    "completion_ids": tokens[24:32],
+                }
+            )
         if len(queries) == n:
             break
     return queries
 
 
-def time_queries(bundle, index, influence, queries: list[dict],
-                 methods: tuple[str, ...] = ("neighbourhood", "influence")) -> dict:
+def time_queries(
+    bundle, index, influence, queries: list[dict], methods: tuple[str, ...] = ("neighbourhood", "influence")
+) -> dict:
     """Median ms per query of attribute() by each of ``methods`` and of a plain forward pass."""
     import torch
 
@@ -127,8 +138,8 @@ def build_prism(args, corpus: dict, work: str, out) -> None:
     """PRISM's one-time pass: the index and the influence factors over the candidate corpus."""
     import torch
 
-    from core.index.format import build_index
     from core.attribution.influence import InfluenceArguments, build_influence
+    from core.index.build import build_index
 
     torch.set_num_threads(args.threads)
     bundle_dir = Path(work) / f"prism-{corpus['n']}"
@@ -138,13 +149,26 @@ def build_prism(args, corpus: dict, work: str, out) -> None:
     t1 = time.perf_counter()
     # Every candidate document is kept (top_documents=None) so that any of them can be scored;
     # the curvature blocks come from a sample of --fit-tokens positions, as EK-FAC's factors do.
-    build_influence(bundle_dir, corpus["path"], InfluenceArguments(rank=args.rank, top_documents=None,
-                                                                   curvature_tokens=args.fit_tokens,
-                                                                   curvature_memory_mb=args.curvature_memory_mb),
-                    show_progress=False)
+    build_influence(
+        bundle_dir,
+        corpus["path"],
+        InfluenceArguments(
+            rank=args.rank,
+            top_documents=None,
+            curvature_tokens=args.fit_tokens,
+            curvature_memory_mb=args.curvature_memory_mb,
+        ),
+        show_progress=False,
+    )
     t2 = time.perf_counter()
-    out.put({"bundle": str(bundle_dir), "index_seconds": t1 - t0, "influence_seconds": t2 - t1,
-             "build_peak_rss_mb": peak_rss_mb()})
+    out.put(
+        {
+            "bundle": str(bundle_dir),
+            "index_seconds": t1 - t0,
+            "influence_seconds": t2 - t1,
+            "build_peak_rss_mb": peak_rss_mb(),
+        }
+    )
 
 
 def query_prism(args, corpus: dict, queries: list[dict], bundle_dir: str, method: str, out) -> None:
@@ -153,9 +177,9 @@ def query_prism(args, corpus: dict, queries: list[dict], bundle_dir: str, method
     for ``influence``), not the build's."""
     import torch
 
+    from core.attribution.influence import load_influence
     from core.bundle import load_bundle
     from core.index.format import load_index
-    from core.attribution.influence import load_influence
 
     torch.set_num_threads(args.threads)
     bundle_dir = Path(bundle_dir)
@@ -163,8 +187,14 @@ def query_prism(args, corpus: dict, queries: list[dict], bundle_dir: str, method
     influence = load_influence(bundle_dir) if method == "influence" else None
     index_bytes = sum(f.stat().st_size for f in (bundle_dir / "index").iterdir() if f.name != "influence.safetensors")
     stored = index_bytes + (influence.stored_bytes() if influence is not None else 0)
-    out.put({"n": corpus["n"], f"{method}_bytes_per_example": stored / corpus["n"],
-             **time_queries(bundle, index, influence, queries, (method,)), f"{method}_peak_rss_mb": peak_rss_mb()})
+    out.put(
+        {
+            "n": corpus["n"],
+            f"{method}_bytes_per_example": stored / corpus["n"],
+            **time_queries(bundle, index, influence, queries, (method,)),
+            f"{method}_peak_rss_mb": peak_rss_mb(),
+        }
+    )
 
 
 def run_prism(args, corpus: dict, queries: list[dict], work: str) -> dict:
@@ -182,8 +212,9 @@ def _dense_examples(args, token_ids: list, queries: list[dict]):
 
     dense = load_bundle(args.dense)
     train = training_examples(token_ids)
-    query = query_examples([q["prompt_ids"] for q in queries], [q["completion_ids"] for q in queries],
-                           dense.tokenizer.eos_token_id)
+    query = query_examples(
+        [q["prompt_ids"] for q in queries], [q["completion_ids"] for q in queries], dense.tokenizer.eos_token_id
+    )
     return dense, train, query
 
 
@@ -209,10 +240,17 @@ def score_ekfac(args, token_ids: list, queries: list[dict], factors_dir: str, ou
 
     torch.set_num_threads(args.threads)
     dense, train, query = _dense_examples(args, token_ids, queries)
-    _, seconds = ekfac_pairwise(dense.model, train, query, factors_dir, train_batch_size=8,
-                                query_batch_size=len(queries))
-    out.put({"ms": 1000 * seconds / len(queries), "bytes_per_example": 0.0, "peak_rss_mb": peak_rss_mb(),
-             "n": len(token_ids)})
+    _, seconds = ekfac_pairwise(
+        dense.model, train, query, factors_dir, train_batch_size=8, query_batch_size=len(queries)
+    )
+    out.put(
+        {
+            "ms": 1000 * seconds / len(queries),
+            "bytes_per_example": 0.0,
+            "peak_rss_mb": peak_rss_mb(),
+            "n": len(token_ids),
+        }
+    )
 
 
 def run_ekfac(args, token_ids: list, queries: list[dict], work: Path) -> dict:
@@ -232,10 +270,16 @@ def run_logra(args, token_ids: list, queries: list[dict], proj_dim: int, out) ->
 
     torch.set_num_threads(args.threads)
     dense, train, query = _dense_examples(args, token_ids, queries)
-    r = logra_scores(dense.model, train, query, proj_dim=proj_dim, train_batch_size=8,
-                     query_batch_size=len(queries))
-    out.put({"fit_seconds": r.fit_seconds, "ms": 1000 * r.score_seconds / len(queries),
-             "bytes_per_example": r.bytes_per_example, "peak_rss_mb": peak_rss_mb(), "n": len(token_ids)})
+    r = logra_scores(dense.model, train, query, proj_dim=proj_dim, train_batch_size=8, query_batch_size=len(queries))
+    out.put(
+        {
+            "fit_seconds": r.fit_seconds,
+            "ms": 1000 * r.score_seconds / len(queries),
+            "bytes_per_example": r.bytes_per_example,
+            "peak_rss_mb": peak_rss_mb(),
+            "n": len(token_ids),
+        }
+    )
 
 
 def in_child(target, *args) -> dict:
@@ -259,10 +303,18 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16, help="PRISM influence rank per prototype block")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--fit-tokens", type=int, default=65_536,
-                        help="candidate tokens sampled for the curvature of PRISM influence and of EK-FAC")
-    parser.add_argument("--curvature-memory-mb", type=int, default=256,
-                        help="PRISM's curvature blocks held at once while building (more passes when smaller)")
+    parser.add_argument(
+        "--fit-tokens",
+        type=int,
+        default=65_536,
+        help="candidate tokens sampled for the curvature of PRISM influence and of EK-FAC",
+    )
+    parser.add_argument(
+        "--curvature-memory-mb",
+        type=int,
+        default=256,
+        help="PRISM's curvature blocks held at once while building (more passes when smaller)",
+    )
     parser.add_argument("--logra-side", type=int, default=32, help="cap on LoGra's per-layer projection side")
     args = parser.parse_args()
     t_start = time.time()
@@ -281,8 +333,10 @@ def main() -> None:
             logra = in_child(run_logra, args, data["token_ids"][:n], data["queries"], side * side)
             ekfac = run_ekfac(args, data["token_ids"][:n], data["queries"], work)
             rows[fraction] = {"prism": prism, "logra": logra, "ekfac": ekfac}
-            print(f"[{time.time() - t_start:6.0f} s] {fraction:.0%} ({n} examples) done: "
-                  f"{json.dumps(rows[fraction])}", flush=True)
+            print(
+                f"[{time.time() - t_start:6.0f} s] {fraction:.0%} ({n} examples) done: {json.dumps(rows[fraction])}",
+                flush=True,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(rows, args, time.time() - t_start)
@@ -296,47 +350,90 @@ def report(rows: dict, args, wall: float) -> None:
     full = rows[max(rows)]
     p, e, g = full["prism"], full["ekfac"], full["logra"]
     n = p["n"]
-    print(f"\nAttribution speed, {n} candidate examples of {args.length} tokens, {args.queries} queries, "
-          f"{args.threads} threads")
-    print(f"{'method':<22}{'ms/query':>12}{'one-time s':>12}{'bytes/example':>15}{'query RSS MB':>14}"
-          f"{'one-time RSS MB':>17}")
+    print(
+        f"\nAttribution speed, {n} candidate examples of {args.length} tokens, {args.queries} queries, "
+        f"{args.threads} threads"
+    )
+    print(
+        f"{'method':<22}{'ms/query':>12}{'one-time s':>12}{'bytes/example':>15}{'query RSS MB':>14}"
+        f"{'one-time RSS MB':>17}"
+    )
     table = [
-        ("PRISM neighbourhood", p["neighbourhood_ms"], p["index_seconds"], p["neighbourhood_bytes_per_example"],
-         p["neighbourhood_peak_rss_mb"], p["build_peak_rss_mb"]),
-        ("PRISM influence", p["influence_ms"], p["index_seconds"] + p["influence_seconds"],
-         p["influence_bytes_per_example"], p["influence_peak_rss_mb"], p["build_peak_rss_mb"]),
-        ("EK-FAC (Kronfluence)", e["ms"], e["fit_seconds"], e["bytes_per_example"], e["peak_rss_mb"],
-         e["fit_peak_rss_mb"]),
+        (
+            "PRISM neighbourhood",
+            p["neighbourhood_ms"],
+            p["index_seconds"],
+            p["neighbourhood_bytes_per_example"],
+            p["neighbourhood_peak_rss_mb"],
+            p["build_peak_rss_mb"],
+        ),
+        (
+            "PRISM influence",
+            p["influence_ms"],
+            p["index_seconds"] + p["influence_seconds"],
+            p["influence_bytes_per_example"],
+            p["influence_peak_rss_mb"],
+            p["build_peak_rss_mb"],
+        ),
+        (
+            "EK-FAC (Kronfluence)",
+            e["ms"],
+            e["fit_seconds"],
+            e["bytes_per_example"],
+            e["peak_rss_mb"],
+            e["fit_peak_rss_mb"],
+        ),
         ("LoGra (dattri)", g["ms"], g["fit_seconds"], g["bytes_per_example"], g["peak_rss_mb"], g["peak_rss_mb"]),
     ]
     for name, ms, fit, per, rss, fit_rss in table:
         print(f"{name:<22}{ms:>12.1f}{fit:>12.1f}{per:>15.0f}{rss:>14.0f}{fit_rss:>17.0f}")
-    print(f"curvature fitted on {args.fit_tokens:,} candidate tokens ({e['fit_examples']} examples) for EK-FAC and "
-          f"PRISM influence; LoGra's store and scores run in one process (one RSS for both)")
-    print(f"plain forward of a query: {p['forward_ms']:.1f} ms; attribution / forward: neighbourhood "
-          f"{p['neighbourhood_ms'] / p['forward_ms']:.2f}, influence {p['influence_ms'] / p['forward_ms']:.2f}")
-    print(f"EK-FAC / PRISM influence latency: {e['ms'] / p['influence_ms']:.0f}x; "
-          f"LoGra / PRISM influence: {g['ms'] / p['influence_ms']:.1f}x; "
-          f"EK-FAC / PRISM neighbourhood: {e['ms'] / p['neighbourhood_ms']:.0f}x")
+    print(
+        f"curvature fitted on {args.fit_tokens:,} candidate tokens ({e['fit_examples']} examples) for EK-FAC and "
+        f"PRISM influence; LoGra's store and scores run in one process (one RSS for both)"
+    )
+    print(
+        f"plain forward of a query: {p['forward_ms']:.1f} ms; attribution / forward: neighbourhood "
+        f"{p['neighbourhood_ms'] / p['forward_ms']:.2f}, influence {p['influence_ms'] / p['forward_ms']:.2f}"
+    )
+    print(
+        f"EK-FAC / PRISM influence latency: {e['ms'] / p['influence_ms']:.0f}x; "
+        f"LoGra / PRISM influence: {g['ms'] / p['influence_ms']:.1f}x; "
+        f"EK-FAC / PRISM neighbourhood: {e['ms'] / p['neighbourhood_ms']:.0f}x"
+    )
     print("\nscaling (ms/query):")
     print(f"{'examples':>10}{'neighbourhood':>15}{'influence':>12}{'EK-FAC':>12}{'LoGra':>12}")
     for fraction in sorted(rows):
         r = rows[fraction]
-        print(f"{r['prism']['n']:>10}{r['prism']['neighbourhood_ms']:>15.1f}{r['prism']['influence_ms']:>12.1f}"
-              f"{r['ekfac']['ms']:>12.1f}{r['logra']['ms']:>12.1f}")
+        print(
+            f"{r['prism']['n']:>10}{r['prism']['neighbourhood_ms']:>15.1f}{r['prism']['influence_ms']:>12.1f}"
+            f"{r['ekfac']['ms']:>12.1f}{r['logra']['ms']:>12.1f}"
+        )
     figures = {
-        "candidates": n, "queries": args.queries, "example_tokens": args.length, "threads": args.threads,
-        "prism_neighbourhood_ms": p["neighbourhood_ms"], "prism_influence_ms": p["influence_ms"],
-        "ekfac_ms": e["ms"], "logra_ms": g["ms"], "forward_ms": p["forward_ms"],
-        "prism_index_s": p["index_seconds"], "prism_influence_build_s": p["influence_seconds"],
-        "ekfac_fit_s": e["fit_seconds"], "logra_fit_s": g["fit_seconds"],
+        "candidates": n,
+        "queries": args.queries,
+        "example_tokens": args.length,
+        "threads": args.threads,
+        "prism_neighbourhood_ms": p["neighbourhood_ms"],
+        "prism_influence_ms": p["influence_ms"],
+        "ekfac_ms": e["ms"],
+        "logra_ms": g["ms"],
+        "forward_ms": p["forward_ms"],
+        "prism_index_s": p["index_seconds"],
+        "prism_influence_build_s": p["influence_seconds"],
+        "prism_influence_one_time_s": p["index_seconds"] + p["influence_seconds"],
+        "ekfac_fit_s": e["fit_seconds"],
+        "logra_fit_s": g["fit_seconds"],
         "prism_neighbourhood_bytes_per_example": p["neighbourhood_bytes_per_example"],
         "prism_influence_bytes_per_example": p["influence_bytes_per_example"],
-        "ekfac_bytes_per_example": e["bytes_per_example"], "logra_bytes_per_example": g["bytes_per_example"],
+        "ekfac_bytes_per_example": e["bytes_per_example"],
+        "logra_bytes_per_example": g["bytes_per_example"],
         "prism_neighbourhood_peak_rss_mb": p["neighbourhood_peak_rss_mb"],
-        "prism_influence_peak_rss_mb": p["influence_peak_rss_mb"], "ekfac_peak_rss_mb": e["peak_rss_mb"],
-        "prism_build_peak_rss_mb": p["build_peak_rss_mb"], "ekfac_fit_peak_rss_mb": e["fit_peak_rss_mb"],
-        "ekfac_fit_examples": e["fit_examples"], "fit_tokens": args.fit_tokens,
+        "prism_influence_peak_rss_mb": p["influence_peak_rss_mb"],
+        "ekfac_peak_rss_mb": e["peak_rss_mb"],
+        "prism_build_peak_rss_mb": p["build_peak_rss_mb"],
+        "ekfac_fit_peak_rss_mb": e["fit_peak_rss_mb"],
+        "ekfac_fit_examples": e["fit_examples"],
+        "fit_tokens": args.fit_tokens,
         "logra_peak_rss_mb": g["peak_rss_mb"],
         "ratio_ekfac_vs_influence": e["ms"] / p["influence_ms"],
         "ratio_logra_vs_influence": g["ms"] / p["influence_ms"],
@@ -347,11 +444,14 @@ def report(rows: dict, args, wall: float) -> None:
     }
     for fraction in sorted(rows):
         pct = round(100 * fraction)
-        for key, value in (("neighbourhood", rows[fraction]["prism"]["neighbourhood_ms"]),
-                           ("influence", rows[fraction]["prism"]["influence_ms"]),
-                           ("ekfac", rows[fraction]["ekfac"]["ms"]), ("logra", rows[fraction]["logra"]["ms"])):
+        for key, value in (
+            ("neighbourhood", rows[fraction]["prism"]["neighbourhood_ms"]),
+            ("influence", rows[fraction]["prism"]["influence_ms"]),
+            ("ekfac", rows[fraction]["ekfac"]["ms"]),
+            ("logra", rows[fraction]["logra"]["ms"]),
+        ):
             figures[f"{key}_ms_at_{pct}pct"] = value
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
+    _results.emit({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}, args, __file__)
 
 
 if __name__ == "__main__":

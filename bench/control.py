@@ -8,20 +8,23 @@ suppression, validation perplexity on the other corpus sources (and on the behav
 source) before and after, and the mean KL(suppressed || original) of next-token distributions
 over neutral text.
 
-    python bench/control.py                     # the figures in README (about 15 min on 2 cores)
-    python bench/control.py --quick             # fewer items, samples and tokens (a smoke run)
+    python bench/control.py                     # every task and behaviour (a few minutes on 2 cores)
+    python bench/control.py --behaviours "" --results-tag tasks
+    python bench/control.py --tasks "" --max-new-tokens 24 --ppl-tokens 8192 --results-tag behaviours
+    python bench/control.py --quick --no-results  # fewer items, samples and tokens (a smoke run)
 
-The last line is one JSON object with every figure (flat keys).
+The last line is one JSON object with every figure (flat keys), also written to
+bench/results/control[.TAG].json (bench/_results.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +32,25 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from core.bundle import Bundle, load_bundle  # noqa: E402
-from core.control.calibration import calibrate, load_task  # noqa: E402
-from core.control.controls import Controls, control_kwargs  # noqa: E402
-from core.control.targeting import target_by_contrast  # noqa: E402
-from core.data.demo.tasks import Behaviour, load_behaviour, read_validation  # noqa: E402
+import _results  # noqa: E402
+
+from core import Bundle, Controls, calibrate, load_behaviour, load_bundle, load_task, target_by_contrast  # noqa: E402
+from core.control.controls import control_kwargs  # noqa: E402
+from core.data.demo.tasks import read_validation  # noqa: E402
+
+if TYPE_CHECKING:
+    from core.control.formats import Behaviour
 
 
-def sample_rate(bundle: Bundle, behaviour: Behaviour, controls: Controls | None, samples: int, max_new_tokens: int,
-                temperature: float, seed: int) -> tuple[float, list[str]]:
+def sample_rate(
+    bundle: Bundle,
+    behaviour: Behaviour,
+    controls: Controls | None,
+    samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+) -> tuple[float, list[str]]:
     """Fraction of sampled continuations of the behaviour's prompts that show it."""
     model, tok = bundle.model, bundle.tokenizer
     kwargs = control_kwargs(controls, model, bundle.fingerprint, "cpu")
@@ -47,8 +60,16 @@ def sample_rate(bundle: Bundle, behaviour: Behaviour, controls: Controls | None,
         ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]]).repeat(samples, 1)
         torch.manual_seed(seed + n)
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature,
-                                 top_k=None, max_new_tokens=max_new_tokens, pad_token_id=tok.eos_token_id, **kwargs)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=temperature,
+                top_k=None,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tok.eos_token_id,
+                **kwargs,
+            )
         for row in out[:, ids.shape[1] :].tolist():
             if tok.eos_token_id in row:
                 row = row[: row.index(tok.eos_token_id)]
@@ -117,12 +138,24 @@ def suppression_rounds(bundle: Bundle, behaviour: Behaviour, rounds: int, per_ro
     for _ in range(rounds):
         current = controls if controls.suppressed else None
         if method == "slice":
-            targets = target_by_contrast(bundle, behaviour.contrast_behaviour, behaviour.neutral_prompts, per_round,
-                                         positions="all", controls=current,
-                                         token_ids=behaviour.token_ids(bundle.tokenizer))
+            targets = target_by_contrast(
+                bundle,
+                behaviour.contrast_behaviour,
+                behaviour.neutral_prompts,
+                per_round,
+                positions="all",
+                controls=current,
+                token_ids=behaviour.token_ids(bundle.tokenizer),
+            )
         else:
-            targets = target_by_contrast(bundle, behaviour.contrast_behaviour, behaviour.contrast_neutral, per_round,
-                                         controls=current, background=behaviour.neutral_prompts)
+            targets = target_by_contrast(
+                bundle,
+                behaviour.contrast_behaviour,
+                behaviour.contrast_neutral,
+                per_round,
+                controls=current,
+                background=behaviour.neutral_prompts,
+            )
         if not targets:
             break
         controls.suppressed = sorted(set(controls.suppressed) | {t.id for t in targets})
@@ -147,6 +180,7 @@ def main() -> None:
     parser.add_argument("--ppl-tokens", type=int, default=16384, help="validation tokens per perplexity")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: few steps, samples and tokens")
+    _results.add_arguments(parser)
     args = parser.parse_args()
     if args.quick:
         args.steps, args.samples, args.ppl_tokens, args.max_new_tokens = 10, 1, 2048, 12
@@ -163,45 +197,81 @@ def main() -> None:
         result = calibrate(bundle, items, steps=args.steps, penalty=args.penalty, dev=args.dev, seed=args.seed)
         seconds = time.time() - t0
         points = 100 * (result.after - result.before)
-        print(f"{name:<22}{len(items):>7}{100 * result.before:>8.1f}%{100 * result.after:>8.1f}%{points:>+8.1f}"
-              f"{result.changed:>9}{seconds:>9.0f}", flush=True)
-        figures.update({f"{name}_before": round(result.before, 4), f"{name}_after": round(result.after, 4),
-                        f"{name}_points": round(points, 2), f"{name}_changed": result.changed,
-                        f"{name}_holdout_items": result.holdout_items, f"{name}_s": round(seconds, 1)})
+        print(
+            f"{name:<22}{len(items):>7}{100 * result.before:>8.1f}%{100 * result.after:>8.1f}%{points:>+8.1f}"
+            f"{result.changed:>9}{seconds:>9.0f}",
+            flush=True,
+        )
+        figures.update(
+            {
+                f"{name}_items": len(items),
+                f"{name}_before": round(result.before, 4),
+                f"{name}_after": round(result.after, 4),
+                f"{name}_points": round(points, 2),
+                f"{name}_changed": result.changed,
+                f"{name}_holdout_items": result.holdout_items,
+                f"{name}_s": round(seconds, 1),
+            }
+        )
 
     print()
-    print(f"{'behaviour':<20}{'suppr.':>7}{'rate before':>12}{'after':>8}{'drop':>7}{'ppl other':>18}{'change':>8}"
-          f"{'ppl own':>18}{'KL neutral':>11}")
+    print(
+        f"{'behaviour':<20}{'suppr.':>7}{'rate before':>12}{'after':>8}{'drop':>7}{'ppl other':>18}{'change':>8}"
+        f"{'ppl own':>18}{'KL neutral':>11}"
+    )
     validation_sources = sorted(read_validation(args.corpus))
     for name in filter(None, args.behaviours.split(",")):
         behaviour = load_behaviour(REPO / "assets" / "behaviours" / f"{name}.json")
         t0 = time.time()
         controls = suppression_rounds(bundle, behaviour, args.rounds, args.per_round, args.method)
-        rate_before, _ = sample_rate(bundle, behaviour, None, args.samples, args.max_new_tokens, args.temperature,
-                                     args.seed)
-        rate_after, _ = sample_rate(bundle, behaviour, controls, args.samples, args.max_new_tokens, args.temperature,
-                                    args.seed)
-        others = validation_tokens(bundle, Path(args.corpus), [s for s in validation_sources if s != behaviour.source],
-                                   args.ppl_tokens)
+        rate_before, _ = sample_rate(
+            bundle, behaviour, None, args.samples, args.max_new_tokens, args.temperature, args.seed
+        )
+        rate_after, _ = sample_rate(
+            bundle, behaviour, controls, args.samples, args.max_new_tokens, args.temperature, args.seed
+        )
+        others = validation_tokens(
+            bundle, Path(args.corpus), [s for s in validation_sources if s != behaviour.source], args.ppl_tokens
+        )
         own = validation_tokens(bundle, Path(args.corpus), [behaviour.source], args.ppl_tokens // 4)
         ppl_other = (perplexity(bundle, others, None), perplexity(bundle, others, controls))
         ppl_own = (perplexity(bundle, own, None), perplexity(bundle, own, controls))
         kl = mean_kl(bundle, list(behaviour.neutral_prompts), controls)
         drop = 1 - rate_after / rate_before if rate_before > 0 else float("nan")
         change = ppl_other[1] / ppl_other[0] - 1
-        print(f"{name:<20}{len(controls.suppressed):>7}{100 * rate_before:>11.1f}%{100 * rate_after:>7.1f}%"
-              f"{100 * drop:>6.0f}%{ppl_other[0]:>9.2f}->{ppl_other[1]:<7.2f}{100 * change:>+7.2f}%"
-              f"{ppl_own[0]:>9.2f}->{ppl_own[1]:<7.2f}{kl:>11.4f}", flush=True)
-        figures.update({
-            f"{name}_suppressed": len(controls.suppressed), f"{name}_rate_before": round(rate_before, 4),
-            f"{name}_rate_after": round(rate_after, 4), f"{name}_rate_drop": round(drop, 4),
-            f"{name}_continuations": len(behaviour.prompts) * args.samples,
-            f"{name}_ppl_other_before": round(ppl_other[0], 3), f"{name}_ppl_other_after": round(ppl_other[1], 3),
-            f"{name}_ppl_other_change": round(change, 5), f"{name}_ppl_other_tokens": int(others.numel()),
-            f"{name}_ppl_own_before": round(ppl_own[0], 3), f"{name}_ppl_own_after": round(ppl_own[1], 3),
-            f"{name}_kl_neutral": round(kl, 5), f"{name}_s": round(time.time() - t0, 1),
-        })
-    print(json.dumps(figures))
+        print(
+            f"{name:<20}{len(controls.suppressed):>7}{100 * rate_before:>11.1f}%{100 * rate_after:>7.1f}%"
+            f"{100 * drop:>6.0f}%{ppl_other[0]:>9.2f}->{ppl_other[1]:<7.2f}{100 * change:>+7.2f}%"
+            f"{ppl_own[0]:>9.2f}->{ppl_own[1]:<7.2f}{kl:>11.4f}",
+            flush=True,
+        )
+        figures.update(
+            {
+                f"{name}_suppressed": len(controls.suppressed),
+                f"{name}_rate_before": round(rate_before, 4),
+                f"{name}_rate_after": round(rate_after, 4),
+                f"{name}_rate_drop": round(drop, 4),
+                f"{name}_continuations": len(behaviour.prompts) * args.samples,
+                f"{name}_ppl_other_before": round(ppl_other[0], 3),
+                f"{name}_ppl_other_after": round(ppl_other[1], 3),
+                f"{name}_ppl_other_change": round(change, 5),
+                f"{name}_ppl_other_tokens": int(others.numel()),
+                f"{name}_ppl_own_before": round(ppl_own[0], 3),
+                f"{name}_ppl_own_after": round(ppl_own[1], 3),
+                f"{name}_kl_neutral": round(kl, 5),
+                f"{name}_s": round(time.time() - t0, 1),
+            }
+        )
+    figures.update(
+        steps=args.steps,
+        penalty=args.penalty,
+        rounds=args.rounds,
+        per_round=args.per_round,
+        samples=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        ppl_tokens=args.ppl_tokens,
+    )
+    _results.emit(figures, args, __file__)
 
 
 if __name__ == "__main__":

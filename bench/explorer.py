@@ -12,14 +12,13 @@ Measures, with headless Chromium (Debian's, software WebGL) driving `streamlit r
   from navigation to the WebGL map drawn; plus the server-side figure build and JSON size.
 And in-process (no browser): generate_text of 64 tokens under a controls change, median.
 
-Prints a table, then one JSON line. Without Chromium or playwright only the in-process
-figures are printed.
+Prints a table, then one JSON line, also written to bench/results/explorer.json
+(bench/_results.py). Without Chromium or playwright only the in-process figures are printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -34,6 +33,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+import _results  # noqa: E402
+
 CHROMIUM = os.environ.get("PRISM_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 ATLAS_SCRIPT = """
 import sys
@@ -59,9 +61,19 @@ def free_port() -> int:
 
 def start_streamlit(script: Path, args: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [sys.executable, "-m", "streamlit", "run", str(script), "--server.headless=true",
-               "--server.address=127.0.0.1", f"--server.port={port}", "--server.fileWatcherType=none",
-               "--browser.gatherUsageStats=false", *(["--", *args] if args else [])]
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(script),
+        "--server.headless=true",
+        "--server.address=127.0.0.1",
+        f"--server.port={port}",
+        "--server.fileWatcherType=none",
+        "--browser.gatherUsageStats=false",
+        *(["--", *args] if args else []),
+    ]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -94,8 +106,11 @@ def in_process(model: str, repeats: int) -> dict:
         t0 = time.perf_counter()
         generate_text(bundle, "KING.", max_new_tokens=64, controls=Controls(gains={r: 0.5}))
         times.append(time.perf_counter() - t0)
-    return {"generate_64_ms_median": round(1000 * statistics.median(times), 1),
-            "generate_64_ms_min": round(1000 * min(times), 1), "torch_threads": torch.get_num_threads()}
+    return {
+        "generate_64_ms_median": round(1000 * statistics.median(times), 1),
+        "generate_64_ms_min": round(1000 * min(times), 1),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def in_browser(model: str, repeats: int) -> dict:
@@ -103,8 +118,9 @@ def in_browser(model: str, repeats: int) -> dict:
 
     results: dict = {}
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--use-gl=swiftshader",
-                                                                   "--enable-unsafe-swiftshader"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--use-gl=swiftshader", "--enable-unsafe-swiftshader"]
+        )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(300_000)
 
@@ -154,8 +170,9 @@ def in_browser(model: str, repeats: int) -> dict:
                     t1 = time.perf_counter()
                     page.goto(url)
                     page.locator(".js-plotly-plot .nsewdrag").first.wait_for()
-                    page.wait_for_function("() => { const c = document.querySelector('.js-plotly-plot canvas');"
-                                           " return c && c.width > 0; }")
+                    page.wait_for_function(
+                        "() => { const c = document.querySelector('.js-plotly-plot canvas'); return c && c.width > 0; }"
+                    )
                     page.get_by_text("drawn").wait_for()
                     times.append(time.perf_counter() - t1)
                 results["atlas_16384_render_s_first"] = round(times[0], 2)
@@ -176,17 +193,21 @@ def figure_build() -> dict:
     P = 16_384
     groups = rng.choice(["a", "b", "c", "d", "e", "f"], P).tolist()
     t0 = time.perf_counter()
-    fig = atlas_figure(rng.normal(size=(P, 2)), np.arange(P), groups, rng.random(P),
-                       hover=[f"prototype {j}" for j in range(P)])
+    fig = atlas_figure(
+        rng.normal(size=(P, 2)), np.arange(P), groups, rng.random(P), hover=[f"prototype {j}" for j in range(P)]
+    )
     payload = fig.to_json()
-    return {"atlas_16384_build_ms": round(1000 * (time.perf_counter() - t0), 1),
-            "atlas_16384_json_kb": round(len(payload) / 1024, 1)}
+    return {
+        "atlas_16384_build_ms": round(1000 * (time.perf_counter() - t0), 1),
+        "atlas_16384_json_kb": round(len(payload) / 1024, 1),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(REPO / "assets" / "models" / "demo"))
     parser.add_argument("--repeats", type=int, default=5)
+    _results.add_arguments(parser)
     args = parser.parse_args()
     figures = {"cpu_cores": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2)}
     figures |= in_process(args.model, args.repeats)
@@ -208,14 +229,17 @@ def main() -> None:
         ("atlas 16,384 prototypes: later renders, median", figures.get("atlas_16384_render_s_median"), "s"),
         ("atlas 16,384 prototypes: figure build + JSON (server)", figures["atlas_16384_build_ms"], "ms"),
         ("atlas 16,384 prototypes: figure JSON size", figures["atlas_16384_json_kb"], "KB"),
-        ("load average (1 min) before / after", f"{figures['load_average_1min']} / "
-                                                f"{figures['load_average_1min_after']}", ""),
+        (
+            "load average (1 min) before / after",
+            f"{figures['load_average_1min']} / {figures['load_average_1min_after']}",
+            "",
+        ),
     ]
     print(f"{'measure':<58} {'value':>12}")
     for name, value, unit in rows:
         shown = "n/a (no browser)" if value is None else f"{value} {unit}".strip()
         print(f"{name:<58} {shown:>12}")
-    print(json.dumps(figures))
+    _results.emit(figures, args, __file__)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ Prints the category table, mean source purity of the top-M neighbourhoods, coher
 pairwise cosine of the neighbours' hidden states) against the corpus-wide baseline, the dead
 share, and a seeded sample of labelled prototypes with their nearest snippets (the trigger
 token in [brackets]). Reads index/labels.json; computes it first when absent or with
---rebuild. Last line: one JSON object.
+--rebuild. Last line: one JSON object, also written to bench/results/labels.json
+(bench/_results.py). ``label_s`` is the labelling time recorded in labels.json when the labels
+were built, unless this run rebuilt them.
 
     python bench/labels.py                          # the demo bundle, 20 samples
     python bench/labels.py --model DIR --sample 40 --seed 1 --rebuild
@@ -13,7 +15,6 @@ token in [brackets]). Reads index/labels.json; computes it first when absent or 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -22,8 +23,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from core.index.format import load_index  # noqa: E402
+import _results  # noqa: E402
+
 from core.atlas.labels import build_labels, load_labels, read_labels_file  # noqa: E402
+from core.index.format import load_index  # noqa: E402
 
 
 def one_line(text: str) -> str:
@@ -37,6 +40,7 @@ def main() -> None:
     parser.add_argument("--snippets", type=int, default=3, help="nearest snippets per sampled prototype")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample")
     parser.add_argument("--rebuild", action="store_true", help="recompute the labels first")
+    _results.add_arguments(parser)
     args = parser.parse_args()
 
     seconds = None
@@ -54,24 +58,32 @@ def main() -> None:
         by_category.setdefault(label.category, []).append(label)
     for category, members in sorted(by_category.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         n = len(members)
-        print(f"{category:<28}{n:>11}{n / len(labels):>8.1%}{sum(m.purity for m in members) / n:>8.3f}"
-              f"{sum(m.coherence for m in members) / n:>10.3f}{sum(m.confidence for m in members) / n:>11.3f}")
+        print(
+            f"{category:<28}{n:>11}{n / len(labels):>8.1%}{sum(m.purity for m in members) / n:>8.3f}"
+            f"{sum(m.coherence for m in members) / n:>10.3f}{sum(m.confidence for m in members) / n:>11.3f}"
+        )
     print()
     print(f"prototypes {summary['prototypes']}, neighbours per prototype {index.top_m}")
     print(f"mean source purity (top-{index.top_m}) {summary['mean_purity']:.3f}")
-    print(f"mean coherence {summary['mean_coherence']:.3f} (random pairs of neighbour states: "
-          f"{summary['coherence_baseline']:.3f})")
+    print(
+        f"mean coherence {summary['mean_coherence']:.3f} (random pairs of neighbour states: "
+        f"{summary['coherence_baseline']:.3f})"
+    )
     print(f"dead prototypes {summary['dead']} ({summary['dead_share']:.2%})")
-    print(f"context fidelity {summary['context_fidelity']:.3f} (share of neighbours whose re-read context "
-          f"still activates the prototype); trigger token match {summary['token_match']:.3f}")
+    print(
+        f"context fidelity {summary['context_fidelity']:.3f} (share of neighbours whose re-read context "
+        f"still activates the prototype); trigger token match {summary['token_match']:.3f}"
+    )
     print(f"labelling took {summary['seconds']:.0f} s")
 
     sample = sorted(random.Random(args.seed).sample(range(len(labels)), min(args.sample, len(labels))))
     print(f"\n{len(sample)} labelled prototypes (seed {args.seed}):")
     for j in sample:
         label = labels[j]
-        print(f"\n#{j}  {label.category}: {label.role}   (confidence {label.confidence:.2f}, purity "
-              f"{label.purity:.2f}, coherence {label.coherence:.2f}, usage {label.usage_share:.2%})")
+        print(
+            f"\n#{j}  {label.category}: {label.role}   (confidence {label.confidence:.2f}, purity "
+            f"{label.purity:.2f}, coherence {label.coherence:.2f}, usage {label.usage_share:.2%})"
+        )
         print(f"    {label.description}")
         print(f"    promotes: {', '.join(label.promoted[:6])}")
         for record in index.neighbourhood(j)[: args.snippets]:
@@ -92,7 +104,7 @@ def main() -> None:
         "label_s": round(seconds, 1) if seconds is not None else summary["seconds"],
         **{f"share_{c.replace(' & ', '_').replace(' ', '_').lower()}": s for c, s in summary["categories"].items()},
     }
-    print(json.dumps(figures))
+    _results.emit(figures, args, __file__)
 
 
 if __name__ == "__main__":

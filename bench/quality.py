@@ -2,9 +2,11 @@
 
 Prints validation loss of each (same packed validation sequences), their ratio, and training
 throughput of each (forward + backward + AdamW step on the same training batches, the
-prototype terms included for PRISM), with their ratio. Last line: one JSON object.
+prototype terms included for PRISM), with their ratio. Last line: one JSON object, also
+written to bench/results/quality.json (bench/_results.py).
 
     python bench/quality.py                       # the demo bundle and its twin
+    python bench/quality.py --steps 16 --results-tag steps16
     python bench/quality.py --model DIR --twin DIR --corpus PATH
 """
 
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,10 +23,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import _results  # noqa: E402
+
+from core import PRESETS, load_bundle, load_corpus  # noqa: E402
+from core.data.corpus import pack  # noqa: E402
 from core.model import losses  # noqa: E402
-from core.bundle import load_bundle  # noqa: E402
-from core.data.corpus import load_corpus, pack  # noqa: E402
-from core.train.trainer import PRESETS, evaluate_loss  # noqa: E402
+from core.train.trainer import evaluate_loss  # noqa: E402
 
 
 def train_throughput(model, batches: list[torch.Tensor], lr: float) -> float:
@@ -56,6 +59,7 @@ def main() -> None:
     parser.add_argument("--corpus", default=str(REPO / "assets/corpus"))
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per model")
     parser.add_argument("--eval-sequences", type=int, default=None, help="default: the preset's")
+    _results.add_arguments(parser)
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -92,27 +96,41 @@ def main() -> None:
         ("validation loss (nats/token)", f"{prism_loss:.4f}", f"{twin_loss:.4f}", f"{prism_loss / twin_loss:.4f}"),
         ("validation perplexity", f"{torch.tensor(prism_loss).exp():.2f}", f"{torch.tensor(twin_loss).exp():.2f}", ""),
         ("training tokens/s", f"{prism_tps:.0f}", f"{twin_tps:.0f}", f"{prism_tps / twin_tps:.3f}"),
-        ("parameters", f"{sum(p.numel() for p in prism.model.parameters()):,}",
-         f"{sum(p.numel() for p in twin.model.parameters()):,}", ""),
+        (
+            "parameters",
+            f"{sum(p.numel() for p in prism.model.parameters()):,}",
+            f"{sum(p.numel() for p in twin.model.parameters()):,}",
+            "",
+        ),
     ]
     print(f"PRISM {args.model}  vs  dense twin {args.twin}")
-    print(f"validation: {n_val_tokens:,} tokens; throughput: {args.steps} steps of {preset.batch_size}x{preset.seq_len}"
-          f" tokens, same batches; torch threads: {torch.get_num_threads()}")
+    print(
+        f"validation: {n_val_tokens:,} tokens; throughput: {args.steps} steps of {preset.batch_size}x{preset.seq_len}"
+        f" tokens, same batches; torch threads: {torch.get_num_threads()}"
+    )
     print(f"{'':32s}{'PRISM':>14s}{'dense':>14s}{'PRISM/dense':>14s}")
     for name, a, b, r in rows:
         print(f"{name:32s}{a:>14s}{b:>14s}{r:>14s}")
-    print(json.dumps({
-        "prism_val_loss": prism_loss,
-        "dense_val_loss": twin_loss,
-        "val_loss_ratio": prism_loss / twin_loss,
-        "prism_train_tokens_per_s": prism_tps,
-        "dense_train_tokens_per_s": twin_tps,
-        "throughput_ratio": prism_tps / twin_tps,
-        "val_tokens": n_val_tokens,
-        "eval_s": eval_seconds,
-        "prism_training_wall_s": info.get("wall_seconds"),
-        "dense_training_wall_s": (twin.training or {}).get("wall_seconds"),
-    }))
+    _results.emit(
+        {
+            "prism_val_loss": prism_loss,
+            "dense_val_loss": twin_loss,
+            "val_loss_ratio": prism_loss / twin_loss,
+            "prism_val_perplexity": float(torch.tensor(prism_loss).exp()),
+            "dense_val_perplexity": float(torch.tensor(twin_loss).exp()),
+            "steps": args.steps,
+            "batch_tokens": preset.batch_size * preset.seq_len,
+            "prism_train_tokens_per_s": prism_tps,
+            "dense_train_tokens_per_s": twin_tps,
+            "throughput_ratio": prism_tps / twin_tps,
+            "val_tokens": n_val_tokens,
+            "eval_s": eval_seconds,
+            "prism_training_wall_s": info.get("wall_seconds"),
+            "dense_training_wall_s": (twin.training or {}).get("wall_seconds"),
+        },
+        args,
+        __file__,
+    )
 
 
 if __name__ == "__main__":

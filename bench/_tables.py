@@ -1,0 +1,414 @@
+"""The tables of docs/benchmarks.md: one renderer per bench script, and the demo bundle's own
+records. Each renderer takes a results file's flat ``figures`` and returns Markdown lines, with
+the precision the bench prints; a figure a run did not produce shows as NONE. Used by
+bench/render.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLE = REPO / "assets" / "models" / "demo"
+TWIN = REPO / "assets" / "models" / "demo-dense"
+NONE = "–"  # a figure this run did not produce
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def num(value: float | None, decimals: int = 0, sign: bool = False) -> str:
+    """``value`` with thousands separators and fixed decimals; NONE when absent."""
+    if value is None:
+        return NONE
+    return f"{value:{'+' if sign else ''},.{decimals}f}"
+
+
+def pct(value: float | None, decimals: int = 1, sign: bool = False) -> str:
+    """A fraction as a percentage."""
+    return NONE if value is None else num(100 * value, decimals, sign) + "%"
+
+
+def times(value: float | None, decimals: int = 0) -> str:
+    """A ratio as "1,022x"."""
+    return NONE if value is None else num(value, decimals) + "x"
+
+
+def table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
+    """A Markdown table; ``align`` is one letter per column: l (left) or r (right, default after the first)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---" if a == "l" else "---:" for a in align]
+    return ["| " + " | ".join(cells) + " |" for cells in (header, rule, *rows)]
+
+
+def mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:,.1f} MB"
+
+
+# ----------------------------------------------------------------------------- one renderer per bench
+
+
+def render_quality(f: dict) -> list[str]:
+    steps, batch = f.get("steps"), f.get("batch_tokens")
+    batches = f"{steps} batches" if steps else "batches"
+    if batch:
+        batches += f" of {batch:,} tokens"
+    val = f"validation loss ({f['val_tokens']:,} tokens)" if f.get("val_tokens") else "validation loss"
+    return table(
+        ["", "PRISM", "dense twin", "PRISM/dense"],
+        [
+            [val, num(f.get("prism_val_loss"), 3), num(f.get("dense_val_loss"), 3), num(f.get("val_loss_ratio"), 3)],
+            ["validation perplexity", num(f.get("prism_val_perplexity"), 1), num(f.get("dense_val_perplexity"), 1), ""],
+            [
+                f"training tokens/s ({batches}, the same for both)",
+                num(f.get("prism_train_tokens_per_s")),
+                num(f.get("dense_train_tokens_per_s")),
+                num(f.get("throughput_ratio"), 3),
+            ],
+        ],
+    )
+
+
+def _category_names() -> dict[str, str]:
+    """bench/labels.py's share_ key suffix -> category name, from the demo bundle's taxonomy."""
+    path = BUNDLE / "index" / "labels.json"
+    taxonomy = json.loads(path.read_text(encoding="utf-8")).get("taxonomy", {}) if path.is_file() else {}
+    return {c.replace(" & ", "_").replace(" ", "_").lower(): c for c in taxonomy}
+
+
+def render_labels(f: dict) -> list[str]:
+    coherence = num(f.get("mean_coherence"), 3)
+    if f.get("coherence_baseline") is not None:
+        coherence += f" (random pairs of neighbour states: {num(f['coherence_baseline'], 3)})"
+    lines = table(
+        ["figure", "value"],
+        [
+            ["prototypes", num(f.get("prototypes"))],
+            ["neighbours per prototype (top-M)", num(f.get("top_m"))],
+            ["mean source purity", num(f.get("mean_purity"), 3)],
+            ["mean coherence (pairwise cosine of the neighbours' hidden states)", coherence],
+            ["mean label confidence", num(f.get("mean_confidence"), 3)],
+            ["dead prototypes", pct(f.get("dead_share"))],
+            ["re-read contexts that reproduce the indexed trigger token", pct(f.get("token_match"))],
+            ["re-read contexts that keep the prototype active", pct(f.get("context_fidelity"))],
+            ["labelling time (from labels.json)", num(f.get("label_s")) + " s" if f.get("label_s") else NONE],
+        ],
+    )
+    shares = sorted(((k[len("share_") :], v) for k, v in f.items() if k.startswith("share_")), key=lambda kv: -kv[1])
+    if shares:
+        names = _category_names()
+        lines += [
+            "",
+            *table(
+                ["category", "share of prototypes"],
+                [[names.get(key, key.replace("_", " ")), pct(share)] for key, share in shares],
+            ),
+        ]
+    return lines
+
+
+def render_control(f: dict) -> list[str]:
+    lines: list[str] = []
+    tasks = [k[: -len("_holdout_items")] for k in f if k.endswith("_holdout_items")]
+    if tasks:
+        rows = [
+            [
+                t,
+                num(f.get(f"{t}_items")),
+                num(f.get(f"{t}_holdout_items")),
+                pct(f.get(f"{t}_before")),
+                pct(f.get(f"{t}_after")),
+                num(f.get(f"{t}_points"), 1, sign=True),
+                num(f.get(f"{t}_changed")),
+            ]
+            for t in tasks
+        ]
+        lines += table(
+            ["task", "items", "held out", "held-out accuracy before", "after", "points", "gains changed"], rows
+        )
+    behaviours = [k[: -len("_suppressed")] for k in f if k.endswith("_suppressed")]
+    if behaviours:
+        rows = []
+        for b in behaviours:
+            other = (
+                f"{num(f.get(f'{b}_ppl_other_before'), 2)} -> {num(f.get(f'{b}_ppl_other_after'), 2)} "
+                f"({pct(f.get(f'{b}_ppl_other_change'), 2, sign=True)})"
+            )
+            own = f"{num(f.get(f'{b}_ppl_own_before'), 2)} -> {num(f.get(f'{b}_ppl_own_after'), 2)}"
+            rows.append(
+                [
+                    b,
+                    num(f.get(f"{b}_suppressed")),
+                    pct(f.get(f"{b}_rate_before")),
+                    pct(f.get(f"{b}_rate_after")),
+                    pct(f.get(f"{b}_rate_drop"), 0),
+                    other,
+                    own,
+                    num(f.get(f"{b}_kl_neutral"), 3),
+                ]
+            )
+        lines += [""] if lines else []
+        lines += table(
+            [
+                "behaviour",
+                "suppressed",
+                "rate before",
+                "after",
+                "drop",
+                "val. perplexity, other sources",
+                "own source",
+                "KL neutral (nats)",
+            ],
+            rows,
+        )
+    settings = [
+        f"{name} {f[key]}"
+        for name, key in (
+            ("calibration steps", "steps"),
+            ("L1 penalty", "penalty"),
+            ("rounds", "rounds"),
+            ("prototypes per round", "per_round"),
+            ("samples per prompt", "samples"),
+            ("tokens per sample", "max_new_tokens"),
+            ("perplexity tokens", "ppl_tokens"),
+        )
+        if key in f
+    ]
+    if settings:
+        lines += ["", "Settings: " + ", ".join(settings) + "."]
+    return lines
+
+
+def render_explorer(f: dict) -> list[str]:
+    def s(key: str, decimals: int = 2, scale: float = 1.0) -> str:
+        return NONE if f.get(key) is None else num(f[key] * scale, decimals) + " s"
+
+    slider = s("slider_to_64_tokens_s_median", 3)
+    if f.get("slider_to_64_tokens_s_min") is not None:
+        slider += f" (min {s('slider_to_64_tokens_s_min', 3)})"
+    size = NONE if f.get("atlas_16384_json_kb") is None else num(f["atlas_16384_json_kb"]) + " KB"
+    rows = [
+        ["cold start (`streamlit run` to the Atlas drawn in the browser)", s("cold_start_s")],
+        ["gain slider moved to 64 regenerated tokens on screen (median)", slider],
+        ["of which the 64-token generation on the server", s("server_generation_ms", 3, 1e-3)],
+        ["64 tokens generated in-process (median)", s("generate_64_ms_median", 3, 1e-3)],
+        [
+            "Atlas with 16,384 synthetic prototypes drawn (first / later)",
+            f"{s('atlas_16384_render_s_first')} / {s('atlas_16384_render_s_median')}",
+        ],
+        ["its figure: build + JSON on the server, size", f"{s('atlas_16384_build_ms', 3, 1e-3)}, {size}"],
+    ]
+    rows = [r for r in rows if any(NONE not in cell for cell in r[1:])]
+    lines = table(["", "measured"], rows)
+    if f.get("load_average_1min") is not None:
+        lines += [
+            "",
+            f"Load average (1 min) before / after: {f['load_average_1min']} / "
+            f"{f.get('load_average_1min_after', NONE)}.",
+        ]
+    return lines
+
+
+def render_attribution_speed(f: dict) -> list[str]:
+    rows = [
+        [
+            "PRISM neighbourhood",
+            num(f.get("prism_neighbourhood_ms"), 1),
+            num(f.get("prism_index_s"), 1),
+            num(f.get("prism_neighbourhood_bytes_per_example")),
+            num(f.get("prism_neighbourhood_peak_rss_mb")),
+            num(f.get("prism_build_peak_rss_mb")),
+        ],
+        [
+            "PRISM influence (every document kept)",
+            num(f.get("prism_influence_ms"), 1),
+            num(f.get("prism_influence_one_time_s"), 1),
+            num(f.get("prism_influence_bytes_per_example")),
+            num(f.get("prism_influence_peak_rss_mb")),
+            num(f.get("prism_build_peak_rss_mb")),
+        ],
+        [
+            f"EK-FAC (Kronfluence; {f.get('queries', NONE)} queries batched)",
+            num(f.get("ekfac_ms"), 1),
+            num(f.get("ekfac_fit_s"), 1),
+            num(f.get("ekfac_bytes_per_example")),
+            num(f.get("ekfac_peak_rss_mb")),
+            num(f.get("ekfac_fit_peak_rss_mb")),
+        ],
+        [
+            "LoGra (dattri)",
+            num(f.get("logra_ms"), 1),
+            num(f.get("logra_fit_s"), 1),
+            num(f.get("logra_bytes_per_example")),
+            num(f.get("logra_peak_rss_mb")),
+            num(f.get("logra_peak_rss_mb")),
+        ],
+    ]
+    lines = table(["method", "ms/query", "one-time s", "bytes/example", "query RSS MB", "one-time RSS MB"], rows)
+    lines += [
+        "",
+        f"- Setup: {num(f.get('candidates'))} candidate examples of {f.get('example_tokens', NONE)} tokens, "
+        f"{f.get('queries', NONE)} queries, {f.get('threads', NONE)} threads; curvature fitted on "
+        f"{num(f.get('fit_tokens'))} candidate tokens.",
+        f"- EK-FAC / PRISM neighbourhood: {times(f.get('ratio_ekfac_vs_neighbourhood'))}; EK-FAC / PRISM "
+        f"influence: {times(f.get('ratio_ekfac_vs_influence'))}; LoGra / PRISM influence: "
+        f"{times(f.get('ratio_logra_vs_influence'), 2)}.",
+        f"- A plain forward pass of a query: {num(f.get('forward_ms'), 1)} ms; neighbourhood / forward "
+        f"{num(f.get('neighbourhood_over_forward'), 2)}, influence / forward "
+        f"{num(f.get('influence_over_forward'), 2)}.",
+    ]
+    fractions = sorted({int(m[1]) for k in f if (m := re.match(r"neighbourhood_ms_at_(\d+)pct$", k))})
+    if len(fractions) > 1:
+        lines += [
+            "",
+            *table(
+                ["share of candidates", "neighbourhood", "influence", "EK-FAC", "LoGra"],
+                [
+                    [
+                        f"{p}%",
+                        *(num(f.get(f"{m}_ms_at_{p}pct"), 1) for m in ("neighbourhood", "influence", "ekfac", "logra")),
+                    ]
+                    for p in fractions
+                ],
+            ),
+        ]
+    return lines
+
+
+def render_attribution_latency(f: dict) -> list[str]:
+    keys = ("neighbourhood_ms", "influence_ms", "forward_ms", "neighbourhood_over_forward", "influence_over_forward")
+    decimals = (1, 1, 1, 2, 2)
+    runs = max((len(f[k]) for k in keys if isinstance(f.get(k), list)), default=1)
+
+    def cell(key: str, run: int, d: int) -> str:
+        value = f.get(key)
+        return num(value[run] if isinstance(value, list) else value if runs == 1 else None, d)
+
+    rows = [[str(r + 1), *(cell(k, r, d) for k, d in zip(keys, decimals, strict=True))] for r in range(runs)]
+    lines = table(
+        ["run", "neighbourhood ms", "influence ms", "forward ms", "neighbourhood / forward", "influence / forward"],
+        rows,
+    )
+    if f.get("forward_ms_min") is not None:
+        lines += ["", f"Forward passes over the runs: {num(f['forward_ms_min'], 1)}-{num(f['forward_ms_max'], 1)} ms."]
+    lines += ["", f"Median over {f.get('queries', NONE)} queries of 24 + 8 tokens, {f.get('threads', NONE)} threads."]
+    return lines
+
+
+def render_attribution_quality(f: dict) -> list[str]:
+    names = {"neighbourhood": "PRISM neighbourhood", "influence": "PRISM influence", "ekfac": "EK-FAC (Kronfluence)"}
+    rows = [
+        [name, num(f.get(f"{m}_recall_at_10"), 2), num(f.get(f"{m}_lds"), 3), num(f.get(f"{m}_ms"), 1)]
+        for m, name in names.items()
+    ]
+    lines = table(["method", "canary recall@10", "LDS", "ms/query (tiny models)"], rows)
+    lines += [
+        "",
+        f"{f.get('facts', NONE)} facts x {f.get('copies', NONE)} copies; LDS over "
+        f"{f.get('halves', NONE)} random halves (one seed each), {f.get('lds_queries', NONE)} queries.",
+    ]
+    return lines
+
+
+RENDERERS: dict[str, Callable[[dict], list[str]]] = {
+    "quality": render_quality,
+    "labels": render_labels,
+    "control": render_control,
+    "explorer": render_explorer,
+    "attribution_speed": render_attribution_speed,
+    "attribution_latency": render_attribution_latency,
+    "attribution_quality": render_attribution_quality,
+}
+
+# ----------------------------------------------------------------------------- the demo bundle's records
+
+
+def _safetensors_metadata(path: Path) -> dict:
+    """The ``__metadata__`` of a safetensors file's header (no tensor is read)."""
+    with open(path, "rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        return json.loads(fh.read(size)).get("__metadata__", {})
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("model*.safetensors"))
+
+
+def render_bundle() -> list[str]:
+    prism = json.loads((BUNDLE / "training.json").read_text())
+    twin = json.loads((TWIN / "training.json").read_text()) if (TWIN / "training.json").is_file() else {}
+    meta = json.loads((BUNDLE / "index" / "meta.json").read_text())
+    influence_file = BUNDLE / "index" / "influence.safetensors"
+    influence = json.loads(_safetensors_metadata(influence_file).get("meta", "{}")) if influence_file.is_file() else {}
+    config = prism["preset_config"]
+    index_bytes = sum(p.stat().st_size for p in (BUNDLE / "index").iterdir() if p.is_file())
+
+    def both(key: str, fmt: Callable[[float], str]) -> list[str]:
+        return [
+            fmt(prism[key]) if prism.get(key) is not None else NONE,
+            fmt(twin[key]) if twin.get(key) is not None else NONE,
+        ]
+
+    rows = [
+        ["parameters", *both("parameters", lambda v: num(v))],
+        ["prototypes, active per token", f"{config['num_prototypes']:,}, k={config['top_k']}", NONE],
+        ["training", *both("steps", lambda v: f"{v:,} steps")],
+        ["training tokens", *both("train_tokens", lambda v: num(v))],
+        [f"validation loss ({prism.get('val_tokens', 0):,} tokens)", *both("val_loss", lambda v: num(v, 3))],
+        ["validation perplexity", *both("val_perplexity", lambda v: num(v, 1))],
+        ["training wall time", *both("wall_seconds", lambda v: f"{v:,.0f} s")],
+        ["training throughput over the run (tokens/s)", *both("tokens_per_second", lambda v: num(v))],
+        ["weights (safetensors shards)", mb(_weights_bytes(BUNDLE)), mb(_weights_bytes(TWIN)) if twin else NONE],
+    ]
+    lines = table(["", "PRISM (`assets/models/demo`)", "dense twin (`assets/models/demo-dense`)"], rows)
+    if prism.get("val_loss_ratio") is not None:
+        lines += ["", f"Validation loss ratio PRISM / dense twin: {prism['val_loss_ratio']:.3f}."]
+    sizes = meta.get("files", {})
+    idx = [
+        ["training positions indexed", f"{meta['positions']:,} in {meta['sequences']:,} sequences"],
+        ["neighbours per prototype (top-M)", num(meta["arguments"]["top_m"])],
+        ["neighbour positions, documents they come from", f"{meta['neighbour_positions']:,}, {meta['documents']:,}"],
+        ["dead prototypes", num(meta["dead_prototypes"])],
+        ["neighbourhood pass", f"{meta['build_seconds']:,.0f} s"],
+    ]
+    if influence:
+        args = influence["arguments"]
+        idx += [
+            ["influence: rank per block, documents per prototype", f"{influence['rank']}, {args['top_documents']}"],
+            ["influence: curvature positions", num(influence["curvature_positions"])],
+            [
+                "influence: sequences summed into document coefficients",
+                f"{influence['document_sequences']:,} of {influence['sequences']:,}",
+            ],
+            ["influence: candidate documents, stored entries", f"{influence['documents']:,}, {influence['entries']:,}"],
+            [
+                "influence pass (curvature, documents)",
+                f"{influence['build_seconds']:,.0f} s ({influence['curvature_seconds']:,.0f} s, "
+                f"{influence['documents_seconds']:,.0f} s)",
+            ],
+        ]
+    idx += [["index size (all files)", mb(index_bytes)]]
+    idx += [[f"of which `{name}`", mb(size)] for name, size in sorted(sizes.items(), key=lambda kv: -kv[1])[:3]]
+    lines += ["", *table(["index (`assets/models/demo/index`)", "value"], idx)]
+    tokens = prism.get("corpus_tokens_by_source") or {}
+    if tokens:
+        lines += [
+            "",
+            *table(
+                ["source", "training tokens"],
+                [
+                    *([s, num(n)] for s, n in sorted(tokens.items(), key=lambda kv: -kv[1])),
+                    ["all", num(sum(tokens.values()))],
+                ],
+            ),
+        ]
+    lines += [
+        "",
+        f"_From the bundle's own records: `training.json` of both bundles, `index/meta.json` (index built "
+        f"{meta['created']}) and the header of `index/influence.safetensors`; file sizes from the "
+        f"files. Model fingerprint `{prism.get('model_fingerprint', NONE)}`._",
+    ]
+    return lines
