@@ -7,7 +7,6 @@ Weights are safetensors only; nothing in a bundle is ever unpickled.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -15,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from core.model.modeling import PrismForCausalLM
+from core import store
 from core.errors import BundleError
+from core.model.modeling import PrismForCausalLM
 
 MAX_SHARD_SIZE = "8MB"  # keeps every committed file small; transformers reassembles shards
 WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json")
@@ -79,7 +79,7 @@ def write_bundle(out: str | Path, model: PrismForCausalLM, tokenizer, training: 
         tokenizer.init_kwargs.pop(option, None)
     tokenizer.save_pretrained(staging)
     training = {**training, "model_fingerprint": model_fingerprint(staging)}
-    (staging / "training.json").write_text(json.dumps(training, indent=2))
+    store.write_json(staging / "training.json", training, indent=2)
     for stale in weight_files(out):
         stale.unlink()
     for f in sorted(staging.iterdir()):
@@ -100,10 +100,9 @@ def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
         raise BundleError(f"model folder not found: {p}")
     if not (p / "config.json").exists():
         raise BundleError(f"{p} is not a PRISM bundle: no config.json (train one with `prism train`)")
-    try:
-        config = json.loads((p / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise BundleError(f"{p}/config.json is not valid JSON: {err}") from None
+    config = store.read_json(p / "config.json", "the model config", error=BundleError)
+    if not isinstance(config, dict):
+        raise BundleError(f"{p} is not a PRISM bundle: config.json is not a JSON object")
     if config.get("model_type") != "prism":
         raise BundleError(f"{p} is not a PRISM bundle: model_type is {config.get('model_type')!r}, not 'prism'")
     if not any(f.suffix == ".safetensors" for f in weight_files(p)):
@@ -115,5 +114,7 @@ def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(p))
-    training = json.loads((p / "training.json").read_text()) if (p / "training.json").exists() else {}
+    training = {}
+    if (p / "training.json").exists():
+        training = store.read_json(p / "training.json", "the training record", error=BundleError)
     return Bundle(p, model, tokenizer, training, model_fingerprint(p))

@@ -1,18 +1,25 @@
 """The ``prism`` command (also ``python -m core``).
 
 Every command has --help; bad input ends with a one-line ``prism: error: ...`` and exit 1.
+Options that a library argument class declares (:class:`~core.train.trainer.TrainOptions`,
+:class:`~core.index.build.IndexArguments`, :class:`~core.control.calibration.CalibrationArguments`)
+are built from it with :func:`core.options.add_options`, so their defaults and help live there.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
+
 from core.errors import CliError, PrismError
+from core.options import add_options, from_namespace, number_parser
 
 DEMO_BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "models" / "demo"
+DEVICES = ("auto", "cpu", "cuda")  # every --device; "auto" is CUDA when present
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,14 +27,12 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{message} (see `{self.prog} --help`)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+_positive_int = number_parser(int, minimum=1)
+
+
+def _options(parser: argparse.ArgumentParser, cls: type, **kwargs) -> None:
+    """Add the options of argument class ``cls`` (see :func:`core.options.add_options`)."""
+    add_options(parser, cls, **kwargs)
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:
@@ -41,20 +46,9 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from core.train.trainer import TrainOptions, record_twin, remove_checkpoints, train
 
-    opts = TrainOptions(
-        corpus=args.corpus,
-        out=args.out,
-        preset=args.preset,
-        dense=args.dense,
-        max_steps=args.max_steps,
-        device=args.device,
-        seed=args.seed,
-        tokenizer=args.tokenizer,
-        resume=args.resume,
-        progress=not args.quiet,
-        overrides={name: value for name, value in (("router_gradient", args.router_gradient),
-                                                   ("prototype_top_k", args.top_k)) if value is not None},
-    )
+    overrides = {name: value for name, value in (("router_gradient", args.router_gradient),
+                                                 ("prototype_top_k", args.top_k)) if value is not None}
+    opts = from_namespace(TrainOptions, args, progress=not args.quiet, overrides=overrides)
     record = train(opts)
     summary = {k: record[k] for k in ("kind", "val_loss", "steps", "train_tokens", "tokens_per_second", "wall_seconds")}
     if record["skipped_rows"]:
@@ -62,8 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"prism: note: skipped {sum(skipped.values())} invalid corpus rows {skipped}",
               file=sys.stderr)
     if args.twin_out:
-        twin_opts = TrainOptions(**{**vars(opts), "dense": True, "out": args.twin_out, "tokenizer": args.out,
-                                    "resume": False})
+        twin_opts = dataclasses.replace(opts, dense=True, out=args.twin_out, tokenizer=args.out, resume=False)
         twin = train(twin_opts)
         record = record_twin(args.out, twin)
         summary.update(dense_val_loss=twin["val_loss"], val_loss_ratio=record["val_loss_ratio"])
@@ -76,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _controls_from_args(args: argparse.Namespace, bundle):
-    """The controls of --controls FILE and --suppress IDS together."""
+    """The controller of --controls FILE and --suppress IDS together."""
     from core.control.controls import Controls, load_controls, parse_ids
 
     controls = load_controls(args.controls) if args.controls else Controls()
@@ -85,11 +78,6 @@ def _controls_from_args(args: argparse.Namespace, bundle):
             raise CliError("--suppress needs a PRISM model; this bundle is a dense twin")
         controls.suppressed = sorted(set(controls.suppressed) | set(parse_ids(args.suppress)))
     return controls
-
-
-def _add_control_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--controls", help="controls JSON (gains and suppressions)")
-    parser.add_argument("--suppress", help="prototype ids to suppress, e.g. 3,17,40-42")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -114,17 +102,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from core.index.format import build_index
+    from core.index.build import IndexArguments, build_index
+    from core.train.trainer import resolve_device
 
-    summary = build_index(
-        args.model,
-        args.corpus,
-        top_m=args.top_m,
-        batch_size=args.batch_size,
-        max_tokens=args.max_tokens,
-        device=args.device,
-        show_progress=not args.quiet,
-    )
+    device = resolve_device(args.device)
+    index_args = from_namespace(IndexArguments, args, device=device)
+    summary = build_index(args.model, args.corpus, **dataclasses.asdict(index_args), show_progress=not args.quiet)
     summary["labels"] = _label_and_map(args.model, progress=not args.quiet)
     if not args.no_influence:
         from core.attribution.influence import InfluenceArguments, build_influence
@@ -134,12 +117,12 @@ def cmd_index(args: argparse.Namespace) -> int:
             top_documents=args.influence_documents,
             curvature_tokens=args.curvature_tokens,
             document_tokens=args.influence_tokens,
-            batch_size=max(1, args.batch_size // 2),
-            max_tokens=args.max_tokens,
+            batch_size=max(1, index_args.batch_size // 2),
+            max_tokens=index_args.max_tokens,
             curvature_memory_mb=args.curvature_memory_mb,
         )
         summary["influence"] = build_influence(
-            args.model, args.corpus, influence_args, device=args.device, show_progress=not args.quiet
+            args.model, args.corpus, influence_args, device=device, show_progress=not args.quiet
         )
     print(json.dumps(summary, indent=2))
     return 0
@@ -215,9 +198,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from core.bundle import load_bundle
-    from core.control.calibration import calibrate, format_report, load_task
+    from core.control.calibration import CalibrationArguments, calibrate, format_report
     from core.control.controls import save_controls
+    from core.control.formats import load_task
 
+    arguments = from_namespace(CalibrationArguments, args)
     items = load_task(args.task)  # a bad task file fails before the model loads
     bundle = load_bundle(args.model)
     if not bundle.is_prism:
@@ -228,8 +213,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             bar.total = total
             bar.update(done - bar.n)
 
-        tuned = {k: v for k, v in (("penalty", args.penalty), ("steps", args.steps)) if v is not None}
-        result = calibrate(bundle, items, holdout=args.holdout, seed=args.seed, progress=progress, **tuned)
+        result = calibrate(bundle, items, arguments, progress=progress)
     save_controls(result.controls, args.out)
     if args.json:
         print(json.dumps({**result.to_json(), "out": str(args.out)}, indent=2, ensure_ascii=False))
@@ -241,9 +225,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_target(args: argparse.Namespace) -> int:
     from core.bundle import load_bundle
-    from core.control.controls import Controls, save_controls
-    from core.index.format import index_exists, load_index
+    from core.control.controls import Controls, parse_ids, save_controls
     from core.control.targeting import target_by_contrast, target_by_ids, target_by_label, target_by_query
+    from core.index.format import index_exists, load_index
 
     if sum(x is not None for x in (args.ids, args.label, args.query, args.behaviour)) != 1:
         raise CliError("give exactly one of --ids, --label, --query, --behaviour")
@@ -252,15 +236,13 @@ def cmd_target(args: argparse.Namespace) -> int:
         raise CliError("targeting needs a PRISM model; this bundle is a dense twin")
     index = load_index(args.model) if index_exists(args.model) or args.label or args.query else None
     if args.ids is not None:
-        from core.control.controls import parse_ids
-
         targets = target_by_ids(parse_ids(args.ids), index, bundle.model.config.num_prototypes)
     elif args.label is not None:
         targets = target_by_label(index, args.label, args.top)
     elif args.query is not None:
         targets = target_by_query(index, args.query, args.top, bundle.tokenizer)
     else:
-        from core.data.demo.tasks import load_behaviour
+        from core.control.formats import load_behaviour
 
         behaviour = load_behaviour(args.behaviour)
         targets = target_by_contrast(bundle, behaviour.contrast_behaviour, behaviour.contrast_neutral, args.top,
@@ -277,58 +259,59 @@ def cmd_target(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="prism", description="PRISM Explorer: prototype language models you can trace and steer.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+# ----------------------------------------------------------------------------- the parser
 
-    corpus = sub.add_parser("corpus", help="build corpora")
-    corpus_sub = corpus.add_subparsers(dest="corpus_command", required=True, parser_class=_Parser)
-    demo = corpus_sub.add_parser("demo", help="build the mixed-domain demo corpus (needs apt and pip access)")
-    demo.add_argument("--out", required=True, help="output folder")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.set_defaults(func=cmd_corpus)
 
-    from core.train.trainer import PRESETS
+def _add_model(parser: argparse.ArgumentParser, what: str = "bundle folder", required: bool = False) -> None:
+    if required:
+        parser.add_argument("--model", required=True, help=what)
+    else:
+        parser.add_argument("--model", default=str(DEMO_BUNDLE), help=f"{what} (default: the demo bundle)")
+
+
+def _add_quiet(parser: argparse.ArgumentParser, what: str = "no progress bars") -> None:
+    parser.add_argument("--quiet", action="store_true", help=what)
+
+
+def _add_controls(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--controls", help="controls JSON (the controller's gains and suppressions)")
+    parser.add_argument("--suppress", help="prototype ids to suppress, e.g. 3,17,40-42")
+
+
+def _add_trace(parser: argparse.ArgumentParser, max_new_help: str | None = None) -> None:
+    """The options `attribute` and `report` share (defaults as in :func:`core.attribution.engine.attribute`)."""
+    parser.add_argument("--top", type=_positive_int, default=10, help="examples per token and overall")
+    parser.add_argument("--method", default="neighbourhood", choices=["neighbourhood", "influence"])
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=16, help=max_new_help)
+
+
+def _add_train(sub) -> None:
+    from core.model.config import ROUTER_GRADIENTS
+    from core.train.trainer import TrainOptions
 
     train = sub.add_parser("train", help="train a PRISM model (or its dense twin) into a bundle")
-    train.add_argument("--corpus", required=True, help="JSONL file, or folder of .jsonl/.txt files")
-    train.add_argument("--out", required=True, help="bundle folder to write")
-    train.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size and schedule")
-    train.add_argument("--dense", action="store_true", help="train the dense twin instead of PRISM")
-    train.add_argument("--max-steps", type=_positive_int, help="override the preset's number of steps")
-    train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--tokenizer", help="reuse the tokenizer of this bundle")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    _options(train, TrainOptions)
     train.add_argument("--twin-out", help="also train the dense twin on the same tokens into this folder")
     train.add_argument("--keep-checkpoints", action="store_true", help="keep OUT/checkpoints afterwards")
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_quiet(train)
     train.add_argument("--top-k", type=_positive_int,
                        help="active prototypes per token (default: the preset's; at most its prototypes)")
-    train.add_argument("--router-gradient", choices=["active", "all"],
+    train.add_argument("--router-gradient", choices=list(ROUTER_GRADIENTS),
                        help="all: straight-through gradient through every prototype's score while training "
                             "(forward unchanged); active: the exact top-k gradient; default: the preset's")
     train.set_defaults(func=cmd_train)
 
-    gen = sub.add_parser("generate", help="generate text from a bundle")
-    gen.add_argument("--model", default=str(DEMO_BUNDLE), help="bundle folder (default: the demo bundle)")
-    gen.add_argument("--prompt", required=True)
-    _add_control_arguments(gen)
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=48)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (with --sample)")
-    gen.set_defaults(func=cmd_generate)
+
+def _add_index(sub) -> None:
+    from core.index.build import IndexArguments
 
     index = sub.add_parser("index", help="build a bundle's index: neighbourhoods, usage, snippets, labels, atlas")
-    index.add_argument("--model", required=True, help="bundle folder")
+    _add_model(index, required=True)
     index.add_argument("--corpus", required=True, help="the corpus the model was trained on")
-    index.add_argument("--top-m", type=_positive_int, default=32, help="neighbours kept per prototype")
-    index.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per forward pass")
-    index.add_argument("--max-tokens", type=_positive_int, help="index only the first N training tokens")
-    index.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    _options(index, IndexArguments, exclude=("device",))
+    index.add_argument("--device", default="cpu", choices=DEVICES, help="where the model runs (default: cpu)")
+    # The influence factors' options, with names of their own (InfluenceArguments declares no
+    # command-line names yet); batch size and token cap follow the index's.
     index.add_argument("--no-influence", action="store_true", help="skip the influence factors")
     index.add_argument("--influence-rank", type=_positive_int, default=16,
                        help="whitening columns per prototype block (memory: 2d x rank per prototype)")
@@ -342,51 +325,74 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--influence-tokens", type=_positive_int,
                        help="training tokens (evenly spread sequences) summed into document coefficients "
                             "(default: all)")
-    index.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_quiet(index)
     index.set_defaults(func=cmd_index)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    from core.control.calibration import CalibrationArguments
+
+    parser = _Parser(prog="prism", description="PRISM Explorer: prototype language models you can trace and steer.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    corpus = sub.add_parser("corpus", help="build corpora")
+    corpus_sub = corpus.add_subparsers(dest="corpus_command", required=True, parser_class=_Parser)
+    demo = corpus_sub.add_parser("demo", help="build the mixed-domain demo corpus (needs apt and pip access)")
+    demo.add_argument("--out", required=True, help="output folder")
+    demo.add_argument("--seed", type=int, default=0)
+    _add_quiet(demo)
+    demo.set_defaults(func=cmd_corpus)
+
+    _add_train(sub)
+
+    gen = sub.add_parser("generate", help="generate text from a bundle")
+    _add_model(gen)
+    gen.add_argument("--prompt", required=True)
+    _add_controls(gen)
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=48)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (with --sample)")
+    gen.set_defaults(func=cmd_generate)
+
+    _add_index(sub)
+
     label = sub.add_parser("label", help="recompute an indexed bundle's prototype labels and UMAP atlas")
-    label.add_argument("--model", required=True, help="indexed bundle folder")
-    label.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_model(label, "indexed bundle folder", required=True)
+    _add_quiet(label)
     label.set_defaults(func=cmd_label)
 
     attr = sub.add_parser("attribute", help="split a completion into prototype slices and link them to training data")
-    attr.add_argument("--model", default=str(DEMO_BUNDLE), help="indexed bundle folder (default: the demo bundle)")
+    _add_model(attr, "indexed bundle folder")
     attr.add_argument("--prompt", required=True)
     attr.add_argument("--completion", help="text to attribute (default: generate --max-new-tokens greedily)")
-    attr.add_argument("--top", type=_positive_int, default=10, help="examples per token and overall")
-    attr.add_argument("--method", default="neighbourhood", choices=["neighbourhood", "influence"])
-    attr.add_argument("--max-new-tokens", type=_positive_int, default=16)
-    _add_control_arguments(attr)
+    _add_trace(attr)
+    _add_controls(attr)
     attr.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     attr.set_defaults(func=cmd_attribute)
 
     rep = sub.add_parser("report", help="trace prompts and write an attribution report (HTML, JSON or CSV)")
-    rep.add_argument("--model", default=str(DEMO_BUNDLE), help="indexed bundle folder (default: the demo bundle)")
+    _add_model(rep, "indexed bundle folder")
     rep.add_argument("--prompts", required=True,
                      help="one prompt per line, or .jsonl rows {\"prompt\", \"completion\"}")
     rep.add_argument("--out", required=True, help="report file: .html (self-contained), .json or .csv")
-    rep.add_argument("--top", type=_positive_int, default=10, help="examples per token and overall")
-    rep.add_argument("--method", default="neighbourhood", choices=["neighbourhood", "influence"])
-    rep.add_argument("--max-new-tokens", type=_positive_int, default=16, help="tokens generated without a completion")
-    _add_control_arguments(rep)
-    rep.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_trace(rep, "tokens generated without a completion")
+    _add_controls(rep)
+    _add_quiet(rep, "no progress bar")
     rep.set_defaults(func=cmd_report)
 
-    cal = sub.add_parser("calibrate", help="fit per-prototype gains on a multiple-choice task (JSONL)")
-    cal.add_argument("--model", default=str(DEMO_BUNDLE), help="bundle folder (default: the demo bundle)")
+    cal = sub.add_parser("calibrate", help="fit a controller's per-prototype gains on a multiple-choice task (JSONL)")
+    _add_model(cal)
     cal.add_argument("--task", required=True, help='task JSONL, rows {"prompt", "choices", "answer"}')
     cal.add_argument("--out", required=True, help="controls JSON to write")
-    cal.add_argument("--holdout", type=float, default=0.3, help="fraction of items kept for held-out accuracy")
-    cal.add_argument("--penalty", type=float, default=None, help="L1 weight pulling gains to 1 (default: calibrate's)")
-    cal.add_argument("--steps", type=_positive_int, default=None, help="optimisation steps (default: calibrate's)")
-    cal.add_argument("--seed", type=int, default=0)
+    _options(cal, CalibrationArguments)
     cal.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
-    cal.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_quiet(cal, "no progress bar")
     cal.set_defaults(func=cmd_calibrate)
 
-    tgt = sub.add_parser("target", help="choose prototypes to suppress, with the evidence for each")
-    tgt.add_argument("--model", default=str(DEMO_BUNDLE), help="bundle folder (default: the demo bundle)")
+    tgt = sub.add_parser("target", help="choose prototypes for a controller to suppress, with the evidence for each")
+    _add_model(tgt)
     tgt.add_argument("--ids", help="prototype ids, e.g. 3,17,40-42")
     tgt.add_argument("--label", help="text contained in the prototypes' labels")
     tgt.add_argument("--query", help="words at the trigger of the prototypes' training neighbours")

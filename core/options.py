@@ -126,16 +126,20 @@ def help_of(cls: type, name: str) -> str:
     return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
 
 
-def _parse_number(kind: type, minimum: float | None, exclusive_minimum: float | None, name: str):
+def number_parser(kind: type, minimum: float | None = None, exclusive_minimum: float | None = None):
+    """An argparse ``type`` that parses an int or float and checks its bounds, with a one-line error."""
+    count = kind is int and minimum == 1
+    expected = "a positive integer" if count else ("an integer" if kind is int else "a number")
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         if value != value or value in (float("inf"), float("-inf")):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}" if count else f"must be >= {minimum}, got {text}")
         if exclusive_minimum is not None and not value > exclusive_minimum:
             raise argparse.ArgumentTypeError(f"must be > {exclusive_minimum}, got {text}")
         return value
@@ -195,7 +199,7 @@ def add_options(
             kwargs["choices"] = list(typing.get_args(kind))
             kwargs.pop("metavar")
         elif kind in (int, float):
-            kwargs["type"] = _parse_number(kind, f.metadata.get("minimum"), f.metadata.get("exclusive_minimum"), f.name)
+            kwargs["type"] = number_parser(kind, f.metadata.get("minimum"), f.metadata.get("exclusive_minimum"))
         elif kind is str:
             kwargs["type"] = str
         else:

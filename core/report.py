@@ -22,17 +22,18 @@ import csv
 import html
 import io
 import json
-import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from core.attribution.engine import Attribution, attribute
+from core import store
+from core.attribution.engine import attribute
+from core.attribution.records import Attribution
 from core.bundle import Bundle
 from core.control.controls import Controls
-from core.index.format import PrototypeIndex
 from core.errors import ReportError
+from core.index.format import PrototypeIndex
 
 REPORT_FORMAT = "prism-report"
 REPORT_VERSION = 1
@@ -42,6 +43,7 @@ CSV_COLUMNS = (
     "slice", "label", "doc_id", "source", "score", "snippet", "highlight_start", "highlight_end",
 )
 MAX_PROMPTS = 1000
+WATERFALL_SLICES = 10  # strongest slices drawn in a token's waterfall; the rest are summed into one step
 
 
 def read_prompts(path: str | Path) -> list[dict]:
@@ -175,7 +177,9 @@ def highlighted_snippet(snippet: str, start: int, end: int) -> str:
     return f"{_esc(snippet[:start])}<mark>{_esc(snippet[start:end])}</mark>{_esc(snippet[end:])}"
 
 
-def waterfall_svg(token: dict, labels: dict[int, str] | None = None, width: int = 640, shown: int = 10) -> str:
+def waterfall_svg(
+    token: dict, labels: dict[int, str] | None = None, width: int = 640, shown: int = WATERFALL_SLICES
+) -> str:
     """An inline SVG waterfall: the token's strongest slices, the rest, and the logit they sum to."""
     labels = labels or {}
     prototypes = sorted(token["prototypes"], key=lambda p: -abs(p["slice"]))
@@ -342,7 +346,4 @@ def write_report(report: dict, path: str | Path) -> Path:
     text = render(report, format_of(p))  # type: ignore[arg-type]
     if not p.parent.is_dir():
         raise ReportError(f"folder {p.parent} does not exist; create it or choose another --out")
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, p)
-    return p
+    return store.atomic_write(p, text)

@@ -11,13 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.attribution.engine import _Credit, attribute, decompose, neighbourhood_credit, rank_examples
+from core.attribution.decompose import decompose
+from core.attribution.engine import attribute, neighbour_codes
+from core.attribution.influence import InfluenceArguments, build_influence
+from core.attribution.neighbourhood import Credit as _Credit
+from core.attribution.neighbourhood import neighbourhood_credit, rank_examples
 from core.bundle import load_bundle, write_bundle
 from core.cli import main
 from core.control.controls import Controls
 from core.data.corpus import CorpusError, load_corpus
-from core.index.format import PrototypeIndexError, build_index, index_dir, load_index
-from core.attribution.influence import InfluenceArguments, build_influence
+from core.errors import PrototypeIndexError
+from core.index.build import build_index
+from core.index.format import index_dir, load_index
 
 from .conftest import demo_rows, write_jsonl
 
@@ -40,8 +45,16 @@ def planted_bundle(tmp_path_factory, planted_corpus) -> Path:
     from core.train.trainer import TrainOptions, train
 
     out = tmp_path_factory.mktemp("planted_bundle") / "tiny"
-    train(TrainOptions(corpus=str(planted_corpus), out=str(out), preset="tiny", max_steps=250, progress=False,
-                       overrides={"num_prototypes": 128}))
+    train(
+        TrainOptions(
+            corpus=str(planted_corpus),
+            out=str(out),
+            preset="tiny",
+            max_steps=250,
+            progress=False,
+            overrides={"num_prototypes": 128},
+        )
+    )
     build_index(out, planted_corpus, show_progress=False)
     return out
 
@@ -106,8 +119,12 @@ def test_planted_example_ranks_top3(planted, planted_corpus):
 
 def test_planted_example_ranks_first_by_influence(planted_bundle, planted_corpus, tmp_path):
     copy = Path(shutil.copytree(planted_bundle, tmp_path / "influence"))
-    build_influence(copy, planted_corpus, InfluenceArguments(rank=None, top_documents=None, curvature_tokens=None),
-                    show_progress=False)
+    build_influence(
+        copy,
+        planted_corpus,
+        InfluenceArguments(rank=None, top_documents=None, curvature_tokens=None),
+        show_progress=False,
+    )
     result = attribute(load_bundle(copy), load_index(copy), PROMPT, COMPLETION, top=10, method="influence")
     assert result.method == "influence"
     assert result.examples[0].doc_id.startswith("canary-"), [(e.doc_id, e.score) for e in result.examples]
@@ -211,8 +228,7 @@ def test_scores_do_not_depend_on_index_batch_size(planted_bundle, planted_corpus
     indexes = []
     for batch_size in (1, 7):
         copy = unindexed_copy(planted_bundle, tmp_path / f"b{batch_size}")
-        build_index(copy, planted_corpus, batch_size=batch_size, max_tokens=3000, dtype="float64",
-                    show_progress=False)
+        build_index(copy, planted_corpus, batch_size=batch_size, max_tokens=3000, dtype="float64", show_progress=False)
         indexes.append((load_bundle(copy), load_index(copy)))
     (bundle_a, a), (bundle_b, b) = indexes
     assert a.meta["sequences"] == b.meta["sequences"] == 47
@@ -249,6 +265,23 @@ def test_index_is_written_atomically(planted_bundle, tmp_path):
     assert recorded["arguments"]["top_m"] == 32 and recorded["build_seconds"] > 0
 
 
+def test_engine_caches_beside_the_shared_index(planted_bundle, planted):
+    """What attribution derives from an index is built once per index object, also under
+    concurrent requests, and the index itself (shared by the explorer's sessions) is never
+    written to."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bundle, index = planted
+    before = {name: id(value) for name, value in vars(index).items()}
+    result = attribute(bundle, index, PROMPT, COMPLETION, top=3)
+    assert {name: id(value) for name, value in vars(index).items()} == before
+    assert result.measurement == "logit slice" and result.to_json()["measurement"] == "logit slice"
+    fresh = load_index(planted_bundle)
+    with ThreadPoolExecutor(4) as pool:
+        codes = list(pool.map(lambda _: neighbour_codes(fresh), range(8)))
+    assert all(c is codes[0] for c in codes) and codes[0] is not neighbour_codes(index)
+
+
 def test_decompose_text_generation_and_controls(planted):
     bundle, _ = planted
     whole = decompose(bundle, text=CANARY)
@@ -264,8 +297,11 @@ def test_decompose_text_generation_and_controls(planted):
     first = {p.id: p.slice for p in doubled.tokens[0].prototypes}
     assert first[top] == pytest.approx(2 * base.tokens[0].prototypes[0].slice, rel=1e-5)
     assert sum(first.values()) == pytest.approx(doubled.tokens[0].logit, rel=1e-4)
-    for bad, match in [(dict(prompt=""), "prompt is empty"), (dict(prompt=PROMPT, completion=""), "no tokens"),
-                       (dict(text=CANARY, prompt=PROMPT), "not both")]:
+    for bad, match in [
+        (dict(prompt=""), "prompt is empty"),
+        (dict(prompt=PROMPT, completion=""), "no tokens"),
+        (dict(text=CANARY, prompt=PROMPT), "not both"),
+    ]:
         with pytest.raises(ValueError, match=match):
             decompose(bundle, **bad)
 
@@ -280,10 +316,15 @@ def test_cli_errors_are_one_line(planted_bundle, tiny_bundle, tmp_path, capsys):
     assert_one_line_error(code, err, "completion has no tokens")
     code, _, err = run([*base, "--completion", " word" * 100], capsys)
     assert_one_line_error(code, err, "context")
-    no_factors = Path(shutil.copytree(planted_bundle, tmp_path / "no-factors",
-                                      ignore=shutil.ignore_patterns("influence.safetensors", ".index-*")))
-    code, _, err = run(["attribute", "--model", no_factors, "--prompt", PROMPT, "--completion", COMPLETION,
-                        "--method", "influence"], capsys)
+    no_factors = Path(
+        shutil.copytree(
+            planted_bundle, tmp_path / "no-factors", ignore=shutil.ignore_patterns("influence.safetensors", ".index-*")
+        )
+    )
+    code, _, err = run(
+        ["attribute", "--model", no_factors, "--prompt", PROMPT, "--completion", COMPLETION, "--method", "influence"],
+        capsys,
+    )
     assert_one_line_error(code, err, "no influence factors", "prism index --model")
     code, _, err = run([*base, "--completion", "\udcff\udcfe"], capsys)  # undecodable bytes on the command line
     assert_one_line_error(code, err, "not valid text")

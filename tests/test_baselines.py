@@ -14,8 +14,10 @@ from core.attribution.baselines import BaselineError, ekfac_scores, logra_scores
 
 
 def needs(module: str):
-    return pytest.mark.skipif(importlib.util.find_spec(module) is None,
-                              reason=f"{module} is a bench extra: pip install -r requirements-bench.txt")
+    return pytest.mark.skipif(
+        importlib.util.find_spec(module) is None,
+        reason=f"{module} is a bench extra: pip install -r requirements-bench.txt",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,18 @@ import random
 import pytest
 import torch
 
+from core.cli import main
 from core.control.calibration import (
-    TaskError,
-    TaskItem,
     _run,
     cached_scores,
     calibrate,
     evaluate_task,
     format_report,
-    load_task,
     split_items,
 )
-from core.cli import main
 from core.control.controls import Controls, load_controls
+from core.control.formats import TaskItem, load_task
+from core.errors import ArgumentError, TaskError
 
 from .conftest import demo_rows, write_jsonl
 
@@ -123,7 +122,7 @@ def test_stronger_penalty_changes_fewer_gains(loaded):
     tight = calibrate(loaded, items, steps=15, penalty=0.5, seed=0, dev=0.25)
     assert tight.changed < loose.changed
     assert tight.settings["dev"] == 0.25 and tight.calibration_items == 28  # dev items count as calibration
-    with pytest.raises(TaskError, match="dev must be a fraction"):
+    with pytest.raises(ArgumentError, match="dev must be a fraction"):
         calibrate(loaded, items, dev=1.0)
 
 

@@ -13,8 +13,7 @@ import torch
 
 from core.cli import main
 from core.control.controls import Controls, ControlsError, control_kwargs, load_controls
-from core.generation import generate_text
-from core.index.format import build_index, load_index
+from core.control.formats import load_behaviour
 from core.control.targeting import (
     TargetingError,
     activation_profile,
@@ -24,7 +23,11 @@ from core.control.targeting import (
     target_by_label,
     target_by_query,
 )
-from core.data.demo.tasks import BehaviourError, build_behaviours, build_tasks, load_behaviour
+from core.data.demo.tasks import build_behaviours, build_tasks
+from core.errors import BehaviourError
+from core.generation import generate_text
+from core.index.build import build_index
+from core.index.format import load_index
 
 from .conftest import demo_rows
 

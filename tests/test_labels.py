@@ -13,9 +13,6 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import core.atlas.layout
-from core.atlas.layout import ATLAS_FILE, build_atlas, load_atlas
-from core.cli import main
-from core.index.format import index_dir, load_index
 from core.atlas.labels import (
     CATEGORIES,
     LABELS_FILE,
@@ -25,6 +22,9 @@ from core.atlas.labels import (
     quality_summary,
     token_form,
 )
+from core.atlas.layout import ATLAS_FILE, build_atlas, load_atlas
+from core.cli import main
+from core.index.format import index_dir, load_index
 
 
 class _NetworkAttempt(AssertionError):

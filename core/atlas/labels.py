@@ -29,7 +29,6 @@ otherwise the words it fires on (when two cover a quarter) and its distinctive w
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -39,22 +38,15 @@ from pathlib import Path
 
 import numpy as np
 
-from core.atlas.layout import (
-    build_atlas,
-    coherence,
-    context_fidelity,
-    load_atlas,
-    neighbour_hidden_states,
-    register_index_file,
-    write_json_atomically,
-)
+from core import store
+from core.atlas.layout import build_atlas, coherence, context_fidelity, load_atlas, neighbour_hidden_states
 from core.bundle import load_bundle, model_fingerprint
-from core.index.format import PrototypeIndex, index_dir, load_index
 from core.errors import LabelsError
+from core.index.format import PrototypeIndex, index_dir, load_index, register_index_file
 
 __all__ = [
     "CATEGORIES", "SOURCE_TOPICS", "LabelsError", "PrototypeLabel", "build_labels", "load_labels",
-    "build_atlas", "load_atlas", "quality_summary", "token_form",
+    "build_atlas", "load_atlas", "label_texts", "quality_summary", "read_labels_file", "token_form",
 ]
 
 logger = logging.getLogger(__name__)
@@ -383,27 +375,44 @@ def build_labels(bundle_dir: str | Path, *, progress: bool = True) -> list[Proto
         "labels": [label.to_json() for label in labels],
     }
     folder = index_dir(bundle_dir)
-    write_json_atomically(folder / LABELS_FILE, payload)
+    store.write_json(folder / LABELS_FILE, payload)
     register_index_file(folder, LABELS_FILE)
     logger.info("labels: %d prototypes in %.1f s", len(labels), summary["seconds"])
     return labels
 
 
-def read_labels_file(bundle_dir: str | Path) -> dict | None:
-    """The raw contents of ``index/labels.json`` (with "summary" and "taxonomy"), or None."""
+def read_labels_file(bundle_dir: str | Path, fingerprint: str | None = None) -> dict | None:
+    """The raw contents of ``index/labels.json`` (with "summary" and "taxonomy"), or None.
+
+    The one reader of the labels file. It raises on a file it cannot use; a caller that can do
+    without labels (the index, for ``PrototypeIndex.label``) catches :class:`LabelsError` and
+    goes on without them.
+
+    Args:
+        bundle_dir: the bundle folder.
+        fingerprint: the bundle's model fingerprint when the caller already has it (computed
+            from the weights otherwise).
+
+    Raises:
+        LabelsError: the file is unreadable, of another format or made for other weights.
+    """
     path = index_dir(bundle_dir) / LABELS_FILE
     if not path.is_file():
         return None
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        hint = f"`prism label --model {bundle_dir}`"
-        raise LabelsError(f"{path} is not valid JSON ({err}); rebuild it with {hint}") from None
-    current = model_fingerprint(bundle_dir)
-    if payload.get("format_version") != LABELS_FORMAT or payload.get("model_fingerprint") != current:
-        raise LabelsError(f"{path} was made for model {payload.get('model_fingerprint')}, not this one ({current}); "
-                          f"rebuild it with `prism label --model {bundle_dir}`")
-    return payload
+    hint = f"`prism label --model {bundle_dir}`"
+    payload = store.read_json(path, "the labels file", f"rebuild it with {hint}", error=LabelsError)
+    current = fingerprint or model_fingerprint(bundle_dir)
+    record = payload if isinstance(payload, dict) else {}
+    if record.get("format_version") != LABELS_FORMAT or record.get("model_fingerprint") != current:
+        raise LabelsError(f"{path} was made for model {record.get('model_fingerprint')}, not this one ({current}); "
+                          f"rebuild it with {hint}")
+    return record
+
+
+def label_texts(payload: dict) -> dict[int, str]:
+    """Prototype id -> its label as one line, ``category: role`` (:attr:`PrototypeLabel.text`),
+    from the contents of a labels file."""
+    return {label.id: label.text for label in map(PrototypeLabel.from_json, payload.get("labels", []))}
 
 
 def load_labels(bundle_dir: str | Path) -> list[PrototypeLabel] | None:

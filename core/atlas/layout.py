@@ -13,20 +13,18 @@ position's snippet in one batched forward pass, for coherence and context fideli
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from core.model.head import active_prototypes, prototype_scores
+from core import store
 from core.bundle import model_fingerprint
-from core.index.format import PrototypeIndexError, PrototypeIndex, _rebuild_hint, index_dir
-from core.errors import AtlasError
+from core.errors import AtlasError, PrototypeIndexError
+from core.index.format import PrototypeIndex, index_dir, register_index_file
+from core.model.head import active_prototypes, prototype_scores
 
 logger = logging.getLogger(__name__)
 
@@ -35,27 +33,6 @@ ATLAS_FORMAT = 1
 METRIC = "cosine"
 CONTEXT_TOKENS = 64  # at most this many tokens re-read before each neighbour's trigger
 FORWARD_BATCH = 128
-
-
-def write_json_atomically(path: Path, payload: dict, indent: int | None = None) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, ensure_ascii=False, indent=indent)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the bundle's other files are readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def register_index_file(folder: Path, name: str) -> None:
-    """List a file added to the index in ``meta.json["files"]`` (name -> bytes)."""
-    meta_path = folder / "meta.json"
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    meta.setdefault("files", {})[name] = (folder / name).stat().st_size
-    write_json_atomically(meta_path, meta, indent=2)
 
 
 def _arguments(n_neighbors: int, min_dist: float, seed: int) -> dict:
@@ -87,10 +64,12 @@ def umap_coordinates(keys: np.ndarray, n_neighbors: int, min_dist: float, seed: 
 
 
 def _read_atlas(path: Path) -> dict | None:
+    """The cached atlas record, or None when it is missing or unreadable (it is then recomputed)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        record = store.read_json(path, "the atlas", error=AtlasError)
+    except AtlasError:
         return None
+    return record if isinstance(record, dict) else None
 
 
 def _valid(record: dict | None, arguments: dict | None, fingerprint: str, num_prototypes: int | None) -> bool:
@@ -127,7 +106,7 @@ def build_atlas(bundle_dir: str | Path, *, n_neighbors: int = 15, min_dist: floa
     bundle_dir = Path(bundle_dir)
     folder = index_dir(bundle_dir)
     if not (folder / "meta.json").is_file():
-        raise PrototypeIndexError(f"{bundle_dir} has no index; build it with {_rebuild_hint(bundle_dir)}")
+        raise PrototypeIndexError(f"{bundle_dir} has no index; build it with {store.rebuild_hint(bundle_dir)}")
     fingerprint = model_fingerprint(bundle_dir)
     arguments = _arguments(n_neighbors, float(min_dist), seed)
     path = folder / ATLAS_FILE
@@ -145,7 +124,7 @@ def build_atlas(bundle_dir: str | Path, *, n_neighbors: int = 15, min_dist: floa
         "arguments": arguments,
         "coordinates": [[round(float(x), 5), round(float(y), 5)] for x, y in coords],
     }
-    write_json_atomically(path, payload)
+    store.write_json(path, payload)
     register_index_file(folder, ATLAS_FILE)
     return np.asarray(payload["coordinates"], dtype=np.float32)
 

@@ -2,7 +2,7 @@
 
 Thin adapters only: the libraries do the maths. Both attribute the summed next-token loss of a
 query's completion to fixed-length training examples, with + = helpful (upweighting the
-example lowers the query loss), the sign convention of :mod:`core.influence`.
+example lowers the query loss), the sign convention of :mod:`core.attribution.influence`.
 
 - :func:`ekfac_scores`: EK-FAC influence through Kronfluence (``Analyzer.fit_all_factors``
   then ``compute_pairwise_scores``). It tracks the backbone's ``nn.Linear`` layers (the tied
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
 from core.errors import BaselineError
 
 
@@ -39,8 +40,9 @@ class LMExamples(Dataset):
 
     def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor):
         if input_ids.shape != labels.shape or input_ids.dim() != 2:
-            raise BaselineError(f"input_ids and labels must both be (N, T), got {tuple(input_ids.shape)} and "
-                                f"{tuple(labels.shape)}")
+            raise BaselineError(
+                f"input_ids and labels must both be (N, T), got {tuple(input_ids.shape)} and {tuple(labels.shape)}"
+            )
         self.input_ids, self.labels = input_ids.long(), labels.long()
 
     def __len__(self) -> int:
@@ -81,8 +83,7 @@ def summed_loss(model, batch: dict[str, torch.Tensor], sample: bool = False) -> 
         with torch.no_grad():
             drawn = torch.multinomial(logits.detach().reshape(-1, logits.shape[-1]).softmax(-1), 1).view_as(labels)
         labels = torch.where(labels == -100, labels, drawn)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                           reduction="sum")
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
 
 
 def _trainable_copy(model) -> torch.nn.Module:
@@ -121,14 +122,22 @@ def _kronfluence_analyzer(model, output_dir: str | Path):
 
     task = _Task()
     twin = prepare_model(_trainable_copy(model), task)
-    analyzer = Analyzer(analysis_name="prism", model=twin, task=task, cpu=True, disable_tqdm=True,
-                        output_dir=str(output_dir), disable_model_save=True)
+    analyzer = Analyzer(
+        analysis_name="prism",
+        model=twin,
+        task=task,
+        cpu=True,
+        disable_tqdm=True,
+        output_dir=str(output_dir),
+        disable_model_save=True,
+    )
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=0))
     return analyzer
 
 
-def ekfac_fit(model, train: Dataset, output_dir: str | Path, *, strategy: str = "ekfac",
-              train_batch_size: int = 8) -> float:
+def ekfac_fit(
+    model, train: Dataset, output_dir: str | Path, *, strategy: str = "ekfac", train_batch_size: int = 8
+) -> float:
     """Fit Kronfluence's ``strategy`` factors on ``train`` into ``output_dir``; returns seconds.
 
     The factors are a curvature estimate, so ``train`` may be a sample of the examples that
@@ -138,24 +147,42 @@ def ekfac_fit(model, train: Dataset, output_dir: str | Path, *, strategy: str = 
     from kronfluence.arguments import FactorArguments
 
     t0 = time.perf_counter()
-    analyzer.fit_all_factors(factors_name=strategy, dataset=train, per_device_batch_size=train_batch_size,
-                             factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
+    analyzer.fit_all_factors(
+        factors_name=strategy,
+        dataset=train,
+        per_device_batch_size=train_batch_size,
+        factor_args=FactorArguments(strategy=strategy),
+        overwrite_output_dir=True,
+    )
     return time.perf_counter() - t0
 
 
-def ekfac_pairwise(model, train: LMExamples, queries: LMExamples, output_dir: str | Path, *,
-                   strategy: str = "ekfac", train_batch_size: int = 8,
-                   query_batch_size: int = 32) -> tuple[np.ndarray, float]:
+def ekfac_pairwise(
+    model,
+    train: LMExamples,
+    queries: LMExamples,
+    output_dir: str | Path,
+    *,
+    strategy: str = "ekfac",
+    train_batch_size: int = 8,
+    query_batch_size: int = 32,
+) -> tuple[np.ndarray, float]:
     """(Q, N) influence scores (+ = helpful) of every training example on every query, from the
     factors :func:`ekfac_fit` wrote into ``output_dir``; and the seconds it took."""
     analyzer = _kronfluence_analyzer(model, output_dir)  # raises BaselineError without kronfluence
     from kronfluence.arguments import ScoreArguments
 
     t0 = time.perf_counter()
-    analyzer.compute_pairwise_scores(scores_name=strategy, factors_name=strategy, query_dataset=queries,
-                                     train_dataset=train, per_device_query_batch_size=query_batch_size,
-                                     per_device_train_batch_size=train_batch_size,
-                                     score_args=ScoreArguments(), overwrite_output_dir=True)
+    analyzer.compute_pairwise_scores(
+        scores_name=strategy,
+        factors_name=strategy,
+        query_dataset=queries,
+        train_dataset=train,
+        per_device_query_batch_size=query_batch_size,
+        per_device_train_batch_size=train_batch_size,
+        score_args=ScoreArguments(),
+        overwrite_output_dir=True,
+    )
     seconds = time.perf_counter() - t0
     # Kronfluence's pairwise score is g_q^T H^-1 g_train of the two losses: + = helpful already.
     return analyzer.load_pairwise_scores(strategy)["all_modules"].double().numpy(), seconds
@@ -180,8 +207,15 @@ def ekfac_scores(
     with tempfile.TemporaryDirectory(prefix="kronfluence-") as tmp:
         out = output_dir or tmp
         fit = ekfac_fit(model, train, out, strategy=strategy, train_batch_size=train_batch_size)
-        scores, seconds = ekfac_pairwise(model, train, queries, out, strategy=strategy,
-                                         train_batch_size=train_batch_size, query_batch_size=query_batch_size)
+        scores, seconds = ekfac_pairwise(
+            model,
+            train,
+            queries,
+            out,
+            strategy=strategy,
+            train_batch_size=train_batch_size,
+            query_batch_size=query_batch_size,
+        )
     return BaselineResult(scores, fit, seconds, 0.0)
 
 
@@ -230,14 +264,23 @@ def logra_scores(
 
     wrapped = _SummedLoss(_trainable_copy(model))
     layers = [name for name, module in wrapped.named_modules() if isinstance(module, torch.nn.Linear)]
-    task = AttributionTask(loss_func=lambda m, batch, device: m(**batch).loss, model=wrapped,
-                           checkpoints=wrapped.state_dict())
+    task = AttributionTask(
+        loss_func=lambda m, batch, device: m(**batch).loss, model=wrapped, checkpoints=wrapped.state_dict()
+    )
     train_loader = DataLoader(train, batch_size=train_batch_size, shuffle=False)
     query_loader = DataLoader(queries, batch_size=query_batch_size, shuffle=False)
     # dattri writes its batch metadata into cache_dir (the working directory by default).
     with tempfile.TemporaryDirectory(prefix="prism-logra-") as cache_dir:
-        attributor = LoGraAttributor(task=task, layer_names=layers, device="cpu", hessian="eFIM", damping=None,
-                                     proj_dim=proj_dim, offload="cpu", cache_dir=cache_dir)
+        attributor = LoGraAttributor(
+            task=task,
+            layer_names=layers,
+            device="cpu",
+            hessian="eFIM",
+            damping=None,
+            proj_dim=proj_dim,
+            offload="cpu",
+            cache_dir=cache_dir,
+        )
         t0 = time.perf_counter()
         attributor.cache(train_loader)
         t1 = time.perf_counter()

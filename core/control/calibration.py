@@ -1,10 +1,9 @@
-"""Calibration: fit per-prototype controller gains on a multiple-choice task.
+"""Calibration: fit a controller's per-prototype gains on a multiple-choice task.
 
-A task is JSONL rows ``{"prompt": str, "choices": [str, ...], "answer": int}`` (other keys,
-such as "id", are kept out of the way). A choice is scored by the mean log-probability of its
-tokens after the prompt (prompt and choice tokenised separately, then joined, as in
-lm-eval-harness); the item is right when the answer scores highest. The mean rather than the
-sum keeps long choices from losing by length alone.
+A task is a list of multiple-choice items (:mod:`core.control.formats` reads task files). A
+choice is scored by the mean log-probability of its tokens after the prompt (prompt and choice
+tokenised separately, then joined, as in lm-eval-harness); the item is right when the answer
+scores highest. The mean rather than the sum keeps long choices from losing by length alone.
 
 Gains act in the prototype head only, after the backbone: a token's hidden state, active set
 and base weights softplus(s_j) do not depend on them. :func:`calibrate` therefore runs the
@@ -19,27 +18,28 @@ soft threshold (a proximal step for the L1 penalty), so prototypes the task does
 keep a gain of exactly 1 and the controller stays sparse. Optionally (``dev`` > 0) part of
 the calibration split picks the best step (early stopping); on the demo tasks that hurt
 (wordnet_pos: +7.5 points held-out without it, +0.0 with dev=0.2), so it is off by
-default. The model's weights are never
+default. The settings are a :class:`CalibrationArguments`. The model's weights are never
 touched: the gains reach it as the per-call ``prototype_gains`` argument, and held-out
 accuracy before and after is measured with real forward passes through :func:`evaluate_task`.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from core.bundle import Bundle
-from core.model.head import gained, mix_values
 from core.control.controls import Controls, control_kwargs
-from core.errors import TaskError
+from core.control.formats import TaskItem
+from core.errors import ArgumentError, TaskError
+from core.model.head import gained, mix_values
+from core.options import check_fields, option
 
 logger = logging.getLogger(__name__)
 
@@ -48,50 +48,33 @@ MOVED_SHOWN = 10  # prototypes listed in CalibrationResult.moved
 EXAMPLES_PER_PROTOTYPE = 3
 
 
-@dataclass(frozen=True)
-class TaskItem:
-    """One multiple-choice question: the prompt, its choices and the index of the right one."""
-
-    prompt: str
-    choices: list[str]
-    answer: int
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def parse_item(data: object, where: str = "item") -> TaskItem:
-    """Validate one task row; ``where`` names it in errors (e.g. "tasks.jsonl line 4")."""
-    if not isinstance(data, dict):
-        raise TaskError(f"{where} is not a JSON object")
-    for key in ("prompt", "choices", "answer"):
-        if key not in data:
-            raise TaskError(f'{where} has no "{key}" (rows are {{"prompt", "choices", "answer"}})')
-    prompt, choices, answer = data["prompt"], data["choices"], data["answer"]
-    if not isinstance(prompt, str) or not prompt:
-        raise TaskError(f'{where}: "prompt" must be a non-empty string')
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-        raise TaskError(f'{where}: "choices" must be a list of at least 2 non-empty strings')
-    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
-        raise TaskError(f'{where}: "answer" must be an index 0..{len(choices) - 1} into "choices", got {answer!r}')
-    return TaskItem(prompt=prompt, choices=list(choices), answer=answer)
+@dataclass
+class CalibrationArguments:
+    """How :func:`calibrate` fits a controller's gains (kept in ``CalibrationResult.settings``)."""
 
+    holdout: float = option(0.3, "fraction of items kept for held-out accuracy")
+    penalty: float = option(0.01, "L1 weight pulling every gain towards 1 (larger: fewer, smaller changes)",
+                            minimum=0)
+    steps: int = option(150, "optimisation steps (minibatches of --batch-items items)", minimum=1)
+    lr: float = option(0.05, "Adam learning rate on the gains", exclusive_minimum=0)
+    tau: float = option(0.1, "temperature of the softmax over choice scores", exclusive_minimum=0)
+    batch_items: int = option(64, "task items per optimisation step", minimum=1)
+    dev: float = option(0.0, "fraction of the calibration items held back to pick the best step (early "
+                             "stopping); 0 fits on all of them and keeps the last step")
+    seed: int = option(0, "split and minibatch seed")
 
-def load_task(path: str | Path) -> list[TaskItem]:
-    """Read a task JSONL file, raising :class:`TaskError` that names the bad line."""
-    p = Path(path)
-    if not p.is_file():
-        raise TaskError(f"task file not found: {p}")
-    items = []
-    with open(p, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskError(f"{p} line {number} is not valid JSON: {err}") from None
-            items.append(parse_item(data, f"{p} line {number}"))
-    if len(items) < 2:
-        raise TaskError(f"{p} has {len(items)} items; a task needs at least 2")
-    return items
+    def __post_init__(self) -> None:
+        if _is_number(self.holdout) and not 0 < self.holdout < 1:
+            raise ArgumentError(f"holdout must be a fraction between 0 and 1, got {self.holdout}")
+        if _is_number(self.dev) and not 0 <= self.dev < 1:
+            raise ArgumentError(f"dev must be a fraction in [0, 1), got {self.dev}")
+        if _is_number(self.steps) and _is_number(self.batch_items) and (self.steps < 1 or self.batch_items < 1):
+            raise ArgumentError(f"steps and batch_items must be >= 1, got {self.steps} and {self.batch_items}")
+        check_fields(self, ArgumentError)
 
 
 @dataclass
@@ -352,48 +335,34 @@ def fit_gains(cache: ChoiceCache, values: torch.Tensor, embedding: torch.Tensor,
 def calibrate(
     bundle: Bundle,
     items: Sequence[TaskItem],
+    arguments: CalibrationArguments | None = None,
     *,
-    holdout: float = 0.3,
-    penalty: float = 0.01,
-    steps: int = 150,
-    lr: float = 0.05,
-    tau: float = 0.1,
-    batch_items: int = 64,
-    dev: float = 0.0,
-    seed: int = 0,
     index=None,
     progress: Callable[[int, int], None] | None = None,
+    **options,
 ) -> CalibrationResult:
     """Fit a controller's gains on part of a task and measure it on the rest.
 
     Args:
         bundle: a PRISM bundle (not modified).
         items: the task.
-        holdout: fraction of items kept for the held-out evaluation.
-        penalty: L1 weight pulling every gain towards 1 (larger: fewer, smaller changes).
-        steps: optimisation steps (minibatches of ``batch_items`` items).
-        lr: Adam learning rate on the gains.
-        tau: temperature of the softmax over choice scores.
-        dev: fraction of the calibration items held back to pick the best step (early
-            stopping); 0 fits on all of them and keeps the last step.
-        seed: split and minibatch seed.
+        arguments: the fit's settings (default: :class:`CalibrationArguments`'s defaults).
         index: a :class:`core.index.PrototypeIndex` for the moved prototypes' neighbourhoods;
             by default the bundle's own index when it has one.
         progress: called with (done, total) work units.
+        **options: fields of :class:`CalibrationArguments` (holdout, penalty, steps, lr, tau,
+            batch_items, dev, seed) overriding ``arguments``.
 
     Raises:
-        TaskError: bad arguments or too few items.
+        ArgumentError: bad settings.
+        TaskError: too few items.
         ValueError: a dense bundle (no prototypes to calibrate).
     """
     if not bundle.is_prism:
         raise ValueError("calibration needs a PRISM model; this bundle is a dense twin")
-    for name, value in (("penalty", penalty), ("lr", lr), ("tau", tau)):
-        if not value >= 0 or (name != "penalty" and value == 0):
-            raise TaskError(f"{name} must be {'>= 0' if name == 'penalty' else '> 0'}, got {value}")
-    if not 0 <= dev < 1:
-        raise TaskError(f"dev must be a fraction in [0, 1), got {dev}")
-    if steps < 1 or batch_items < 1:
-        raise TaskError(f"steps and batch_items must be >= 1, got {steps} and {batch_items}")
+    settings = dataclasses.replace(arguments or CalibrationArguments(), **options)
+    holdout, penalty, steps, lr, tau = settings.holdout, settings.penalty, settings.steps, settings.lr, settings.tau
+    batch_items, dev, seed = settings.batch_items, settings.dev, settings.seed
     calibration, held_out = split_items(items, holdout, seed)
     model = bundle.model
     values = model.prototypes.values.detach().float().cpu()
@@ -445,8 +414,7 @@ def calibrate(
         moved=moved_prototypes(controls, bundle, index),
         calibration_items=len(calibration),
         holdout_items=len(held_out),
-        settings={"holdout": holdout, "penalty": penalty, "steps": steps, "lr": lr, "tau": tau,
-                  "batch_items": batch_items, "dev": dev, "seed": seed},
+        settings=dataclasses.asdict(settings),
     )
 
 

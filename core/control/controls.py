@@ -1,6 +1,7 @@
-"""Controllers: per-prototype gains and suppression, as data passed per request.
+"""The controller: per-prototype gains and suppression, as data passed per request.
 
-A controls document is JSON::
+A controller is held in a :class:`Controls` object (the class keeps its historical name) and
+stored as a controls document, JSON::
 
     {"model_fingerprint": "...", "gains": {"12": 1.5, "40": 0.0}, "suppressed": [7, 9], "note": "..."}
 
@@ -12,19 +13,19 @@ suppression removes it from the candidates, so the next prototype takes its plac
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from core import store
 from core.errors import ControlsError
 
 
 @dataclass
 class Controls:
-    """Gains and suppressions for one request.
+    """A controller: the gains and suppressions applied to one request.
 
     Attributes:
         gains: prototype id -> non-negative gain (absent ids keep gain 1).
@@ -129,23 +130,16 @@ def control_kwargs(
 
 
 def load_controls(path: str | Path) -> Controls:
-    """Read a controls JSON file."""
+    """Read a controller from a controls JSON file."""
     p = Path(path)
     if not p.is_file():
         raise ControlsError(f"controls file not found: {p}")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ControlsError(f"controls file {p} is not valid JSON: {err}") from None
-    return Controls.from_json(data)
+    return Controls.from_json(store.read_json(p, "controls file", error=ControlsError))
 
 
 def save_controls(controls: Controls, path: str | Path) -> None:
-    """Write a controls JSON file atomically."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(controls.to_json(), indent=2), encoding="utf-8")
-    os.replace(tmp, p)
+    """Write a controller to a controls JSON file atomically."""
+    store.write_json(path, controls.to_json(), indent=2)
 
 
 def parse_ids(text: str) -> list[int]:

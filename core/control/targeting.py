@@ -1,4 +1,4 @@
-"""Choosing prototypes to suppress, each choice with its evidence.
+"""Targeting: choosing the prototypes a controller suppresses, each choice with its evidence.
 
 Four ways in, all returning :class:`Target` records best first:
 
@@ -12,8 +12,8 @@ Four ways in, all returning :class:`Target` records best first:
   texts cut right before the behaviour (e.g. before "thou") and neutral texts cut before
   another word of the same kind of text isolate the prototypes that produce the behaviour
   rather than those of its whole domain. The score is the difference of mean mixture weights
-  a_j between the two sets; ``controls`` lets a second round look for the prototypes that
-  take over once the first ones are suppressed.
+  a_j between the two sets; ``controls`` (a controller already in force) lets a second round
+  look for the prototypes that take over once the first ones are suppressed.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import torch
 
 from core.bundle import Bundle
 from core.control.controls import Controls, control_kwargs
-from core.index.format import PrototypeIndex, load_index
 from core.errors import TargetingError
+from core.index.format import PrototypeIndex, load_index
 
 EXAMPLES_PER_TARGET = 3
 

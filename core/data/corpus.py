@@ -22,6 +22,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+
 from core.errors import CorpusError
 
 logger = logging.getLogger(__name__)

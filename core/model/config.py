@@ -5,13 +5,18 @@ followed by a prototype head. The head's settings live here; the backbone's sett
 the nested ``text_config`` so that ``get_text_config()`` and generation's cache find them.
 
 Field names avoid generation parameter names (``top_k``, ``temperature``): transformers
-refuses to save a config that carries those as model fields.
+refuses to save a config that carries those as model fields. Bad values raise
+:class:`~core.errors.ArgumentError`, a ``ValueError`` as transformers configs raise.
 """
 
 from __future__ import annotations
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+from core.errors import ArgumentError
+
+ROUTER_GRADIENTS = ("active", "all")  # the values of PrismConfig.router_gradient
 
 
 class PrismConfig(PreTrainedConfig):
@@ -56,20 +61,20 @@ class PrismConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.num_prototypes < 1:
-            raise ValueError(f"num_prototypes must be >= 1, got {self.num_prototypes}")
+            raise ArgumentError(f"num_prototypes must be >= 1, got {self.num_prototypes}")
         if not 1 <= self.prototype_top_k <= self.num_prototypes:
-            raise ValueError(
+            raise ArgumentError(
                 f"prototype_top_k must be in [1, num_prototypes={self.num_prototypes}], "
                 f"got {self.prototype_top_k}"
             )
         for name in ("cluster_weight", "anchor_weight", "diversity_weight", "balance_weight"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ArgumentError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not -1.0 <= self.diversity_margin <= 1.0:
-            raise ValueError(f"diversity_margin is a cosine in [-1, 1], got {self.diversity_margin}")
-        if self.router_gradient not in ("active", "all"):
-            raise ValueError(f"router_gradient must be 'active' or 'all', got {self.router_gradient!r}")
+            raise ArgumentError(f"diversity_margin is a cosine in [-1, 1], got {self.diversity_margin}")
+        if self.router_gradient not in ROUTER_GRADIENTS:
+            raise ArgumentError(f"router_gradient must be 'active' or 'all', got {self.router_gradient!r}")
         if self.reseed_interval < 0:
-            raise ValueError(f"reseed_interval must be >= 0, got {self.reseed_interval}")
+            raise ArgumentError(f"reseed_interval must be >= 0, got {self.reseed_interval}")
         # The tied unembedding is the backbone's input embedding; make the backbone agree.
         self.text_config.tie_word_embeddings = True

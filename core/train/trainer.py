@@ -7,13 +7,11 @@ checkpoints marked complete only once fully written, and the bundle written at t
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -21,13 +19,15 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from core.model import losses
-from core.model.head import active_prototypes, prototype_scores, prototype_weights
-from core.bundle import BundleError, write_bundle
-from core.model.config import PrismConfig
+from core import store
+from core.bundle import write_bundle
 from core.data.corpus import Corpus, load_corpus, pack, token_counts_by_source, train_tokenizer
+from core.errors import BundleError, TrainingError
+from core.model import losses
+from core.model.config import PrismConfig
+from core.model.head import active_prototypes, prototype_scores, prototype_weights
 from core.model.modeling import PrismForCausalLM
-from core.errors import TrainingError
+from core.options import check_fields, option
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,18 @@ COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
 
 @dataclass(frozen=True)
 class Preset:
-    """Model size and training schedule of a named preset."""
+    """Model size and training schedule of a named preset.
+
+    Attributes:
+        hidden_size, num_layers, num_heads, intermediate_size: the Llama-style backbone.
+        seq_len: tokens per training sequence (also the model's context).
+        vocab_size: size of the BPE vocabulary trained on the corpus.
+        num_prototypes, top_k: P prototypes, k of them active per token.
+        batch_size, learning_rate, max_steps, warmup_steps: the optimisation schedule.
+        save_steps: steps between checkpoints.
+        eval_sequences: validation sequences scored at the end.
+        router_gradient: PrismConfig.router_gradient ("active" or "all").
+    """
 
     hidden_size: int
     num_layers: int
@@ -57,49 +68,50 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # Trains in well under a minute on 2 CPU cores; used by the tests.
-    "tiny": Preset(64, 2, 4, 128, 64, 512, 64, 8, 8, 3e-3, 200, 20, 50, 64),
+    "tiny": Preset(
+        hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, seq_len=64, vocab_size=512,
+        num_prototypes=64, top_k=8, batch_size=8, learning_rate=3e-3, max_steps=200, warmup_steps=20,
+        save_steps=50, eval_sequences=64,
+    ),
     # The shipped demo model: ~5.6M parameters, 1,024 prototypes, k = 64, trained with the
     # straight-through router gradient (README, "The demo model, measured": k = 64 and this
     # gradient bring validation loss within 4% of the dense twin; k = 32 stayed 8% behind).
-    "demo": Preset(256, 4, 4, 640, 256, 8192, 1024, 64, 16, 2e-3, 1400, 100, 200, 256, router_gradient="all"),
+    "demo": Preset(
+        hidden_size=256, num_layers=4, num_heads=4, intermediate_size=640, seq_len=256, vocab_size=8192,
+        num_prototypes=1024, top_k=64, batch_size=16, learning_rate=2e-3, max_steps=1400, warmup_steps=100,
+        save_steps=200, eval_sequences=256, router_gradient="all",
+    ),
     # For GPU users.
-    "small": Preset(512, 8, 8, 1376, 512, 16384, 4096, 8, 32, 1e-3, 20000, 1000, 1000, 1024),
+    "small": Preset(
+        hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1376, seq_len=512, vocab_size=16384,
+        num_prototypes=4096, top_k=8, batch_size=32, learning_rate=1e-3, max_steps=20000, warmup_steps=1000,
+        save_steps=1000, eval_sequences=1024,
+    ),
 }
+PresetName = Literal["tiny", "demo", "small"]  # the keys of PRESETS
+Device = Literal["auto", "cpu", "cuda"]
 
 
 @dataclass
 class TrainOptions:
-    """Arguments of :func:`train`.
+    """Arguments of :func:`train`, and the options of `prism train`."""
 
-    Attributes:
-        corpus: corpus file or folder.
-        out: output bundle folder.
-        preset: tiny, demo or small.
-        dense: train the dense twin instead of PRISM.
-        max_steps: override the preset's number of steps.
-        device: auto (CUDA when present), cpu or cuda.
-        seed: seeds model init and data order.
-        tokenizer: reuse the tokenizer of this bundle instead of training one.
-        resume: continue from the newest complete checkpoint in out/checkpoints.
-        progress: show progress bars.
-        overrides: PrismConfig fields to override (tests, experiments).
-        save_steps: checkpoint every this many steps (default: the preset's).
-        stop_after: stop (as if interrupted) after this many steps; for resume tests.
-    """
-
-    corpus: str
-    out: str
-    preset: str = "tiny"
-    dense: bool = False
-    max_steps: int | None = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    tokenizer: str | None = None
-    resume: bool = False
-    progress: bool = True
-    overrides: dict = field(default_factory=dict)
-    save_steps: int | None = None
-    stop_after: int | None = None
+    corpus: str = option(help="JSONL file, or folder of .jsonl/.txt files")
+    out: str = option(help="bundle folder to write")
+    preset: PresetName = option("tiny", "model size and schedule")
+    dense: bool = option(False, "train the dense twin instead of PRISM")
+    max_steps: int | None = option(None, "override the preset's number of steps", minimum=1)
+    device: Device = option("auto", "auto (CUDA when present), cpu or cuda")
+    seed: int = option(0, "seeds model init and data order")
+    tokenizer: str | None = option(None, "reuse the tokenizer of this bundle")
+    resume: bool = option(False, "continue from the newest complete checkpoint in OUT/checkpoints")
+    progress: bool = option(True, "show progress bars", cli=False)
+    overrides: dict = option(help="PrismConfig fields to override (tests, experiments)", default_factory=dict,
+                             cli=False)
+    save_steps: int | None = option(None, "checkpoint every this many steps (default: the preset's)", minimum=1,
+                                    cli=False)
+    stop_after: int | None = option(None, "stop (as if interrupted) after this many steps; for resume tests",
+                                    minimum=1, cli=False)
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -110,9 +122,11 @@ class TrainOptions:
             raise TrainingError("--device cuda was asked for but no CUDA device is available; use --device cpu")
         if self.max_steps is not None and self.max_steps < 1:
             raise TrainingError(f"max_steps must be >= 1, got {self.max_steps}")
+        check_fields(self, TrainingError)
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: Device) -> str:
+    """The torch device of a device option: "auto" is CUDA when present, else the CPU."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
@@ -182,7 +196,7 @@ class PrismTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        (folder / COMPLETE_MARKER).write_text("ok\n")
+        store.atomic_write(folder / COMPLETE_MARKER, "ok\n")
 
 
 class _ReseedCallback(TrainerCallback):
@@ -387,16 +401,15 @@ def record_twin(bundle: str | Path, twin_record: dict) -> dict:
         BundleError: the twin was not trained on the same corpus.
     """
     path = Path(bundle) / "training.json"
-    record = json.loads(path.read_text())
+    record = store.read_json(path, "the training record", fix=f"retrain the bundle with `prism train --out {bundle}`",
+                             error=BundleError)
     if record.get("corpus_fingerprint") != twin_record.get("corpus_fingerprint"):
         raise BundleError("the dense twin was trained on a different corpus than the bundle")
     record["dense_val_loss"] = twin_record["val_loss"]
     record["dense_steps"] = twin_record["steps"]
     record["dense_tokens_per_second"] = twin_record.get("tokens_per_second")
     record["val_loss_ratio"] = record["val_loss"] / twin_record["val_loss"]
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
+    store.write_json(path, record, indent=2)
     return record
 
 

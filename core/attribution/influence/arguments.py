@@ -1,0 +1,80 @@
+"""The arguments of the influence build, declared once (help text and bounds per field): the
+library, the command line (``prism index``) and the explorer read them from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from core.errors import ArgumentError
+from core.options import check_fields, option
+
+
+@dataclass
+class InfluenceArguments:
+    """How the influence factors are built (stored with them).
+
+    The command line (``prism index``) samples 32,768 curvature tokens by default, this class
+    131,072; the fields' ``flag`` metadata names their ``prism index`` options.
+    """
+
+    rank: int | None = option(
+        16,
+        "whitening columns per prototype block, r <= 2d (memory: 2d x r per prototype); None keeps all 2d (exact)",
+        minimum=1,
+        flag="--influence-rank",
+    )
+    damping: float = option(0.1, "lambda_j = damping * mean eigenvalue of block j", exclusive_minimum=0, cli=False)
+    top_documents: int | None = option(
+        64,
+        "documents kept per prototype (M), by self-influence; None keeps all",
+        minimum=1,
+        flag="--influence-documents",
+    )
+    curvature_tokens: int | None = option(
+        131_072,
+        "training tokens (whole sequences, evenly spread) sampled for the Fisher blocks; None uses every position",
+        minimum=1,
+    )
+    document_tokens: int | None = option(
+        None,
+        "training tokens (whole, evenly spread sequences) whose gradients are summed into the documents' "
+        "coefficients; None uses every position. A cap makes each document's coefficient a partial sum and "
+        "leaves out documents never sampled",
+        minimum=1,
+        flag="--influence-tokens",
+    )
+    batch_size: int = option(8, "sequences per forward pass; the factors do not depend on it", minimum=1, cli=False)
+    max_tokens: int | None = option(
+        None, "use only the first sequences holding this many tokens; None: all", minimum=1, cli=False
+    )
+    dtype: Literal["float32", "float64"] = option(
+        "float32", "precision of the passes; float64 is for tests that compare exactly", cli=False
+    )
+    storage: Literal["float16", "float32", "float64"] = option(
+        "float16", "precision of the stored whitening factors and coefficients", cli=False
+    )
+    seed: int = option(0, "seeds the sampled Fisher labels", cli=False)
+    curvature_memory_mb: int = option(
+        2048,
+        "memory for the curvature blocks held at once; more blocks than fit are "
+        "accumulated and inverted in several passes over the curvature sample",
+        minimum=1,
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "top_documents", "curvature_tokens", "document_tokens", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ArgumentError(f"{name} must be a positive integer or None, got {value!r}")
+        for name in ("batch_size", "curvature_memory_mb"):
+            if getattr(self, name) < 1:
+                raise ArgumentError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.damping > 0:
+            raise ArgumentError(f"damping must be > 0, got {self.damping}")
+        if self.dtype not in ("float32", "float64"):
+            raise ArgumentError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.storage not in ("float16", "float32", "float64"):
+            raise ArgumentError(f"storage must be float16, float32 or float64, got {self.storage!r}")
+        check_fields(self, ArgumentError)
