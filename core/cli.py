@@ -46,15 +46,17 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from core.train.trainer import TrainOptions, record_twin, remove_checkpoints, train
 
-    overrides = {name: value for name, value in (("router_gradient", args.router_gradient),
-                                                 ("prototype_top_k", args.top_k)) if value is not None}
+    overrides = {
+        name: value
+        for name, value in (("router_gradient", args.router_gradient), ("prototype_top_k", args.top_k))
+        if value is not None
+    }
     opts = from_namespace(TrainOptions, args, progress=not args.quiet, overrides=overrides)
     record = train(opts)
     summary = {k: record[k] for k in ("kind", "val_loss", "steps", "train_tokens", "tokens_per_second", "wall_seconds")}
     if record["skipped_rows"]:
         skipped = record["skipped_rows"]
-        print(f"prism: note: skipped {sum(skipped.values())} invalid corpus rows {skipped}",
-              file=sys.stderr)
+        print(f"prism: note: skipped {sum(skipped.values())} invalid corpus rows {skipped}", file=sys.stderr)
     if args.twin_out:
         twin_opts = dataclasses.replace(opts, dense=True, out=args.twin_out, tokenizer=args.out, resume=False)
         twin = train(twin_opts)
@@ -187,8 +189,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     index = load_index(args.model)
     controls = _controls_from_args(args, bundle)
     with tqdm(total=len(items), desc="tracing prompts", unit="prompt", disable=args.quiet) as bar:
-        report = build_report(bundle, index, items, controls=controls, method=args.method, top=args.top,
-                              max_new_tokens=args.max_new_tokens, progress=lambda done, total: bar.update(1))
+        report = build_report(
+            bundle,
+            index,
+            items,
+            controls=controls,
+            method=args.method,
+            top=args.top,
+            max_new_tokens=args.max_new_tokens,
+            progress=lambda done, total: bar.update(1),
+        )
     path = write_report(report, args.out)
     print(json.dumps({"out": str(path), "traces": len(report["traces"]), "format": format_of(path)}))
     return 0
@@ -245,15 +255,19 @@ def cmd_target(args: argparse.Namespace) -> int:
         from core.control.formats import load_behaviour
 
         behaviour = load_behaviour(args.behaviour)
-        targets = target_by_contrast(bundle, behaviour.contrast_behaviour, behaviour.contrast_neutral, args.top,
-                                     index=index)
+        targets = target_by_contrast(
+            bundle, behaviour.contrast_behaviour, behaviour.contrast_neutral, args.top, index=index
+        )
     if not targets:
         raise CliError("no prototype matches; try another text or a larger --top")
     for t in targets:
         print(f"{t.id:>6}  {t.score:8.4f}  {t.evidence}")
     if args.out:
-        controls = Controls(suppressed=[t.id for t in targets], model_fingerprint=bundle.fingerprint,
-                            note=f"suppression chosen by `prism target` ({len(targets)} prototypes)")
+        controls = Controls(
+            suppressed=[t.id for t in targets],
+            model_fingerprint=bundle.fingerprint,
+            note=f"suppression chosen by `prism target` ({len(targets)} prototypes)",
+        )
         save_controls(controls, args.out)
         print(f"controls suppressing {len(targets)} prototypes written to {args.out}")
     return 0
@@ -294,11 +308,17 @@ def _add_train(sub) -> None:
     train.add_argument("--twin-out", help="also train the dense twin on the same tokens into this folder")
     train.add_argument("--keep-checkpoints", action="store_true", help="keep OUT/checkpoints afterwards")
     _add_quiet(train)
-    train.add_argument("--top-k", type=_positive_int,
-                       help="active prototypes per token (default: the preset's; at most its prototypes)")
-    train.add_argument("--router-gradient", choices=list(ROUTER_GRADIENTS),
-                       help="all: straight-through gradient through every prototype's score while training "
-                            "(forward unchanged); active: the exact top-k gradient; default: the preset's")
+    train.add_argument(
+        "--top-k",
+        type=_positive_int,
+        help="active prototypes per token (default: the preset's; at most its prototypes)",
+    )
+    train.add_argument(
+        "--router-gradient",
+        choices=list(ROUTER_GRADIENTS),
+        help="all: straight-through gradient through every prototype's score while training "
+        "(forward unchanged); active: the exact top-k gradient; default: the preset's",
+    )
     train.set_defaults(func=cmd_train)
 
 
@@ -313,18 +333,29 @@ def _add_index(sub) -> None:
     # The influence factors' options, with names of their own (InfluenceArguments declares no
     # command-line names yet); batch size and token cap follow the index's.
     index.add_argument("--no-influence", action="store_true", help="skip the influence factors")
-    index.add_argument("--influence-rank", type=_positive_int, default=16,
-                       help="whitening columns per prototype block (memory: 2d x rank per prototype)")
-    index.add_argument("--influence-documents", type=_positive_int, default=64,
-                       help="documents kept per prototype for influence")
-    index.add_argument("--curvature-tokens", type=_positive_int, default=32768,
-                       help="training tokens sampled for the curvature blocks")
-    index.add_argument("--curvature-memory-mb", type=_positive_int, default=2048,
-                       help="memory for the curvature blocks held at once; fewer MB means more passes over the "
-                            "curvature sample")
-    index.add_argument("--influence-tokens", type=_positive_int,
-                       help="training tokens (evenly spread sequences) summed into document coefficients "
-                            "(default: all)")
+    index.add_argument(
+        "--influence-rank",
+        type=_positive_int,
+        default=16,
+        help="whitening columns per prototype block (memory: 2d x rank per prototype)",
+    )
+    index.add_argument(
+        "--influence-documents", type=_positive_int, default=64, help="documents kept per prototype for influence"
+    )
+    index.add_argument(
+        "--curvature-tokens", type=_positive_int, default=32768, help="training tokens sampled for the curvature blocks"
+    )
+    index.add_argument(
+        "--curvature-memory-mb",
+        type=_positive_int,
+        default=2048,
+        help="memory for the curvature blocks held at once; fewer MB means more passes over the curvature sample",
+    )
+    index.add_argument(
+        "--influence-tokens",
+        type=_positive_int,
+        help="training tokens (evenly spread sequences) summed into document coefficients (default: all)",
+    )
     _add_quiet(index)
     index.set_defaults(func=cmd_index)
 
@@ -374,8 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="trace prompts and write an attribution report (HTML, JSON or CSV)")
     _add_model(rep, "indexed bundle folder")
-    rep.add_argument("--prompts", required=True,
-                     help="one prompt per line, or .jsonl rows {\"prompt\", \"completion\"}")
+    rep.add_argument("--prompts", required=True, help='one prompt per line, or .jsonl rows {"prompt", "completion"}')
     rep.add_argument("--out", required=True, help="report file: .html (self-contained), .json or .csv")
     _add_trace(rep, "tokens generated without a completion")
     _add_controls(rep)

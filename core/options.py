@@ -139,7 +139,9 @@ def number_parser(kind: type, minimum: float | None = None, exclusive_minimum: f
         if value != value or value in (float("inf"), float("-inf")):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}" if count else f"must be >= {minimum}, got {text}")
+            raise argparse.ArgumentTypeError(
+                f"expected {expected}, got {value}" if count else f"must be >= {minimum}, got {text}"
+            )
         if exclusive_minimum is not None and not value > exclusive_minimum:
             raise argparse.ArgumentTypeError(f"must be > {exclusive_minimum}, got {text}")
         return value

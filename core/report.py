@@ -39,8 +39,24 @@ REPORT_FORMAT = "prism-report"
 REPORT_VERSION = 1
 FORMATS = ("html", "json", "csv")
 CSV_COLUMNS = (
-    "trace", "kind", "position", "token", "token_id", "logit", "probability", "rank", "prototype", "weight",
-    "slice", "label", "doc_id", "source", "score", "snippet", "highlight_start", "highlight_end",
+    "trace",
+    "kind",
+    "position",
+    "token",
+    "token_id",
+    "logit",
+    "probability",
+    "rank",
+    "prototype",
+    "weight",
+    "slice",
+    "label",
+    "doc_id",
+    "source",
+    "score",
+    "snippet",
+    "highlight_start",
+    "highlight_end",
 )
 MAX_PROMPTS = 1000
 WATERFALL_SLICES = 10  # strongest slices drawn in a token's waterfall; the rest are summed into one step
@@ -71,8 +87,9 @@ def read_prompts(path: str | Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ReportError(f"{p}:{number} is not valid JSON ({err}); each line is "
-                                  '{"prompt": ..., "completion": ...}') from None
+                raise ReportError(
+                    f'{p}:{number} is not valid JSON ({err}); each line is {{"prompt": ..., "completion": ...}}'
+                ) from None
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
                 raise ReportError(f'{p}:{number} needs a non-empty "prompt" string')
             completion = row.get("completion")
@@ -82,7 +99,7 @@ def read_prompts(path: str | Path) -> list[dict]:
         else:
             items.append({"prompt": line, "completion": None})
     if not items:
-        raise ReportError(f"prompts file {p} has no prompts (one per line, or JSONL rows with a \"prompt\")")
+        raise ReportError(f'prompts file {p} has no prompts (one per line, or JSONL rows with a "prompt")')
     if len(items) > MAX_PROMPTS:
         raise ReportError(f"prompts file {p} has {len(items)} prompts; split it into files of at most {MAX_PROMPTS}")
     return items
@@ -125,8 +142,18 @@ def build_report(
     """
     results = []
     for done, item in enumerate(items, start=1):
-        results.append(attribute(bundle, index, item["prompt"], item.get("completion"), top=top, method=method,
-                                 controls=controls, max_new_tokens=max_new_tokens))
+        results.append(
+            attribute(
+                bundle,
+                index,
+                item["prompt"],
+                item.get("completion"),
+                top=top,
+                method=method,
+                controls=controls,
+                max_new_tokens=max_new_tokens,
+            )
+        )
         if progress is not None:
             progress(done, len(items))
     if controls is not None and not controls.model_fingerprint:
@@ -152,16 +179,38 @@ def to_csv(report: dict) -> str:
     writer.writeheader()
     for number, trace in enumerate(report["traces"]):
         for token in trace["tokens"]:
-            base = {"trace": number, "position": token["position"], "token": token["token"],
-                    "token_id": token["token_id"], "logit": token["logit"], "probability": token["probability"]}
+            base = {
+                "trace": number,
+                "position": token["position"],
+                "token": token["token"],
+                "token_id": token["token_id"],
+                "logit": token["logit"],
+                "probability": token["probability"],
+            }
             for rank, p in enumerate(token["prototypes"], start=1):
-                row = {**base, "kind": "slice", "rank": rank, "prototype": p["id"], "weight": p["weight"],
-                       "slice": p["slice"], "label": p.get("label") or ""}
+                row = {
+                    **base,
+                    "kind": "slice",
+                    "rank": rank,
+                    "prototype": p["id"],
+                    "weight": p["weight"],
+                    "slice": p["slice"],
+                    "label": p.get("label") or "",
+                }
                 writer.writerow({k: _cell(v) for k, v in row.items()})
             for rank, e in enumerate(token.get("examples", []), start=1):
-                row = {**base, "kind": "example", "rank": rank, "prototype": e["prototype"], "doc_id": e["doc_id"],
-                       "source": e["source"], "score": e["score"], "snippet": e["snippet"],
-                       "highlight_start": e["highlight_start"], "highlight_end": e["highlight_end"]}
+                row = {
+                    **base,
+                    "kind": "example",
+                    "rank": rank,
+                    "prototype": e["prototype"],
+                    "doc_id": e["doc_id"],
+                    "source": e["source"],
+                    "score": e["score"],
+                    "snippet": e["snippet"],
+                    "highlight_start": e["highlight_start"],
+                    "highlight_end": e["highlight_end"],
+                }
                 writer.writerow({k: _cell(v) for k, v in row.items()})
     return buffer.getvalue()
 
@@ -200,8 +249,10 @@ def waterfall_svg(
     def x(value: float) -> float:
         return left + (value - low) / span * plot
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-             f'aria-label="slices of token {_esc(token["token"])} summing to its logit">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        f'aria-label="slices of token {_esc(token["token"])} summing to its logit">'
+    ]
     parts.append(f'<line x1="{x(0):.1f}" y1="0" x2="{x(0):.1f}" y2="{height - 20}" stroke="#888" stroke-width="1"/>')
     for i, (name, value, label) in enumerate(steps):
         a, b = sorted((x(cumulative[i]), x(cumulative[i + 1])))
@@ -209,20 +260,26 @@ def waterfall_svg(
         colour = "#0072B2" if value >= 0 else "#D55E00"
         sign = "+" if value >= 0 else "\u2212"
         title = f"{name}: {value:+.4f}" + (f" ({label})" if label else "")
-        parts.append(f'<g><title>{_esc(title)}</title><rect x="{a:.1f}" y="{y}" width="{max(b - a, 1):.1f}" '
-                     f'height="{row - 6}" fill="{colour}"/></g>')
+        parts.append(
+            f'<g><title>{_esc(title)}</title><rect x="{a:.1f}" y="{y}" width="{max(b - a, 1):.1f}" '
+            f'height="{row - 6}" fill="{colour}"/></g>'
+        )
         parts.append(f'<text x="{left - 6}" y="{y + row - 9}" text-anchor="end" font-size="11">{_esc(name)}</text>')
         parts.append(f'<text x="{width - right + 4}" y="{y + row - 9}" font-size="11">{sign}{abs(value):.3f}</text>')
     y = len(steps) * row + 2
     a, b = sorted((x(0), x(total)))
     parts.append(f'<rect x="{a:.1f}" y="{y}" width="{max(b - a, 1):.1f}" height="{row - 6}" fill="#444"/>')
-    parts.append(f'<text x="{left - 6}" y="{y + row - 9}" text-anchor="end" font-size="11" font-weight="bold">'
-                 f'logit</text>')
-    parts.append(f'<text x="{width - right + 4}" y="{y + row - 9}" font-size="11" font-weight="bold">'
-                 f'{total:.3f}</text>')
-    parts.append(f'<text x="{left}" y="{height - 4}" font-size="10" fill="#666">'
-                 f'{low:.2f}</text><text x="{width - right}" y="{height - 4}" font-size="10" fill="#666" '
-                 f'text-anchor="end">{high:.2f}</text>')
+    parts.append(
+        f'<text x="{left - 6}" y="{y + row - 9}" text-anchor="end" font-size="11" font-weight="bold">logit</text>'
+    )
+    parts.append(
+        f'<text x="{width - right + 4}" y="{y + row - 9}" font-size="11" font-weight="bold">{total:.3f}</text>'
+    )
+    parts.append(
+        f'<text x="{left}" y="{height - 4}" font-size="10" fill="#666">'
+        f'{low:.2f}</text><text x="{width - right}" y="{height - 4}" font-size="10" fill="#666" '
+        f'text-anchor="end">{high:.2f}</text>'
+    )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -244,8 +301,10 @@ def _token_strip(trace: dict) -> str:
     chips = []
     for t in trace["tokens"]:
         alpha = 0.15 + 0.85 * max(0.0, min(1.0, t["probability"]))
-        chips.append(f'<span class="tok" style="background:rgba(0,114,178,{alpha * 0.5:.2f})" '
-                     f'title="token {t["position"] + 1}: p={t["probability"]:.3f}">{_esc(t["token"])}</span>')
+        chips.append(
+            f'<span class="tok" style="background:rgba(0,114,178,{alpha * 0.5:.2f})" '
+            f'title="token {t["position"] + 1}: p={t["probability"]:.3f}">{_esc(t["token"])}</span>'
+        )
     return "".join(chips)
 
 
@@ -254,25 +313,31 @@ def _examples_table(examples: list[dict]) -> str:
     rows = "".join(
         f'<tr><td class="num">{rank}</td><td class="num">{e["score"]:.4f}</td><td>{_esc(e["doc_id"])}</td>'
         f'<td>{_esc(e["source"])}</td><td class="num">{e["prototype"]}</td><td class="snippet">'
-        f'{highlighted_snippet(e["snippet"], e["highlight_start"], e["highlight_end"])}</td></tr>'
+        f"{highlighted_snippet(e['snippet'], e['highlight_start'], e['highlight_end'])}</td></tr>"
         for rank, e in enumerate(examples, start=1)
     )
-    return (f'<table><tr><th>#</th><th>score</th><th>document</th><th>source</th><th>prototype</th>'
-            f'<th>snippet</th></tr>{rows}</table>')
+    return (
+        f"<table><tr><th>#</th><th>score</th><th>document</th><th>source</th><th>prototype</th>"
+        f"<th>snippet</th></tr>{rows}</table>"
+    )
 
 
 def _trace_html(number: int, trace: dict, examples_per_token: int) -> str:
-    out = [f'<h2>Trace {number + 1}</h2>',
-           f'<p><b>Prompt</b></p><pre>{_esc(trace["prompt"])}</pre>',
-           f'<p><b>Completion</b>{" (generated greedily)" if trace.get("generated") else ""}</p>'
-           f'<pre>{_esc(trace["completion"])}</pre>',
-           f'<p>Tokens: {_token_strip(trace)}</p>']
+    out = [
+        f"<h2>Trace {number + 1}</h2>",
+        f"<p><b>Prompt</b></p><pre>{_esc(trace['prompt'])}</pre>",
+        f"<p><b>Completion</b>{' (generated greedily)' if trace.get('generated') else ''}</p>"
+        f"<pre>{_esc(trace['completion'])}</pre>",
+        f"<p>Tokens: {_token_strip(trace)}</p>",
+    ]
     for t in trace["tokens"]:
         total = sum(p["slice"] for p in t["prototypes"])
         err = abs(total - t["logit"])
-        out.append(f'<h3>Token {t["position"] + 1} / {len(trace["tokens"])}: '
-                   f'<span class="tok">{_esc(t["token"])}</span> logit {t["logit"]:.4f}, '
-                   f'probability {t["probability"]:.4f}</h3>')
+        out.append(
+            f"<h3>Token {t['position'] + 1} / {len(trace['tokens'])}: "
+            f'<span class="tok">{_esc(t["token"])}</span> logit {t["logit"]:.4f}, '
+            f"probability {t['probability']:.4f}</h3>"
+        )
         out.append(f'<p class="check">\u03a3 slices = {total:.4f} = logit (|error| = {err:.1e})</p>')
         out.append(waterfall_svg(t))
         rows = "".join(
@@ -280,19 +345,23 @@ def _trace_html(number: int, trace: dict, examples_per_token: int) -> str:
             f'<td class="num">{p["weight"]:.4f}</td><td class="num">{p["slice"]:+.4f}</td></tr>'
             for p in t["prototypes"]
         )
-        out.append(f'<table><tr><th>prototype</th><th>label</th><th>weight</th><th>slice</th></tr>{rows}</table>')
+        out.append(f"<table><tr><th>prototype</th><th>label</th><th>weight</th><th>slice</th></tr>{rows}</table>")
         if t.get("alternatives"):
             alts = "".join(
                 f'<tr><td><span class="tok">{_esc(a["token"])}</span></td><td class="num">{a["logit"]:.4f}</td>'
                 f'<td class="num">{a["probability"]:.4f}</td></tr>'
                 for a in t["alternatives"]
             )
-            out.append(f'<details><summary>Alternatives</summary><table><tr><th>token</th><th>logit</th>'
-                       f'<th>probability</th></tr>{alts}</table></details>')
+            out.append(
+                f"<details><summary>Alternatives</summary><table><tr><th>token</th><th>logit</th>"
+                f"<th>probability</th></tr>{alts}</table></details>"
+            )
         examples = t.get("examples", [])[:examples_per_token]
         if examples:
-            out.append(f'<details open><summary>Training examples behind this token</summary>'
-                       f'{_examples_table(examples)}</details>')
+            out.append(
+                f"<details open><summary>Training examples behind this token</summary>"
+                f"{_examples_table(examples)}</details>"
+            )
     ranked = trace.get("examples", [])
     if ranked:
         out.append(f"<h3>Training examples over the whole completion</h3>{_examples_table(ranked)}")
@@ -304,14 +373,14 @@ def to_html(report: dict, examples_per_token: int = 5) -> str:
     data = json.dumps(report, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e")
     controls = report.get("controls") or {}
     body = [
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>PRISM attribution report: {_esc(report['model_fingerprint'])}</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>PRISM attribution report</h1>",
         f'<p class="meta">Model <code>{_esc(report["model"])}</code>, fingerprint '
-        f'<code>{_esc(report["model_fingerprint"])}</code>; attribution method {_esc(report["method"])}; '
-        f'created {_esc(report["created"])}; {len(report["traces"])} trace(s).</p>',
+        f"<code>{_esc(report['model_fingerprint'])}</code>; attribution method {_esc(report['method'])}; "
+        f"created {_esc(report['created'])}; {len(report['traces'])} trace(s).</p>",
         "<h2>Controls in force</h2>",
         f"<pre>{_esc(json.dumps(controls, indent=2))}</pre>" if controls else "<p>none</p>",
     ]

@@ -49,8 +49,10 @@ loaded = state.load_current()
 with st.sidebar:
     b = loaded.bundle
     cfg = b.model.config
-    st.caption(f"Model {b.fingerprint} · {'PRISM' if b.is_prism else 'dense twin'} · "
-               f"{cfg.num_prototypes:,} prototypes · k={cfg.prototype_top_k}")
+    st.caption(
+        f"Model {b.fingerprint} · {'PRISM' if b.is_prism else 'dense twin'} · "
+        f"{cfg.num_prototypes:,} prototypes · k={cfg.prototype_top_k}"
+    )
     if loaded.index is None:
         st.caption(f"No index: {loaded.index_error}")
     controls = state.session_controls(b.fingerprint)

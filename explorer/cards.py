@@ -29,11 +29,24 @@ def control_widgets(prototype: int, prefix: str, max_suppressed: int) -> None:
     state.sync_widget(gain_key, min(float(gains.get(prototype, 1.0)), MAX_GAIN))
     state.sync_widget(supp_key, prototype in suppressed)
     left, right = st.columns([1, 2])
-    left.toggle("Suppress", key=supp_key, on_change=_on_suppress, args=(supp_key, prototype),
-                disabled=prototype not in suppressed and len(suppressed) >= max_suppressed,
-                help="Keep this prototype out of every active set (the next one takes its place)")
-    right.slider("Gain", 0.0, MAX_GAIN, step=0.1, key=gain_key, on_change=_on_gain, args=(gain_key, prototype),
-                 help="Multiplies this prototype's mixture weight in every prediction (1 = unchanged)")
+    left.toggle(
+        "Suppress",
+        key=supp_key,
+        on_change=_on_suppress,
+        args=(supp_key, prototype),
+        disabled=prototype not in suppressed and len(suppressed) >= max_suppressed,
+        help="Keep this prototype out of every active set (the next one takes its place)",
+    )
+    right.slider(
+        "Gain",
+        0.0,
+        MAX_GAIN,
+        step=0.1,
+        key=gain_key,
+        on_change=_on_gain,
+        args=(gain_key, prototype),
+        help="Multiplies this prototype's mixture weight in every prediction (1 = unchanged)",
+    )
 
 
 def render_card(
@@ -56,8 +69,10 @@ def render_card(
         if record is not None and getattr(record, "fires_on", None):
             st.text("Fires on: " + "  ".join(repr(t) for t in list(record.fires_on)[:8]))
         if record is not None and getattr(record, "confidence", None) is not None:
-            st.caption(f"Label confidence {float(record.confidence):.2f}"
-                       + (" · dead prototype (never active)" if getattr(record, "dead", False) else ""))
+            st.caption(
+                f"Label confidence {float(record.confidence):.2f}"
+                + (" · dead prototype (never active)" if getattr(record, "dead", False) else "")
+            )
         a, b, c = st.columns(3)
         a.metric("Usage share", f"{100 * atlas.usage_share[j]:.3f}%")
         b.metric("Active at", f"{int(atlas.usage_count[j]):,} positions")
@@ -70,10 +85,13 @@ def render_card(
         if neighbours:
             parts = [state.SNIPPET_CSS]
             for n in neighbours[:SNIPPETS_SHOWN]:
-                tip = state.escape(f"{n['doc_id']} ({n['source']}), cos {n['cosine']:.3f}"
-                                   f"{'' if n['active'] else ', not active there'}")
-                parts.append(f'<div class="prism-snip" title="{tip}">'
-                             f'{state.marked_snippet(n["snippet"], n["highlight_start"], n["highlight_end"])}</div>')
+                tip = state.escape(
+                    f"{n['doc_id']} ({n['source']}), cos {n['cosine']:.3f}{'' if n['active'] else ', not active there'}"
+                )
+                parts.append(
+                    f'<div class="prism-snip" title="{tip}">'
+                    f"{state.marked_snippet(n['snippet'], n['highlight_start'], n['highlight_end'])}</div>"
+                )
             st.caption(f"Nearest training snippets ({len(neighbours)} in the neighbourhood; trigger token marked):")
             st.html("".join(parts))
         else:

@@ -16,8 +16,20 @@ import plotly.graph_objects as go
 from core import WATERFALL_SLICES
 
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies.
-PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000",
-           "#999999", "#8C510A", "#01665E", "#762A83"]
+PALETTE = [
+    "#0072B2",
+    "#E69F00",
+    "#009E73",
+    "#CC79A7",
+    "#56B4E9",
+    "#D55E00",
+    "#F0E442",
+    "#000000",
+    "#999999",
+    "#8C510A",
+    "#01665E",
+    "#762A83",
+]
 
 
 def group_colours(groups: Sequence[str]) -> tuple[np.ndarray, dict[str, str]]:
@@ -26,8 +38,9 @@ def group_colours(groups: Sequence[str]) -> tuple[np.ndarray, dict[str, str]]:
     Integer codes with a stepped colour scale keep a single trace (no per-category traces) and
     avoid plotly validating 16k colour strings one by one (0.6 s against 1 ms).
     """
-    names, inverse, counts = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True,
-                                       return_counts=True)
+    names, inverse, counts = np.unique(
+        np.asarray(groups, dtype=object).astype(str), return_inverse=True, return_counts=True
+    )
     order = np.argsort(-counts, kind="stable")  # rank -> name index
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
@@ -82,12 +95,20 @@ def atlas_figure(
             y=xy[:, 1],
             mode="markers",
             customdata=ids,
-            marker={"color": codes, "colorscale": stepped_scale(list(legend.values())), "cmin": -0.5,
-                    "cmax": len(legend) - 0.5, "showscale": False, "size": marker_sizes(usage_share),
-                    "opacity": 0.8, "line": {"width": 0}},
+            marker={
+                "color": codes,
+                "colorscale": stepped_scale(list(legend.values())),
+                "cmin": -0.5,
+                "cmax": len(legend) - 0.5,
+                "showscale": False,
+                "size": marker_sizes(usage_share),
+                "opacity": 0.8,
+                "line": {"width": 0},
+            },
             hovertext=hover_text,
-            hovertemplate="%{hovertext}<extra></extra>" if hover_text is not None else "prototype %{customdata}"
-            "<extra></extra>",
+            hovertemplate="%{hovertext}<extra></extra>"
+            if hover_text is not None
+            else "prototype %{customdata}<extra></extra>",
             showlegend=False,
             name="prototypes",
         )
@@ -109,8 +130,17 @@ def atlas_figure(
                 )
             )
     for name, colour in list(legend.items())[: len(PALETTE)]:
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", marker={"color": colour, "size": 9},
-                                 name=name, showlegend=True, hoverinfo="skip"))
+        fig.add_trace(
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="markers",
+                marker={"color": colour, "size": 9},
+                name=name,
+                showlegend=True,
+                hoverinfo="skip",
+            )
+        )
     fig.update_layout(
         title=title or None,
         height=height,

@@ -51,9 +51,21 @@ def server():
     port = free_port()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log = open(ARTIFACTS / "streamlit-server.log", "w")  # noqa: SIM115
-    command = [sys.executable, "-m", "streamlit", "run", str(REPO / "explorer" / "app.py"),
-               "--server.headless=true", "--server.address=127.0.0.1", f"--server.port={port}",
-               "--server.fileWatcherType=none", "--browser.gatherUsageStats=false", "--", "--model", str(DEMO)]
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(REPO / "explorer" / "app.py"),
+        "--server.headless=true",
+        "--server.address=127.0.0.1",
+        f"--server.port={port}",
+        "--server.fileWatcherType=none",
+        "--browser.gatherUsageStats=false",
+        "--",
+        "--model",
+        str(DEMO),
+    ]
     process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
@@ -82,8 +94,9 @@ def server():
 def page(server):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM,
-                                    args=["--use-gl=swiftshader", "--enable-unsafe-swiftshader"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--use-gl=swiftshader", "--enable-unsafe-swiftshader"]
+        )
         context = browser.new_context(viewport={"width": 1400, "height": 1300}, accept_downloads=True)
         context.set_default_timeout(TIMEOUT_MS)
         yield context.new_page()

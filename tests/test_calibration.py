@@ -95,8 +95,15 @@ def test_calibration_finds_a_planted_signal_without_touching_the_model(loaded):
     items = planted_items(90)
     state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     calls = []
-    result = calibrate(loaded, items, holdout=0.3, steps=40, penalty=0.1, seed=0,
-                       progress=lambda done, total: calls.append((done, total)))
+    result = calibrate(
+        loaded,
+        items,
+        holdout=0.3,
+        steps=40,
+        penalty=0.1,
+        seed=0,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert result.holdout_items == 27 and result.calibration_items == 63
     assert result.before < 0.9  # the tiny model does not already answer " Package:" everywhere
     assert result.after >= result.before + 0.1, (result.before, result.after)
@@ -127,11 +134,14 @@ def test_stronger_penalty_changes_fewer_gains(loaded):
 
 
 def test_cli_calibrate(tiny_bundle, tmp_path, capsys):
-    task = write_jsonl(tmp_path / "task.jsonl",
-                       [{"prompt": i.prompt, "choices": i.choices, "answer": i.answer} for i in planted_items(30)])
+    task = write_jsonl(
+        tmp_path / "task.jsonl",
+        [{"prompt": i.prompt, "choices": i.choices, "answer": i.answer} for i in planted_items(30)],
+    )
     out = tmp_path / "controls.json"
-    code = main(["calibrate", "--model", str(tiny_bundle), "--task", str(task), "--out", str(out), "--steps", "5",
-                 "--quiet"])
+    code = main(
+        ["calibrate", "--model", str(tiny_bundle), "--task", str(task), "--out", str(out), "--steps", "5", "--quiet"]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "held-out accuracy" in captured.out and "gains changed" in captured.out

@@ -52,12 +52,16 @@ def test_bad_max_steps(tmp_path, capsys, small_corpus):
 
 
 def test_train_top_k_overrides_the_preset(tmp_path, capsys, small_corpus):
-    code, _, err = run(["train", "--corpus", small_corpus, "--out", tmp_path / "m", "--max-steps", "2", "--top-k", "4",
-                        "--quiet"], capsys)
+    code, _, err = run(
+        ["train", "--corpus", small_corpus, "--out", tmp_path / "m", "--max-steps", "2", "--top-k", "4", "--quiet"],
+        capsys,
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "m" / "config.json").read_text())["prototype_top_k"] == 4
-    code, _, err = run(["train", "--corpus", small_corpus, "--out", tmp_path / "big", "--max-steps", "2",
-                        "--top-k", "65", "--quiet"], capsys)
+    code, _, err = run(
+        ["train", "--corpus", small_corpus, "--out", tmp_path / "big", "--max-steps", "2", "--top-k", "65", "--quiet"],
+        capsys,
+    )
     assert_one_line_error(code, err, "prototype_top_k", "65")
 
 
@@ -133,7 +137,10 @@ def test_bad_controls_and_suppress(tiny_bundle, tmp_path, capsys):
 def test_python_dash_m_core_has_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "core", "generate", "--model", str(tmp_path), "--prompt", "x"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("prism: error:") and "Traceback" not in proc.stderr

@@ -103,8 +103,9 @@ def test_contrast_targets_prototypes_of_the_behaviour(loaded):
     assert not {t.id for t in second} & {t.id for t in targets}
     # With the behaviour's tokens, only prototypes whose values push those tokens qualify.
     words = [loaded.tokenizer(" the", add_special_tokens=False)["input_ids"][0]]
-    writers = target_by_contrast(loaded, behaviour, neutral, top=6, positions="all", token_ids=words,
-                                 background=texts("fortunes"))
+    writers = target_by_contrast(
+        loaded, behaviour, neutral, top=6, positions="all", token_ids=words, background=texts("fortunes")
+    )
     push = promotion(loaded, words)
     assert writers and all(push[t.id] > 0 for t in writers) and "background weight" in writers[0].evidence
 
@@ -172,13 +173,29 @@ def test_load_behaviour_errors(tmp_path):
 def test_cli_target(tiny_bundle, tmp_path, capsys):
     out = tmp_path / "suppress.json"
     behaviour = {
-        "name": "plays", "description": "d", "pattern": "thou", "source": "shakespeare",
-        "prompts": ["KING.\nMy"], "neutral_prompts": ["Package: x"],
-        "contrast_behaviour": texts("shakespeare", 4), "contrast_neutral": texts("debian", 4),
+        "name": "plays",
+        "description": "d",
+        "pattern": "thou",
+        "source": "shakespeare",
+        "prompts": ["KING.\nMy"],
+        "neutral_prompts": ["Package: x"],
+        "contrast_behaviour": texts("shakespeare", 4),
+        "contrast_neutral": texts("debian", 4),
     }
     (tmp_path / "plays.json").write_text(json.dumps(behaviour))
-    code = main(["target", "--model", str(tiny_bundle), "--behaviour", str(tmp_path / "plays.json"), "--top", "3",
-                 "--out", str(out)])
+    code = main(
+        [
+            "target",
+            "--model",
+            str(tiny_bundle),
+            "--behaviour",
+            str(tmp_path / "plays.json"),
+            "--top",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert len(load_controls(out).suppressed) == 3 and "behaviour positions" in captured.out

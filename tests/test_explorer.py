@@ -114,7 +114,10 @@ def test_every_page_renders(explorer_bundle):
     open_page(at, "report")
     no_errors(at)
     assert [d.proto.label for d in at.get("download_button")][:3] == [
-        "Download HTML (offline)", "Download JSON", "Download CSV"]
+        "Download HTML (offline)",
+        "Download JSON",
+        "Download CSV",
+    ]
 
 
 def test_trace_slices_sum_to_the_logit_shown(explorer_bundle):
@@ -190,8 +193,11 @@ def test_two_sessions_keep_their_own_controls(explorer_bundle):
 
 def test_corpus_html_is_shown_as_text(explorer_bundle):
     index = load_index(explorer_bundle)
-    evil = [j for j in range(index.num_prototypes) if any(n["doc_id"].startswith("evil-")
-                                                          for n in index.neighbourhood(j)[:5])]
+    evil = [
+        j
+        for j in range(index.num_prototypes)
+        if any(n["doc_id"].startswith("evil-") for n in index.neighbourhood(j)[:5])
+    ]
     assert evil, "no prototype has a planted document among its nearest neighbours"
     at = app(explorer_bundle).run()
     at.session_state["atlas_picked"] = [evil[0]]
@@ -231,8 +237,14 @@ def test_atlas_figure_is_one_webgl_trace_with_ids():
     assert len(gl) == 1
     assert np.array_equal(np.asarray(gl[0].customdata), ids)
     assert len(fig.to_json()) < 1_000_000
-    event = {"selection": {"points": [{"curve_number": 0, "point_index": 3, "customdata": 3},
-                                      {"curve_number": 1, "point_index": 0, "customdata": [9]}]}}
+    event = {
+        "selection": {
+            "points": [
+                {"curve_number": 0, "point_index": 3, "customdata": 3},
+                {"curve_number": 1, "point_index": 0, "customdata": [9]},
+            ]
+        }
+    }
     assert selected_ids(event) == [3, 9]
     assert selected_ids({"selection": {"points": []}}) == [] and selected_ids(None) == []
 
@@ -267,17 +279,35 @@ def test_report_formats(explorer_bundle, tmp_path, capsys):
     assert all(not r["snippet"].startswith(("=", "+", "@")) for r in rows)
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": "KING.", "completion": " What"}) + "\n" + json.dumps({"prompt": "dog"})
-                       + "\n")
+    prompts.write_text(
+        json.dumps({"prompt": "KING.", "completion": " What"}) + "\n" + json.dumps({"prompt": "dog"}) + "\n"
+    )
     assert [i["completion"] for i in read_prompts(prompts)] == [" What", None]
     out = tmp_path / "r.json"
-    assert main(["report", "--model", str(explorer_bundle), "--prompts", str(prompts), "--out", str(out),
-                 "--quiet", "--max-new-tokens", "4"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--model",
+                str(explorer_bundle),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(out),
+                "--quiet",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     written = json.loads(out.read_text())
     assert len(written["traces"]) == 2 and written["traces"][0]["completion"] == " What"
     capsys.readouterr()
-    assert main(["report", "--model", str(explorer_bundle), "--prompts", str(prompts), "--out",
-                 str(tmp_path / "r.pdf")]) == 1
+    assert (
+        main(["report", "--model", str(explorer_bundle), "--prompts", str(prompts), "--out", str(tmp_path / "r.pdf")])
+        == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("prism: error: ") and ".html, .json or .csv" in err[0]
 

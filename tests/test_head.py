@@ -91,8 +91,13 @@ def test_calibration_cached_scores_match_the_definition():
     targets = torch.arange(N) % V
     segment = torch.arange(N) // 5  # four (item, choice) segments of five tokens
     cache = ChoiceCache(
-        ids=ids, base=base, targets=targets, segment=segment,
-        pairs=torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]]), answers=torch.tensor([0, 1]), choices=torch.tensor([2, 2]),
+        ids=ids,
+        base=base,
+        targets=targets,
+        segment=segment,
+        pairs=torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]]),
+        answers=torch.tensor([0, 1]),
+        choices=torch.tensor([2, 2]),
     )
     _, _, mixed = definition(hidden, keys, values, K, gains)
     logp = (mixed @ embedding.T).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)  # (N,)

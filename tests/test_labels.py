@@ -35,14 +35,20 @@ class _NetworkAttempt(AssertionError):
 def labelled(tmp_path_factory, tiny_bundle, small_corpus) -> tuple[Path, list[str]]:
     """A copy of the tiny bundle indexed, labelled and mapped by `prism index` with every
     socket call refused; returns the bundle and the network calls attempted."""
-    bundle = Path(shutil.copytree(tiny_bundle, tmp_path_factory.mktemp("labelled") / "tiny",
-                                  ignore=shutil.ignore_patterns("index", ".index-*")))
+    bundle = Path(
+        shutil.copytree(
+            tiny_bundle,
+            tmp_path_factory.mktemp("labelled") / "tiny",
+            ignore=shutil.ignore_patterns("index", ".index-*"),
+        )
+    )
     attempts: list[str] = []
 
     def refuse(name):
         def guard(*args, **kwargs):
             attempts.append(f"{name}{args[1:] if name.startswith('socket.') else args}")
             raise _NetworkAttempt(f"network access attempted: {name}")
+
         return guard
 
     with pytest.MonkeyPatch.context() as mp:
@@ -142,9 +148,15 @@ def _plant_number_positions(bundle: Path, corpus: Path, count: int) -> list[int]
             lo, hi = max(0, begin - SNIPPET_BEFORE), min(len(text), end + SNIPPET_AFTER)
             snippets.append({"snippet": text[lo:hi], "start": begin - lo, "end": end - lo})
             documents.append({"doc_index": doc_index, "id": row["id"], "source": row["source"], "chars": len(text)})
-            values = {"document": len(documents) - 1, "doc_index": doc_index, "char_offset": begin,
-                      "token_id": enc["input_ids"][t], "next_token_id": enc["input_ids"][t + 1], "sequence": 0,
-                      "offset": t}
+            values = {
+                "document": len(documents) - 1,
+                "doc_index": doc_index,
+                "char_offset": begin,
+                "token_id": enc["input_ids"][t],
+                "next_token_id": enc["input_ids"][t + 1],
+                "sequence": 0,
+                "offset": t,
+            }
             for name in new:
                 shape = positions[name].shape[1:]
                 new[name].append(np.full(shape, values.get(name, 0), dtype=positions[name].dtype))
@@ -153,8 +165,10 @@ def _plant_number_positions(bundle: Path, corpus: Path, count: int) -> list[int]
             break
     first = len(positions["document"])
     assert len(snippets) - first == count, "the small corpus has numbers in at least this many documents"
-    save_file({name: np.concatenate([positions[name], np.stack(new[name])]) for name in positions},
-              folder / "positions.safetensors")
+    save_file(
+        {name: np.concatenate([positions[name], np.stack(new[name])]) for name in positions},
+        folder / "positions.safetensors",
+    )
     (folder / "documents.jsonl").write_text("".join(json.dumps(d) + "\n" for d in documents))
     (folder / "positions.jsonl").write_text("".join(json.dumps(s) + "\n" for s in snippets))
     return list(range(first, first + count))
@@ -190,8 +204,7 @@ def rewired(labelled, small_corpus, tmp_path_factory):
 def test_numbers_neighbourhood_is_labelled_numbers(rewired):
     copy, labels, rows = rewired
     index = load_index(copy)
-    assert all(token_form(s["snippet"], s["start"], s["end"])[0] == "number"
-               for s in (index.snippets[r] for r in rows))
+    assert all(token_form(s["snippet"], s["start"], s["end"])[0] == "number" for s in (index.snippets[r] for r in rows))
     label = labels[0]
     assert label.category == "numbers & dates"
     assert label.confidence == 1.0

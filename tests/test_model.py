@@ -15,9 +15,17 @@ from core.model.head import PrototypeHead
 
 def tiny_config(**overrides) -> PrismConfig:
     text = dict(
-        model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        model_type="llama",
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     return PrismConfig(text_config=text, **{"num_prototypes": 24, "prototype_top_k": 4, **overrides})
 
@@ -156,8 +164,9 @@ def test_generate_with_and_without_cache_agree(loaded):
     model, tok = loaded.model, loaded.tokenizer
     for prompt in ["HAMLET. To be", "json.dumps(obj)", "dog (noun):"]:
         ids = torch.tensor([tok(prompt)["input_ids"]])
-        kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id,
-                  attention_mask=torch.ones_like(ids))
+        kw = dict(
+            max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id, attention_mask=torch.ones_like(ids)
+        )
         with_cache = model.generate(ids, use_cache=True, **kw)
         without = model.generate(ids, use_cache=False, **kw)
         assert torch.equal(with_cache, without)
@@ -181,8 +190,12 @@ def test_generate_applies_controls_per_call(loaded):
 # Property tests of the head's invariants, on random heads in float64.
 @settings(max_examples=30, deadline=None)
 @given(
-    n=st.integers(1, 6), P=st.integers(2, 40), d=st.integers(2, 16), k_frac=st.floats(0.01, 1.0),
-    seed=st.integers(0, 10_000), n_suppressed=st.integers(0, 10),
+    n=st.integers(1, 6),
+    P=st.integers(2, 40),
+    d=st.integers(2, 16),
+    k_frac=st.floats(0.01, 1.0),
+    seed=st.integers(0, 10_000),
+    n_suppressed=st.integers(0, 10),
 )
 def test_head_invariants(n, P, d, k_frac, seed, n_suppressed):
     g = torch.Generator().manual_seed(seed)

@@ -55,8 +55,17 @@ def test_same_seed_same_model_and_resume_matches(tmp_path, small_corpus):
 
 def test_dense_twin_trains_on_the_same_tokens(tmp_path, small_corpus, tiny_bundle):
     out = tmp_path / "dense"
-    record = train(TrainOptions(corpus=str(small_corpus), out=str(out), preset="tiny", max_steps=30, dense=True,
-                                tokenizer=str(tiny_bundle), progress=False))
+    record = train(
+        TrainOptions(
+            corpus=str(small_corpus),
+            out=str(out),
+            preset="tiny",
+            max_steps=30,
+            dense=True,
+            tokenizer=str(tiny_bundle),
+            progress=False,
+        )
+    )
     prism = json.loads((tiny_bundle / "training.json").read_text())
     assert record["kind"] == "dense"
     assert record["corpus_fingerprint"] == prism["corpus_fingerprint"]
@@ -80,8 +89,7 @@ def test_invalid_utf8_rows_are_skipped_and_counted(tmp_path):
     corpus = load_corpus(path)
     assert corpus.skipped_rows == {"invalid_utf8": 2, "empty_text": 1, "invalid_json": 1}
     assert len(corpus.train) + len(corpus.validation) == len(rows)
-    record = train(TrainOptions(corpus=str(path), out=str(tmp_path / "m"), preset="tiny", max_steps=5,
-                                progress=False))
+    record = train(TrainOptions(corpus=str(path), out=str(tmp_path / "m"), preset="tiny", max_steps=5, progress=False))
     assert record["skipped_rows"]["invalid_utf8"] == 2
 
 

@@ -45,8 +45,18 @@ from core.errors import LabelsError
 from core.index.format import PrototypeIndex, index_dir, load_index, register_index_file
 
 __all__ = [
-    "CATEGORIES", "SOURCE_TOPICS", "LabelsError", "PrototypeLabel", "build_labels", "load_labels",
-    "build_atlas", "load_atlas", "label_texts", "quality_summary", "read_labels_file", "token_form",
+    "CATEGORIES",
+    "SOURCE_TOPICS",
+    "LabelsError",
+    "PrototypeLabel",
+    "build_labels",
+    "load_labels",
+    "build_atlas",
+    "load_atlas",
+    "label_texts",
+    "quality_summary",
+    "read_labels_file",
+    "token_form",
 ]
 
 logger = logging.getLogger(__name__)
@@ -90,13 +100,65 @@ TOPIC_SHARE = 0.5  # else a source with at least this share does
 WINDOW_BEFORE, WINDOW_AFTER = 48, 16  # characters around a trigger read for distinctive words
 MIN_WORD_SHARE = 0.15  # a distinctive word appears near at least this share of the neighbours
 
-_MONTHS = {"january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
-           "november", "december", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct",
-           "nov", "dec", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"}
-_ARCHAIC = {"thou", "thee", "thy", "thine", "hath", "doth", "dost", "hast", "art", "ye", "shalt", "wilt", "tis",
-            "o", "ay", "nay"}
-_FORM_NAMES = {"number": "numbers", "subword": "inside words", "punctuation": "punctuation",
-               "function": "function words", "name": "names", "word": "content words"}
+_MONTHS = {
+    "january",
+    "february",
+    "march",
+    "april",
+    "may",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+    "jan",
+    "feb",
+    "mar",
+    "apr",
+    "jun",
+    "jul",
+    "aug",
+    "sep",
+    "sept",
+    "oct",
+    "nov",
+    "dec",
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "saturday",
+    "sunday",
+}
+_ARCHAIC = {
+    "thou",
+    "thee",
+    "thy",
+    "thine",
+    "hath",
+    "doth",
+    "dost",
+    "hast",
+    "art",
+    "ye",
+    "shalt",
+    "wilt",
+    "tis",
+    "o",
+    "ay",
+    "nay",
+}
+_FORM_NAMES = {
+    "number": "numbers",
+    "subword": "inside words",
+    "punctuation": "punctuation",
+    "function": "function words",
+    "name": "names",
+    "word": "content words",
+}
 _SENTENCE_START = set(".!?:;\"'([{*#-=>|%\n")
 _NUMBER = re.compile(r"^\d+(?:st|nd|rd|th|s)?$|^\d+[.,:/-]?\d*$")
 
@@ -227,8 +289,9 @@ def _distinctive_words(index: PrototypeIndex, rows: list[np.ndarray], top: int =
     from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer
 
     windows = [_trigger_window(s["snippet"], s["start"], s["end"]) for s in index.snippets]
-    vectorizer = CountVectorizer(stop_words="english", token_pattern=r"(?u)\b[^\W\d_]{3,}\b", binary=True,
-                                 dtype=np.float64)
+    vectorizer = CountVectorizer(
+        stop_words="english", token_pattern=r"(?u)\b[^\W\d_]{3,}\b", binary=True, dtype=np.float64
+    )
     try:
         X = vectorizer.fit_transform(windows).tocsr()  # (R, V) 1 where the word occurs in the window
     except ValueError:  # not one word in any window
@@ -264,14 +327,22 @@ def _topical_role(forms: list[tuple[str, str]], words: list[str]) -> str:
 
 
 def _label_one(
-    j: int, forms: list[tuple[str, str]], tokens: list[str], sources: list[str], next_tokens: list[str],
-    words: list[str], promoted: list[str], coherence: float, usage_share: float, dead: bool,
+    j: int,
+    forms: list[tuple[str, str]],
+    tokens: list[str],
+    sources: list[str],
+    next_tokens: list[str],
+    words: list[str],
+    promoted: list[str],
+    coherence: float,
+    usage_share: float,
+    dead: bool,
 ) -> PrototypeLabel:
     """Decide one prototype's label from its neighbours' evidence (see the module docstring)."""
     n = max(1, len(forms))
     source_counts = Counter(sources)
     source_mix = {s: round(c / n, 4) for s, c in sorted(source_counts.items(), key=lambda kv: (-kv[1], kv[0]))}
-    top_source, purity = (next(iter(source_mix.items())) if source_mix else ("", 0.0))
+    top_source, purity = next(iter(source_mix.items())) if source_mix else ("", 0.0)
     form_counts = Counter(form for form, _ in forms)
     structural = max(FORM_CATEGORIES, key=lambda f: (form_counts.get(f, 0), -list(FORM_CATEGORIES).index(f)))
     form_share = form_counts.get(structural, 0) / n
@@ -298,14 +369,24 @@ def _label_one(
     mix = ", ".join(f"{s} {share:.0%}" for s, share in list(source_mix.items())[:2])
     followed = ", ".join(f"“{t}”" for t, _ in Counter(next_tokens).most_common(3))
     common_form, common_count = form_counts.most_common(1)[0] if form_counts else ("word", 0)
-    description = (f"Fires on {fired} ({common_count}/{len(forms)} {_FORM_NAMES[common_form]}); "
-                   f"sources {mix}; next {followed}")
+    description = (
+        f"Fires on {fired} ({common_count}/{len(forms)} {_FORM_NAMES[common_form]}); sources {mix}; next {followed}"
+    )
     if words:
         description += f"; words: {', '.join(words)}"
     return PrototypeLabel(
-        id=j, category=category, role=role, description=description, confidence=round(confidence, 4),
-        purity=round(purity, 4), coherence=round(float(coherence), 4), usage_share=float(usage_share), dead=dead,
-        source_mix=source_mix, promoted=promoted, fires_on=fires_on,
+        id=j,
+        category=category,
+        role=role,
+        description=description,
+        confidence=round(confidence, 4),
+        purity=round(purity, 4),
+        coherence=round(float(coherence), 4),
+        usage_share=float(usage_share),
+        dead=dead,
+        source_mix=source_mix,
+        promoted=promoted,
+        fires_on=fires_on,
     )
 
 
@@ -348,10 +429,20 @@ def build_labels(bundle_dir: str | Path, *, progress: bool = True) -> list[Proto
     labels = []
     for j, r in enumerate(rows):
         promoted = [display_token(decode(int(t))) for t in index.promoted_token_ids[j][:8]]
-        labels.append(_label_one(
-            j, [forms[i] for i in r], [triggers[i] for i in r], [sources[i] for i in r], [nexts[i] for i in r],
-            words[j], promoted, coherence_j[j], float(index.usage_share[j]), bool(index.usage_count[j] == 0),
-        ))
+        labels.append(
+            _label_one(
+                j,
+                [forms[i] for i in r],
+                [triggers[i] for i in r],
+                [sources[i] for i in r],
+                [nexts[i] for i in r],
+                words[j],
+                promoted,
+                coherence_j[j],
+                float(index.usage_share[j]),
+                bool(index.usage_count[j] == 0),
+            )
+        )
     R = len(unit)
     total = unit.sum(axis=0)
     baseline = (float(total @ total) - R) / (R * (R - 1)) if R >= 2 else 0.0
@@ -363,8 +454,14 @@ def build_labels(bundle_dir: str | Path, *, progress: bool = True) -> list[Proto
         "token_match": round(token_match, 4),
         "seconds": round(time.time() - t0, 1),
     }
-    taxonomy = {**CATEGORIES, **{lab.category: f"text from the corpus source {lab.category!r}"
-                                 for lab in labels if lab.category not in CATEGORIES}}
+    taxonomy = {
+        **CATEGORIES,
+        **{
+            lab.category: f"text from the corpus source {lab.category!r}"
+            for lab in labels
+            if lab.category not in CATEGORIES
+        },
+    }
     payload = {
         "format_version": LABELS_FORMAT,
         "model_fingerprint": index.model_fingerprint,
@@ -404,8 +501,10 @@ def read_labels_file(bundle_dir: str | Path, fingerprint: str | None = None) -> 
     current = fingerprint or model_fingerprint(bundle_dir)
     record = payload if isinstance(payload, dict) else {}
     if record.get("format_version") != LABELS_FORMAT or record.get("model_fingerprint") != current:
-        raise LabelsError(f"{path} was made for model {record.get('model_fingerprint')}, not this one ({current}); "
-                          f"rebuild it with {hint}")
+        raise LabelsError(
+            f"{path} was made for model {record.get('model_fingerprint')}, not this one ({current}); "
+            f"rebuild it with {hint}"
+        )
     return record
 
 
@@ -436,8 +535,15 @@ def quality_summary(labels: list[PrototypeLabel]) -> dict:
     """
     n = len(labels)
     if n == 0:
-        return {"prototypes": 0, "mean_purity": 0.0, "mean_coherence": 0.0, "mean_confidence": 0.0, "dead": 0,
-                "dead_share": 0.0, "categories": {}}
+        return {
+            "prototypes": 0,
+            "mean_purity": 0.0,
+            "mean_coherence": 0.0,
+            "mean_confidence": 0.0,
+            "dead": 0,
+            "dead_share": 0.0,
+            "categories": {},
+        }
     counts = Counter(label.category for label in labels)
     dead = sum(label.dead for label in labels)
     return {

@@ -36,8 +36,13 @@ FORWARD_BATCH = 128
 
 
 def _arguments(n_neighbors: int, min_dist: float, seed: int) -> dict:
-    return {"n_neighbors": n_neighbors, "min_dist": min_dist, "seed": seed, "metric": METRIC,
-            "input": "L2-normalised prototype keys"}
+    return {
+        "n_neighbors": n_neighbors,
+        "min_dist": min_dist,
+        "seed": seed,
+        "metric": METRIC,
+        "input": "L2-normalised prototype keys",
+    }
 
 
 def _prototype_keys(bundle_dir: Path) -> np.ndarray:
@@ -55,8 +60,9 @@ def umap_coordinates(keys: np.ndarray, n_neighbors: int, min_dist: float, seed: 
     import umap  # imported here: numba compiles on first use, and core does no work at import
 
     unit = keys / np.clip(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12, None)  # (P, d)
-    reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, metric=METRIC, random_state=seed,
-                        n_jobs=1, n_components=2)
+    reducer = umap.UMAP(
+        n_neighbors=n_neighbors, min_dist=min_dist, metric=METRIC, random_state=seed, n_jobs=1, n_components=2
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, module="umap")
         coords = reducer.fit_transform(unit.astype(np.float32))  # (P, 2)

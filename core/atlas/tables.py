@@ -144,8 +144,9 @@ def build_atlas_tables(bundle: Bundle, index: PrototypeIndex) -> AtlasTables:
             top_snippet.append(" ".join(around.split()))
         else:
             top_snippet.append("")
-        search_text.append(" ".join([labels[j], roles[j], categories[j], descriptions[j],
-                                     *(s["snippet"] for s in snippets)]).lower())
+        search_text.append(
+            " ".join([labels[j], roles[j], categories[j], descriptions[j], *(s["snippet"] for s in snippets)]).lower()
+        )
     return AtlasTables(
         xy=xy,
         layout=layout,

@@ -57,14 +57,16 @@ class CalibrationArguments:
     """How :func:`calibrate` fits a controller's gains (kept in ``CalibrationResult.settings``)."""
 
     holdout: float = option(0.3, "fraction of items kept for held-out accuracy")
-    penalty: float = option(0.01, "L1 weight pulling every gain towards 1 (larger: fewer, smaller changes)",
-                            minimum=0)
+    penalty: float = option(0.01, "L1 weight pulling every gain towards 1 (larger: fewer, smaller changes)", minimum=0)
     steps: int = option(150, "optimisation steps (minibatches of --batch-items items)", minimum=1)
     lr: float = option(0.05, "Adam learning rate on the gains", exclusive_minimum=0)
     tau: float = option(0.1, "temperature of the softmax over choice scores", exclusive_minimum=0)
     batch_items: int = option(64, "task items per optimisation step", minimum=1)
-    dev: float = option(0.0, "fraction of the calibration items held back to pick the best step (early "
-                             "stopping); 0 fits on all of them and keeps the last step")
+    dev: float = option(
+        0.0,
+        "fraction of the calibration items held back to pick the best step (early "
+        "stopping); 0 fits on all of them and keeps the last step",
+    )
     seed: int = option(0, "split and minibatch seed")
 
     def __post_init__(self) -> None:
@@ -128,8 +130,14 @@ def _batches(sequences: list[tuple[list[int], int]], batch_tokens: int) -> list[
     return batches
 
 
-def _run(bundle: Bundle, items: Sequence[TaskItem], kwargs: dict, batch_tokens: int,
-         progress: Callable[[int, int], None] | None, want_cache: bool) -> tuple[torch.Tensor, ChoiceCache | None]:
+def _run(
+    bundle: Bundle,
+    items: Sequence[TaskItem],
+    kwargs: dict,
+    batch_tokens: int,
+    progress: Callable[[int, int], None] | None,
+    want_cache: bool,
+) -> tuple[torch.Tensor, ChoiceCache | None]:
     """Score every choice with real forward passes; optionally cache the head's inputs."""
     model = bundle.model
     device = next(model.parameters()).device
@@ -155,8 +163,14 @@ def _run(bundle: Bundle, items: Sequence[TaskItem], kwargs: dict, batch_tokens: 
                 targets = torch.tensor(seq[len(seq) - n :])
                 scores[i] = logprobs[row, positions, targets].mean()
                 if want_cache:
-                    cache_parts.append((i, out.prototype_ids[row, positions].cpu(),
-                                        out.prototype_weights[row, positions].cpu(), targets))
+                    cache_parts.append(
+                        (
+                            i,
+                            out.prototype_ids[row, positions].cpu(),
+                            out.prototype_weights[row, positions].cpu(),
+                            targets,
+                        )
+                    )
             if progress:
                 progress(done + 1, len(batches))
     if not want_cache:
@@ -184,8 +198,13 @@ def _accuracy(scores: torch.Tensor, items: Sequence[TaskItem]) -> float:
     return right / max(1, len(items))
 
 
-def evaluate_task(bundle: Bundle, items: Sequence[TaskItem], controls: Controls | None = None,
-                  batch_tokens: int = 4096, progress: Callable[[int, int], None] | None = None) -> float:
+def evaluate_task(
+    bundle: Bundle,
+    items: Sequence[TaskItem],
+    controls: Controls | None = None,
+    batch_tokens: int = 4096,
+    progress: Callable[[int, int], None] | None = None,
+) -> float:
     """Accuracy of the model (under ``controls``, for this call only) on the task items.
 
     Each choice is scored by the mean log-probability of its tokens after the prompt.
@@ -197,8 +216,13 @@ def evaluate_task(bundle: Bundle, items: Sequence[TaskItem], controls: Controls 
     return _accuracy(scores, items)
 
 
-def cached_scores(cache: ChoiceCache, gains: torch.Tensor, values: torch.Tensor, embedding: torch.Tensor,
-                  token_rows: torch.Tensor | None = None) -> torch.Tensor:
+def cached_scores(
+    cache: ChoiceCache,
+    gains: torch.Tensor,
+    values: torch.Tensor,
+    embedding: torch.Tensor,
+    token_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(C,) choice scores under ``gains`` (P,) from a cache; differentiable in ``gains``.
 
     Args:
@@ -291,9 +315,21 @@ def _cached_accuracy(cache: ChoiceCache, gains: torch.Tensor, values: torch.Tens
     return right / max(1, len(cache.answers))
 
 
-def fit_gains(cache: ChoiceCache, values: torch.Tensor, embedding: torch.Tensor, *, penalty: float, steps: int,
-              lr: float, tau: float, batch_items: int, seed: int, dev: ChoiceCache | None = None,
-              eval_every: int = 10, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def fit_gains(
+    cache: ChoiceCache,
+    values: torch.Tensor,
+    embedding: torch.Tensor,
+    *,
+    penalty: float,
+    steps: int,
+    lr: float,
+    tau: float,
+    batch_items: int,
+    seed: int,
+    dev: ChoiceCache | None = None,
+    eval_every: int = 10,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
     """Fit (P,) gains on a cache by minibatch Adam with a proximal L1 step towards 1.
 
     With a ``dev`` cache, the gains are scored on it every ``eval_every`` steps (and before
@@ -383,8 +419,19 @@ def calibrate(
     tick()
     before = evaluate_task(bundle, held_out)
     tick()
-    gains = fit_gains(cache, values, embedding, penalty=penalty, steps=steps, lr=lr, tau=tau,
-                      batch_items=batch_items, seed=seed, dev=dev_cache, progress=lambda *_: tick())
+    gains = fit_gains(
+        cache,
+        values,
+        embedding,
+        penalty=penalty,
+        steps=steps,
+        lr=lr,
+        tau=tau,
+        batch_items=batch_items,
+        seed=seed,
+        dev=dev_cache,
+        progress=lambda *_: tick(),
+    )
     changed_ids = ((gains - 1).abs() > CHANGED_TOLERANCE).nonzero().squeeze(1).tolist()
     controls = Controls(
         gains={int(j): round(float(gains[j]), 6) for j in changed_ids},
@@ -443,8 +490,9 @@ def moved_prototypes(controls: Controls, bundle: Bundle, index=None, top: int = 
         examples = []
         if index is not None:
             for n in index.neighbourhood(pid)[:EXAMPLES_PER_PROTOTYPE]:
-                examples.append({k: n[k] for k in ("doc_id", "source", "snippet", "highlight_start", "highlight_end",
-                                                    "cosine")})
+                examples.append(
+                    {k: n[k] for k in ("doc_id", "source", "snippet", "highlight_start", "highlight_end", "cosine")}
+                )
         records.append({"id": pid, "gain": gain, "label": None if label is None else str(label), "examples": examples})
     return records
 

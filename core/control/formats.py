@@ -28,8 +28,16 @@ from core import store
 from core.errors import BehaviourError, TaskError
 
 MIN_TASK_ITEMS = 2
-BEHAVIOUR_FIELDS = ("name", "description", "pattern", "prompts", "neutral_prompts", "contrast_behaviour",
-                    "contrast_neutral", "source")
+BEHAVIOUR_FIELDS = (
+    "name",
+    "description",
+    "pattern",
+    "prompts",
+    "neutral_prompts",
+    "contrast_behaviour",
+    "contrast_neutral",
+    "source",
+)
 _TEXT_LISTS = BEHAVIOUR_FIELDS[3:7]
 
 
@@ -157,8 +165,14 @@ def parse_behaviour(data: object, where: str = "behaviour") -> Behaviour:
     except (re.error, TypeError) as err:
         raise BehaviourError(f"{where}: pattern {data['pattern']!r} is not a regular expression ({err})") from None
     lists = {f: tuple(str(x) for x in data[f]) for f in _TEXT_LISTS}
-    return Behaviour(name=str(data["name"]), description=str(data["description"]), pattern=data["pattern"],
-                     source=str(data["source"]), words=tuple(str(w) for w in data.get("words", [])), **lists)
+    return Behaviour(
+        name=str(data["name"]),
+        description=str(data["description"]),
+        pattern=data["pattern"],
+        source=str(data["source"]),
+        words=tuple(str(w) for w in data.get("words", [])),
+        **lists,
+    )
 
 
 def load_behaviour(path: str | Path) -> Behaviour:

@@ -105,8 +105,9 @@ def target_by_label(bundle_dir_or_index: str | Path | PrototypeIndex, text: str,
     found = [pid for pid, label in index.labels.items() if needle in str(label).lower()]
     found.sort(key=lambda pid: (-int(index.usage_count[pid]), pid))
     return [
-        Target(pid, float(index.usage_share[pid]), f"label {index.label(pid)!r} contains {text!r}",
-               _examples(index, pid))
+        Target(
+            pid, float(index.usage_share[pid]), f"label {index.label(pid)!r} contains {text!r}", _examples(index, pid)
+        )
         for pid in found[:top]
     ]
 
@@ -175,9 +176,14 @@ def promotion(bundle: Bundle, token_ids: Sequence[int]) -> torch.Tensor:
     return dots.max(0).values.clamp_min(0).cpu()
 
 
-def activation_profile(bundle: Bundle, texts: Sequence[str], positions: Literal["last", "all"] = "last",
-                       controls: Controls | None = None, batch_size: int = 16,
-                       scale: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+def activation_profile(
+    bundle: Bundle,
+    texts: Sequence[str],
+    positions: Literal["last", "all"] = "last",
+    controls: Controls | None = None,
+    batch_size: int = 16,
+    scale: torch.Tensor | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Mean mixture weight and active rate of every prototype over the texts' positions.
 
     With ``scale`` (P,), each weight a_j is multiplied by scale_j (e.g. :func:`promotion`,

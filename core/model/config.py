@@ -64,8 +64,7 @@ class PrismConfig(PreTrainedConfig):
             raise ArgumentError(f"num_prototypes must be >= 1, got {self.num_prototypes}")
         if not 1 <= self.prototype_top_k <= self.num_prototypes:
             raise ArgumentError(
-                f"prototype_top_k must be in [1, num_prototypes={self.num_prototypes}], "
-                f"got {self.prototype_top_k}"
+                f"prototype_top_k must be in [1, num_prototypes={self.num_prototypes}], got {self.prototype_top_k}"
             )
         for name in ("cluster_weight", "anchor_weight", "diversity_weight", "balance_weight"):
             if getattr(self, name) < 0:

@@ -69,23 +69,57 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # Trains in well under a minute on 2 CPU cores; used by the tests.
     "tiny": Preset(
-        hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, seq_len=64, vocab_size=512,
-        num_prototypes=64, top_k=8, batch_size=8, learning_rate=3e-3, max_steps=200, warmup_steps=20,
-        save_steps=50, eval_sequences=64,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=128,
+        seq_len=64,
+        vocab_size=512,
+        num_prototypes=64,
+        top_k=8,
+        batch_size=8,
+        learning_rate=3e-3,
+        max_steps=200,
+        warmup_steps=20,
+        save_steps=50,
+        eval_sequences=64,
     ),
     # The shipped demo model: ~5.6M parameters, 1,024 prototypes, k = 64, trained with the
     # straight-through router gradient (README, "The demo model, measured": k = 64 and this
     # gradient bring validation loss within 4% of the dense twin; k = 32 stayed 8% behind).
     "demo": Preset(
-        hidden_size=256, num_layers=4, num_heads=4, intermediate_size=640, seq_len=256, vocab_size=8192,
-        num_prototypes=1024, top_k=64, batch_size=16, learning_rate=2e-3, max_steps=1400, warmup_steps=100,
-        save_steps=200, eval_sequences=256, router_gradient="all",
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        intermediate_size=640,
+        seq_len=256,
+        vocab_size=8192,
+        num_prototypes=1024,
+        top_k=64,
+        batch_size=16,
+        learning_rate=2e-3,
+        max_steps=1400,
+        warmup_steps=100,
+        save_steps=200,
+        eval_sequences=256,
+        router_gradient="all",
     ),
     # For GPU users.
     "small": Preset(
-        hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1376, seq_len=512, vocab_size=16384,
-        num_prototypes=4096, top_k=8, batch_size=32, learning_rate=1e-3, max_steps=20000, warmup_steps=1000,
-        save_steps=1000, eval_sequences=1024,
+        hidden_size=512,
+        num_layers=8,
+        num_heads=8,
+        intermediate_size=1376,
+        seq_len=512,
+        vocab_size=16384,
+        num_prototypes=4096,
+        top_k=8,
+        batch_size=32,
+        learning_rate=1e-3,
+        max_steps=20000,
+        warmup_steps=1000,
+        save_steps=1000,
+        eval_sequences=1024,
     ),
 }
 PresetName = Literal["tiny", "demo", "small"]  # the keys of PRESETS
@@ -106,12 +140,15 @@ class TrainOptions:
     tokenizer: str | None = option(None, "reuse the tokenizer of this bundle")
     resume: bool = option(False, "continue from the newest complete checkpoint in OUT/checkpoints")
     progress: bool = option(True, "show progress bars", cli=False)
-    overrides: dict = option(help="PrismConfig fields to override (tests, experiments)", default_factory=dict,
-                             cli=False)
-    save_steps: int | None = option(None, "checkpoint every this many steps (default: the preset's)", minimum=1,
-                                    cli=False)
-    stop_after: int | None = option(None, "stop (as if interrupted) after this many steps; for resume tests",
-                                    minimum=1, cli=False)
+    overrides: dict = option(
+        help="PrismConfig fields to override (tests, experiments)", default_factory=dict, cli=False
+    )
+    save_steps: int | None = option(
+        None, "checkpoint every this many steps (default: the preset's)", minimum=1, cli=False
+    )
+    stop_after: int | None = option(
+        None, "stop (as if interrupted) after this many steps; for resume tests", minimum=1, cli=False
+    )
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -148,8 +185,12 @@ def build_config(preset: Preset, vocab_size: int, eos_id: int, dense: bool, **ov
         pad_token_id=eos_id,
         tie_word_embeddings=True,
     )
-    fields = dict(num_prototypes=preset.num_prototypes, prototype_top_k=preset.top_k, dense=dense,
-                  router_gradient=preset.router_gradient)
+    fields = dict(
+        num_prototypes=preset.num_prototypes,
+        prototype_top_k=preset.top_k,
+        dense=dense,
+        router_gradient=preset.router_gradient,
+    )
     return PrismConfig(text_config=text_config, **{**fields, **overrides})
 
 
@@ -401,8 +442,9 @@ def record_twin(bundle: str | Path, twin_record: dict) -> dict:
         BundleError: the twin was not trained on the same corpus.
     """
     path = Path(bundle) / "training.json"
-    record = store.read_json(path, "the training record", fix=f"retrain the bundle with `prism train --out {bundle}`",
-                             error=BundleError)
+    record = store.read_json(
+        path, "the training record", fix=f"retrain the bundle with `prism train --out {bundle}`", error=BundleError
+    )
     if record.get("corpus_fingerprint") != twin_record.get("corpus_fingerprint"):
         raise BundleError("the dense twin was trained on a different corpus than the bundle")
     record["dense_val_loss"] = twin_record["val_loss"]

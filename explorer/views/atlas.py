@@ -34,27 +34,36 @@ data = state.atlas_data(loaded)
 P = data.num_prototypes
 
 st.subheader("Atlas")
-st.caption(f"{P:,} prototypes · layout: {data.layout} · marker size: usage · click a point, or drag a box or "
-           "lasso, to open prototype cards")
+st.caption(
+    f"{P:,} prototypes · layout: {data.layout} · marker size: usage · click a point, or drag a box or "
+    "lasso, to open prototype cards"
+)
 
 c1, c2, c3 = st.columns([1.2, 2, 2])
 colour_options = ["category", "source"] if any(data.categories) else ["source"]
-colour_by = c1.segmented_control("Colour by", colour_options, default=colour_options[0], key="atlas_colour",
-                                 required=True)
+colour_by = c1.segmented_control(
+    "Colour by", colour_options, default=colour_options[0], key="atlas_colour", required=True
+)
 groups = np.asarray(data.categories if colour_by == "category" else data.dominant, dtype=object)
 group_names = sorted(set(groups.tolist()))
-shown_groups = c2.multiselect(f"Filter by {colour_by}", group_names, key="atlas_filter",
-                              placeholder=f"all {len(group_names)} {colour_by} groups")
-query = c3.text_input("Search labels and neighbourhood text", key="atlas_query",
-                      placeholder="e.g. thou, package, def")
+shown_groups = c2.multiselect(
+    f"Filter by {colour_by}", group_names, key="atlas_filter", placeholder=f"all {len(group_names)} {colour_by} groups"
+)
+query = c3.text_input("Search labels and neighbourhood text", key="atlas_query", placeholder="e.g. thou, package, def")
 
 visible = np.isin(groups, shown_groups) if shown_groups else np.ones(P, dtype=bool)
 hits = data.search(query) if query.strip() else []
 picked = [j for j in st.session_state.get(state.PICKED, []) if 0 <= j < P]
 ids = np.flatnonzero(visible).astype(np.int32)
 hover = [f"#{j} {data.labels[j] or data.dominant[j]} · {data.top_snippet[j][:70]}" for j in ids]
-fig = atlas_figure(data.xy[ids], ids, groups[ids].tolist(), data.usage_share[ids], hover=hover,
-                   highlight=sorted(set(hits) | set(picked)))
+fig = atlas_figure(
+    data.xy[ids],
+    ids,
+    groups[ids].tolist(),
+    data.usage_share[ids],
+    hover=hover,
+    highlight=sorted(set(hits) | set(picked)),
+)
 st.plotly_chart(
     fig,
     key=MAP_KEY,
@@ -82,30 +91,46 @@ with st.expander("Open a prototype by id"):
 
 picked = [j for j in st.session_state.get(state.PICKED, []) if 0 <= j < P]
 if not picked:
-    st.info("No prototype selected yet: click a point on the map, drag a box or lasso around several, "
-            "search, or open one by id.")
+    st.info(
+        "No prototype selected yet: click a point on the map, drag a box or lasso around several, "
+        "search, or open one by id."
+    )
     st.stop()
 
-table = pd.DataFrame({
-    "prototype": picked,
-    "label": [data.labels[j] for j in picked],
-    "category": [data.categories[j] for j in picked],
-    "dominant source": [data.dominant[j] for j in picked],
-    "usage %": [100 * float(data.usage_share[j]) for j in picked],
-    "top snippet": [data.top_snippet[j] for j in picked],
-})
+table = pd.DataFrame(
+    {
+        "prototype": picked,
+        "label": [data.labels[j] for j in picked],
+        "category": [data.categories[j] for j in picked],
+        "dominant source": [data.dominant[j] for j in picked],
+        "usage %": [100 * float(data.usage_share[j]) for j in picked],
+        "top snippet": [data.top_snippet[j] for j in picked],
+    }
+)
 st.markdown(f"**Selection: {len(picked)} prototypes**")
-st.dataframe(table, hide_index=True, height=min(300, 38 + 35 * len(picked)), key="atlas_table",
-             column_config={"usage %": st.column_config.NumberColumn(format="%.3f")})
+st.dataframe(
+    table,
+    hide_index=True,
+    height=min(300, 38 + 35 * len(picked)),
+    key="atlas_table",
+    column_config={"usage %": st.column_config.NumberColumn(format="%.3f")},
+)
 left, right = st.columns([1, 1])
-left.download_button("Export selection (CSV)", table.to_csv(index=False), file_name="prototype-selection.csv",
-                     mime="text/csv", on_click="ignore", key="atlas_export")
+left.download_button(
+    "Export selection (CSV)",
+    table.to_csv(index=False),
+    file_name="prototype-selection.csv",
+    mime="text/csv",
+    on_click="ignore",
+    key="atlas_export",
+)
 if right.button("Clear selection", key="atlas_clear"):
     st.session_state[state.PICKED] = []
     st.rerun()
 
 if st.session_state.get("atlas_card") not in picked:
     st.session_state["atlas_card"] = picked[0]
-card = st.selectbox("Card", picked, key="atlas_card",
-                    format_func=lambda j: f"#{j} {data.labels[j] or data.dominant[j]}")
+card = st.selectbox(
+    "Card", picked, key="atlas_card", format_func=lambda j: f"#{j} {data.labels[j] or data.dominant[j]}"
+)
 render_card(loaded.index, data, loaded.bundle.tokenizer, int(card), "atlas", state.max_suppressed(loaded))

@@ -22,12 +22,20 @@ if not bundle.is_prism:
     st.info(f"{loaded.path} is a dense twin: it has no prototypes to calibrate.")
     st.stop()
 
-st.caption("A task is JSONL rows {\"prompt\", \"choices\": [...], \"answer\": index}; each choice is scored by "
-           "its mean log-probability after the prompt. Gains are fitted on part of the task and measured on the "
-           "rest with real forward passes.")
+st.caption(
+    'A task is JSONL rows {"prompt", "choices": [...], "answer": index}; each choice is scored by '
+    "its mean log-probability after the prompt. Gains are fitted on part of the task and measured on the "
+    "rest with real forward passes."
+)
 demo_tasks = sorted(TASKS.glob("*.jsonl")) if TASKS.is_dir() else []
-source = st.radio("Task", ["demo task", "upload"], horizontal=True, key="cal_source",
-                  disabled=not demo_tasks, index=0 if demo_tasks else 1)
+source = st.radio(
+    "Task",
+    ["demo task", "upload"],
+    horizontal=True,
+    key="cal_source",
+    disabled=not demo_tasks,
+    index=0 if demo_tasks else 1,
+)
 items, task_name = None, None
 try:
     if source == "demo task" and demo_tasks:
@@ -50,8 +58,9 @@ c1, c2, c3, c4 = st.columns(4)
 limit = c1.number_input("Items used", 2, len(items), min(len(items), 200), key="cal_limit")
 holdout = c2.slider("Held out", 0.1, 0.9, defaults.holdout, step=0.05, key="cal_holdout")
 steps = c3.slider("Steps", 10, 400, defaults.steps, step=10, key="cal_steps")
-penalty = c4.select_slider("Sparsity penalty", sorted({*PENALTIES, defaults.penalty}), defaults.penalty,
-                           key="cal_penalty")
+penalty = c4.select_slider(
+    "Sparsity penalty", sorted({*PENALTIES, defaults.penalty}), defaults.penalty, key="cal_penalty"
+)
 st.caption(f"{task_name}: {len(items)} items, {int(limit)} used.")
 
 if st.button("Fit", type="primary", key="cal_fit"):
@@ -61,8 +70,15 @@ if st.button("Fit", type="primary", key="cal_fit"):
         bar.progress(min(1.0, done / max(total, 1)), text=f"Calibrating: {done}/{total}")
 
     try:
-        result = core.calibrate(bundle, items[: int(limit)], holdout=float(holdout), penalty=float(penalty),
-                                steps=int(steps), index=loaded.index, progress=progress)
+        result = core.calibrate(
+            bundle,
+            items[: int(limit)],
+            holdout=float(holdout),
+            penalty=float(penalty),
+            steps=int(steps),
+            index=loaded.index,
+            progress=progress,
+        )
     except (TaskError, ValueError) as err:
         bar.empty()
         st.error(f"Calibration failed: {err}")
@@ -79,20 +95,40 @@ if result.controls.model_fingerprint and result.controls.model_fingerprint != bu
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("Held-out accuracy before", f"{100 * result.before:.1f}%")
 m2.metric("Held-out accuracy after", f"{100 * result.after:.1f}%", f"{100 * (result.after - result.before):+.1f} pts")
-m3.metric("Calibration split", f"{100 * result.calibration_after:.1f}%",
-          f"{100 * (result.calibration_after - result.calibration_before):+.1f} pts")
+m3.metric(
+    "Calibration split",
+    f"{100 * result.calibration_after:.1f}%",
+    f"{100 * (result.calibration_after - result.calibration_before):+.1f} pts",
+)
 m4.metric("Gains changed", f"{result.changed}")
 st.caption(f"{result.calibration_items} calibration items, {result.holdout_items} held out.")
 if result.moved:
     st.markdown("**Prototypes that moved most**")
-    st.dataframe(pd.DataFrame([{"prototype": m["id"], "gain": m["gain"], "label": m.get("label") or "",
-                                "nearest training snippet": (m["examples"][0]["snippet"] if m.get("examples")
-                                                             else "")} for m in result.moved]),
-                 hide_index=True, key="cal_moved")
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "prototype": m["id"],
+                    "gain": m["gain"],
+                    "label": m.get("label") or "",
+                    "nearest training snippet": (m["examples"][0]["snippet"] if m.get("examples") else ""),
+                }
+                for m in result.moved
+            ]
+        ),
+        hide_index=True,
+        key="cal_moved",
+    )
 a, b = st.columns(2)
 if a.button("Apply to this session's controls", key="cal_apply", disabled=not result.controls.gains):
     for j, gain in result.controls.gains.items():
         state.set_gain(j, gain)
     st.success(f"Applied {len(result.controls.gains)} gains (suppressions kept); see the Steer page.")
-b.download_button("Download result (JSON)", json.dumps(result.to_json(), indent=2), file_name="calibration.json",
-                  mime="application/json", on_click="ignore", key="cal_download")
+b.download_button(
+    "Download result (JSON)",
+    json.dumps(result.to_json(), indent=2),
+    file_name="calibration.json",
+    mime="application/json",
+    on_click="ignore",
+    key="cal_download",
+)

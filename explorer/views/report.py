@@ -9,33 +9,52 @@ import core
 from explorer import state
 from explorer.figures import waterfall_figure
 
-DOWNLOADS = (("html", "Download HTML (offline)", "text/html"), ("json", "Download JSON", "application/json"),
-             ("csv", "Download CSV", "text/csv"))  # (report format, button label, MIME type)
+DOWNLOADS = (
+    ("html", "Download HTML (offline)", "text/html"),
+    ("json", "Download JSON", "application/json"),
+    ("csv", "Download CSV", "text/csv"),
+)  # (report format, button label, MIME type)
 
 loaded = state.load_current()
 st.subheader("Report")
 result = st.session_state.get(state.TRACE)
 if result is None:
-    st.info("Nothing to report yet: trace a prompt on the Trace page first. The same report for a file of "
-            "prompts: `prism report --prompts FILE --out report.html`.")
+    st.info(
+        "Nothing to report yet: trace a prompt on the Trace page first. The same report for a file of "
+        "prompts: `prism report --prompts FILE --out report.html`."
+    )
     st.stop()
 
 controls = st.session_state.get(state.TRACE_CONTROLS)
 report = core.report_from_attributions([result], controls)
 dec = result.decomposition
-st.markdown(f"Trace of {len(dec.tokens)} tokens · method {result.method} · model {result.model_fingerprint} · "
-            f"controls: {'none' if controls is None or controls.is_empty else controls.to_json()}")
+st.markdown(
+    f"Trace of {len(dec.tokens)} tokens · method {result.method} · model {result.model_fingerprint} · "
+    f"controls: {'none' if controls is None or controls.is_empty else controls.to_json()}"
+)
 st.text(dec.prompt + dec.completion)
 stem = f"prism-report-{result.model_fingerprint}"
 for column, (fmt, label, mime) in zip(st.columns(len(DOWNLOADS)), DOWNLOADS, strict=True):
-    column.download_button(label, core.render_report(report, fmt), file_name=f"{stem}.{fmt}", mime=mime,
-                           on_click="ignore", key=f"report_{fmt}", type="primary" if fmt == "html" else "secondary")
-with st.expander("Preview: the first token's slices (the HTML report draws the same chart as inline SVG)",
-                 expanded=True):
+    column.download_button(
+        label,
+        core.render_report(report, fmt),
+        file_name=f"{stem}.{fmt}",
+        mime=mime,
+        on_click="ignore",
+        key=f"report_{fmt}",
+        type="primary" if fmt == "html" else "secondary",
+    )
+with st.expander(
+    "Preview: the first token's slices (the HTML report draws the same chart as inline SVG)", expanded=True
+):
     token = dec.tokens[0]
     ids = [p.id for p in token.prototypes]
     labels = [result.labels.get(j) or "" for j in ids]
-    st.plotly_chart(waterfall_figure(ids, [p.slice for p in token.prototypes], token.logit, labels), key="report_chart",
-                    config={"displaylogo": False}, alt=f"Slices of the first token {token.token!r}")
+    st.plotly_chart(
+        waterfall_figure(ids, [p.slice for p in token.prototypes], token.logit, labels),
+        key="report_chart",
+        config={"displaylogo": False},
+        alt=f"Slices of the first token {token.token!r}",
+    )
 with st.expander("JSON"):
     st.json(report, expanded=1)

@@ -18,14 +18,29 @@ BEHAVIOURS = state.REPO / "assets" / "behaviours"
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
-def generated(path: str, fingerprint: str, prompt: str, max_new_tokens: int, seed: int, sample: bool,
-              temperature: float, controls_json: str) -> dict:
+def generated(
+    path: str,
+    fingerprint: str,
+    prompt: str,
+    max_new_tokens: int,
+    seed: int,
+    sample: bool,
+    temperature: float,
+    controls_json: str,
+) -> dict:
     """One generation with its per-token strings and perplexities (cached per request)."""
     bundle = state.cached_bundle(path)
     controls = Controls.from_json(json.loads(controls_json))
     t0 = time.perf_counter()
-    result = core.generate_text(bundle, prompt, max_new_tokens=max_new_tokens, controls=controls, seed=seed,
-                           do_sample=sample, temperature=temperature)
+    result = core.generate_text(
+        bundle,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        controls=controls,
+        seed=seed,
+        do_sample=sample,
+        temperature=temperature,
+    )
     seconds = time.perf_counter() - t0
     return {
         "text": result.text,
@@ -48,8 +63,10 @@ def token_html(tokens: list[str], different: frozenset[int]) -> str:
 
 
 def _add_row() -> None:
-    state.set_gain(int(st.session_state["steer_add_id"]), float(st.session_state.get(state.GAINS, {}).get(
-        int(st.session_state["steer_add_id"]), 1.0)))
+    state.set_gain(
+        int(st.session_state["steer_add_id"]),
+        float(st.session_state.get(state.GAINS, {}).get(int(st.session_state["steer_add_id"]), 1.0)),
+    )
 
 
 def _remove_row(prototype: int) -> None:
@@ -80,8 +97,10 @@ temperature = c4.slider("Temperature", 0.1, 2.0, 0.8, step=0.1, key="steer_tempe
 st.markdown("**Controls of this session** (from any page; every change regenerates)")
 rows = sorted(set(st.session_state.get(state.GAINS, {})) | set(st.session_state.get(state.SUPPRESSED, [])))
 if not rows:
-    st.caption("No controls yet: add a prototype below, or use the suppress toggle and gain slider of a "
-               "prototype card on the Atlas or Trace page.")
+    st.caption(
+        "No controls yet: add a prototype below, or use the suppress toggle and gain slider of a "
+        "prototype card on the Atlas or Trace page."
+    )
 for j in rows:
     name, controls_col, remove_col = st.columns([2, 5, 1])
     label = data.labels[j] if data is not None and data.labels[j] else (data.dominant[j] if data else "")
@@ -111,9 +130,11 @@ with st.expander("Find prototypes to steer: by text query or by contrast"):
                     st.error(f"Cannot read {demo.name}: {err}")
                 else:  # one prompt per line: a prompt's own line breaks become spaces
                     st.session_state["steer_behaviour"] = "\n".join(
-                        " ".join(x.split()) for x in spec.contrast_behaviour or spec.prompts)
+                        " ".join(x.split()) for x in spec.contrast_behaviour or spec.prompts
+                    )
                     st.session_state["steer_neutral"] = "\n".join(
-                        " ".join(x.split()) for x in spec.contrast_neutral or spec.neutral_prompts)
+                        " ".join(x.split()) for x in spec.contrast_neutral or spec.neutral_prompts
+                    )
         behaviour = st.text_area("Prompts that show the behaviour (one per line)", key="steer_behaviour")
         neutral = st.text_area("Neutral prompts (one per line)", key="steer_neutral")
         q_col, c_col = st.columns(2)
@@ -165,8 +186,10 @@ elif diff.first_difference is None:
     st.caption("The controls did not change any generated token.")
 else:
     changed = len(diff.steered_unaligned)
-    st.caption(f"First difference at token {diff.first_difference + 1}; {changed} of {len(steered['ids'])} "
-               "steered tokens are not in the original (marked, after aligning the two texts).")
+    st.caption(
+        f"First difference at token {diff.first_difference + 1}; {changed} of {len(steered['ids'])} "
+        "steered tokens are not in the original (marked, after aligning the two texts)."
+    )
 left, right = st.columns(2)
 with left:
     st.markdown("**Original**")
@@ -176,16 +199,27 @@ with right:
     st.markdown("**Steered**")
     st.html(token_html(steered["tokens"], diff.steered_unaligned))
     m1, m2 = st.columns(2)
-    m1.metric("Perplexity (original model)", f"{steered['ppl_base']:.2f}",
-              help="How natural the steered text is to the unsteered model")
+    m1.metric(
+        "Perplexity (original model)",
+        f"{steered['ppl_base']:.2f}",
+        help="How natural the steered text is to the unsteered model",
+    )
     m2.metric("Perplexity (under the controls)", f"{steered['ppl_own']:.2f}")
-st.caption(f"Steered generation took {steered['seconds'] * 1000:.0f} ms for {len(steered['ids'])} tokens "
-           "(cached results are instant).")
+st.caption(
+    f"Steered generation took {steered['seconds'] * 1000:.0f} ms for {len(steered['ids'])} tokens "
+    "(cached results are instant)."
+)
 
 st.divider()
 s1, s2 = st.columns(2)
-s1.download_button("Save controls (JSON)", json.dumps(controls.to_json(), indent=2), file_name="controls.json",
-                   mime="application/json", on_click="ignore", key="steer_save")
+s1.download_button(
+    "Save controls (JSON)",
+    json.dumps(controls.to_json(), indent=2),
+    file_name="controls.json",
+    mime="application/json",
+    on_click="ignore",
+    key="steer_save",
+)
 upload = s2.file_uploader("Load controls (JSON)", type=["json"], key="steer_upload")
 if upload is not None and st.session_state.get("steer_uploaded") != upload.file_id:
     st.session_state["steer_uploaded"] = upload.file_id

@@ -20,14 +20,23 @@ EXAMPLES_SHOWN = 5
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def traced(path: str, fingerprint: str, prompt: str, completion: str | None, method: str, top: int,
-           max_new_tokens: int, controls_json: str) -> Attribution:
+def traced(
+    path: str,
+    fingerprint: str,
+    prompt: str,
+    completion: str | None,
+    method: str,
+    top: int,
+    max_new_tokens: int,
+    controls_json: str,
+) -> Attribution:
     """attribute() for one request, cached on everything that determines its result."""
     bundle = state.cached_bundle(path)
     index = state.cached_index(path, fingerprint)
     controls = Controls.from_json(json.loads(controls_json))
-    return core.attribute(bundle, index, prompt, completion, top=top, method=method, controls=controls,
-                     max_new_tokens=max_new_tokens)
+    return core.attribute(
+        bundle, index, prompt, completion, top=top, method=method, controls=controls, max_new_tokens=max_new_tokens
+    )
 
 
 def _on_slice_select() -> None:
@@ -48,12 +57,21 @@ data = state.atlas_data(loaded)
 st.subheader("Trace")
 prompt = st.text_area("Prompt", DEFAULT_PROMPT, key="trace_prompt", height=80)
 c1, c2, c3, c4 = st.columns([1.4, 1, 1, 1])
-mode = c1.radio("Completion", ["generate", "score my own"], key="trace_mode", horizontal=True,
-                help="Generate greedily with the session's controls, or paste a completion to score")
+mode = c1.radio(
+    "Completion",
+    ["generate", "score my own"],
+    key="trace_mode",
+    horizontal=True,
+    help="Generate greedily with the session's controls, or paste a completion to score",
+)
 most = max(1, min(64, bundle.model.config.get_text_config().max_position_embeddings // 2))
 max_new = c2.slider("Tokens to generate", 1, most, min(16, most), key="trace_max_new", disabled=mode != "generate")
-method = c3.selectbox("Attribution method", list(core.METHODS), key="trace_method",
-                      help="neighbourhood: each slice shared over its prototype's training neighbours")
+method = c3.selectbox(
+    "Attribution method",
+    list(core.METHODS),
+    key="trace_method",
+    help="neighbourhood: each slice shared over its prototype's training neighbours",
+)
 top = c4.number_input("Examples per token", 1, 50, 10, key="trace_top")
 completion = None
 if mode == "score my own":
@@ -64,8 +82,16 @@ if submitted:
     controls = state.session_controls(bundle.fingerprint)
     with st.spinner("Generating and tracing…" if completion is None else "Tracing…"):
         try:
-            result = traced(loaded.path, bundle.fingerprint, prompt, completion, method, int(top),
-                            int(max_new), json.dumps(controls.to_json(), sort_keys=True))
+            result = traced(
+                loaded.path,
+                bundle.fingerprint,
+                prompt,
+                completion,
+                method,
+                int(top),
+                int(max_new),
+                json.dumps(controls.to_json(), sort_keys=True),
+            )
         except (ValueError, ControlsError, PrototypeIndexError) as err:
             st.error(f"Cannot trace: {err}")
             st.stop()
@@ -75,8 +101,10 @@ if submitted:
 
 result: Attribution | None = st.session_state.get(state.TRACE)
 if result is None:
-    st.info("Enter a prompt and press Trace: the model generates a completion (or scores yours), and every "
-            "token's logit is split into the slices of its prototypes.")
+    st.info(
+        "Enter a prompt and press Trace: the model generates a completion (or scores yours), and every "
+        "token's logit is split into the slices of its prototypes."
+    )
     st.stop()
 
 dec = result.decomposition
@@ -96,8 +124,9 @@ if dec.truncated_tokens:
 if st.session_state.get("trace_token") not in range(n):
     st.session_state["trace_token"] = 0
 chips = state.unique_labels([state.visible_token(t.token) for t in dec.tokens])
-choice = st.pills("Tokens (pick one)", list(range(n)), key="trace_token", selection_mode="single",
-                  format_func=lambda i: chips[i])
+choice = st.pills(
+    "Tokens (pick one)", list(range(n)), key="trace_token", selection_mode="single", format_func=lambda i: chips[i]
+)
 i = int(choice) if choice is not None else 0
 token = dec.tokens[i]
 total = sum(p.slice for p in token.prototypes)
@@ -109,29 +138,55 @@ m1.metric("Token", repr(token.token))
 m2.metric("Logit", f"{token.logit:.4f}")
 m3.metric("Probability", f"{token.probability:.4f}")
 m4.metric("Σ slices", f"{total:.4f}", help="The slices of the active prototypes add up to the logit")
-st.success(f"Σ slices = logit (|error| = {error:.1e}) over {len(token.prototypes)} active prototypes",
-           icon=":material/check_circle:")
+st.success(
+    f"Σ slices = logit (|error| = {error:.1e}) over {len(token.prototypes)} active prototypes",
+    icon=":material/check_circle:",
+)
 
 left, right = st.columns([3, 2])
 with left:
     ids = [p.id for p in token.prototypes]
     labels = [data.labels[j] for j in ids]
     fig = waterfall_figure(ids, [p.slice for p in token.prototypes], token.logit, labels)
-    st.plotly_chart(fig, key=WATERFALL_KEY, on_select=_on_slice_select, selection_mode="points", width="stretch",
-                    config={"displaylogo": False}, alt=f"Slices of token {token.token!r} summing to its logit")
+    st.plotly_chart(
+        fig,
+        key=WATERFALL_KEY,
+        on_select=_on_slice_select,
+        selection_mode="points",
+        width="stretch",
+        config={"displaylogo": False},
+        alt=f"Slices of token {token.token!r} summing to its logit",
+    )
     st.caption("Click a slice to open its prototype card.")
 with right:
     st.markdown("**Top alternatives** (their slices over the same prototypes)")
-    rows = [{"token": repr(token.token), "logit": token.logit, "probability": token.probability,
-             "strongest slice": f"#{token.prototypes[0].id} {token.prototypes[0].slice:+.3f}"}]
+    rows = [
+        {
+            "token": repr(token.token),
+            "logit": token.logit,
+            "probability": token.probability,
+            "strongest slice": f"#{token.prototypes[0].id} {token.prototypes[0].slice:+.3f}",
+        }
+    ]
     for alt in token.alternatives:
         k = max(range(len(alt.slices)), key=lambda m: alt.slices[m]) if alt.slices else 0
-        rows.append({"token": repr(alt.token), "logit": alt.logit, "probability": alt.probability,
-                     "strongest slice": f"#{token.prototypes[k].id} {alt.slices[k]:+.3f}" if alt.slices else ""})
-    st.dataframe(pd.DataFrame(rows), hide_index=True, key="trace_alternatives",
-                 column_config={"logit": st.column_config.NumberColumn(format="%.3f"),
-                                "probability": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0,
-                                                                               format="%.3f")})
+        rows.append(
+            {
+                "token": repr(alt.token),
+                "logit": alt.logit,
+                "probability": alt.probability,
+                "strongest slice": f"#{token.prototypes[k].id} {alt.slices[k]:+.3f}" if alt.slices else "",
+            }
+        )
+    st.dataframe(
+        pd.DataFrame(rows),
+        hide_index=True,
+        key="trace_alternatives",
+        column_config={
+            "logit": st.column_config.NumberColumn(format="%.3f"),
+            "probability": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0, format="%.3f"),
+        },
+    )
 
 st.markdown(f"**Training examples behind this token** ({result.method})")
 examples = result.token_examples[i][:EXAMPLES_SHOWN]
@@ -139,9 +194,11 @@ if not examples:
     st.caption("No training examples were credited for this token.")
 for rank, e in enumerate(examples, start=1):
     a, b = st.columns([6, 1])
-    a.html(state.SNIPPET_CSS + f'<div class="prism-snip" title="{state.escape(e.doc_id)}"><b>{rank}.</b> '
-           f'score {e.score:.3f} · {state.escape(e.source)} · {state.escape(e.doc_id)}<br>'
-           f'{state.marked_snippet(e.snippet, e.highlight_start, e.highlight_end)}</div>')
+    a.html(
+        state.SNIPPET_CSS + f'<div class="prism-snip" title="{state.escape(e.doc_id)}"><b>{rank}.</b> '
+        f"score {e.score:.3f} · {state.escape(e.source)} · {state.escape(e.doc_id)}<br>"
+        f"{state.marked_snippet(e.snippet, e.highlight_start, e.highlight_end)}</div>"
+    )
     b.button(f"card #{e.prototype}", key=f"trace_example_card_{rank}", on_click=_open_card, args=(e.prototype,))
 
 card = st.session_state.get(state.CARD)

@@ -213,5 +213,3 @@ def subsample_to_budget(documents: Sequence[Document], max_chars: int | None, se
         keep.add(i)
         total += n
     return [d for i, d in enumerate(documents) if i in keep]
-
-

@@ -274,5 +274,3 @@ def read_fortunes_source(fortunes_dir: Path = FORTUNES_DIR, show_progress: bool 
         "collections": collections,
     }
     return SourceResult("fortunes", docs, provenance)
-
-

@@ -227,5 +227,3 @@ def is_fortune_data_file(path: Path, root: Path) -> bool:
     if "off" in rel.parts[:-1]:
         return False
     return path.is_file() and not path.is_symlink() and path.suffix not in {".dat", ".u8", ".gz"}
-
-

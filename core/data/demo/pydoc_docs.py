@@ -282,5 +282,3 @@ def read_pydoc_source(show_progress: bool = False) -> SourceResult:
     data = json.loads(proc.stdout)
     docs = [Document(doc_id, text, "pydoc") for doc_id, text in data["documents"]]
     return SourceResult("pydoc", docs, data["provenance"])
-
-

@@ -237,5 +237,3 @@ def debian_documents(
         text = clean_text(format_debian_package(name, section, synopsis, long_text))
         docs.append(Document(f"debian/{name}", text, "debian"))
     return docs
-
-

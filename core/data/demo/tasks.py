@@ -42,8 +42,14 @@ from pathlib import Path
 
 from core import store
 
-TASK_NAMES = ("wordnet_pos", "shakespeare_pronoun", "debian_section", "shakespeare_speaker", "wordnet_definition",
-              "debian_description")
+TASK_NAMES = (
+    "wordnet_pos",
+    "shakespeare_pronoun",
+    "debian_section",
+    "shakespeare_speaker",
+    "wordnet_definition",
+    "debian_description",
+)
 PRONOUN_PAIRS = {"thou": "you", "you": "thou", "thy": "your", "your": "thy", "thee": "you"}
 POS_NAMES = ("noun", "verb", "adjective", "adverb")
 BEHAVIOUR_NAMES = ("archaic", "package_boilerplate")
@@ -101,8 +107,10 @@ def wordnet_pos_items(docs: list[dict], rng: random.Random, limit: int) -> list[
     kept = [e for e in entries if e[1] != "noun"][: limit - len(nouns)] + nouns
     rng.shuffle(kept)
     choices = [f" ({pos}):" for pos in POS_NAMES]
-    return [{"id": f"wordnet_pos/{n}", "prompt": prompt, "choices": choices, "answer": POS_NAMES.index(pos)}
-            for n, (prompt, pos) in enumerate(kept)]
+    return [
+        {"id": f"wordnet_pos/{n}", "prompt": prompt, "choices": choices, "answer": POS_NAMES.index(pos)}
+        for n, (prompt, pos) in enumerate(kept)
+    ]
 
 
 def shakespeare_pronoun_items(docs: list[dict], rng: random.Random, limit: int) -> list[dict]:
@@ -324,4 +332,3 @@ def build_behaviours(corpus_dir: str | Path, out_dir: str | Path, seed: int = 0)
         store.atomic_write(out / f"{data['name']}.json", json.dumps(data, indent=1, ensure_ascii=False) + "\n")
         counts[data["name"]] = len(data["prompts"])
     return counts
-
