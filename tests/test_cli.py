@@ -10,24 +10,7 @@ import pytest
 
 from core.cli import main
 from core.control.controls import Controls, save_controls
-
-from .conftest import REPO
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 1
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("prism: error: ")
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
+from tests.helpers import REPO, assert_one_line_error, run
 
 
 def test_missing_corpus(tmp_path, capsys):

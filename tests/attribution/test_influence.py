@@ -22,16 +22,18 @@ from core.attribution.influence import (
 )
 from core.attribution.influence import query as influence_module
 from core.bundle import load_bundle, write_bundle
-from core.cli import main
 from core.data.corpus import load_corpus, pack
 from core.errors import ArgumentError
 from core.index.build import build_index
 from core.index.format import load_index
-
-from .conftest import demo_rows, write_jsonl
+from tests.helpers import demo_rows, run, write_jsonl
 
 PROMPT, COMPLETION = "The quality of mercy", " is not strained"
+
+
 SEQUENCES = 6  # training sequences of 64 tokens used by the exact tests
+
+
 EXACT = dict(
     rank=None,
     top_documents=None,
@@ -274,12 +276,6 @@ def test_stale_or_missing_factors_are_refused(small_bundle, short_corpus, tmp_pa
         load_influence(bundle_dir)
     with pytest.raises(ArgumentError, match="damping must be > 0"):
         InfluenceArguments(damping=0)
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_builds_and_uses_influence(small_bundle, short_corpus, tmp_path, capsys):

@@ -10,8 +10,6 @@ import pytest
 
 from core.data import demo as dc
 
-# ---------------------------------------------------------------- text cleaning
-
 
 def test_clean_text_line_endings_trailing_space_and_blank_lines() -> None:
     raw = "\n\nfirst line   \r\nsecond\t \r\rthird\n\n\n\n\nfourth  \n\n"
@@ -46,9 +44,6 @@ def test_clean_text_keeps_indentation_of_first_line() -> None:
 
 def test_clean_text_whitespace_only_is_empty() -> None:
     assert dc.clean_text(" \n\t\n \x00 \n") == ""
-
-
-# ---------------------------------------------------------------- split and subsample
 
 
 def _docs(source: str, n: int, size: int = 10) -> list:
@@ -106,8 +101,6 @@ def test_subsample_to_budget_is_seeded_and_stable() -> None:
     assert {d.id for d in dc.subsample_to_budget(fewer, 30_000, seed=0)} == kept_ids
     assert dc.subsample_to_budget(docs, None, seed=0) == docs
 
-
-# ---------------------------------------------------------------- shakespeare
 
 GUTENBERG_SAMPLE = """The Project Gutenberg EBook of Hamlet, by William Shakespeare
 
@@ -207,23 +200,29 @@ def test_shakespeare_work_names_and_documents() -> None:
     assert docs[0].text.startswith("HAMLET") and "Gutenberg" not in docs[0].text
 
 
-# ---------------------------------------------------------------- wordnet
-
 WORDNET_HEADER = "  1 This software and database is being provided to you, the LICENSEE, by  \n"
+
+
 WORDNET_NOUN = (
     "02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 023 @ 02083346 n 0000 @ 01317541 n 0000 "
     "#m 02083346 n 0000 | a member of the genus Canis (probably descended from the common wolf) that has "
     'been domesticated by man since prehistoric times; occurs in many breeds; "the dog barked all night"  \n'
 )
+
+
 WORDNET_VERB = (
     "01168468 34 v 04 eat 0 feed 0 consume 0 devour 0 003 @ 01157517 v 0000 + 00837675 n 0101 "
     "$ 01166351 v 0000 02 + 08 00 + 11 00 | take in food; used of animals only; \"This dog doesn't eat certain "
     'kinds of meat"  \n'
 )
+
+
 WORDNET_ADJ = (
     "00001740 00 a 01 able 0 005 = 05207437 n 0000 = 05624254 n 0000 + 05624254 n 0101 ! 00002098 a 0101 "
     '+ 05207437 n 0101 | (usually followed by `to\') having the necessary means or skill; "able to swim"  \n'
 )
+
+
 WORDNET_SATELLITE = "00004413 00 s 02 afraid(p) 0 scared 0 001 & 00003000 a 0000 | filled with fear  \n"
 
 
@@ -289,8 +288,6 @@ def test_group_entries() -> None:
     assert [k for k, _ in dc.group_entries(long_entries)] == ["a"]
 
 
-# ---------------------------------------------------------------- debian
-
 DUMPAVAIL = """Package: python3-numpy
 Version: 1:1.24.2-1
 Architecture: amd64
@@ -329,6 +326,7 @@ Description: documentation for inline-long
  .
  This package contains the documentation.
 """
+
 
 TRANSLATION = """Package: python3-numpy
 Description-md5: 4fef6b207fcddcc7678c9cb4c3a66bd2
@@ -374,8 +372,6 @@ def test_debian_documents() -> None:
     assert "\n\n  verbatim line\n\nLast paragraph." in inline
     assert all(d.source == "debian" for d in docs)
 
-
-# ---------------------------------------------------------------- fortunes
 
 FORTUNE_FILE = (
     "A celebrity is a person who is known for his well-knownness.\n"
@@ -428,9 +424,6 @@ def test_is_fortune_data_file(tmp_path: Path) -> None:
         p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if dc.is_fortune_data_file(p, tmp_path)
     )
     assert kept == ["art"]
-
-
-# ---------------------------------------------------------------- pydoc and writing
 
 
 def test_pydoc_documents_for_module_defined_objects_only() -> None:

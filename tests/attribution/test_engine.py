@@ -1,10 +1,9 @@
-"""Attribution: exact slices in the JSON, a planted example found, an index that refuses to be
-misused, builds that do not depend on the batch size, atomic writes and one-line CLI errors."""
+"""Attribution: exact slices in the JSON, a planted example found, the engine's caches beside
+the shared index, decomposition under controls, one-line CLI errors."""
 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -16,69 +15,11 @@ from core.attribution.engine import attribute, neighbour_codes
 from core.attribution.influence import InfluenceArguments, build_influence
 from core.attribution.neighbourhood import Credit as _Credit
 from core.attribution.neighbourhood import neighbourhood_credit, rank_examples
-from core.bundle import load_bundle, write_bundle
+from core.bundle import load_bundle
 from core.cli import main
 from core.control.controls import Controls
-from core.data.corpus import CorpusError, load_corpus
-from core.errors import PrototypeIndexError
-from core.index.build import build_index
 from core.index.format import index_dir, load_index
-
-from .conftest import demo_rows, write_jsonl
-
-CANARY = "The zorblax quivered under the violet moon of Tharsis."
-PROMPT, COMPLETION = "The zorblax quivered under", " the violet moon of Tharsis."
-
-
-@pytest.fixture(scope="module")
-def planted_corpus(tmp_path_factory) -> Path:
-    """50 short demo documents and 8 copies of a made-up sentence (about 2% of the tokens)."""
-    rows = demo_rows(10, max_chars=400)
-    rows += [{"id": f"canary-{i}", "text": CANARY, "source": "canary"} for i in range(8)]
-    random.Random(0).shuffle(rows)
-    return write_jsonl(tmp_path_factory.mktemp("planted") / "planted.jsonl", rows)
-
-
-@pytest.fixture(scope="module")
-def planted_bundle(tmp_path_factory, planted_corpus) -> Path:
-    """A tiny PRISM model (128 prototypes) trained 250 steps on the planted corpus, indexed."""
-    from core.train.trainer import TrainOptions, train
-
-    out = tmp_path_factory.mktemp("planted_bundle") / "tiny"
-    train(
-        TrainOptions(
-            corpus=str(planted_corpus),
-            out=str(out),
-            preset="tiny",
-            max_steps=250,
-            progress=False,
-            overrides={"num_prototypes": 128},
-        )
-    )
-    build_index(out, planted_corpus, show_progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def planted(planted_bundle):
-    return load_bundle(planted_bundle), load_index(planted_bundle)
-
-
-def unindexed_copy(bundle: Path, dest: Path) -> Path:
-    return Path(shutil.copytree(bundle, dest, ignore=shutil.ignore_patterns("index", ".index-*")))
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("prism: error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
+from tests.helpers import CANARY, COMPLETION, PROMPT, assert_one_line_error, run
 
 
 def test_json_contract_and_slices_sum_to_logits(planted_bundle, capsys):
@@ -189,80 +130,6 @@ def test_code_similarity_and_ranking_match_their_definitions(planted):
     ranked = rank_examples(index, flat, top=7)
     assert [e.doc_index for e in ranked] == order[:7]
     assert [e.score for e in ranked] == [totals[doc] for doc in order[:7]]
-
-
-def test_neighbourhoods_one_position_per_document_with_snippets(planted):
-    bundle, index = planted
-    assert index.usage_share.sum() == pytest.approx(1.0)
-    assert index.promoted_token_ids.shape == (128, 10)
-    for prototype in range(index.num_prototypes):
-        neighbours = index.neighbourhood(prototype)
-        assert len({n["doc_index"] for n in neighbours}) == len(neighbours)
-        active = [n["cosine"] for n in neighbours if n["active"]]
-        assert active == sorted(active, reverse=True)
-    decoded = same = 0
-    for row in range(len(index.snippets)):
-        record = index.example(row)
-        token = bundle.tokenizer.decode([record["token_id"]])
-        if "\ufffd" not in token:  # byte-level tokens that split a character decode to U+FFFD
-            decoded += 1
-            same += record["snippet"][record["highlight_start"] : record["highlight_end"]] == token
-    assert same == decoded > 0
-
-
-def test_index_refuses_other_corpus_and_other_model(planted_bundle, planted_corpus, small_corpus, tmp_path):
-    load_index(planted_bundle, corpus_fingerprint=load_corpus(planted_corpus).fingerprint)  # the right one loads
-    with pytest.raises(PrototypeIndexError, match="built from corpus .* not this corpus"):
-        load_index(planted_bundle, corpus_fingerprint=load_corpus(small_corpus).fingerprint)
-    other = Path(shutil.copytree(planted_bundle, tmp_path / "other"))
-    bundle = load_bundle(other)
-    bundle.model.prototypes.values.mul_(1.01)  # other weights, same shapes
-    write_bundle(other, bundle.model, bundle.tokenizer, bundle.training)  # leaves index/ in place
-    with pytest.raises(PrototypeIndexError, match="built for model .* not this model"):
-        load_index(other)
-    with pytest.raises(PrototypeIndexError, match="built for model"):
-        attribute(load_bundle(other), load_index(planted_bundle), PROMPT, COMPLETION)
-
-
-def test_scores_do_not_depend_on_index_batch_size(planted_bundle, planted_corpus, tmp_path):
-    indexes = []
-    for batch_size in (1, 7):
-        copy = unindexed_copy(planted_bundle, tmp_path / f"b{batch_size}")
-        build_index(copy, planted_corpus, batch_size=batch_size, max_tokens=3000, dtype="float64", show_progress=False)
-        indexes.append((load_bundle(copy), load_index(copy)))
-    (bundle_a, a), (bundle_b, b) = indexes
-    assert a.meta["sequences"] == b.meta["sequences"] == 47
-    np.testing.assert_array_equal(a.usage_count, b.usage_count)
-
-    def slots(index) -> np.ndarray:  # (P, M) each neighbour's global position, sorted per prototype
-        rows = index.neighbour_row
-        slot = index.positions["sequence"][rows] * 64 + index.positions["offset"][rows]
-        return np.sort(np.where(rows >= 0, slot, -1), axis=1)
-
-    np.testing.assert_array_equal(slots(a), slots(b))
-    np.testing.assert_allclose(np.sort(a.cosine, axis=1), np.sort(b.cosine, axis=1), rtol=1e-12, atol=1e-12)
-    scores = [
-        {e.doc_id: e.score for e in attribute(bundle, index, PROMPT, COMPLETION, top=1000).examples}
-        for bundle, index in indexes
-    ]
-    assert scores[0].keys() == scores[1].keys()
-    assert scores[0] == pytest.approx(scores[1], rel=1e-12, abs=1e-12)
-
-
-def test_index_is_written_atomically(planted_bundle, tmp_path):
-    copy = unindexed_copy(planted_bundle, tmp_path / "copy")
-    with pytest.raises(CorpusError, match="corpus not found"):
-        build_index(copy, tmp_path / "moved.jsonl", show_progress=False)
-    assert not index_dir(copy).exists() and not list(copy.glob(".index-*"))
-    # A failed rebuild keeps the previous index intact.
-    meta = (index_dir(planted_bundle) / "meta.json").read_text()
-    short = write_jsonl(tmp_path / "short.jsonl", [{"id": i, "text": "Too short.", "source": "x"} for i in "abc"])
-    with pytest.raises(PrototypeIndexError, match="shorter than one sequence"):
-        build_index(planted_bundle, short, show_progress=False)
-    assert (index_dir(planted_bundle) / "meta.json").read_text() == meta
-    assert not list(planted_bundle.glob(".index-*"))
-    recorded = json.loads(meta)
-    assert recorded["arguments"]["top_m"] == 32 and recorded["build_seconds"] > 0
 
 
 def test_engine_caches_beside_the_shared_index(planted_bundle, planted):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,10 +27,7 @@ from core.errors import BehaviourError
 from core.generation import generate_text
 from core.index.build import build_index
 from core.index.format import load_index
-
-from .conftest import demo_rows
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO, demo_rows
 
 
 @pytest.fixture(scope="module")

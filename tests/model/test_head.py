@@ -2,8 +2,7 @@
 
 The head's formula lives in core/model/head.py; the model, calibration, influence and the atlas
 call it. Each test here computes the same quantity from the definition below (float64, written
-out with exp/log, not with the library's functions) and compares it with what a caller gives.
-"""
+out with exp/log, not with the library's functions) and compares it with what a caller gives."""
 
 from __future__ import annotations
 

@@ -11,8 +11,7 @@ from safetensors.torch import load_file
 from core.bundle import load_bundle
 from core.data.corpus import CorpusError, load_corpus
 from core.train.trainer import TrainingError, TrainOptions, latest_checkpoint, train
-
-from .conftest import demo_rows, write_jsonl
+from tests.helpers import demo_rows, write_jsonl
 
 
 def weights(bundle_dir) -> dict[str, torch.Tensor]:

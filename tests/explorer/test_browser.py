@@ -5,8 +5,7 @@ Open the atlas, lasso prototypes and see their cards; trace a prompt and click a
 gain slider on Steer and see the steered text change; export the HTML report and read it.
 Screenshots of every page go to tests/artifacts/ (docs/screenshots/ holds reviewed copies).
 Skips with the reason when Chromium or the playwright package is missing (`apt-get install
-chromium`; `pip install playwright`: its own browser download is not needed).
-"""
+chromium`; `pip install playwright`: its own browser download is not needed)."""
 
 from __future__ import annotations
 
@@ -18,25 +17,30 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.browser
 
+
 CHROMIUM = os.environ.get("PRISM_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+
+
 DEMO = REPO / "assets" / "models" / "demo"
+
+
 ARTIFACTS = REPO / "tests" / "artifacts"
+
+
 STEER_PROMPT = "KING."  # the Steer page's default prompt
+
+
 TIMEOUT_MS = 120_000  # generous: a 2-core CI machine shared with other jobs, software WebGL
 
+
 playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-if not Path(CHROMIUM).is_file():
-    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
-if not (DEMO / "index").is_dir():
-    pytest.skip("the demo bundle or its index is missing", allow_module_level=True)
 
 
 def free_port() -> int:

@@ -6,10 +6,7 @@ text; plus the figure builders, the report and concurrent seeded generation."""
 from __future__ import annotations
 
 import base64
-import csv
-import io
 import json
-import shutil
 import threading
 from pathlib import Path
 
@@ -19,44 +16,16 @@ import torch
 
 pytest.importorskip("streamlit")
 pytest.importorskip("plotly")
-
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from core import (  # noqa: E402
-    Controls,
-    attribute,
-    build_index,
     decompose,
     generate_text,
     load_bundle,
     load_index,
-    read_prompts,
-    report_from_attributions,
 )
-from core.cli import main  # noqa: E402
-from core.report import to_csv, to_html, to_json  # noqa: E402
 from explorer.figures import atlas_figure, selected_ids, waterfall_figure  # noqa: E402
-
-from .conftest import REPO, demo_rows, write_jsonl  # noqa: E402
-
-APP = str(REPO / "explorer" / "app.py")
-EVIL = "<script>alert('x')</script> and <img src=x onerror=alert(1)>"
-EVIL_ESCAPED = ("&lt;script&gt;", "&lt;img s", "onerror=alert(1)&gt;")  # a trigger <mark> may split a word
-
-
-@pytest.fixture(scope="module")
-def explorer_bundle(tmp_path_factory, tiny_bundle) -> Path:
-    """A copy of the tiny bundle indexed on a corpus where some documents carry HTML/JS."""
-    root = tmp_path_factory.mktemp("explorer")
-    bundle = Path(shutil.copytree(tiny_bundle, root / "bundle", ignore=shutil.ignore_patterns("index")))
-    rows = demo_rows(40, max_chars=600)
-    rows += [{"id": f"evil-{i}", "source": "web", "text": f"Note {i}: {EVIL} end of note {i}."} for i in range(12)]
-    corpus = root / "corpus"
-    corpus.mkdir()
-    write_jsonl(corpus / "train.jsonl", rows)
-    write_jsonl(corpus / "validation.jsonl", demo_rows(2, max_chars=300))
-    build_index(bundle, corpus, top_m=16, show_progress=False)
-    return bundle
+from tests.helpers import APP, EVIL, EVIL_ESCAPED
 
 
 @pytest.fixture(autouse=True)
@@ -255,61 +224,6 @@ def test_waterfall_total_is_the_logit():
     x = np.asarray(fig.data[0].x, dtype=np.float64)
     assert x[-1] == pytest.approx(sum(slices)) and x[:-1].sum() == pytest.approx(x[-1])
     assert list(fig.data[0].customdata)[:3] == [12, 10, 11]
-
-
-def test_report_formats(explorer_bundle, tmp_path, capsys):
-    bundle, index = load_bundle(explorer_bundle), load_index(explorer_bundle)
-    controls = Controls(gains={3: 0.5}, suppressed=[7], model_fingerprint=bundle.fingerprint)
-    result = attribute(bundle, index, f"Note 1: {EVIL}", " end of note 1.", top=3, controls=controls)
-    report = report_from_attributions([result], controls)
-    page = to_html(report)
-    assert all(needle in page for needle in EVIL_ESCAPED)
-    assert "<img" not in page and "<script>" not in page and "<script src" not in page
-    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in page
-    embedded = page.split('id="prism-report-data">')[1].split("</script>")[0]
-    assert json.loads(embedded) == json.loads(to_json(report))
-    trace = report["traces"][0]
-    assert report["model_fingerprint"] == bundle.fingerprint and report["controls"]["suppressed"] == [7]
-    for token in trace["tokens"]:
-        assert sum(p["slice"] for p in token["prototypes"]) == pytest.approx(token["logit"], abs=1e-4)
-        assert f"{token['logit']:.4f}" in page
-    rows = list(csv.DictReader(io.StringIO(to_csv(report))))
-    k = bundle.model.config.prototype_top_k
-    assert sum(r["kind"] == "slice" for r in rows) == k * len(trace["tokens"])
-    assert all(not r["snippet"].startswith(("=", "+", "@")) for r in rows)
-
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(
-        json.dumps({"prompt": "KING.", "completion": " What"}) + "\n" + json.dumps({"prompt": "dog"}) + "\n"
-    )
-    assert [i["completion"] for i in read_prompts(prompts)] == [" What", None]
-    out = tmp_path / "r.json"
-    assert (
-        main(
-            [
-                "report",
-                "--model",
-                str(explorer_bundle),
-                "--prompts",
-                str(prompts),
-                "--out",
-                str(out),
-                "--quiet",
-                "--max-new-tokens",
-                "4",
-            ]
-        )
-        == 0
-    )
-    written = json.loads(out.read_text())
-    assert len(written["traces"]) == 2 and written["traces"][0]["completion"] == " What"
-    capsys.readouterr()
-    assert (
-        main(["report", "--model", str(explorer_bundle), "--prompts", str(prompts), "--out", str(tmp_path / "r.pdf")])
-        == 1
-    )
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("prism: error: ") and ".html, .json or .csv" in err[0]
 
 
 def test_sampled_generation_is_seeded_per_call_and_thread_safe(loaded):

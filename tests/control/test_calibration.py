@@ -21,8 +21,7 @@ from core.control.calibration import (
 from core.control.controls import Controls, load_controls
 from core.control.formats import TaskItem, load_task
 from core.errors import ArgumentError, TaskError
-
-from .conftest import demo_rows, write_jsonl
+from tests.helpers import demo_rows, write_jsonl
 
 
 def planted_items(n: int = 90, seed: int = 0) -> list[TaskItem]:

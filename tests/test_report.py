@@ -1,0 +1,78 @@
+"""Reports: HTML with corpus text escaped and its data embedded, JSON and CSV, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+pytest.importorskip("streamlit")
+pytest.importorskip("plotly")
+from core import (  # noqa: E402
+    Controls,
+    attribute,
+    load_bundle,
+    load_index,
+    read_prompts,
+    report_from_attributions,
+)
+from core.cli import main  # noqa: E402
+from core.report import to_csv, to_html, to_json  # noqa: E402
+from tests.helpers import EVIL, EVIL_ESCAPED
+
+
+def test_report_formats(explorer_bundle, tmp_path, capsys):
+    bundle, index = load_bundle(explorer_bundle), load_index(explorer_bundle)
+    controls = Controls(gains={3: 0.5}, suppressed=[7], model_fingerprint=bundle.fingerprint)
+    result = attribute(bundle, index, f"Note 1: {EVIL}", " end of note 1.", top=3, controls=controls)
+    report = report_from_attributions([result], controls)
+    page = to_html(report)
+    assert all(needle in page for needle in EVIL_ESCAPED)
+    assert "<img" not in page and "<script>" not in page and "<script src" not in page
+    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in page
+    embedded = page.split('id="prism-report-data">')[1].split("</script>")[0]
+    assert json.loads(embedded) == json.loads(to_json(report))
+    trace = report["traces"][0]
+    assert report["model_fingerprint"] == bundle.fingerprint and report["controls"]["suppressed"] == [7]
+    for token in trace["tokens"]:
+        assert sum(p["slice"] for p in token["prototypes"]) == pytest.approx(token["logit"], abs=1e-4)
+        assert f"{token['logit']:.4f}" in page
+    rows = list(csv.DictReader(io.StringIO(to_csv(report))))
+    k = bundle.model.config.prototype_top_k
+    assert sum(r["kind"] == "slice" for r in rows) == k * len(trace["tokens"])
+    assert all(not r["snippet"].startswith(("=", "+", "@")) for r in rows)
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"prompt": "KING.", "completion": " What"}) + "\n" + json.dumps({"prompt": "dog"}) + "\n"
+    )
+    assert [i["completion"] for i in read_prompts(prompts)] == [" What", None]
+    out = tmp_path / "r.json"
+    assert (
+        main(
+            [
+                "report",
+                "--model",
+                str(explorer_bundle),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(out),
+                "--quiet",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
+    written = json.loads(out.read_text())
+    assert len(written["traces"]) == 2 and written["traces"][0]["completion"] == " What"
+    capsys.readouterr()
+    assert (
+        main(["report", "--model", str(explorer_bundle), "--prompts", str(prompts), "--out", str(tmp_path / "r.pdf")])
+        == 1
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prism: error: ") and ".html, .json or .csv" in err[0]
