@@ -30,11 +30,6 @@ class _Parser(argparse.ArgumentParser):
 _positive_int = number_parser(int, minimum=1)
 
 
-def _options(parser: argparse.ArgumentParser, cls: type, **kwargs) -> None:
-    """Add the options of argument class ``cls`` (see :func:`core.options.add_options`)."""
-    add_options(parser, cls, **kwargs)
-
-
 def cmd_corpus(args: argparse.Namespace) -> int:
     from core.data.demo import build_demo_corpus
 
@@ -114,14 +109,12 @@ def cmd_index(args: argparse.Namespace) -> int:
     if not args.no_influence:
         from core.attribution.influence import InfluenceArguments, build_influence
 
-        influence_args = InfluenceArguments(
-            rank=args.influence_rank,
-            top_documents=args.influence_documents,
-            curvature_tokens=args.curvature_tokens,
-            document_tokens=args.influence_tokens,
+        influence_args = from_namespace(
+            InfluenceArguments,
+            args,
+            prefix="influence_",
             batch_size=max(1, index_args.batch_size // 2),
             max_tokens=index_args.max_tokens,
-            curvature_memory_mb=args.curvature_memory_mb,
         )
         summary["influence"] = build_influence(
             args.model, args.corpus, influence_args, device=device, show_progress=not args.quiet
@@ -304,7 +297,7 @@ def _add_train(sub) -> None:
     from core.train.trainer import TrainOptions
 
     train = sub.add_parser("train", help="train a PRISM model (or its dense twin) into a bundle")
-    _options(train, TrainOptions)
+    add_options(train, TrainOptions)
     train.add_argument("--twin-out", help="also train the dense twin on the same tokens into this folder")
     train.add_argument("--keep-checkpoints", action="store_true", help="keep OUT/checkpoints afterwards")
     _add_quiet(train)
@@ -323,39 +316,17 @@ def _add_train(sub) -> None:
 
 
 def _add_index(sub) -> None:
+    from core.attribution.influence import InfluenceArguments
     from core.index.build import IndexArguments
 
     index = sub.add_parser("index", help="build a bundle's index: neighbourhoods, usage, snippets, labels, atlas")
     _add_model(index, required=True)
     index.add_argument("--corpus", required=True, help="the corpus the model was trained on")
-    _options(index, IndexArguments, exclude=("device",))
+    add_options(index, IndexArguments, exclude=("device",))
     index.add_argument("--device", default="cpu", choices=DEVICES, help="where the model runs (default: cpu)")
-    # The influence factors' options, with names of their own (InfluenceArguments declares no
-    # command-line names yet); batch size and token cap follow the index's.
+    # The influence factors' options (batch size and token cap follow the index's).
     index.add_argument("--no-influence", action="store_true", help="skip the influence factors")
-    index.add_argument(
-        "--influence-rank",
-        type=_positive_int,
-        default=16,
-        help="whitening columns per prototype block (memory: 2d x rank per prototype)",
-    )
-    index.add_argument(
-        "--influence-documents", type=_positive_int, default=64, help="documents kept per prototype for influence"
-    )
-    index.add_argument(
-        "--curvature-tokens", type=_positive_int, default=32768, help="training tokens sampled for the curvature blocks"
-    )
-    index.add_argument(
-        "--curvature-memory-mb",
-        type=_positive_int,
-        default=2048,
-        help="memory for the curvature blocks held at once; fewer MB means more passes over the curvature sample",
-    )
-    index.add_argument(
-        "--influence-tokens",
-        type=_positive_int,
-        help="training tokens (evenly spread sequences) summed into document coefficients (default: all)",
-    )
+    add_options(index, InfluenceArguments, prefix="influence_")
     _add_quiet(index)
     index.set_defaults(func=cmd_index)
 
@@ -416,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(cal)
     cal.add_argument("--task", required=True, help='task JSONL, rows {"prompt", "choices", "answer"}')
     cal.add_argument("--out", required=True, help="controls JSON to write")
-    _options(cal, CalibrationArguments)
+    add_options(cal, CalibrationArguments)
     cal.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
     _add_quiet(cal, "no progress bar")
     cal.set_defaults(func=cmd_calibrate)

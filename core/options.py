@@ -190,7 +190,8 @@ def add_options(
                 parser.add_argument(flag, dest=dest, action="store_true", help=text)
             parser.set_defaults(**{dest: bool(default)})
             continue
-        kwargs: dict[str, Any] = {"dest": dest, "help": text, "metavar": f.metadata.get("metavar")}
+        metavar = f.metadata.get("metavar") or flag[2:].upper().replace("-", "_")  # named after the flag, not dest
+        kwargs: dict[str, Any] = {"dest": dest, "help": text, "metavar": metavar}
         if required:
             kwargs["required"] = True
         else:

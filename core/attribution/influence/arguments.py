@@ -15,8 +15,7 @@ from core.options import check_fields, option
 class InfluenceArguments:
     """How the influence factors are built (stored with them).
 
-    The command line (``prism index``) samples 32,768 curvature tokens by default, this class
-    131,072; the fields' ``flag`` metadata names their ``prism index`` options.
+    The fields' ``flag`` metadata names their ``prism index`` options.
     """
 
     rank: int | None = option(
@@ -33,7 +32,7 @@ class InfluenceArguments:
         flag="--influence-documents",
     )
     curvature_tokens: int | None = option(
-        131_072,
+        32_768,
         "training tokens (whole sequences, evenly spread) sampled for the Fisher blocks; None uses every position",
         minimum=1,
     )
