@@ -10,7 +10,7 @@ Similarity (``similarity="code"``, the default) is the cosine between the query'
 code and the neighbour's: each position's cosines with its k active prototypes, as a sparse
 P-vector. Neighbours whose context activates the same prototypes as the query's take most of
 the credit. ``similarity="key"`` uses cos(K_j, h_n), which gives every query the same shares:
-on the planted-canary setup of tests/test_attribution.py (64 or 128 prototypes, 3 seeds
+on the planted-canary setup of tests/attribution/test_engine.py (64 or 128 prototypes, 3 seeds
 each) it put no canary in the top 3, while the code put one first or second every time.
 
 Credit is the *signed* slice. A negative slice (a prototype that pushed against the token)

@@ -132,7 +132,7 @@ class Attribution:
     span: tuple[int, int] | None = None
 
     def to_json(self) -> dict:
-        """The ``prism attribute --json`` object (DESIGN section 8, plus extra keys)."""
+        """The ``prism attribute --json`` object (the contract in docs/design.md, plus extra keys)."""
         dec = self.decomposition
         tokens = []
         for token, examples in zip(dec.tokens, self.token_examples, strict=True):

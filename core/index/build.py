@@ -8,7 +8,7 @@ Neighbourhood of prototype j: the top-M positions by cos(K_j, h_t) among the pos
 j was active (one of the k prototypes of h_t), at most one per document (its best). Adjacent
 tokens of a long document are near-duplicates: without that rule a few long documents fill
 most neighbourhoods, and document rankings favour long documents (on the planted-canary
-corpus of tests/test_attribution.py the canaries then fell out of the top 3). A prototype active in fewer than M
+corpus of tests/attribution/test_engine.py the canaries then fell out of the top 3). A prototype active in fewer than M
 documents fills its remaining places with the nearest positions where it was not active;
 those carry ``active = 0`` and ``weight = 0``, so a user can tell them apart.
 
