@@ -130,7 +130,7 @@ def build_atlas_tables(bundle: Bundle, index: PrototypeIndex) -> AtlasTables:
     labels, categories, roles, descriptions = [], [], [], []
     for j in range(P):
         r = records.get(j)
-        labels.append(str(r.role or "") if r is not None else (index.label(j) or NO_LABEL))
+        labels.append(r.text if r is not None else (index.label(j) or NO_LABEL))  # "category: role", as in core
         categories.append(str(r.category or "") if r is not None else "")
         roles.append(str(r.role or "") if r is not None else "")
         descriptions.append(str(r.description or "") if r is not None else "")
