@@ -73,7 +73,8 @@ def _controls_from_args(args: argparse.Namespace, bundle):
     if args.suppress:
         if not bundle.is_prism:
             raise CliError("--suppress needs a PRISM model; this bundle is a dense twin")
-        controls.suppressed = sorted(set(controls.suppressed) | set(parse_ids(args.suppress)))
+        ids = parse_ids(args.suppress, bundle.model.config.num_prototypes)
+        controls.suppressed = sorted(set(controls.suppressed) | set(ids))
     return controls
 
 
@@ -105,6 +106,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     index_args = from_namespace(IndexArguments, args, device=device)
     summary = build_index(args.model, args.corpus, **dataclasses.asdict(index_args), show_progress=not args.quiet)
+    if not args.no_spans:
+        from core.attribution.spans_index import build_spans
+
+        summary["spans"] = build_spans(args.model, args.corpus, show_progress=not args.quiet)
     summary["labels"] = _label_and_map(args.model, progress=not args.quiet)
     if not args.no_influence:
         from core.attribution.influence import InfluenceArguments, build_influence
@@ -171,10 +176,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from core.bundle import load_bundle
+    from core.errors import ReportError
     from core.index.format import load_index
     from core.report import build_report, format_of, read_prompts, write_report
+    from core.store import check_output
 
-    format_of(args.out)  # a bad extension fails before the model loads
+    format_of(args.out)  # a bad extension or folder fails before the model loads
+    check_output(args.out, "--out", ReportError)
     items = read_prompts(args.prompts)
     bundle = load_bundle(args.model)
     if not bundle.is_prism:
@@ -204,9 +212,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from core.control.calibration import CalibrationArguments, calibrate, format_report
     from core.control.controls import save_controls
     from core.control.formats import load_task
+    from core.errors import ControlsError
+    from core.store import check_output
 
     arguments = from_namespace(CalibrationArguments, args)
-    items = load_task(args.task)  # a bad task file fails before the model loads
+    check_output(args.out, "--out", ControlsError)  # a bad --out or task file fails before the model loads
+    items = load_task(args.task)
     bundle = load_bundle(args.model)
     if not bundle.is_prism:
         raise CliError("calibration needs a PRISM model; this bundle is a dense twin")
@@ -230,16 +241,21 @@ def cmd_target(args: argparse.Namespace) -> int:
     from core.bundle import load_bundle
     from core.control.controls import Controls, parse_ids, save_controls
     from core.control.targeting import target_by_contrast, target_by_ids, target_by_label, target_by_query
+    from core.errors import ControlsError
     from core.index.format import index_exists, load_index
+    from core.store import check_output
 
     if sum(x is not None for x in (args.ids, args.label, args.query, args.behaviour)) != 1:
         raise CliError("give exactly one of --ids, --label, --query, --behaviour")
+    if args.out:
+        check_output(args.out, "--out", ControlsError)  # before the model loads
     bundle = load_bundle(args.model)
     if not bundle.is_prism:
         raise CliError("targeting needs a PRISM model; this bundle is a dense twin")
     index = load_index(args.model) if index_exists(args.model) or args.label or args.query else None
     if args.ids is not None:
-        targets = target_by_ids(parse_ids(args.ids), index, bundle.model.config.num_prototypes)
+        P = bundle.model.config.num_prototypes
+        targets = target_by_ids(parse_ids(args.ids, P), index, P)
     elif args.label is not None:
         targets = target_by_label(index, args.label, args.top)
     elif args.query is not None:
@@ -287,8 +303,10 @@ def _add_controls(parser: argparse.ArgumentParser) -> None:
 
 def _add_trace(parser: argparse.ArgumentParser, max_new_help: str | None = None) -> None:
     """The options `attribute` and `report` share (defaults as in :func:`core.attribution.engine.attribute`)."""
+    from core.attribution.engine import METHODS
+
     parser.add_argument("--top", type=_positive_int, default=10, help="examples per token and overall")
-    parser.add_argument("--method", default="neighbourhood", choices=["neighbourhood", "influence"])
+    parser.add_argument("--method", default="neighbourhood", choices=list(METHODS), help="attribution method")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=16, help=max_new_help)
 
 
@@ -324,6 +342,7 @@ def _add_index(sub) -> None:
     index.add_argument("--corpus", required=True, help="the corpus the model was trained on")
     add_options(index, IndexArguments, exclude=("device",))
     index.add_argument("--device", default="cpu", choices=DEVICES, help="where the model runs (default: cpu)")
+    index.add_argument("--no-spans", action="store_true", help="skip the span index (exact-span attribution)")
     # The influence factors' options (batch size and token cap follow the index's).
     index.add_argument("--no-influence", action="store_true", help="skip the influence factors")
     add_options(index, InfluenceArguments, prefix="influence_")
@@ -422,8 +441,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prism: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("prism: interrupted (checkpoints written so far are kept; rerun with --resume)", file=sys.stderr)
+        print(f"prism: interrupted; {_interrupted(args)}", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug, not bad input: still one line, and the way to the traceback
+        if args is not None and args.verbose:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(
+            f"prism: error: unexpected {type(err).__name__}: {message} (rerun with --verbose for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _interrupted(args: argparse.Namespace | None) -> str:
+    """What an interruption left behind, for the command that was running."""
+    if args is not None and args.command == "train":
+        return f"checkpoints written so far are kept in {args.out}/checkpoints; rerun with --resume to continue"
+    return "each file is written under a temporary name and renamed once complete; rerun the command to finish"
 
 
 if __name__ == "__main__":

@@ -84,12 +84,9 @@ def read_prompts(path: str | Path) -> list[dict]:
         if not line.strip():
             continue
         if p.suffix == ".jsonl":
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ReportError(
-                    f'{p}:{number} is not valid JSON ({err}); each line is {{"prompt": ..., "completion": ...}}'
-                ) from None
+            row = store.parse_json(
+                line, f"{p}:{number}", 'each line is {"prompt": ..., "completion": ...}', error=ReportError
+            )
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
                 raise ReportError(f'{p}:{number} needs a non-empty "prompt" string')
             completion = row.get("completion")

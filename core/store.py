@@ -9,6 +9,7 @@ half-written one. Every JSON or safetensors file it reads goes through :func:`re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import ArtifactError, PrismError
+
+MAX_HASHED_BYTES = 64 * 2**30  # no artifact the library writes comes near this
 
 
 def rebuild_hint(bundle_dir: str | Path, corpus: str | Path = "PATH") -> str:
@@ -57,6 +60,32 @@ def write_safetensors(path: str | Path, arrays: dict[str, np.ndarray], metadata:
     return atomic_write(path, save(arrays, metadata=metadata))
 
 
+def parse_json(
+    text: str | bytes, where: str, fix: str | None = None, error: type[PrismError] = ArtifactError
+) -> object:
+    """``json.loads`` that raises ``error`` naming ``where`` on any malformed document.
+
+    Besides bad syntax this covers what ``json`` raises other exceptions for: nesting deeper
+    than the interpreter's recursion limit (RecursionError) and integers of more than
+    ``sys.get_int_max_str_digits()`` digits (ValueError).
+
+    Args:
+        text: the JSON text.
+        where: the document, for the message ("the index metadata x/meta.json", "tasks.jsonl line 4").
+        fix: the sentence that fixes it.
+        error: the PrismError subclass to raise.
+    """
+    tail = f"; {fix}" if fix else ""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(f"{where} is not valid JSON ({err}){tail}") from None
+    except RecursionError:
+        raise error(f"{where} is nested too deeply to be valid JSON{tail}") from None
+    except ValueError as err:  # an integer longer than sys.get_int_max_str_digits()
+        raise error(f"{where} holds a number too long to read ({str(err).split(';')[0]}){tail}") from None
+
+
 def read_json(
     path: str | Path, what: str = "file", fix: str | None = None, error: type[PrismError] = ArtifactError
 ) -> object:
@@ -76,12 +105,7 @@ def read_json(
         raise error(f"{what} {path} not found{tail}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise error(f"{what} {path} cannot be read ({err}){tail}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise error(f"{what} {path} is not valid JSON ({err}){tail}") from None
-    except RecursionError:
-        raise error(f"{what} {path} is nested too deeply to be valid{tail}") from None
+    return parse_json(text, f"{what} {path}", fix, error)
 
 
 def read_safetensors(
@@ -101,3 +125,41 @@ def read_safetensors(
     except (SafetensorError, OSError, ValueError) as err:
         raise error(f"{what} {path} is not a readable safetensors file ({err}){tail}") from None
     return arrays, metadata
+
+
+def check_output(path: str | Path, what: str, error: type[PrismError]) -> Path:
+    """Refuse an output file that could not be written, before any work is done.
+
+    Args:
+        path: the file to be written (it may exist: it will be replaced).
+        what: the option or artifact, for the message ("--out").
+        error: the PrismError subclass to raise.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise error(f"{what} {p} is a folder; give a file name inside it")
+    parent = p.parent
+    if not parent.is_dir():
+        raise error(f"{what} {p}: folder {parent} does not exist; create it or choose another {what}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise error(f"{what} {p}: folder {parent} is not writable; choose another {what}")
+    return p
+
+
+def sha256_file(path: str | Path, digest: hashlib._Hash | None = None, max_bytes: int = MAX_HASHED_BYTES) -> str:
+    """The sha256 of a regular file, read in blocks (``digest`` is updated when given).
+
+    Raises:
+        ArtifactError: ``path`` is not a regular file (a device, a folder or a dangling link)
+            or is larger than ``max_bytes``.
+    """
+    p = Path(path)
+    if not p.is_file():  # follows links: a link to /dev/zero is not a regular file
+        raise ArtifactError(f"{p} is not a regular file")
+    if p.stat().st_size > max_bytes:
+        raise ArtifactError(f"{p} is larger than {max_bytes / 2**30:g} GiB")
+    digest = digest if digest is not None else hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

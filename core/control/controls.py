@@ -22,13 +22,24 @@ import torch
 from core import store
 from core.errors import ControlsError
 
+# The largest gain a controller may hold. Gains scale prototype weights, and so logits, linearly:
+# far beyond this the logits leave float32's range (1e38 gives inf and NaN probabilities) and
+# long before it one prototype drowns every other; calibration moves gains by a few units.
+MAX_GAIN = 100.0
+MAX_ID_RANGE = 1_000_000  # ids one "lo-hi" range may name when the model's prototype count is unknown
+
+
+def _short(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 @dataclass
 class Controls:
     """A controller: the gains and suppressions applied to one request.
 
     Attributes:
-        gains: prototype id -> non-negative gain (absent ids keep gain 1).
+        gains: prototype id -> gain in [0, MAX_GAIN] (absent ids keep gain 1).
         suppressed: prototype ids kept out of every active set.
         model_fingerprint: the bundle these controls were made for ("" = any).
         note: free text.
@@ -52,8 +63,13 @@ class Controls:
         for pid, gain in self.gains.items():
             if not 0 <= pid < num_prototypes:
                 raise ControlsError(f"unknown prototype id {pid} in gains (the model has 0..{num_prototypes - 1})")
-            if not isinstance(gain, (int, float)) or math.isnan(gain) or gain < 0 or math.isinf(gain):
-                raise ControlsError(f"gain of prototype {pid} must be a finite number >= 0, got {gain}")
+            if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not math.isfinite(gain) or gain < 0:
+                raise ControlsError(f"gain of prototype {pid} must be a finite number >= 0, got {_short(gain)}")
+            if gain > MAX_GAIN:
+                raise ControlsError(
+                    f"gain of prototype {pid} is {gain:g}; gains range from 0 to {MAX_GAIN:g} "
+                    "(larger ones overflow the logits)"
+                )
         for pid in self.suppressed:
             if not 0 <= pid < num_prototypes:
                 raise ControlsError(f"unknown prototype id {pid} in suppressed (the model has 0..{num_prototypes - 1})")
@@ -97,9 +113,9 @@ class Controls:
             try:
                 pid = int(key)
             except ValueError:
-                raise ControlsError(f"prototype id {key!r} in gains is not an integer") from None
+                raise ControlsError(f"prototype id {_short(key)} in gains is not an integer") from None
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ControlsError(f"gain of prototype {pid} must be a number, got {value!r}")
+                raise ControlsError(f"gain of prototype {pid} must be a number, got {_short(value)}")
             gains[pid] = float(value)
         suppressed = data.get("suppressed", [])
         if not isinstance(suppressed, list) or not all(
@@ -142,8 +158,17 @@ def save_controls(controls: Controls, path: str | Path) -> None:
     store.write_json(path, controls.to_json(), indent=2)
 
 
-def parse_ids(text: str) -> list[int]:
-    """Parse "3,17,40-42" into [3, 17, 40, 41, 42]."""
+def parse_ids(text: str, num_prototypes: int | None = None) -> list[int]:
+    """Parse "3,17,40-42" into [3, 17, 40, 41, 42].
+
+    Args:
+        text: comma-separated ids and inclusive ``lo-hi`` ranges.
+        num_prototypes: the model's P; every id must lie in 0..P-1 (checked before a range is
+            expanded). Without it a range may name at most :data:`MAX_ID_RANGE` ids.
+
+    Raises:
+        ControlsError: unreadable text, or an id out of range.
+    """
     ids: list[int] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         try:
@@ -151,9 +176,15 @@ def parse_ids(text: str) -> list[int]:
                 lo, hi = (int(x) for x in part.split("-", 1))
                 if hi < lo:
                     raise ValueError
-                ids.extend(range(lo, hi + 1))
             else:
-                ids.append(int(part))
+                lo = hi = int(part)
         except ValueError:
-            raise ControlsError(f"cannot read prototype ids from {part!r} (use e.g. 3,17,40-42)") from None
+            raise ControlsError(f"cannot read prototype ids from {_short(part)} (use e.g. 3,17,40-42)") from None
+        if num_prototypes is not None and hi >= num_prototypes:
+            raise ControlsError(
+                f"prototype id {hi} in {_short(part)} is out of range: the model has 0..{num_prototypes - 1}"
+            )
+        if hi - lo >= MAX_ID_RANGE:
+            raise ControlsError(f"the range {_short(part)} names {hi - lo + 1} ids; at most {MAX_ID_RANGE} at once")
+        ids.extend(range(lo, hi + 1))
     return ids

@@ -18,7 +18,6 @@ that says how to detect a behaviour of the model in a continuation and which tex
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -84,10 +83,7 @@ def read_task_lines(lines: Iterable[str], where: str) -> list[TaskItem]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TaskError(f"{where} line {number} is not valid JSON: {err}") from None
+        data = store.parse_json(line, f"{where} line {number}", error=TaskError)
         items.append(parse_item(data, f"{where} line {number}"))
     if len(items) < MIN_TASK_ITEMS:
         raise TaskError(f"{where} has {len(items)} items; a task needs at least {MIN_TASK_ITEMS}")

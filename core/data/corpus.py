@@ -5,7 +5,9 @@ holding ``train.jsonl[.gz]`` and ``validation.jsonl[.gz]`` (a fixed split), any 
 of ``.jsonl[.gz]`` files, or a folder of ``.txt`` files (id = relative path, source = parent
 folder). Without explicit split files, documents are split by a hash of their id.
 
-Rows that are not valid UTF-8 or JSON, or have no text, are skipped and counted, never fatal.
+Rows that are not valid UTF-8 or JSON (including JSON nested too deeply or holding a number too
+long to read), or have no text, are skipped and counted, never fatal; a file that cannot be
+read at all (a truncated or mislabelled .gz) is a :class:`CorpusError` naming it.
 Every packed token keeps its (document index, character offset) so that attribution can
 point back into the corpus.
 """
@@ -16,7 +18,9 @@ import gzip
 import hashlib
 import json
 import logging
+import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,32 +128,49 @@ def iter_rows(files: list[CorpusFile], root: Path, skipped: dict[str, int] | Non
             source = rel.parent.name or (root.name if root.is_dir() else "text")
             yield {"id": str(rel), "text": text, "source": source, "split": f.split}
             continue
-        with _open_bytes(f.path) as handle:
-            for line_no, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    skip("invalid_utf8")
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    skip("invalid_json")
-                    continue
-                if not isinstance(row, dict):
-                    skip("invalid_json")
-                    continue
-                text = row.get("text")
-                if not isinstance(text, str) or not text.strip():
-                    skip("empty_text")
-                    continue
-                doc_id = row.get("id")
-                doc_id = str(doc_id) if doc_id is not None else f"{f.path.name}:{line_no}"
-                source = row.get("source")
-                source = str(source) if source else "unknown"
-                yield {"id": doc_id, "text": text, "source": source, "split": f.split}
+        try:
+            yield from _jsonl_rows(f, skip)
+        except (EOFError, OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+            raise CorpusError(
+                f"corpus file {f.path} cannot be read ({err}); it is damaged or not what its name says: "
+                "re-download it, or recompress it with gzip"
+            ) from None
+
+
+def _jsonl_rows(f: CorpusFile, skip) -> Iterator[dict]:
+    """The valid rows of one JSONL file; ``skip(reason)`` counts each invalid one."""
+    with _open_bytes(f.path) as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                skip("invalid_utf8")
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                skip("invalid_json")
+                continue
+            except RecursionError:
+                skip("nested_too_deeply")
+                continue
+            except ValueError:  # an integer of more than sys.get_int_max_str_digits() digits
+                skip("number_too_long")
+                continue
+            if not isinstance(row, dict):
+                skip("invalid_json")
+                continue
+            text = row.get("text")
+            if not isinstance(text, str) or not text.strip():
+                skip("empty_text")
+                continue
+            doc_id = row.get("id")
+            doc_id = str(doc_id) if isinstance(doc_id, (str, int, float)) else f"{f.path.name}:{line_no}"
+            source = row.get("source")
+            source = str(source) if source and isinstance(source, (str, int, float)) else "unknown"
+            yield {"id": doc_id, "text": text, "source": source, "split": f.split}
 
 
 def hash_fraction(doc_id: str) -> float:
@@ -228,6 +249,19 @@ def load_corpus(path: str | Path, validation_fraction: float = 0.02, cache_dir: 
     if len(splits["train"]) == 0:
         raise CorpusError(f"corpus {root} has no training documents")
     return Corpus(splits["train"], splits["validation"], fingerprint, skipped, str(root))
+
+
+@contextmanager
+def datasets_progress(enabled: bool) -> Iterator[None]:
+    """Within the block, `datasets` shows its progress bars only if ``enabled``."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    if not enabled:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            datasets.enable_progress_bars()
 
 
 def train_tokenizer(texts: Iterator[str], vocab_size: int, model_max_length: int):

@@ -24,8 +24,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +33,7 @@ import numpy as np
 import torch
 
 from core.bundle import Bundle, load_bundle
-from core.data.corpus import load_corpus, pack
+from core.data.corpus import datasets_progress, load_corpus, pack
 from core.errors import ArgumentError, PrototypeIndexError
 from core.index.format import (
     FORMAT_VERSION,
@@ -125,7 +123,8 @@ def build_index(
     """
     IndexArguments(top_m=top_m, batch_size=batch_size, max_tokens=max_tokens, device=device, dtype=dtype)
     t0 = time.time()
-    corpus = load_corpus(corpus_path)  # before anything is written: a bad path leaves no trace
+    with datasets_progress(show_progress):
+        corpus = load_corpus(corpus_path)  # before anything is written: a bad path leaves no trace
     bundle = load_bundle(bundle_dir, device=device)
     if not bundle.is_prism:
         raise PrototypeIndexError(f"{bundle_dir} is a dense twin: only PRISM models have prototypes to index")
@@ -134,7 +133,7 @@ def build_index(
     model = bundle.model.to(torch.float64 if dtype == "float64" else torch.float32)
     P, k = model.config.num_prototypes, model.config.prototype_top_k
     seq_len = model.config.get_text_config().max_position_embeddings
-    with _datasets_progress(show_progress):
+    with datasets_progress(show_progress):
         packed = pack(corpus.train, bundle.tokenizer, seq_len)
     n_sequences = len(packed) if max_tokens is None else min(len(packed), -(-max_tokens // seq_len))
     if n_sequences == 0:
@@ -287,20 +286,6 @@ class _RunningNeighbourhoods:
         order_k = order.unsqueeze(-1).expand_as(self.code_ids)
         self.code_ids = self.code_ids.gather(1, order_k)
         self.code_cosine = self.code_cosine.gather(1, order_k)
-
-
-@contextmanager
-def _datasets_progress(enabled: bool) -> Iterator[None]:
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    if not enabled:
-        datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled and not enabled:
-            datasets.enable_progress_bars()
 
 
 @torch.no_grad()

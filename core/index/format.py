@@ -35,7 +35,6 @@ after the build; a reader ignores files it does not know.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from core.bundle import model_fingerprint
-from core.errors import PrototypeIndexError
-from core.store import read_json, read_safetensors, rebuild_hint, write_json
+from core.errors import LabelsError, PrototypeIndexError
+from core.store import parse_json, read_json, read_safetensors, rebuild_hint, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -214,12 +213,74 @@ class PrototypeIndex:
         return records
 
 
-def _read_jsonl(path: Path, fix: str) -> list[dict]:
+NEIGHBOURHOOD_ARRAYS = (
+    "neighbour_row",
+    "cosine",
+    "weight",
+    "active",
+    "usage_count",
+    "usage_share",
+    "promoted_token_ids",
+    "promoted_logits",
+)
+POSITION_ARRAYS = ("document", "doc_index", "char_offset", "token_id", "next_token_id", "sequence", "offset")
+SNIPPET_KEYS = {"snippet": str, "start": int, "end": int}
+DOCUMENT_KEYS = {"doc_index": int, "id": str, "source": str, "chars": int}
+
+
+def _read_jsonl(path: Path, fix: str, keys: dict[str, type]) -> list[dict]:
+    """The rows of one of the index's JSONL files, each an object with ``keys`` of those types."""
     try:
         with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
         raise PrototypeIndexError(f"{path} cannot be read ({err}); {fix}") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        row = parse_json(line, f"{path} line {number}", fix, PrototypeIndexError)
+        bad = (
+            [key for key, kind in keys.items() if isinstance(row.get(key), bool) or not isinstance(row.get(key), kind)]
+            if isinstance(row, dict)
+            else ["(not an object)"]
+        )
+        if bad:
+            raise PrototypeIndexError(f"{path} line {number} lacks {', '.join(bad)}; {fix}")
+        rows.append(row)
+    return rows
+
+
+def _check_arrays(folder: Path, arrays: dict, positions: dict, snippets: list, documents: list, fix: str) -> None:
+    """Refuse index files that do not fit together (a file cut short, or one from another build)."""
+    for name, table, required in (
+        ("neighbourhoods.safetensors", arrays, NEIGHBOURHOOD_ARRAYS),
+        ("positions.safetensors", positions, POSITION_ARRAYS),
+    ):
+        missing = [key for key in required if key not in table]
+        if missing:
+            raise PrototypeIndexError(f"{folder / name} lacks {', '.join(missing)}; {fix}")
+    P, M = arrays["neighbour_row"].shape if arrays["neighbour_row"].ndim == 2 else (-1, -1)
+    for key in NEIGHBOURHOOD_ARRAYS:
+        if arrays[key].shape[:1] != (P,) or (key in ("cosine", "weight", "active") and arrays[key].shape != (P, M)):
+            raise PrototypeIndexError(
+                f"{folder / 'neighbourhoods.safetensors'}: {key} has shape {arrays[key].shape}, not ({P}, ...); {fix}"
+            )
+    R = len(positions["document"])
+    for key, values in positions.items():
+        if len(values) != R:
+            raise PrototypeIndexError(
+                f"{folder / 'positions.safetensors'}: {key} has {len(values)} rows, not {R}; {fix}"
+            )
+    rows = arrays["neighbour_row"]
+    if rows.size and (rows.min() < -1 or rows.max() >= R):
+        raise PrototypeIndexError(f"{folder / 'neighbourhoods.safetensors'} points past the {R} positions; {fix}")
+    if len(snippets) != R:
+        raise PrototypeIndexError(f"{folder / 'positions.jsonl'} has {len(snippets)} rows, the positions {R}; {fix}")
+    if R and (positions["document"].min() < 0 or positions["document"].max() >= len(documents)):
+        raise PrototypeIndexError(
+            f"{folder / 'documents.jsonl'} has {len(documents)} rows, fewer than the positions refer to; {fix}"
+        )
 
 
 def load_index(bundle_dir: str | Path, corpus_fingerprint: str | None = None) -> PrototypeIndex:
@@ -230,8 +291,8 @@ def load_index(bundle_dir: str | Path, corpus_fingerprint: str | None = None) ->
         corpus_fingerprint: if given, the index must have been built from this corpus.
 
     Raises:
-        PrototypeIndexError: no index, an incomplete, unreadable or unknown-format one, or one
-            built for other weights or another corpus.
+        PrototypeIndexError: no index, an incomplete, unreadable or unknown-format one, files
+            that do not fit together, or one built for other weights or another corpus.
     """
     folder = index_dir(bundle_dir)
     if not (folder / META_FILE).is_file():
@@ -239,6 +300,10 @@ def load_index(bundle_dir: str | Path, corpus_fingerprint: str | None = None) ->
     meta = read_json(
         folder / META_FILE, "the index metadata", f"rebuild it with {rebuild_hint(bundle_dir)}", PrototypeIndexError
     )
+    if not isinstance(meta, dict):
+        raise PrototypeIndexError(
+            f"the index metadata {folder / META_FILE} is not a JSON object; rebuild it with {rebuild_hint(bundle_dir)}"
+        )
     fix = f"rebuild it with {rebuild_hint(bundle_dir, meta.get('corpus_path', 'PATH'))}"
     if meta.get("format_version") != FORMAT_VERSION:
         raise PrototypeIndexError(
@@ -264,6 +329,9 @@ def load_index(bundle_dir: str | Path, corpus_fingerprint: str | None = None) ->
         folder / "neighbourhoods.safetensors", "the index's neighbourhoods", fix, PrototypeIndexError
     )
     positions, _ = read_safetensors(folder / "positions.safetensors", "the index's positions", fix, PrototypeIndexError)
+    snippets = _read_jsonl(folder / "positions.jsonl", fix, SNIPPET_KEYS)
+    documents = _read_jsonl(folder / "documents.jsonl", fix, DOCUMENT_KEYS)
+    _check_arrays(folder, arrays, positions, snippets, documents, fix)
     return PrototypeIndex(
         path=folder,
         meta=meta,
@@ -276,22 +344,34 @@ def load_index(bundle_dir: str | Path, corpus_fingerprint: str | None = None) ->
         promoted_token_ids=arrays["promoted_token_ids"],
         promoted_logits=arrays["promoted_logits"],
         positions=positions,
-        snippets=_read_jsonl(folder / "positions.jsonl", fix),
-        documents=_read_jsonl(folder / "documents.jsonl", fix),
-        labels=_read_labels(folder, current),
+        snippets=snippets,
+        documents=documents,
+        labels=_read_labels(folder, current, bundle_dir),
     )
 
 
-def _read_labels(folder: Path, fingerprint: str) -> dict[int, str]:
-    """ "category: role" per prototype from labels.json (written by core.atlas.labels), or none
-    when it is missing, unreadable or made for other weights."""
-    if not (folder / "labels.json").is_file():
+def _read_labels(folder: Path, fingerprint: str, bundle_dir: str | Path) -> dict[int, str]:
+    """ "category: role" per prototype from labels.json (written by core.atlas.labels); none when
+    it is missing or made for other weights (with a warning).
+
+    Raises:
+        LabelsError: the file is unreadable or its entries lack id, category or role.
+    """
+    path = folder / "labels.json"
+    if not path.is_file():
         return {}
-    try:
-        raw = read_json(folder / "labels.json", "the labels", error=PrototypeIndexError)
-    except PrototypeIndexError:
-        raw = {}
-    if raw.get("model_fingerprint") == fingerprint:
-        return {int(r["id"]): f"{r['category']}: {r['role']}" for r in raw.get("labels", [])}
-    logger.warning("ignoring %s/labels.json: made for other weights; run `prism label`", folder)
-    return {}
+    fix = f"rebuild it with `prism label --model {bundle_dir}`"
+    raw = read_json(path, "the labels file", fix, error=LabelsError)
+    if not isinstance(raw, dict):
+        raise LabelsError(f"the labels file {path} is not a JSON object; {fix}")
+    if raw.get("model_fingerprint") != fingerprint:
+        logger.warning("ignoring %s: made for other weights; run `prism label`", path)
+        return {}
+    entries = raw.get("labels", [])
+    labels = {}
+    for number, entry in enumerate(entries if isinstance(entries, list) else [None]):
+        try:
+            labels[int(entry["id"])] = f"{entry['category']}: {entry['role']}"
+        except (TypeError, KeyError, ValueError):
+            raise LabelsError(f"the labels file {path}: entry {number} lacks id, category or role; {fix}") from None
+    return labels

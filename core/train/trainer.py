@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,17 +20,24 @@ from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback, Trai
 
 from core import store
 from core.bundle import write_bundle
-from core.data.corpus import Corpus, load_corpus, pack, token_counts_by_source, train_tokenizer
+from core.data.corpus import Corpus, datasets_progress, load_corpus, pack, token_counts_by_source, train_tokenizer
 from core.errors import BundleError, TrainingError
 from core.model import losses
 from core.model.config import PrismConfig
 from core.model.head import active_prototypes, prototype_scores, prototype_weights
 from core.model.modeling import PrismForCausalLM
 from core.options import check_fields, option
+from core.train.checkpoints import (  # noqa: F401 (latest_checkpoint, remove_checkpoints: public here too)
+    COMPLETE_MARKER,
+    check_output_folder,
+    check_resume,
+    latest_checkpoint,
+    remove_checkpoints,
+    run_record,
+    start_run,
+)
 
 logger = logging.getLogger(__name__)
-
-COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,7 @@ class TrainOptions:
     seed: int = option(0, "seeds model init and data order")
     tokenizer: str | None = option(None, "reuse the tokenizer of this bundle")
     resume: bool = option(False, "continue from the newest complete checkpoint in OUT/checkpoints")
+    overwrite: bool = option(False, "replace the bundle already in OUT (its index and checkpoints are removed with it)")
     progress: bool = option(True, "show progress bars", cli=False)
     overrides: dict = option(
         help="PrismConfig fields to override (tests, experiments)", default_factory=dict, cli=False
@@ -235,8 +242,11 @@ class PrismTrainer(Trainer):
         super().log(logs, start_time)
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        # The Trainer writes into an existing folder without clearing it: drop an old marker
+        # first, so that it never vouches for half-written files.
+        (folder / COMPLETE_MARKER).unlink(missing_ok=True)
+        super()._save_checkpoint(model, trial)
         store.atomic_write(folder / COMPLETE_MARKER, "ok\n")
 
 
@@ -289,12 +299,6 @@ class _StopAfter(TrainerCallback):
             raise KeyboardInterrupt(f"stopped after {self.steps} steps")
 
 
-def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest checkpoint folder that was completely written, or None."""
-    complete = [p for p in checkpoint_dir.glob("checkpoint-*") if (p / COMPLETE_MARKER).exists()]
-    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
 @torch.no_grad()
 def evaluate_loss(model: PrismForCausalLM, packed, batch_size: int = 16, max_sequences: int | None = None) -> float:
     """Mean next-token cross-entropy over the packed sequences (token-weighted)."""
@@ -343,16 +347,21 @@ def train(opts: TrainOptions) -> dict:
     preset = PRESETS[opts.preset]
     out = Path(opts.out)
     checkpoint_dir = out / "checkpoints"
+    check_output_folder(opts)
     resume_from = None
     if opts.resume:
         resume_from = latest_checkpoint(checkpoint_dir)
         if resume_from is None:
             raise TrainingError(f"--resume: no complete checkpoint under {checkpoint_dir}")
     device = resolve_device(opts.device)
-    corpus = load_corpus(opts.corpus)
-    tokenizer = load_or_train_tokenizer(opts, corpus, preset)
-    packed_train = pack(corpus.train, tokenizer, preset.seq_len)
-    packed_val = pack(corpus.validation, tokenizer, preset.seq_len)
+    with datasets_progress(opts.progress):
+        corpus = load_corpus(opts.corpus)
+        tokenizer = load_or_train_tokenizer(opts, corpus, preset)
+        run = run_record(opts, corpus, tokenizer)
+        if opts.resume:
+            check_resume(checkpoint_dir, run)
+        packed_train = pack(corpus.train, tokenizer, preset.seq_len)
+        packed_val = pack(corpus.validation, tokenizer, preset.seq_len)
     if len(packed_train) == 0:
         raise TrainingError(f"corpus {opts.corpus} is shorter than one training sequence ({preset.seq_len} tokens)")
     max_steps = opts.max_steps or preset.max_steps
@@ -394,6 +403,8 @@ def train(opts: TrainOptions) -> dict:
     trainer.add_callback(reseed)
     if opts.stop_after:
         trainer.add_callback(_StopAfter(opts.stop_after))
+    if not opts.resume:
+        start_run(checkpoint_dir, run)
     train_start = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.time() - train_start
@@ -431,7 +442,7 @@ def train(opts: TrainOptions) -> dict:
     if not opts.dense:
         record["corpus_tokens_by_source"] = token_counts_by_source(corpus.train, tokenizer)
     model.to("cpu")
-    write_bundle(out, model, tokenizer, record)
+    write_bundle(out, model, tokenizer, record, keep_index=False)  # an index of the old weights goes with them
     return record
 
 
@@ -453,8 +464,3 @@ def record_twin(bundle: str | Path, twin_record: dict) -> dict:
     record["val_loss_ratio"] = record["val_loss"] / twin_record["val_loss"]
     store.write_json(path, record, indent=2)
     return record
-
-
-def remove_checkpoints(out: str | Path) -> None:
-    """Delete out/checkpoints once a bundle is final."""
-    shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)

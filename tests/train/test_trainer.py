@@ -129,3 +129,27 @@ def test_single_document_corpus_loads(tmp_path):
     path = write_jsonl(tmp_path / "one.jsonl", demo_rows(1)[:1])
     corpus = load_corpus(path)
     assert len(corpus.train) == 1 and len(corpus.validation) == 0
+
+
+def test_completion_marker_is_removed_before_a_checkpoint_is_rewritten(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from transformers import Trainer
+
+    from core.train.trainer import COMPLETE_MARKER, PrismTrainer
+
+    folder = tmp_path / "checkpoint-7"
+    folder.mkdir()
+    (folder / COMPLETE_MARKER).write_text("ok\n")  # left by an earlier run
+    marked_while_writing = []
+    monkeypatch.setattr(
+        Trainer,
+        "_save_checkpoint",
+        lambda self, model, trial: marked_while_writing.append((folder / COMPLETE_MARKER).exists()),
+    )
+    trainer = PrismTrainer.__new__(PrismTrainer)
+    trainer.args = SimpleNamespace(output_dir=str(tmp_path))
+    trainer.state = SimpleNamespace(global_step=7)
+    trainer._save_checkpoint(None, None)
+    assert marked_while_writing == [False]
+    assert (folder / COMPLETE_MARKER).exists()
