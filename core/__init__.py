@@ -66,6 +66,10 @@ _LAZY = {
     "InfluenceArguments": "core.attribution.influence",
     "build_influence": "core.attribution.influence",
     "load_influence": "core.attribution.influence",
+    "self_influence": "core.attribution.influence",
+    "SpanIndex": "core.attribution.spans_index",
+    "build_spans": "core.attribution.spans_index",
+    "load_spans": "core.attribution.spans_index",
     # controllers
     "Controls": "core.control.controls",
     "load_controls": "core.control.controls",

@@ -11,6 +11,9 @@ are ranked into examples.
   restricted to the prototype parameters; a document's score is the change of the attributed
   tokens' summed loss it explains, + = helpful, and its ``prototype`` is the block that
   carried most of it.
+- ``spans`` (:mod:`core.attribution.spans`): exact-span matching, like OLMoTrace; a
+  document's score is the length of the longest span of the prompt + completion covering the
+  token that it contains verbatim (found in a suffix array over the training tokens).
 
 A method is a :class:`Method` registered by name; a new one is a module with its credit and
 ranking functions and one entry in :data:`REGISTRY`.
@@ -29,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from core.attribution import neighbourhood
+from core.attribution import neighbourhood, spans
 from core.attribution.decompose import QueryTensors, decompose_with_tensors
 from core.attribution.influence import query as influence_method
 from core.attribution.influence.query import InfluenceFactors, load_influence
@@ -75,6 +78,7 @@ REGISTRY: dict[str, Method] = {
         influence_method.examples,
         influence_method.check,
     ),
+    "spans": Method(spans.MEASUREMENT, spans.credit, spans.SpanCredit.concat, spans.examples, spans.check),
 }
 METHODS = tuple(REGISTRY)
 
@@ -141,7 +145,7 @@ def attribute(
     prompt: str,
     completion: str | None = None,
     top: int = 10,
-    method: Literal["neighbourhood", "influence"] = "neighbourhood",
+    method: Literal["neighbourhood", "influence", "spans"] = "neighbourhood",
     span: tuple[int, int] | None = None,
     *,
     controls: Controls | None = None,
@@ -149,6 +153,7 @@ def attribute(
     top_alternatives: int = 5,
     similarity: Literal["code", "key"] = "code",
     influence: InfluenceFactors | None = None,
+    min_span: int = spans.MIN_SPAN,
 ) -> Attribution:
     """Attribute each completion token, and the completion as a whole, to training documents.
 
@@ -158,8 +163,9 @@ def attribute(
         prompt, completion: as in :func:`decompose`; without a completion, ``max_new_tokens``
             are generated greedily first.
         top: examples kept per token and overall.
-        method: ``neighbourhood`` (slices shared among neighbourhoods) or ``influence``
-            (prototype-block influence functions, :mod:`core.attribution.influence`).
+        method: ``neighbourhood`` (slices shared among neighbourhoods), ``influence``
+            (prototype-block influence functions, :mod:`core.attribution.influence`) or
+            ``spans`` (verbatim spans, :mod:`core.attribution.spans`).
         span: (start, end) completion token indices, end exclusive, for the overall ranking;
             None for the whole completion.
         controls: per-call gains and suppression.
@@ -167,11 +173,13 @@ def attribute(
         similarity: neighbourhood method only, see
             :func:`core.attribution.neighbourhood.neighbourhood_credit`.
         influence: loaded influence factors (default: the index's, loaded once when first needed).
+        min_span: spans method only: the shortest verbatim span credited, in tokens.
 
     Raises:
         ValueError: bad input (see :func:`decompose`).
         ArgumentError: an unknown method, a bad ``top`` or a bad span.
-        PrototypeIndexError: the index (or the influence factors) belong to another model.
+        PrototypeIndexError: the index (or the influence factors, or the span index) belong to
+            another model; the span index (``spans``) is missing.
         InfluenceError: the influence factors are missing or stale.
     """
     chosen = REGISTRY.get(method)
@@ -188,7 +196,7 @@ def attribute(
         raise PrototypeIndexError(
             f"the index has {index.num_prototypes} prototypes, the model {bundle.model.config.num_prototypes}; {hint}"
         )
-    query = Query(bundle, index, {"similarity": similarity, "influence": influence})
+    query = Query(bundle, index, {"similarity": similarity, "influence": influence, "min_span": min_span})
     if chosen.check is not None:
         chosen.check(query)
     query.decomposition, query.tensors = decompose_with_tensors(
