@@ -1,7 +1,9 @@
 """PRISM Explorer entry point: ``streamlit run explorer/app.py [-- --model DIR]``.
 
-A router: the sidebar (bundle field, session controls summary) and st.navigation over the
-pages in explorer/views/. Each page is a short script: widgets, calls into core, rendering.
+A router: the sidebar (bundle field, the session's controls with undo and redo) and
+st.navigation over the pages in explorer/views/. Each page is a short script: widgets, calls
+into core, rendering. Controls change only in widget callbacks (or before an st.rerun), so the
+sidebar, drawn before the page, always shows the controls the page applies.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ if str(REPO) not in sys.path:  # `streamlit run` puts explorer/ itself on the pa
 
 import os  # noqa: E402
 
+import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 import torch  # noqa: E402
 
 from explorer import state  # noqa: E402
+from explorer.cards import SUPPRESSION_WINS  # noqa: E402
+from explorer.controls import ControlSet, plural  # noqa: E402
 
 # One intra-op thread per request by default: on 2 busy cores, 64 demo tokens took 6.7 s with
 # torch's 2 threads and 0.9 s with 1 (threads spin against each other and other processes).
@@ -30,11 +35,15 @@ if _threads > 0 and torch.get_num_threads() != _threads:
 st.set_page_config(page_title="PRISM Explorer", page_icon=":material/hub:", layout="wide")
 
 if state.BUNDLE_PATH not in st.session_state:
-    st.session_state[state.BUNDLE_PATH] = state.default_bundle_path()
+    st.session_state[state.BUNDLE_PATH] = state.shown_bundle_path(state.default_bundle_path())
 
 with st.sidebar:
     st.markdown("### PRISM Explorer")
-    st.text_input("Bundle folder", key=state.BUNDLE_PATH, help="A PRISM model folder (press Enter to open it)")
+    st.text_input(
+        "Bundle folder",
+        key=state.BUNDLE_PATH,
+        help="A PRISM model folder among those this server offers, by name (press Enter to open it)",
+    )
 
 pages = [
     st.Page("views/atlas.py", title="Atlas", icon=":material/scatter_plot:", url_path="atlas", default=True),
@@ -55,16 +64,51 @@ with st.sidebar:
     )
     if loaded.index is None:
         st.caption(f"No index: {loaded.index_error}")
-    controls = state.session_controls(b.fingerprint)
+    history = state.history()
+    controls = history.present
     st.markdown("**Session controls**")
-    if controls.is_empty:
-        st.caption("none (the model as trained)")
-    else:
-        gains = ", ".join(f"#{j}×{g:g}" for j, g in sorted(controls.gains.items()))
-        st.caption(f"gains: {gains or '-'}")
-        st.caption(f"suppressed: {', '.join(f'#{j}' for j in controls.suppressed) or '-'}")
-        if st.button("Clear controls", key="sidebar_clear"):
-            state.apply_controls(state.Controls())
-            st.rerun()
+    st.caption(controls.describe(), help="Every page generates and traces with exactly these controls")
+    if controls.conflicts:
+        st.caption(f"{plural(len(controls.conflicts), 'prototype')} both suppressed and gained. {SUPPRESSION_WINS}")
+    u, r = st.columns(2)
+    u.button(
+        "Undo",
+        key="sidebar_undo",
+        on_click=state.undo,
+        disabled=not history.can_undo,
+        help=f"Undo: {history.undo_action}" if history.can_undo else "Nothing to undo",
+        width="stretch",
+    )
+    r.button(
+        "Redo",
+        key="sidebar_redo",
+        on_click=state.redo,
+        disabled=not history.can_redo,
+        help=f"Redo: {history.redo_action}" if history.can_redo else "Nothing to redo",
+        width="stretch",
+    )
+    st.button(
+        "Clear controls",
+        key="sidebar_clear",
+        on_click=state.commit,
+        args=(ControlSet(), "cleared all controls"),
+        disabled=controls.is_empty,
+        help="Remove every gain and suppression (Undo brings them back)",
+        width="stretch",
+    )
+    if not controls.is_empty:
+        with st.expander(f"All {plural(len(controls.ids), 'controlled prototype')}"):
+            st.dataframe(
+                pd.DataFrame(
+                    {
+                        "prototype": controls.ids,
+                        "gain": [controls.gain(j) for j in controls.ids],
+                        "suppressed": [j in controls.suppressed for j in controls.ids],
+                    }
+                ),
+                hide_index=True,
+                key="sidebar_controls",
+                height=min(300, 38 + 35 * len(controls.ids)),
+            )
 
 page.run()

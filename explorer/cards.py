@@ -3,50 +3,76 @@ trigger token highlighted, source mix, and this session's suppress toggle and ga
 
 from __future__ import annotations
 
+import math
+
 import streamlit as st
 
 from core import AtlasTables, PrototypeIndex
 
 from . import state
+from .controls import plural
 
 SNIPPETS_SHOWN = 5
-MAX_GAIN = 3.0
+SLIDER_MAX = 3.0  # a slider reaches at least this; a larger gain widens its own slider (true values)
+SUPPRESSION_WINS = (
+    "Suppressed and gained: suppression wins. A suppressed prototype is removed from the "
+    "candidates before the top-k choice, so it is never active and its gain has no effect "
+    "(the gain is kept for when you un-suppress it)."
+)
+
+
+def slider_max(gain: float) -> float:
+    """The gain slider's upper end: 3, or the gain rounded up, so that every gain shows as itself."""
+    return max(SLIDER_MAX, float(math.ceil(gain)))
 
 
 def _on_gain(widget_key: str, prototype: int) -> None:
-    state.set_gain(prototype, st.session_state[widget_key])
+    gain = float(st.session_state[widget_key])
+    state.commit(state.current_controls().with_gain(prototype, gain), f"gain of #{prototype} set to {gain:g}")
 
 
 def _on_suppress(widget_key: str, prototype: int) -> None:
-    state.set_suppressed(prototype, st.session_state[widget_key])
+    on = bool(st.session_state[widget_key])
+    action = f"#{prototype} {'suppressed' if on else 'no longer suppressed'}"
+    state.commit(state.current_controls().with_suppressed(prototype, on), action)
 
 
 def control_widgets(prototype: int, prefix: str, max_suppressed: int) -> None:
-    """The suppress toggle and gain slider of one prototype, bound to the session's controls."""
+    """The suppress toggle and gain slider of one prototype, drawn from the session's controls.
+
+    The widgets' values always come from the controls (``value=`` and the session state of
+    their keys): a widget re-created after a run that did not draw it shows the controls, not
+    a leftover or default value. Only their callbacks change the controls.
+    """
+    controls = state.current_controls()
+    gain, suppressed = controls.gain(prototype), prototype in controls.suppressed
     gain_key, supp_key = f"{prefix}_gain_{prototype}", f"{prefix}_supp_{prototype}"
-    gains = st.session_state.get(state.GAINS, {})
-    suppressed = set(st.session_state.get(state.SUPPRESSED, []))
-    state.sync_widget(gain_key, min(float(gains.get(prototype, 1.0)), MAX_GAIN))
-    state.sync_widget(supp_key, prototype in suppressed)
+    state.sync_widget(gain_key, gain)
+    state.sync_widget(supp_key, suppressed)
     left, right = st.columns([1, 2])
     left.toggle(
         "Suppress",
+        value=suppressed,
         key=supp_key,
         on_change=_on_suppress,
         args=(supp_key, prototype),
-        disabled=prototype not in suppressed and len(suppressed) >= max_suppressed,
+        disabled=not suppressed and len(controls.suppressed) >= max_suppressed,
         help="Keep this prototype out of every active set (the next one takes its place)",
     )
     right.slider(
         "Gain",
         0.0,
-        MAX_GAIN,
-        step=0.1,
+        slider_max(gain),
+        value=gain,
+        step=0.05,
+        format="%.2f",
         key=gain_key,
         on_change=_on_gain,
         args=(gain_key, prototype),
         help="Multiplies this prototype's mixture weight in every prediction (1 = unchanged)",
     )
+    if suppressed and gain != 1.0:
+        st.caption(SUPPRESSION_WINS)
 
 
 def render_card(
@@ -92,7 +118,10 @@ def render_card(
                     f'<div class="prism-snip" title="{tip}">'
                     f"{state.marked_snippet(n['snippet'], n['highlight_start'], n['highlight_end'])}</div>"
                 )
-            st.caption(f"Nearest training snippets ({len(neighbours)} in the neighbourhood; trigger token marked):")
+            st.caption(
+                f"Nearest training snippets ({plural(len(neighbours), 'position')} in the neighbourhood; "
+                "trigger token marked):"
+            )
             st.html("".join(parts))
         else:
             st.caption("No training positions in this prototype's neighbourhood.")

@@ -204,7 +204,7 @@ def waterfall_figure(
         values.append(float(slices[i]))
         custom.append(int(prototype_ids[i]))
     if len(order) > shown:
-        names.append(f"{len(order) - shown} others")
+        names.append(f"{len(order) - shown} other" + ("" if len(order) - shown == 1 else "s"))
         values.append(float(np.asarray(slices, dtype=np.float64)[order[shown:]].sum()))
         custom.append(-1)
     names.append("logit")

@@ -19,15 +19,18 @@ import streamlit as st
 import core
 from core import AtlasTables, Bundle, BundleError, Controls, PrototypeIndex, PrototypeIndexError
 
+from .controls import ControlHistory, ControlSet
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO_BUNDLE = REPO / "assets" / "models" / "demo"
 MODEL_ENV = "PRISM_EXPLORER_MODEL"
+BUNDLES_ENV = "PRISM_EXPLORER_BUNDLES"  # folders (os.pathsep-separated) whose bundles the app may open
 
 # session_state keys (one place, so that pages and tests agree)
 BUNDLE_PATH = "bundle_path"
-GAINS = "controls_gains"  # dict[int, float]
-SUPPRESSED = "controls_suppressed"  # list[int]
+CONTROLS = "controls"  # ControlHistory: the session's controls, the only place they live
 CONTROLS_FOR = "controls_fingerprint"  # the model the session's controls belong to
+PINNED = "steer_pinned"  # list[int] prototypes that have a slider row on Steer (not a control)
 TRACE = "trace"  # core.Attribution of the Trace page
 TRACE_CONTROLS = "trace_controls"  # Controls in force when the trace was computed
 PICKED = "atlas_picked"  # list[int] prototypes picked on the atlas
@@ -43,6 +46,52 @@ def default_bundle_path() -> str:
     except (argparse.ArgumentError, SystemExit):
         args = argparse.Namespace(model=None)
     return args.model or os.environ.get(MODEL_ENV) or str(DEMO_BUNDLE)
+
+
+def bundle_roots() -> list[Path]:
+    """The folders whose bundles this server may open: $PRISM_EXPLORER_BUNDLES, else the demo's folder."""
+    configured = [Path(p).expanduser() for p in os.environ.get(BUNDLES_ENV, "").split(os.pathsep) if p.strip()]
+    return [p.resolve() for p in configured or [DEMO_BUNDLE.parent]]
+
+
+def shown_bundle_path(path: str) -> str:
+    """How the sidebar shows a bundle: relative to the first root that holds it, else as given."""
+    resolved = Path(path).expanduser().resolve()
+    for root in bundle_roots():
+        if resolved.is_relative_to(root) and resolved != root:
+            return resolved.relative_to(root).as_posix()
+    return path
+
+
+def allowed_bundle(text: str) -> Path | None:
+    """The bundle folder that ``text`` names, if this server may open it, else None.
+
+    Allowed: the bundle the server was started with, and folders under ``bundle_roots()``; a
+    relative name is looked up under each root in turn. Links and ``..`` are resolved before the
+    check. None both for a folder outside the roots and for one that does not exist, so that
+    the answer tells a visitor nothing about the server's files.
+    """
+    text = str(text).strip()
+    if not text or "\x00" in text:
+        return None
+    start = Path(default_bundle_path()).expanduser().resolve()
+    roots = bundle_roots()
+    given = Path(text).expanduser()
+    candidates = [given] if given.is_absolute() else [root / given for root in roots]
+    for candidate in candidates:
+        resolved = candidate.resolve()
+        if resolved == start or any(resolved.is_relative_to(root) for root in roots):
+            if resolved.is_dir():
+                return resolved
+    return None
+
+
+def bundle_refusal(text: str) -> str:
+    """The one message for a bundle folder that does not exist or may not be opened."""
+    return (
+        f"Cannot open bundle {text!r}: there is no bundle of that name that this server offers. "
+        f"Give a folder under the server's bundle folders (set by {BUNDLES_ENV}), e.g. its name."
+    )
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)
@@ -73,17 +122,22 @@ class Loaded:
 def load_current() -> Loaded:
     """The session's bundle and index, loaded with a progress bar the first time.
 
-    Stops the page with st.error when the folder is not a usable bundle.
+    Stops the page with st.error when the folder is not an allowed, usable bundle.
     """
-    path = str(st.session_state.get(BUNDLE_PATH) or default_bundle_path())
+    text = str(st.session_state.get(BUNDLE_PATH) or default_bundle_path())
+    folder = allowed_bundle(text)
+    if folder is None:
+        st.error(bundle_refusal(text))
+        st.stop()
+    path = str(folder)
     seen = st.session_state.setdefault("_loaded_paths", set())
-    bar = None if path in seen else st.progress(0, text=f"Loading model from {path}…")
+    bar = None if path in seen else st.progress(0, text=f"Loading model {text}…")
     try:
         bundle = cached_bundle(path)
     except (BundleError, OSError, ValueError) as err:
         if bar is not None:
             bar.empty()
-        st.error(f"Cannot open bundle: {err}")
+        st.error(f"Cannot open bundle {text!r}: {err}")
         st.stop()
     if bar is not None:
         bar.progress(60, text="Loading prototype index…")
@@ -94,7 +148,7 @@ def load_current() -> Loaded:
         except (PrototypeIndexError, OSError, ValueError) as err:
             problem = str(err)
     else:
-        problem = f"{path} is a dense twin: it has no prototypes to explore"
+        problem = f"{text} is a dense twin: it has no prototypes to explore"
     if bar is not None:
         bar.empty()
     seen.add(path)
@@ -104,11 +158,10 @@ def load_current() -> Loaded:
 
 
 def reset_session(fingerprint: str) -> None:
-    """Forget controls, trace and picks (they belonged to another model)."""
-    st.session_state[GAINS] = {}
-    st.session_state[SUPPRESSED] = []
+    """Forget controls (and their history), trace and picks: they belonged to another model."""
+    st.session_state[CONTROLS] = ControlHistory(serial=history().serial + 1)  # serials are never reused
     st.session_state[CONTROLS_FOR] = fingerprint
-    for key in (TRACE, TRACE_CONTROLS, PICKED, CARD):
+    for key in (TRACE, TRACE_CONTROLS, PICKED, CARD, PINNED):
         st.session_state.pop(key, None)
 
 
@@ -122,33 +175,46 @@ def require_prism(loaded: Loaded) -> None:
         st.stop()
 
 
+def history() -> ControlHistory:
+    """The session's controls with their undo/redo history."""
+    value = st.session_state.get(CONTROLS)
+    return value if isinstance(value, ControlHistory) else ControlHistory()
+
+
+def current_controls() -> ControlSet:
+    """The controls in force for this session (every page and the sidebar render from this)."""
+    return history().present
+
+
 def session_controls(fingerprint: str) -> Controls:
     """The controls of this session as a core Controls (a fresh copy each call)."""
-    gains = {int(k): float(v) for k, v in st.session_state.get(GAINS, {}).items() if float(v) != 1.0}
-    suppressed = sorted({int(i) for i in st.session_state.get(SUPPRESSED, [])})
-    return Controls(gains=gains, suppressed=suppressed, model_fingerprint=fingerprint)
+    return current_controls().to_core(fingerprint)
 
 
-def set_gain(prototype: int, gain: float) -> None:
-    gains = dict(st.session_state.get(GAINS, {}))
-    gains[int(prototype)] = float(gain)
-    st.session_state[GAINS] = gains
+def commit(value: ControlSet, action: str) -> None:
+    """Make ``value`` the session's controls: called only for an explicit action of the analyst.
+
+    Call it from a widget callback (it runs before the page, so the sidebar and every page
+    draw the new value), or follow it with st.rerun().
+    """
+    st.session_state[CONTROLS] = history().commit(value, action)
 
 
-def set_suppressed(prototype: int, on: bool) -> None:
-    current = set(st.session_state.get(SUPPRESSED, []))
-    current = current | {int(prototype)} if on else current - {int(prototype)}
-    st.session_state[SUPPRESSED] = sorted(current)
+def undo() -> None:
+    st.session_state[CONTROLS] = history().undo()
 
 
-def apply_controls(controls: Controls) -> None:
-    """Replace the session's controls (after load or calibration)."""
-    st.session_state[GAINS] = {int(k): float(v) for k, v in controls.gains.items()}
-    st.session_state[SUPPRESSED] = sorted(set(controls.suppressed))
+def redo() -> None:
+    st.session_state[CONTROLS] = history().redo()
 
 
 def sync_widget(key: str, value: object) -> None:
-    """Set a keyed widget's value from the session's controls before it is drawn."""
+    """Give a keyed widget the session's value before it is drawn (never the reverse).
+
+    A widget that was not drawn in some run can come back with the value the server kept for
+    it or with its element default; writing the controls' value here, with the same value as
+    the widget's ``value=``, makes both the server and the browser show the controls.
+    """
     if st.session_state.get(key) != value:
         st.session_state[key] = value
 
@@ -186,8 +252,8 @@ SNIPPET_CSS = (
     "<style>.prism-snip{font-family:monospace;font-size:.82rem;white-space:pre-wrap;padding:.25rem .5rem;"
     "border-left:3px solid #0072B2;margin:.2rem 0;background:rgba(127,127,127,.06)}"
     ".prism-snip mark{background:#E69F00;color:#000;padding:0 1px}"
-    ".prism-tok{font-family:monospace;white-space:pre;padding:0 1px}"
-    ".prism-tok.diff{background:#E69F00;color:#000;border-radius:2px}</style>"
+    ".prism-tok{font-family:monospace;white-space:pre;padding:0;margin:0}"  # no gap inside words
+    ".prism-tok.diff{background:#E69F00;color:#000}</style>"
 )
 
 

@@ -8,6 +8,7 @@ import streamlit as st
 
 from explorer import state
 from explorer.cards import render_card
+from explorer.controls import plural
 from explorer.figures import atlas_figure, selected_ids
 
 MAP_KEY = "atlas_map"
@@ -75,8 +76,11 @@ st.plotly_chart(
 )
 if query.strip():
     if hits:
-        st.caption(f"Search: {len(hits)} prototypes match {query!r} (outlined on the map).")
-        if st.button(f"Open the {min(len(hits), 200)} matches as cards", key="atlas_pick_hits"):
+        verb = "matches" if len(hits) == 1 else "match"
+        st.caption(f"Search: {plural(len(hits), 'prototype')} {verb} {query!r} (outlined on the map).")
+        n = min(len(hits), 200)
+        opens = f"Open the {plural(n, 'match', 'matches')} as cards" if n > 1 else "Open the match as a card"
+        if st.button(opens, key="atlas_pick_hits"):
             _pick(hits)
             st.rerun()
     else:
@@ -107,7 +111,7 @@ table = pd.DataFrame(
         "top snippet": [data.top_snippet[j] for j in picked],
     }
 )
-st.markdown(f"**Selection: {len(picked)} prototypes**")
+st.markdown(f"**Selection: {plural(len(picked), 'prototype')}**")
 st.dataframe(
     table,
     hide_index=True,

@@ -11,9 +11,17 @@ import streamlit as st
 import core
 from core import TaskError
 from explorer import state
+from explorer.controls import plural
 
 TASKS = state.REPO / "assets" / "tasks"
 PENALTIES = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # the slider's stops; the library's default is always one
+
+
+def _apply(gains: dict[int, float]) -> None:
+    """Apply Calibrate's gains to the session (a callback: it runs before the sidebar is drawn)."""
+    state.commit(state.current_controls().with_gains(gains), f"applied {plural(len(gains), 'calibrated gain')}")
+    st.session_state["cal_applied"] = len(gains)
+
 
 loaded = state.load_current()
 bundle = loaded.bundle
@@ -61,7 +69,7 @@ steps = c3.slider("Steps", 10, 400, defaults.steps, step=10, key="cal_steps")
 penalty = c4.select_slider(
     "Sparsity penalty", sorted({*PENALTIES, defaults.penalty}), defaults.penalty, key="cal_penalty"
 )
-st.caption(f"{task_name}: {len(items)} items, {int(limit)} used.")
+st.caption(f"{task_name}: {plural(len(items), 'item')}, {int(limit):,} used.")
 
 if st.button("Fit", type="primary", key="cal_fit"):
     bar = st.progress(0, text="Scoring the choices…")
@@ -101,7 +109,7 @@ m3.metric(
     f"{100 * (result.calibration_after - result.calibration_before):+.1f} pts",
 )
 m4.metric("Gains changed", f"{result.changed}")
-st.caption(f"{result.calibration_items} calibration items, {result.holdout_items} held out.")
+st.caption(f"{plural(result.calibration_items, 'calibration item')}, {plural(result.holdout_items, 'item')} held out.")
 if result.moved:
     st.markdown("**Prototypes that moved most**")
     st.dataframe(
@@ -120,10 +128,20 @@ if result.moved:
         key="cal_moved",
     )
 a, b = st.columns(2)
-if a.button("Apply to this session's controls", key="cal_apply", disabled=not result.controls.gains):
-    for j, gain in result.controls.gains.items():
-        state.set_gain(j, gain)
-    st.success(f"Applied {len(result.controls.gains)} gains (suppressions kept); see the Steer page.")
+a.button(
+    "Apply to this session's controls",
+    key="cal_apply",
+    disabled=not result.controls.gains,
+    on_click=_apply,
+    args=(dict(result.controls.gains),),
+    help="Adds the fitted gains to the session's controls (replacing those prototypes' gains; suppressions kept)",
+)
+if st.session_state.get("cal_applied") is not None:
+    applied = st.session_state.pop("cal_applied")
+    st.success(
+        f"Applied {plural(applied, 'gain')} (suppressions kept): the sidebar lists them, the Steer page "
+        "edits them, and Undo in the sidebar takes them back."
+    )
 b.download_button(
     "Download result (JSON)",
     json.dumps(result.to_json(), indent=2),

@@ -6,7 +6,9 @@ from __future__ import annotations
 import streamlit as st
 
 import core
+from core import Controls
 from explorer import state
+from explorer.controls import ControlSet, plural
 from explorer.figures import waterfall_figure
 
 DOWNLOADS = (
@@ -29,8 +31,8 @@ controls = st.session_state.get(state.TRACE_CONTROLS)
 report = core.report_from_attributions([result], controls)
 dec = result.decomposition
 st.markdown(
-    f"Trace of {len(dec.tokens)} tokens · method {result.method} · model {result.model_fingerprint} · "
-    f"controls: {'none' if controls is None or controls.is_empty else controls.to_json()}"
+    f"Trace of {plural(len(dec.tokens), 'token')} · method {result.method} · model {result.model_fingerprint} · "
+    f"controls: {ControlSet.from_core(controls or Controls()).describe()}"
 )
 st.text(dec.prompt + dec.completion)
 stem = f"prism-report-{result.model_fingerprint}"

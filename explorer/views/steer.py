@@ -1,20 +1,24 @@
-"""Steer: the session's gains and suppressions, live regeneration with a fixed seed, the steered
-text beside the original with differing tokens marked, perplexities, targeting, save/load."""
+"""Steer: the session's gains and suppressions (a searchable, sortable table, and sliders for the
+few prototypes the analyst pins), live regeneration with a fixed seed, the steered text beside the
+original with differing tokens marked, perplexities, targeting, save/load."""
 
 from __future__ import annotations
 
 import json
 import time
 
+import pandas as pd
 import streamlit as st
 
 import core
 from core import BehaviourError, Controls, ControlsError
 from explorer import state
-from explorer.cards import MAX_GAIN, control_widgets
+from explorer.cards import SUPPRESSION_WINS, control_widgets
+from explorer.controls import ControlSet, apply_table, plural, table_rows
 
 DEFAULT_PROMPT = "KING."
 BEHAVIOURS = state.REPO / "assets" / "behaviours"
+TABLE_TYPES = {"prototype": "int64", "label": "str", "gain": "float64", "suppressed": "bool", "note": "str"}
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
@@ -43,6 +47,7 @@ def generated(
     )
     seconds = time.perf_counter() - t0
     return {
+        "computed_at": time.time(),
         "text": result.text,
         "ids": result.new_ids,
         "tokens": [bundle.tokenizer.decode([t]) for t in result.new_ids],
@@ -54,7 +59,7 @@ def generated(
 
 
 def token_html(tokens: list[str], different: frozenset[int]) -> str:
-    """Escaped token spans; the tokens at positions ``different`` get class diff."""
+    """Escaped token spans, no space between them; the tokens at positions ``different`` get class diff."""
     spans = []
     for position, text in enumerate(tokens):
         differs = position in different
@@ -62,18 +67,49 @@ def token_html(tokens: list[str], different: frozenset[int]) -> str:
     return state.SNIPPET_CSS + '<div class="prism-snip">' + "".join(spans) + "</div>"
 
 
-def _add_row() -> None:
-    state.set_gain(
-        int(st.session_state["steer_add_id"]),
-        float(st.session_state.get(state.GAINS, {}).get(int(st.session_state["steer_add_id"]), 1.0)),
-    )
+def timing(result: dict, run_started: float) -> str:
+    """How long a generation took, and whether this run computed it or reused the cache."""
+    took = f"{result['seconds'] * 1000:,.0f} ms for {plural(len(result['ids']), 'token')}"
+    if result["computed_at"] >= run_started:
+        return f"generated just now in {took}"
+    when = time.strftime("%H:%M:%S", time.localtime(result["computed_at"]))
+    return f"reused from the cache (generated at {when} in {took})"
 
 
-def _remove_row(prototype: int) -> None:
-    gains = dict(st.session_state.get(state.GAINS, {}))
-    gains.pop(prototype, None)
-    st.session_state[state.GAINS] = gains
-    state.set_suppressed(prototype, False)
+def _pin() -> None:
+    pinned = st.session_state.get(state.PINNED, [])
+    j = int(st.session_state["steer_add_id"])
+    if j not in pinned:
+        st.session_state[state.PINNED] = [*pinned, j]
+
+
+def _unpin(prototype: int) -> None:
+    st.session_state[state.PINNED] = [j for j in st.session_state.get(state.PINNED, []) if j != prototype]
+
+
+def _reset(prototypes: list[int], action: str) -> None:
+    state.commit(state.current_controls().without(prototypes), action)
+
+
+def _gains_to_one(prototypes: list[int]) -> None:
+    value = state.current_controls()
+    drop = set(prototypes)
+    gains = {j: g for j, g in value.gains.items() if j not in drop}
+    state.commit(ControlSet.of(gains, value.suppressed), f"gains of {plural(len(drop), 'prototype')} back to 1")
+
+
+def _suppress_targets() -> None:
+    targets = st.session_state.get("steer_targets", [])
+    value = state.current_controls()
+    for j in targets:
+        value = value.with_suppressed(j, True)
+    state.commit(value, f"suppressed {plural(len(targets), 'targeted prototype')}")
+
+
+def label_of(j: int) -> str:
+    if data is None:
+        return ""
+    return data.labels[j] or data.dominant[j] or ""
 
 
 loaded = state.load_current()
@@ -82,7 +118,10 @@ if not bundle.is_prism:
     st.info(f"{loaded.path} is a dense twin: it has no prototypes to steer. Open a PRISM bundle in the sidebar.")
     st.stop()
 P = bundle.model.config.num_prototypes
+K = bundle.model.config.prototype_top_k
 data = state.atlas_data(loaded) if loaded.index is not None else None
+history = state.history()
+current = history.present
 
 st.subheader("Steer")
 prompt = st.text_area("Prompt", DEFAULT_PROMPT, key="steer_prompt", height=70)
@@ -94,25 +133,91 @@ seed = c2.number_input("Seed", 0, 2**31 - 1, 0, key="steer_seed")
 sample = c3.toggle("Sample", key="steer_sample", help="Sample instead of greedy decoding (same seed both sides)")
 temperature = c4.slider("Temperature", 0.1, 2.0, 0.8, step=0.1, key="steer_temperature", disabled=not sample)
 
-st.markdown("**Controls of this session** (from any page; every change regenerates)")
-rows = sorted(set(st.session_state.get(state.GAINS, {})) | set(st.session_state.get(state.SUPPRESSED, [])))
-if not rows:
+st.markdown("**Controls of this session** (from any page; every change regenerates; undo and redo in the sidebar)")
+if current.is_empty:
     st.caption(
-        "No controls yet: add a prototype below, or use the suppress toggle and gain slider of a "
-        "prototype card on the Atlas or Trace page."
+        "No controls yet: pin a prototype below for a gain slider, add rows to the table, or use the "
+        "suppress toggle and gain slider of a prototype card on the Atlas or Trace page."
     )
-for j in rows:
+else:
+    st.caption(current.describe())
+if current.conflicts:
+    st.info(f"{plural(len(current.conflicts), 'prototype')} both suppressed and gained. {SUPPRESSION_WINS}")
+
+pinned = [j for j in st.session_state.get(state.PINNED, []) if 0 <= j < P]
+for j in pinned:
     name, controls_col, remove_col = st.columns([2, 5, 1])
-    label = data.labels[j] if data is not None and data.labels[j] else (data.dominant[j] if data else "")
     name.markdown(f"**#{j}**")
-    name.caption(label or "unlabelled")
+    name.caption(label_of(j) or "unlabelled")
     with controls_col:
-        control_widgets(j, "steer", P - bundle.model.config.prototype_top_k)
-    remove_col.button("Remove", key=f"steer_remove_{j}", on_click=_remove_row, args=(j,))
+        control_widgets(j, "steer", P - K)
+    remove_col.button("Unpin", key=f"steer_unpin_{j}", on_click=_unpin, args=(j,), help="Remove the slider row")
 
 a, b = st.columns([1, 3])
 a.number_input("Prototype id", 0, P - 1, step=1, key="steer_add_id")
-b.button("Add a gain slider", key="steer_add", on_click=_add_row)
+b.button(
+    "Add a gain slider",
+    key="steer_add",
+    on_click=_pin,
+    help="Pin this prototype: a slider row here (its gain stays as it is until you move the slider)",
+)
+
+query = st.text_input(
+    "Search the controls", key="steer_table_query", placeholder="prototype id or label text, e.g. 12 or thou"
+)
+rows = table_rows(current, {j: label_of(j) for j in current.ids})
+needle = query.strip().lower().lstrip("#")
+if needle:
+    rows = [r for r in rows if needle == str(r["prototype"]) or needle in r["label"].lower()]
+shown = [r["prototype"] for r in rows]
+edited = st.data_editor(
+    pd.DataFrame(rows, columns=list(TABLE_TYPES)).astype(TABLE_TYPES),
+    key=f"steer_table_{history.serial}",  # a fresh table after every change of the controls
+    num_rows="dynamic",
+    hide_index=True,
+    width="stretch",
+    height=min(420, 38 + 35 * max(len(rows), 1)),
+    column_config={
+        "prototype": st.column_config.NumberColumn("prototype", min_value=0, max_value=P - 1, step=1),
+        "label": st.column_config.TextColumn("label", disabled=True),
+        "gain": st.column_config.NumberColumn(
+            "gain", min_value=0.0, format="plain", help="Its true value (1 = unchanged; 0 = slice switched off)"
+        ),
+        "suppressed": st.column_config.CheckboxColumn("suppressed", default=False),
+        "note": st.column_config.TextColumn("note", disabled=True),
+    },
+)
+st.caption(
+    f"{plural(len(shown), 'row')} of {len(current.ids):,} · click a column header to sort · edit a gain or "
+    "the suppressed box · delete a row to reset that prototype · add a row to control another"
+)
+try:
+    new = apply_table(current, shown, edited.to_dict("records"))
+    if len(new.suppressed) > P - K:
+        raise ControlsError(f"at most {P - K} prototypes can be suppressed")
+    new.to_core(bundle.fingerprint).validate(P, K, bundle.fingerprint)
+except ControlsError as err:
+    st.error(f"That edit was not applied: {err}")
+else:
+    if new != current:
+        state.commit(new, "table edit")
+        st.rerun()
+r1, r2 = st.columns(2)
+r1.button(
+    f"Reset the {plural(len(shown), 'prototype')} shown" if needle else "Reset all controls",
+    key="steer_reset_shown",
+    on_click=_reset,
+    args=(shown, f"reset {plural(len(shown), 'prototype')}"),
+    disabled=not shown,
+)
+gained_shown = [j for j in shown if current.gain(j) != 1.0]
+r2.button(
+    "Set the shown gains back to 1",
+    key="steer_reset_gains",
+    on_click=_gains_to_one,
+    args=(gained_shown,),
+    disabled=not gained_shown,
+)
 
 with st.expander("Find prototypes to steer: by text query or by contrast"):
     if loaded.index is None:
@@ -156,20 +261,18 @@ with st.expander("Find prototypes to steer: by text query or by contrast"):
             ]
         if st.session_state.get("steer_target_rows"):
             st.dataframe(st.session_state["steer_target_rows"], hide_index=True, key="steer_target_table")
-            if st.button("Suppress all of these", key="steer_suppress_targets"):
-                for j in st.session_state["steer_targets"]:
-                    state.set_suppressed(j, True)
-                st.rerun()
+            st.button("Suppress all of these", key="steer_suppress_targets", on_click=_suppress_targets)
 
-controls = state.session_controls(bundle.fingerprint)
+controls = current.to_core(bundle.fingerprint)
 try:
-    controls.validate(P, bundle.model.config.prototype_top_k, bundle.fingerprint)
+    controls.validate(P, K, bundle.fingerprint)
 except ControlsError as err:
     st.error(f"These controls cannot be applied: {err}")
     st.stop()
 
 st.divider()
 key_args = (loaded.path, bundle.fingerprint, prompt, int(max_new), int(seed), bool(sample), float(temperature))
+run_started = time.time()
 with st.spinner("Regenerating…"):
     try:
         original = generated(*key_args, json.dumps(Controls().to_json(), sort_keys=True))
@@ -187,28 +290,35 @@ elif diff.first_difference is None:
 else:
     changed = len(diff.steered_unaligned)
     st.caption(
-        f"First difference at token {diff.first_difference + 1}; {changed} of {len(steered['ids'])} "
-        "steered tokens are not in the original (marked, after aligning the two texts)."
+        f"First difference at token {diff.first_difference + 1}; {changed:,} of "
+        f"{plural(len(steered['ids']), 'steered token')} are not in the original (marked, after aligning "
+        "the two texts)."
     )
 left, right = st.columns(2)
 with left:
-    st.markdown("**Original**")
+    st.markdown("**Original** (the model as trained)")
     st.html(token_html(original["tokens"], diff.original_unaligned))
-    st.metric("Perplexity (original model)", f"{original['ppl_base']:.2f}")
 with right:
-    st.markdown("**Steered**")
+    st.markdown("**Steered** (with the session's controls)")
     st.html(token_html(steered["tokens"], diff.steered_unaligned))
-    m1, m2 = st.columns(2)
-    m1.metric(
-        "Perplexity (original model)",
-        f"{steered['ppl_base']:.2f}",
-        help="How natural the steered text is to the unsteered model",
-    )
-    m2.metric("Perplexity (under the controls)", f"{steered['ppl_own']:.2f}")
-st.caption(
-    f"Steered generation took {steered['seconds'] * 1000:.0f} ms for {len(steered['ids'])} tokens "
-    "(cached results are instant)."
+st.markdown("**Perplexity of each text** (lower: more natural to the scoring model)")
+m1, m2, m3 = st.columns(3)
+m1.metric(
+    "Original text, scored by the original model",
+    f"{original['ppl_base']:.2f}",
+    help="The unsteered continuation under the model as trained",
 )
+m2.metric(
+    "Steered text, scored by the original model",
+    f"{steered['ppl_base']:.2f}",
+    help="How natural the steered text is to the unsteered model",
+)
+m3.metric(
+    "Steered text, scored under the controls",
+    f"{steered['ppl_own']:.2f}",
+    help="The steered continuation under the model with the session's controls",
+)
+st.caption(f"Original: {timing(original, run_started)}. Steered: {timing(steered, run_started)}.")
 
 st.divider()
 s1, s2 = st.columns(2)
@@ -225,12 +335,16 @@ if upload is not None and st.session_state.get("steer_uploaded") != upload.file_
     st.session_state["steer_uploaded"] = upload.file_id
     try:
         loaded_controls = Controls.from_json(json.loads(upload.getvalue().decode("utf-8")))
-        loaded_controls.validate(P, bundle.model.config.prototype_top_k, bundle.fingerprint)
+        loaded_controls.validate(P, K, bundle.fingerprint)
+        value = ControlSet.from_core(loaded_controls)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         st.error(f"{upload.name} is not a JSON controls file: {err}")
     except ControlsError as err:
         st.error(f"Cannot load {upload.name}: {err}")
     else:
-        state.apply_controls(loaded_controls)
+        state.commit(value, f"loaded {upload.name}")
         st.rerun()
-st.caption(f"Gains range 0 to {MAX_GAIN:g} here; a controls file may hold any non-negative gain.")
+st.caption(
+    "A gain is any number from 0 up to the library's limit, shown as it is: a pinned slider widens to show a "
+    "gain above 3, and a loaded or calibrated gain keeps its value."
+)

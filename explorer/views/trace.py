@@ -12,6 +12,7 @@ import core
 from core import Attribution, Controls, ControlsError, PrototypeIndexError
 from explorer import state
 from explorer.cards import render_card
+from explorer.controls import ControlSet, plural
 from explorer.figures import selected_ids, waterfall_figure
 
 DEFAULT_PROMPT = "ROMEO. But soft, what light"
@@ -113,10 +114,13 @@ used = st.session_state.get(state.TRACE_CONTROLS)
 st.markdown("**Prompt**")
 st.text(dec.prompt)
 how = "generated greedily" if dec.generated else "scored"
-if used is None or used.is_empty:
+traced_with = ControlSet() if used is None else ControlSet.from_core(used)
+if traced_with.is_empty:
     st.markdown(f"**Completion** ({how}, no controls)")
 else:
-    st.markdown(f"**Completion** ({how} with gains {used.to_json()['gains']}, suppressed {used.suppressed})")
+    st.markdown(f"**Completion** ({how} with the controls {traced_with.describe()})")
+if traced_with != state.current_controls():
+    st.caption("The session's controls have changed since this trace: press Trace to trace with them.")
 st.text(dec.completion)
 if dec.truncated_tokens:
     st.warning(f"The prompt was truncated: its first {dec.truncated_tokens} tokens were dropped to fit the context.")
@@ -139,7 +143,7 @@ m2.metric("Logit", f"{token.logit:.4f}")
 m3.metric("Probability", f"{token.probability:.4f}")
 m4.metric("Σ slices", f"{total:.4f}", help="The slices of the active prototypes add up to the logit")
 st.success(
-    f"Σ slices = logit (|error| = {error:.1e}) over {len(token.prototypes)} active prototypes",
+    f"Σ slices = logit (|error| = {error:.1e}) over {plural(len(token.prototypes), 'active prototype')}",
     icon=":material/check_circle:",
 )
 

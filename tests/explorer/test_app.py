@@ -24,19 +24,31 @@ from core import (  # noqa: E402
     load_bundle,
     load_index,
 )
+from explorer.controls import ControlSet  # noqa: E402
 from explorer.figures import atlas_figure, selected_ids, waterfall_figure  # noqa: E402
 from tests.helpers import APP, EVIL, EVIL_ESCAPED
 
 
 @pytest.fixture(autouse=True)
-def _quiet_threads(monkeypatch):
+def _quiet_threads(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("PRISM_EXPLORER_THREADS", "0")  # leave torch's thread setting to the test run
+    monkeypatch.setenv("PRISM_EXPLORER_BUNDLES", str(tmp_path_factory.getbasetemp()))  # the test bundles
 
 
 def app(bundle: Path) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=120)
     at.session_state["bundle_path"] = str(bundle)
     return at
+
+
+def applied(at: AppTest) -> ControlSet:
+    """The controls the session applies (the one value every page renders from)."""
+    return at.session_state["controls"].present
+
+
+def set_controls(at: AppTest, value: ControlSet) -> None:
+    """Give the session these controls, as an action of the analyst would (undo can take them back)."""
+    at.session_state["controls"] = at.session_state["controls"].commit(value, "set by the test")
 
 
 def open_page(at: AppTest, page: str) -> AppTest:
@@ -121,7 +133,8 @@ def test_gain_change_changes_regenerated_text(explorer_bundle):
     at.text_area(key="steer_prompt").set_value(prompt)
     at.slider(key="steer_max_new").set_value(16)
     at.run()
-    at.session_state["controls_gains"] = {j: 0.0 for j in active[1:]} | {active[0]: 1.0}
+    set_controls(at, ControlSet.of({j: 0.0 for j in active[1:]} | {active[0]: 1.0}))
+    at.session_state["steer_pinned"] = [active[0]]  # its gain slider on the page (Add a gain slider)
     at.run()
     no_errors(at)
     before = steered_text(at)
@@ -129,7 +142,7 @@ def test_gain_change_changes_regenerated_text(explorer_bundle):
     no_errors(at)
     after = steered_text(at)
     assert after != before
-    assert at.session_state["controls_gains"][active[0]] == 0.0
+    assert applied(at).gains[active[0]] == 0.0
 
 
 def test_two_sessions_keep_their_own_controls(explorer_bundle):
@@ -143,13 +156,13 @@ def test_two_sessions_keep_their_own_controls(explorer_bundle):
     baseline = steered_text(two)
     bundle = load_bundle(explorer_bundle)
     first = decompose(bundle, prompt=prompt, max_new_tokens=1).tokens[0]
-    one.session_state["controls_gains"] = {p.id: 0.0 for p in first.prototypes}
+    set_controls(one, ControlSet.of({p.id: 0.0 for p in first.prototypes}))
     one.run()
     no_errors(one)
     assert steered_text(one) != baseline
     two.run()
     no_errors(two)
-    assert two.session_state["controls_gains"] == {}
+    assert applied(two).gains == {}
     assert steered_text(two) == baseline
     assert "none (the model as trained)" in [c.value for c in two.caption]
     # the model the app cached for both sessions was not touched by session one's controls
@@ -256,4 +269,4 @@ def test_steer_targets_by_query_and_suppresses_them(explorer_bundle):
     assert targets
     at.button(key="steer_suppress_targets").click().run()
     no_errors(at)
-    assert sorted(at.session_state["controls_suppressed"]) == sorted(targets)
+    assert sorted(applied(at).suppressed) == sorted(targets)

@@ -133,6 +133,12 @@ def shot(page, name: str, top=None) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
 
 
+def gain_shown(page) -> float:
+    """The value the (one) Gain slider on screen shows on its thumb."""
+    slider = page.get_by_test_id("stSlider").filter(has=page.get_by_role("slider", name="Gain"))
+    return float(slider.get_by_test_id("stSliderThumbValue").inner_text())
+
+
 def steering_target() -> int:
     """A prototype whose gain 0 changes the Steer page's default greedy text (checked in core)."""
     from core import Controls, decompose, generate_text, load_bundle
@@ -166,11 +172,11 @@ def test_atlas_trace_steer_report(page, server, tmp_path):
     for corner in [*corners[1:], corners[0]]:
         page.mouse.move(*corner, steps=8)
     page.mouse.up()
-    page.get_by_text(re.compile(r"Selection: \d+ prototypes")).wait_for()
+    page.get_by_text(re.compile(r"Selection: \d+ prototypes?")).wait_for()
     card = page.get_by_role("heading", name=re.compile(r"Prototype \d+")).first
     card.wait_for()
     idle(page)
-    shot(page, "atlas-card", top=page.get_by_text(re.compile(r"Selection: \d+ prototypes")))
+    shot(page, "atlas-card", top=page.get_by_text(re.compile(r"Selection: \d+ prototypes?")))
 
     # Trace: generate, then pick the third token
     nav(page, "Trace")
@@ -182,6 +188,28 @@ def test_atlas_trace_steer_report(page, server, tmp_path):
     check.wait_for()
     idle(page)
     shot(page, "trace", top=page.get_by_test_id("stButtonGroup"))
+
+    # Issue 17, item 1: click a slice (card, gain 1), trace an empty prompt (error), trace twice:
+    # the card's slider still shows 1 and no control appears in the sidebar or the completion
+    page.locator(".js-plotly-plot .point path").first.click(force=True)
+    gain = page.get_by_role("slider", name="Gain")
+    gain.wait_for()
+    assert gain_shown(page) == 1.0
+    prompt = page.get_by_label("Prompt")
+    text = prompt.input_value()
+    prompt.fill("")
+    page.get_by_role("button", name=re.compile(r"^Trace")).click()
+    page.get_by_text("Cannot trace").wait_for()
+    idle(page)
+    prompt.fill(text)
+    for _ in range(2):
+        page.get_by_role("button", name=re.compile(r"^Trace")).click()
+        page.get_by_text(re.compile(r"token 1 / \d+")).wait_for()
+        gain.wait_for()
+        idle(page)
+        assert gain_shown(page) == 1.0
+        assert page.get_by_test_id("stSidebar").get_by_text("none (the model as trained)").is_visible()
+        assert page.get_by_text(re.compile(r"Completion.*no controls")).is_visible()
 
     # Steer: add a gain slider for the target prototype, move it to 0, see the text change
     nav(page, "Steer")
@@ -200,6 +228,12 @@ def test_atlas_trace_steer_report(page, server, tmp_path):
     steered = page.get_by_test_id("stHtml").nth(1).inner_text()
     assert steered != original
     shot(page, "steer", top=page.get_by_text("Controls of this session"))
+    # undo (sidebar) restores the previous controls: none, and the original text
+    page.get_by_test_id("stSidebar").get_by_role("button", name="Undo").click()
+    page.get_by_text("No controls in force").wait_for()
+    idle(page)
+    assert page.get_by_test_id("stHtml").nth(1).inner_text() == original
+    assert gain_shown(page) == 1.0
 
     # Calibrate: the page and its demo tasks load
     nav(page, "Calibrate")
