@@ -19,6 +19,7 @@ from core.attribution.influence import (
     build_influence,
     load_influence,
     sampled_targets,
+    self_influence,
 )
 from core.attribution.influence import query as influence_module
 from core.bundle import load_bundle, write_bundle
@@ -36,7 +37,6 @@ SEQUENCES = 6  # training sequences of 64 tokens used by the exact tests
 
 EXACT = dict(
     rank=None,
-    top_documents=None,
     curvature_tokens=None,
     max_tokens=64 * SEQUENCES,
     dtype="float64",
@@ -163,9 +163,7 @@ def test_scores_do_not_depend_on_batch_size(small_bundle, short_corpus, tmp_path
     results = []
     for batch_size in (1, 4):
         bundle_dir = copy_bundle(small_bundle, tmp_path / f"b{batch_size}")
-        args = InfluenceArguments(
-            **{**EXACT, "rank": 8, "top_documents": 4, "curvature_tokens": 192}, batch_size=batch_size
-        )
+        args = InfluenceArguments(**{**EXACT, "rank": 8, "curvature_tokens": 192}, batch_size=batch_size)
         build_influence(bundle_dir, short_corpus, args, show_progress=False)
         results.append(scores_of(bundle_dir))
     assert results[0].keys() == results[1].keys() and len(results[0]) >= 2
@@ -184,7 +182,7 @@ def test_chunked_curvature_gives_the_same_factors(small_bundle, short_corpus, tm
         args = InfluenceArguments(**{**EXACT, "rank": rank, "curvature_memory_mb": memory_mb})
         build_influence(bundle_dir, short_corpus, args, show_progress=False)
         stored.append(load_file(bundle_dir / "index" / "influence.safetensors"))
-    assert stored[0].keys() == stored[1].keys() and "whitening" in stored[0]
+    assert stored[0].keys() == stored[1].keys() and "eigenvectors" in stored[0]
     for name in stored[0]:
         np.testing.assert_allclose(stored[1][name], stored[0][name], rtol=1e-10, atol=1e-12, err_msg=name)
 
@@ -200,41 +198,25 @@ def test_float16_storage_keeps_the_ranking(small_bundle, short_corpus, tmp_path)
     assert max(abs(exact[d] - half[d]) for d in exact) < 1e-2 * scale
 
 
-def test_format_1_factors_load_with_the_same_scores(small_bundle, short_corpus, tmp_path):
-    """Factors written as (P, M) tables padded with -1 (format 1) give the same scores as the
-    per-prototype entry lists of format 2."""
+def test_older_formats_are_refused_with_the_rebuild_command(small_bundle, short_corpus, tmp_path):
+    """Factors of format 1 or 2 (per-prototype document lists, rank-r whitening) cannot be read
+    as a position store: they are refused, naming the command that rebuilds them."""
     from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
 
-    bundle_dir = copy_bundle(small_bundle, tmp_path / "v1")
+    bundle_dir = copy_bundle(small_bundle, tmp_path / "old")
     build_influence(bundle_dir, short_corpus, InfluenceArguments(**{**EXACT, "rank": 8}), show_progress=False)
     path = bundle_dir / "index" / "influence.safetensors"
     arrays = load_file(path)
     with safe_open(str(path), framework="numpy") as f:
         meta = json.loads(f.metadata()["meta"])
-    per_entry = ("doc_index", "char_start", "char_end", "self_influence", "coefficients")
-    # Drop the last entry of every other prototype, so that format 1 needs padding.
-    offsets = arrays["offsets"]
-    keep = np.ones(offsets[-1], dtype=bool)
-    keep[offsets[1:][::2] - 1] = False
-    counts = np.bincount(np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))[keep], minlength=len(offsets) - 1)
-    arrays = {**arrays, **{name: arrays[name][keep] for name in per_entry}}
-    arrays["offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    save_file(arrays, path, metadata={"meta": json.dumps(meta)})
-    current = scores_of(bundle_dir)
-    assert counts.min() < counts.max() and len(current) >= 2
-
-    offsets = arrays.pop("offsets")
-    P, M = len(counts), int(counts.max())
-    proto = np.repeat(np.arange(P), counts)
-    slot = np.arange(len(proto)) - offsets[proto]
-    for name in per_entry:
-        value = arrays[name]
-        table = np.full((P, M, *value.shape[1:]), -1 if name == "doc_index" else 0, dtype=value.dtype)
-        table[proto, slot] = value
-        arrays[name] = table
-    save_file(arrays, path, metadata={"meta": json.dumps({**meta, "format_version": 1})})
-    assert scores_of(bundle_dir) == pytest.approx(current, rel=1e-12, abs=1e-15)
+    assert meta["format_version"] == influence_module.FORMAT_VERSION == 3
+    for version in (1, 2):
+        save_file(arrays, path, metadata={"meta": json.dumps({**meta, "format_version": version})})
+        with pytest.raises(InfluenceError, match=f"has format {version}, this version reads 3; rebuild.*prism index"):
+            load_influence(bundle_dir)
+        with pytest.raises(InfluenceError, match="prism index"):
+            self_influence(bundle_dir)
 
 
 def test_factors_load_once_per_index(small_bundle, short_corpus, tmp_path, monkeypatch):
@@ -330,3 +312,211 @@ def test_cli_builds_and_uses_influence(small_bundle, short_corpus, tmp_path, cap
     code, _, err = run(["attribute", "--model", bundle_dir, "--prompt", PROMPT, "--completion", "\udcff\udcfe"], capsys)
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and "not valid text" in lines[0], err
+
+
+def test_removed_pruning_options_are_refused():
+    with pytest.raises(ArgumentError, match="top_documents=64: per-prototype document lists were removed"):
+        InfluenceArguments(top_documents=64)
+    assert InfluenceArguments(top_documents=None).top_documents is None  # what older callers pass
+    args = InfluenceArguments()
+    assert args.document_tokens is None and args.rank == 32 and args.storage == "int8"  # full coverage
+
+
+# ---------------------------------------------------------------- the store and the inverse
+
+
+def test_complement_preserving_inverse():
+    """A_j = U diag(w) U^T + I/lambda: the dense (G + lambda I)^-1 at full rank, and at low rank
+    the truncated U (Sigma + lambda)^-1 U^T plus exactly the damped complement (I - U U^T)/lambda."""
+    from core.attribution.influence import apply_inverse, eigen_blocks, inverse_weights
+
+    c, D = 3, 12
+    X = torch.randn(c, D, 40, dtype=torch.float64)
+    G = X @ X.transpose(1, 2) * torch.tensor([1.0, 10.0, 0.1], dtype=torch.float64)[:, None, None]  # (c, D, D)
+    lam = 0.1 * torch.diagonal(G, dim1=1, dim2=2).mean(-1)  # (c,)
+    eye = torch.eye(D, dtype=torch.float64)
+    ids = torch.arange(c).repeat_interleave(D)  # (c D,) each block applied to the identity's columns
+    basis = eye.repeat(c, 1)  # (c D, D)
+
+    def materialise(U, sigma):
+        A = apply_inverse(basis, ids, U, inverse_weights(sigma, lam), 1 / lam, chunk=5)  # (c D, D) rows A_j e_i
+        return A.reshape(c, D, D)
+
+    start = torch.randn(D, D, dtype=torch.float64)
+    U, sigma = eigen_blocks(G, D, start)
+    exact = torch.linalg.inv(G + lam[:, None, None] * eye)
+    torch.testing.assert_close(materialise(U, sigma), exact, rtol=1e-8, atol=1e-8 * float(exact.abs().max()))
+
+    r = 4
+    U, sigma = eigen_blocks(G, r, start[:, : r + 8])
+    torch.testing.assert_close(U.transpose(1, 2) @ U, eye[:r, :r].expand(c, r, r), rtol=0, atol=1e-12)
+    truncated = U @ torch.diag_embed(1 / (sigma + lam[:, None])) @ U.transpose(1, 2)  # today's V V^T
+    complement = (eye - U @ U.transpose(1, 2)) / lam[:, None, None]
+    kept = materialise(U, sigma)
+    torch.testing.assert_close(kept - truncated, complement, rtol=0, atol=1e-12 * float(complement.abs().max()))
+
+
+STORE_SEQUENCES = 16  # sequences stored by the explicit-gradient tests (no dense solve there)
+
+
+def explicit_positions(bundle_dir: Path, corpus_path: Path) -> list[dict]:
+    """Every attributable training position with its materialised (k, 2d) block gradients,
+    found from the packed corpus independently of the store (float64)."""
+    from core.attribution.influence import active_set, head_probabilities, prototype_gradients
+
+    bundle = load_bundle(bundle_dir)
+    model = bundle.model.double()
+    head, E = model.prototypes, model.unembedding
+    k = model.config.prototype_top_k
+    packed = pack(load_corpus(corpus_path).train, bundle.tokenizer, 64).with_format("numpy")[:STORE_SEQUENCES]
+    out = []
+    for s in range(STORE_SEQUENCES):
+        ids = torch.as_tensor(packed["input_ids"][s], dtype=torch.long)
+        docs, chars = packed["doc_index"][s], packed["char_offset"][s]
+        with torch.no_grad():
+            hidden = model.model(input_ids=ids[None]).last_hidden_state[0]  # (T, d)
+            active, weights = active_set(hidden, head.keys, k)
+            probs = head_probabilities(active, weights, head.values, E)
+            grads = prototype_gradients(
+                hidden[:-1], active[:-1], weights[:-1], probs[:-1], ids[1:], head.keys, head.values, E
+            )
+        for t in range(63):
+            if docs[t] >= 0:
+                out.append({"doc": int(docs[t]), "ids": active[t], "grads": grads[t], "start": int(chars[t])})
+    return out
+
+
+def query_tensors(bundle_dir: Path):
+    """(model, hidden, ids, weights, targets, probs, (n, k, 2d) gradients) of the completion."""
+    from core.attribution.decompose import decompose_with_tensors
+    from core.attribution.influence import head_probabilities, prototype_gradients
+
+    bundle = load_bundle(bundle_dir)
+    model = bundle.model.double()
+    K, W, E = model.prototypes.keys, model.prototypes.values, model.unembedding
+    t = decompose_with_tensors(bundle, None, PROMPT, COMPLETION, 1, None, 16)[1]
+    probs = head_probabilities(t.ids, t.weights, W, E)  # float64
+    grads = prototype_gradients(t.hidden, t.ids, t.weights, probs, t.targets, K, W, E)
+    return model, t.hidden, t.ids, t.weights, t.targets, probs, grads
+
+
+@pytest.fixture(scope="module")
+def stored(small_bundle, short_corpus, tmp_path_factory):
+    """Rank-8 factors in float64 over STORE_SEQUENCES sequences, in batches of 3 sequences
+    (documents cross batches), with their explicit positions and the query's tensors."""
+    bundle_dir = copy_bundle(small_bundle, tmp_path_factory.mktemp("store") / "b")
+    args = {**EXACT, "rank": 8, "max_tokens": 64 * STORE_SEQUENCES, "batch_size": 3}
+    build_influence(bundle_dir, short_corpus, InfluenceArguments(**args), show_progress=False)
+    factors = load_influence(bundle_dir)
+    U, w, inv_lam = factors.eigenvectors, factors.inverse_weights, factors.inverse_damping
+    eye = torch.eye(U.shape[1], dtype=torch.float64)
+    A = U @ torch.diag_embed(w) @ U.transpose(1, 2) + inv_lam[:, None, None] * eye  # (P, 2d, 2d) dense A_j
+    return bundle_dir, factors, A, explicit_positions(bundle_dir, short_corpus), query_tensors(bundle_dir)
+
+
+def test_store_reproduces_block_form_scores(stored):
+    """sum_j g_qj^T A_j g_jD from explicitly materialised per-(document, prototype) gradients
+    equals the bulk scan of the compact store, per token and for the span; so does each
+    document's stored self-influence sum_j g_jD^T A_j g_jD / positions."""
+    bundle_dir, factors, A, positions, (model, hidden, ids, weights, targets, probs, grads) = stored
+    g_doc: dict[tuple[int, int], torch.Tensor] = {}  # (document, prototype) -> g_jD
+    tokens: dict[int, int] = {}
+    for p in positions:
+        tokens[p["doc"]] = tokens.get(p["doc"], 0) + 1
+        for j, g in zip(p["ids"].tolist(), p["grads"], strict=True):
+            g_doc[p["doc"], j] = g_doc.get((p["doc"], j), 0) + g
+    documents = factors.documents.tolist()
+    assert documents == sorted(tokens) and len(documents) >= 5
+    assert np.diff(factors.store.offsets).tolist() == [tokens[d] for d in documents]
+
+    credits = factors.credit(model, hidden, ids, weights, targets, None, probs)
+    span = influence_module.InfluenceCredit.concat(credits)
+    expected_span = np.zeros(len(documents))
+    for i in range(len(ids)):
+        expected = np.zeros(len(documents))
+        for j, g_q in zip(ids[i].tolist(), grads[i], strict=True):
+            for n, doc in enumerate(documents):
+                if (doc, j) in g_doc:
+                    expected[n] += float(g_q @ A[j] @ g_doc[doc, j])
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(credits[i].scores, expected, rtol=1e-6, atol=1e-6 * scale)
+        expected_span += expected
+    np.testing.assert_allclose(span.scores, expected_span, rtol=1e-6, atol=1e-6 * np.abs(expected_span).max())
+    assert (span.scores < 0).any() and (span.scores > 0).any()  # harmful documents are kept too
+
+    quadratic = {doc: 0.0 for doc in documents}
+    for (doc, j), g in g_doc.items():
+        quadratic[doc] += float(g @ A[j] @ g)
+    expected = np.array([quadratic[d] / tokens[d] for d in documents])
+    np.testing.assert_allclose(factors.self_influence, expected, rtol=1e-6)
+    ranked = self_influence(bundle_dir)
+    assert [r.doc_index for r in ranked] == [documents[i] for i in np.argsort(-expected, kind="stable")]
+    assert ranked[0].positions == tokens[ranked[0].doc_index]
+
+
+def test_highlight_is_the_token_that_carried_most_of_the_query(stored):
+    """A ranked document's marked token is the position with the largest sum over its shared
+    blocks of g_tj . A_j g_qj (this query's credit), its prototype the block with the largest
+    summed credit; harmful documents come out lowest first."""
+    bundle_dir, factors, A, positions, (model, hidden, ids, weights, targets, probs, grads) = stored
+    span = influence_module.InfluenceCredit.concat(factors.credit(model, hidden, ids, weights, targets, None, probs))
+    psi: dict[int, torch.Tensor] = {}
+    for i in range(len(ids)):
+        for j, g_q in zip(ids[i].tolist(), grads[i], strict=True):
+            psi[j] = psi.get(j, 0) + A[j] @ g_q
+    for harmful in (False, True):
+        ranked = factors.rank(span, top=3, harmful=harmful)
+        scores = [r.score for r in ranked]
+        assert scores == sorted(scores, reverse=not harmful) and len(ranked) == 3
+        for r in ranked:
+            sign = 1 if r.score >= 0 else -1
+            mine = [p for p in positions if p["doc"] == r.doc_index]
+            per_token, per_block = [], {}
+            for p in mine:
+                terms = {j: float(g @ psi[j]) for j, g in zip(p["ids"].tolist(), p["grads"], strict=True) if j in psi}
+                per_token.append(sum(terms.values()))
+                for j, v in terms.items():
+                    per_block[j] = per_block.get(j, 0.0) + v
+            assert sum(per_token) == pytest.approx(r.score, rel=1e-9)
+            best = int(np.argmax(sign * np.array(per_token)))  # first of ties
+            assert r.start == mine[best]["start"]
+            assert r.prototype == min(per_block, key=lambda j: (-sign * per_block[j], j))
+            assert r.entries == len(per_block)
+    # Through the engine: the overall examples carry the same token.
+    result = attribute(
+        load_bundle(bundle_dir),
+        load_index(bundle_dir),
+        PROMPT,
+        COMPLETION,
+        top=3,
+        method="influence",
+        influence=factors,
+    )
+    assert [e.char_offset for e in result.examples] == [max(0, r.start) for r in factors.rank(span, top=3)]
+
+
+def test_planted_canary_ranks_first_with_default_arguments(planted_bundle, planted_corpus, tmp_path):
+    """With the defaults (every document, rank 32 plus the damped complement, int8 storage) the
+    planted sentence ranks first, and int8 keeps the float32 ranking of every document."""
+    from scipy.stats import spearmanr
+
+    from tests.helpers import CANARY
+    from tests.helpers import COMPLETION as CANARY_COMPLETION
+    from tests.helpers import PROMPT as CANARY_PROMPT
+
+    results = {}
+    for storage in ("int8", "float32"):
+        copy = copy_bundle(planted_bundle, tmp_path / storage)
+        args = InfluenceArguments() if storage == "int8" else InfluenceArguments(storage=storage)
+        summary = build_influence(copy, planted_corpus, args, show_progress=False)
+        packed = np.asarray(pack(load_corpus(planted_corpus).train, load_bundle(copy).tokenizer, 64)["doc_index"])
+        assert summary["documents"] == len(np.unique(packed[:, :-1][packed[:, :-1] >= 0]))  # every document stored
+        results[storage] = attribute(
+            load_bundle(copy), load_index(copy), CANARY_PROMPT, CANARY_COMPLETION, top=10**6, method="influence"
+        )
+    best = results["int8"].examples[0]
+    assert best.doc_id.startswith("canary-"), [(e.doc_id, e.score) for e in results["int8"].examples[:10]]
+    assert best.snippet == CANARY and best.snippet[best.highlight_start : best.highlight_end]
+    int8, full = ({e.doc_id: e.score for e in results[s].examples} for s in ("int8", "float32"))
+    assert int8.keys() == full.keys()
+    assert spearmanr([int8[d] for d in full], list(full.values())).statistic >= 0.999

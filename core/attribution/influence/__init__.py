@@ -5,11 +5,11 @@ with final hidden state h has scores s_j = h . K_j, active set S = top k of s, w
 a_j = g_j softplus(s_j) (g: controller gains), z = sum_{j in S} a_j W_j, logits = E z and
 p = softmax(logits). Its loss L = -log p_y has, for j in S,
 
-    dL/dW_j = a_j r,    dL/dK_j = g_j sigmoid(s_j) (W_j . r) h,    r = E^T (p - e_y)   (d,)
+    dL/dW_j = a_j r,    dL/dK_j = c_j h,    c_j = g_j sigmoid(s_j) (W_j . r),    r = E^T (p - e_y)   (d,)
 
 and zero for every other prototype (the top-k choice is piecewise constant). A token's
 gradient therefore touches only its k active blocks, and all k are built from the same two
-d-vectors h and r.
+d-vectors h and r and the 2k numbers c_j, a_j: one forward pass gives them, no backward.
 
 Curvature. The Gauss-Newton matrix of the training loss, G = sum_t J_t^T H_t J_t with
 H_t = diag(p_t) - p_t p_t^T, only has entries in blocks (i, j) with i, j both active at t. We
@@ -20,70 +20,93 @@ G_j ~ (N / n) sum over n sampled positions t with j in S_t of g'_tj g'_tj^T (N: 
 the training split). Labels come from a generator seeded by (seed, sequence), so the factors
 do not depend on the batch size.
 
-Inversion, once at index time: a whitening factor V_j (2d x r) per block with
-V_j V_j^T ~ (G_j + lambda_j I)^-1, damping lambda_j = damping * mean eigenvalue of G_j (the
-mean over all blocks for an unused prototype). At full rank (r = 2d) V_j = L_j^-T from the
-Cholesky factor of G_j + lambda_j I, and the inverse is exact. With r < 2d (the memory bound:
-2d x r numbers per prototype) V_j = U_j (Sigma_j + lambda_j)^-1/2 from the top r eigenpairs
-(found by subspace iteration), the projection onto the dominant curvature directions (the
-idea of Arnoldi influence, Schioppa et al. 2022).
+Inverse, once at index time: the complement-preserving inverse. With damping
+lambda_j = damping * mean eigenvalue of G_j (the mean over all blocks for an unused prototype)
+and the top r eigenpairs (U_j (2d x r), sigma_j) of G_j (subspace iteration; eigh at r = 2d),
+
+    A_j = U_j diag(w_j) U_j^T + I / lambda_j,    w_j = 1/(sigma_j + lambda_j) - 1/lambda_j,
+
+applied as A_j g = U_j (w_j * (U_j^T g)) + g / lambda_j. It is (G_j + lambda_j I)^-1 on the kept
+eigenvectors and 1/lambda_j, the largest weight, on every other direction (a truncated
+U (Sigma + lambda)^-1 U^T would give those weight 0); at r = 2d it is the exact inverse. So a
+low rank no longer drops the directions the inverse weighs most: r trades build time and factor
+memory (2d x r per prototype) against agreement with the exact inverse, and the query's scan of
+the store does not depend on it.
+
+Store. Every attributable training position t (a document's token whose target is inside its
+packed sequence) is stored, in stream order so that a document's positions are one contiguous
+range (``document_offsets``): h_t, r_t (d each), its k active ids, c_tj and a_tj (k each) and
+its token's character span, the float rows in int8 or float16 with one scale per row
+(:mod:`.store`; 792 bytes per position at d = 256, k = 64 in int8). From them any block
+gradient g_tj = [c_tj h_t ; a_tj r_t] is exact (up to the storage precision).
 
 Scores. The influence of training document D on a query (the summed loss of the attributed
 tokens), + = helpful (upweighting D lowers the query loss), is
 
-    I(q, D) = g_q^T (G_blockdiag + Lambda)^-1 g_D = sum_j (V_j^T g_qj) . c_jD,
-    c_jD = V_j^T sum_{t in D, j in S_t} g_tj,
+    I(q, D) = g_q^T (G_blockdiag + Lambda)^-1 g_D = sum_j g_qj^T A_j g_jD
+            = sum_{t in D} sum_{j in S_t and Q} c_tj <psi_j^K, h_t> + a_tj <psi_j^W, r_t>,
 
-so only blocks active in both the query and D contribute, and a query meets only documents
-with a token that shares one of its active prototypes. The index stores, per prototype, the
-r-vectors c_jD of its M documents with the largest self-influence |c_jD|^2 (the second memory
-bound; M = None keeps all), as one list of entries sorted by prototype (``offsets[j]`` to
-``offsets[j + 1]`` are prototype j's), so a prototype used by few documents costs only those.
-A query costs one forward pass, k (2d x r) products per token and one (entries x r) product
-per active prototype, read in the stored precision.
+with psi_j = A_j g_qj = [psi_j^K ; psi_j^W] for the query's active prototypes Q. A query costs
+one forward pass, |Q| inverse products and a bulk scan of the store: per chunk of positions,
+(chunk x d) x (d x pairs) products for the K and W halves, gathered at each position's active
+ids (every document scored exactly; memory bounded by the chunk). The example's marked token
+is the position of D whose terms carry most of the query's score. Per document the build also
+stores the self-influence sum_j g_jD^T A_j g_jD / positions (:func:`self_influence`).
 
 File: ``BUNDLE/index/influence.safetensors`` (safetensors only), its build arguments and the
-model and corpus fingerprints in the header; a mismatch is refused with the command to rebuild.
+model and corpus fingerprints in the header; a mismatch or an older format is refused with the
+command to rebuild.
 
 Modules: :mod:`.math` (the formulas above, on tensors), :mod:`.arguments` (the build's
-options), :mod:`.fit` (the build) and :mod:`.query` (loading the factors and answering queries).
+options), :mod:`.store` (the position store and its bulk scan), :mod:`.fit` (the build) and
+:mod:`.query` (loading the factors and answering queries).
 """
 
 from core.attribution.influence.arguments import InfluenceArguments
 from core.attribution.influence.fit import build_influence, save_influence
 from core.attribution.influence.math import (
     active_set,
+    apply_inverse,
+    eigen_blocks,
+    gradient_parts,
     head_probabilities,
-    project,
+    inverse_weights,
     prototype_gradients,
     sampled_targets,
 )
 from core.attribution.influence.query import (
     FORMAT_VERSION,
     INFLUENCE_FILE,
+    DocumentSelfInfluence,
     InfluenceCredit,
     InfluenceFactors,
     RankedDocument,
     influence_exists,
     load_influence,
+    self_influence,
 )
 from core.errors import InfluenceError
 
 __all__ = [
     "FORMAT_VERSION",
     "INFLUENCE_FILE",
+    "DocumentSelfInfluence",
     "InfluenceArguments",
     "InfluenceCredit",
     "InfluenceError",
     "InfluenceFactors",
     "RankedDocument",
     "active_set",
+    "apply_inverse",
     "build_influence",
+    "eigen_blocks",
+    "gradient_parts",
     "head_probabilities",
     "influence_exists",
+    "inverse_weights",
     "load_influence",
-    "project",
     "prototype_gradients",
     "sampled_targets",
     "save_influence",
+    "self_influence",
 ]

@@ -1,6 +1,7 @@
-"""Building the influence factors: the curvature blocks fitted and inverted into whitening
-factors, then one pass over the training split that sums each document's projected gradients
-(notation: :mod:`core.attribution.influence`), written to ``BUNDLE/index/influence.safetensors``.
+"""Building the influence factors: the curvature blocks fitted and eigendecomposed into the
+complement-preserving inverse, then one forward pass over the training split that writes every
+position into the store (:mod:`.store`) and sums each document's self-influence (notation:
+:mod:`core.attribution.influence`), written to ``BUNDLE/index/influence.safetensors``.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ import torch
 from core.attribution.influence.arguments import InfluenceArguments
 from core.attribution.influence.math import (
     active_set,
+    eigen_blocks,
+    gradient_parts,
     groups_by_prototype,
     head_probabilities,
-    invert_blocks,
-    project,
+    inverse_weights,
     prototype_gradients,
     sampled_targets,
 )
 from core.attribution.influence.query import FORMAT_VERSION, INFLUENCE_FILE
+from core.attribution.influence.store import SelfInfluenceSums, StoreWriter, position_bytes
 from core.bundle import load_bundle
 from core.data.corpus import load_corpus, pack
 from core.errors import InfluenceError
@@ -33,10 +36,10 @@ from core.store import read_json, rebuild_hint, write_safetensors
 
 
 def _batches(packed, sequences: np.ndarray, batch_size: int, device: torch.device, desc: str, progress: bool):
-    """Yield (sequence numbers (B,), input ids (B, T), doc_index (B, T), char_offset (B, T))."""
+    """Yield (sequence numbers (B,), input ids (B, T), doc_index (B, T))."""
     from tqdm.auto import tqdm
 
-    columns = packed.with_format("numpy", columns=["input_ids", "doc_index", "char_offset"])
+    columns = packed.with_format("numpy", columns=["input_ids", "doc_index"])
     for start in tqdm(range(0, len(sequences), batch_size), desc=desc, unit="batch", disable=not progress):
         chosen = sequences[start : start + batch_size]
         rows = columns[chosen.tolist()]
@@ -44,7 +47,6 @@ def _batches(packed, sequences: np.ndarray, batch_size: int, device: torch.devic
             torch.as_tensor(chosen, dtype=torch.long),
             torch.as_tensor(rows["input_ids"], dtype=torch.long, device=device),
             torch.as_tensor(rows["doc_index"], dtype=torch.long, device=device),
-            torch.as_tensor(rows["char_offset"], dtype=torch.long, device=device),
         )
 
 
@@ -56,13 +58,21 @@ def _forward(model, ids: torch.Tensor, docs: torch.Tensor):
     hidden = model.model(input_ids=ids).last_hidden_state.reshape(B * T, -1)  # (N, d)
     active, weights = active_set(hidden, head.keys, model.config.prototype_top_k)  # (N, k)
     probs = head_probabilities(active, weights, head.values, E)  # (N, V)
+    return hidden, active, weights, probs, _attributable(docs).reshape(-1)
+
+
+def _attributable(docs):
+    """(B, T) positions a document is credited with: its own tokens whose target (the next
+    token) lies inside the sequence. Not covered: each document's first token (predicted at
+    the separator before it) and the last position of every sequence (its target is not
+    trained on in that sequence)."""
     valid = docs >= 0
-    valid[:, -1] = False  # the last position has no target inside its sequence
-    return hidden, active, weights, probs, valid.reshape(-1)
+    valid[:, -1] = False
+    return valid
 
 
 @torch.no_grad()
-def _fit_whitening(
+def _fit_curvature(
     model,
     packed,
     sequences: np.ndarray,
@@ -72,16 +82,16 @@ def _fit_whitening(
     device: torch.device,
     progress: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Fisher blocks, accumulated and inverted chunk by chunk.
+    """Fisher blocks, accumulated and eigendecomposed chunk by chunk.
 
     As many blocks as fit in ``args.curvature_memory_mb`` are accumulated in one pass over the
-    curvature sample, scaled to the whole split, inverted (:func:`.math.invert_blocks`) and
-    dropped, so the build holds one chunk of (2d x 2d) blocks at a time, never all P of them. Unused
-    prototypes (no sampled position) are inverted last: their damping is the mean over the
-    used blocks.
+    curvature sample, scaled to the whole split, eigendecomposed (:func:`.math.eigen_blocks`)
+    and dropped, so the build holds one chunk of (2d x 2d) blocks at a time, never all P of
+    them. Unused prototypes (no sampled position) keep U = 0 (A_j = I / lambda_j) with the
+    damping of the mean used block.
 
     Returns:
-        ((P, 2d, r) whitening V, float64; (P, r) eigenvalues; (P,) damping; (P,) sampled
+        ((P, 2d, r) eigenvectors U, float64; (P, r) eigenvalues; (P,) damping; (P,) sampled
         positions per block; positions sampled).
     """
     head, E = model.prototypes, model.unembedding
@@ -90,7 +100,7 @@ def _fit_whitening(
     dtype = head.keys.dtype
     per_block = D**2 * torch.finfo(dtype).bits // 8
     chunk = max(1, min(P, args.curvature_memory_mb * 2**20 // per_block))
-    whitening = torch.zeros(P, D, rank, dtype=torch.float64)
+    vectors = torch.zeros(P, D, rank, dtype=torch.float64)
     spectrum = torch.zeros(P, rank, dtype=torch.float64)
     lam = torch.zeros(P, dtype=torch.float64)
     mean_eig = torch.zeros(P, dtype=torch.float64)
@@ -101,7 +111,7 @@ def _fit_whitening(
         hi = min(P, lo + chunk)
         acc = torch.zeros(hi - lo, D, D, dtype=dtype, device=device)
         desc = "influence: curvature" + (f" {lo}-{hi - 1}" if chunk < P else "")
-        for seqs, ids, docs, _ in _batches(packed, sequences, args.batch_size, device, desc, progress):
+        for seqs, ids, docs in _batches(packed, sequences, args.batch_size, device, desc, progress):
             B, T = ids.shape
             hidden, active, weights, probs, valid = _forward(model, ids, docs)
             labels = sampled_targets(probs.view(B, T, -1), seqs, args.seed).reshape(-1)
@@ -126,147 +136,74 @@ def _fit_whitening(
         used = torch.nonzero(mean_eig[lo:hi] > 0).flatten()
         lam[lo + used] = args.damping * mean_eig[lo + used]
         for part in used.split(64):
-            whitening[lo + part], spectrum[lo + part] = invert_blocks(acc[part].double(), lam[lo + part], rank, start)
+            vectors[lo + part], spectrum[lo + part] = eigen_blocks(acc[part].double(), rank, start)
         del acc
-    unused = torch.nonzero(mean_eig <= 0).flatten()
-    if len(unused):
-        fallback = float(mean_eig[mean_eig > 0].mean()) if len(unused) < P else 1.0
-        lam[unused] = args.damping * fallback
-        for part in unused.split(64):
-            zeros = torch.zeros(len(part), D, D, dtype=torch.float64)
-            whitening[part], spectrum[part] = invert_blocks(zeros, lam[part], rank, start)
-    return whitening, spectrum, lam, counts, n_positions
+    unused = mean_eig <= 0
+    if bool(unused.any()):
+        lam[unused] = args.damping * (float(mean_eig[~unused].mean()) if not bool(unused.all()) else 1.0)
+    return vectors, spectrum, lam, counts, n_positions
 
 
-class _DocumentTable:
-    """Per (prototype, document): the summed coefficient vector c_jD, its best token and
-    self-influence; documents still open at the end of a batch are carried to the next one,
-    finished ones are merged into the top M per prototype."""
+def _layout(packed, sequences: np.ndarray) -> dict[str, np.ndarray]:
+    """Where each stored position and document lies, from the packed columns alone.
 
-    def __init__(self, top_documents: int | None):
-        self.top = top_documents
-        self.open: dict[str, torch.Tensor] | None = None
-        self.done: list[dict[str, torch.Tensor]] = []
-        self.kept: dict[str, torch.Tensor] | None = None
-        self.pending_rows = 0
-
-    @staticmethod
-    def _aggregate(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Sum rows with the same (prototype, document); keep the best token (ties: earliest)."""
-        key = rows["proto"] * (2**31) + rows["doc"]
-        unique, inverse = torch.unique(key, return_inverse=True)
-        U = len(unique)
-        coef = torch.zeros(U, rows["coef"].shape[1], dtype=rows["coef"].dtype).index_add_(0, inverse, rows["coef"])
-        best = torch.full((U,), float("-inf"), dtype=rows["score"].dtype).scatter_reduce(
-            0, inverse, rows["score"], "amax"
-        )
-        is_best = rows["score"] == best[inverse]
-        big = torch.iinfo(torch.long).max
-        first = torch.full((U,), big, dtype=torch.long).scatter_reduce(
-            0, inverse, torch.where(is_best, rows["position"], big), "amin"
-        )
-        is_first = rows["position"] == first[inverse]  # one row per group: positions are distinct in a group
-        pick = torch.zeros(U, dtype=torch.long).scatter_(0, inverse[is_first], torch.nonzero(is_first).flatten())
-        return {
-            "proto": unique // (2**31),
-            "doc": unique % (2**31),
-            "coef": coef,
-            "score": best,
-            "position": first,
-            "start": rows["start"][pick],
-            "end": rows["end"][pick],
-        }
-
-    def add(self, rows: dict[str, torch.Tensor], last_doc: int | None) -> None:
-        """Add a batch's token rows; documents other than ``last_doc`` are finished."""
-        if self.open is not None:
-            rows = {name: torch.cat([self.open[name], rows[name]]) for name in rows}
-        if len(rows["proto"]) == 0:
-            self.open = None
-            return
-        table = self._aggregate(rows)
-        still_open = table["doc"] == last_doc if last_doc is not None else torch.zeros_like(table["doc"], dtype=bool)
-        self.open = {name: value[still_open] for name, value in table.items()}
-        finished = {name: value[~still_open] for name, value in table.items()}
-        finished["key"] = (finished["coef"] ** 2).sum(-1)  # self-influence ||V_j^T g_jD||^2
-        self.done.append(finished)
-        self.pending_rows += len(finished["proto"])
-        if self.top is not None and self.pending_rows > 200_000:
-            self._merge()
-
-    def _merge(self) -> None:
-        parts = ([self.kept] if self.kept is not None else []) + self.done
-        if not parts:
-            return
-        table = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-        # prototype, then self-influence (descending), then document: a reproducible order
-        order = torch.from_numpy(
-            np.lexsort((table["doc"].numpy(), -table["key"].double().numpy(), table["proto"].numpy()))
-        )
-        table = {name: value[order] for name, value in table.items()}
-        if self.top is not None:
-            starts = torch.searchsorted(table["proto"], table["proto"], right=False)
-            rank = torch.arange(len(order)) - starts
-            table = {name: value[rank < self.top] for name, value in table.items()}
-        self.kept, self.done, self.pending_rows = table, [], 0
-
-    def finish(self) -> dict[str, torch.Tensor] | None:
-        """The kept rows sorted by prototype, then self-influence; None if there are none."""
-        assert self.open is None or len(self.open["proto"]) == 0, "documents left open after the last batch"
-        self._merge()
-        return self.kept
+    Returns:
+        ``documents`` (D,), ``document_offsets`` (D + 1,), ``char_start`` and ``char_end`` (N,)
+        (-1: to the text's end) of the attributable positions, in stream order.
+    """
+    columns = packed.with_format("numpy", columns=["doc_index", "char_offset"])[sequences.tolist()]
+    docs = np.asarray(columns["doc_index"]).reshape(len(sequences), -1)  # (S, T)
+    chars = np.asarray(columns["char_offset"]).reshape(len(sequences), -1)
+    valid = _attributable(docs)
+    next_doc, next_char = np.roll(docs, -1, axis=1), np.roll(chars, -1, axis=1)  # the last column is never valid
+    end = np.where(next_doc == docs, next_char, -1)
+    doc = docs[valid]  # (N,) row-major: stream order
+    assert (np.diff(doc) >= 0).all(), "packed documents are not in training-split order"
+    documents, counts = np.unique(doc, return_counts=True)
+    return {
+        "documents": documents.astype(np.int32),
+        "document_offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        "char_start": chars[valid].astype(np.int32),
+        "char_end": end[valid].astype(np.int32),
+    }
 
 
 @torch.no_grad()
-def _documents(
+def _positions(
     model,
     packed,
     sequences: np.ndarray,
-    whitening: torch.Tensor,
+    layout: dict[str, np.ndarray],
+    inverse: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     args: InfluenceArguments,
     device: torch.device,
     progress: bool,
-) -> dict[str, torch.Tensor]:
-    """The pass over the training split: per prototype its documents' coefficients c_jD."""
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The pass over the training split: every attributable position into the store, and
+    each document's self-influence (length-normalised).
+
+    Returns:
+        (the store's position arrays, (D,) self-influence per token).
+    """
     head, E = model.prototypes, model.unembedding
+    P, d = head.keys.shape
+    k = model.config.prototype_top_k
     dtype = head.keys.dtype
-    T = len(packed[0]["input_ids"])
-    whitening = whitening.to(device=device, dtype=dtype)
-    table = _DocumentTable(args.top_documents)
-    for seqs, ids, docs, chars in _batches(
-        packed, sequences, args.batch_size, device, "influence: documents", progress
-    ):
-        B = ids.shape[0]
+    counts = np.diff(layout["document_offsets"])
+    owner = torch.from_numpy(np.repeat(np.arange(len(counts)), counts))  # (N,) store document of each position
+    writer = StoreWriter(len(owner), d, k, P, args.storage)
+    U, w, inv_lam = (x.to(device=device, dtype=dtype) for x in inverse)
+    self_influence = SelfInfluenceSums(U, w, inv_lam, len(counts))
+    for _, ids, docs in _batches(packed, sequences, args.batch_size, device, "influence: positions", progress):
         hidden, active, weights, probs, valid = _forward(model, ids, docs)
-        targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).reshape(-1)  # next token (last one unused)
-        grads = prototype_gradients(
-            hidden[valid], active[valid], weights[valid], probs[valid], targets[valid], head.keys, head.values, E
-        )  # (n, k, 2d)
-        k = active.shape[1]
-        flat_ids = active[valid].reshape(-1)  # (n k,)
-        coef = project(grads, active[valid], whitening).reshape(len(flat_ids), -1)  # (n k, r) V_j^T g
-        score = (coef**2).sum(-1)  # each token's self-influence through each of its prototypes
-        position = (seqs.to(device).unsqueeze(1) * T + torch.arange(T, device=device)).reshape(-1)[valid]
-        doc = docs.reshape(-1)[valid]
-        start = chars.reshape(-1)[valid]
-        next_doc = torch.cat([docs[:, 1:], docs[:, :1]], dim=1).reshape(-1)[valid]
-        next_char = torch.cat([chars[:, 1:], chars[:, :1]], dim=1).reshape(-1)[valid]
-        end = torch.where(next_doc == doc, next_char, torch.full_like(next_char, -1))  # -1: to the text's end
-        rows = {
-            "proto": flat_ids.cpu(),
-            "doc": doc.repeat_interleave(k).cpu(),
-            "coef": coef.cpu(),
-            "score": score.cpu(),
-            "position": position.repeat_interleave(k).cpu(),
-            "start": start.repeat_interleave(k).cpu(),
-            "end": end.repeat_interleave(k).cpu(),
-        }
-        # The last sequence's last document may continue in the next sequence.
-        tail = docs[-1][docs[-1] >= 0]
-        last_doc = int(tail[-1]) if len(tail) and B else None
-        table.add(rows, last_doc)
-    table.add({name: value[:0] for name, value in rows.items()}, None)  # close the last document
-    return table.finish()
+        targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).reshape(-1)[valid]  # next token
+        h, ids_v, a = hidden[valid], active[valid], weights[valid]  # (n, d), (n, k), (n, k)
+        r, c = gradient_parts(h, ids_v, probs[valid], targets, head.keys, head.values, E)
+        document = owner[writer.cursor : writer.cursor + len(h)].to(device)
+        writer.add(h, r, ids_v, c, a)
+        self_influence.add(document, h, r, ids_v, c, a)
+    assert writer.cursor == len(owner), "the pass met another number of positions than the layout"
+    return writer.arrays, self_influence.finish().numpy() / np.maximum(counts, 1)
 
 
 def _spread(n_sequences: int, tokens: int | None, seq_len: int) -> np.ndarray:
@@ -285,13 +222,16 @@ def build_influence(
     device: str = "cpu",
     show_progress: bool = True,
 ) -> dict:
-    """Fit the prototype-block factors and write ``BUNDLE/index/influence.safetensors``.
+    """Fit the prototype-block factors, store every training position and write
+    ``BUNDLE/index/influence.safetensors``.
 
     Needs the bundle's index (:func:`core.index.build.build_index`) built from the same corpus.
+    Memory: the store's arrays (about :func:`.store.position_bytes` per position) are held
+    until written, once more while the file is written; the passes themselves hold a batch.
 
     Returns:
-        a summary: counts, sizes (``influence_bytes`` / ``influence_mb``) and
-        ``curvature_seconds``, ``documents_seconds``, ``build_seconds``.
+        a summary: counts, sizes (``influence_bytes`` / ``influence_mb``, ``position_bytes``)
+        and ``curvature_seconds``, ``documents_seconds``, ``build_seconds``.
 
     Raises:
         InfluenceError: no index, an index built from another corpus, a dense bundle, or a
@@ -318,6 +258,7 @@ def build_influence(
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     model = bundle.model.to(dtype)
     P, d = model.prototypes.keys.shape
+    k = model.config.prototype_top_k
     rank = min(args.rank or 2 * d, 2 * d)
     seq_len = model.config.get_text_config().max_position_embeddings
     packed = pack(corpus.train, bundle.tokenizer, seq_len)
@@ -328,15 +269,31 @@ def build_influence(
     document_sample = _spread(n_sequences, args.document_tokens, seq_len)
     dev = torch.device(device)
 
-    whitening, values, lam, counts, sampled = _fit_whitening(
+    vectors, values, lam, counts, sampled = _fit_curvature(
         model, packed, sample, n_sequences, rank, args, dev, show_progress
     )
+    weights = inverse_weights(values, lam)  # (P, r)
     t_curv = time.time() - t0
     t1 = time.time()
-    table = _documents(model, packed, document_sample, whitening, args, dev, show_progress)
+    layout = _layout(packed, document_sample)
+    positions, self_influence = _positions(
+        model, packed, document_sample, layout, (vectors, weights, 1 / lam), args, dev, show_progress
+    )
     t_docs = time.time() - t1
 
-    arrays = _to_arrays(table, whitening, values, lam, counts, P, rank, args.storage)
+    factor = np.float64 if args.storage == "float64" else np.float32
+    arrays = {
+        "eigenvectors": vectors.numpy().astype(factor),  # (P, 2d, r) U
+        "eigenvalues": values.numpy(),  # (P, r) sigma
+        "inverse_weights": weights.numpy(),  # (P, r) w = 1/(sigma + lambda) - 1/lambda
+        "damping": lam.numpy(),  # (P,) lambda
+        "inverse_damping": (1 / lam).numpy(),  # (P,) 1 / lambda
+        "curvature_count": counts.numpy().astype(np.int64),  # (P,)
+        **layout,
+        **positions,
+        "self_influence": self_influence,  # (D,) sum_j g_jD^T A_j g_jD / positions of D
+    }
+    n_positions = len(layout["char_start"])
     meta = {
         "format_version": FORMAT_VERSION,
         "kind": "prototype-block influence",
@@ -352,86 +309,30 @@ def build_influence(
         "curvature_sequences": len(sample),
         "curvature_positions": sampled,
         "document_sequences": len(document_sample),
-        "documents": int(len(np.unique(arrays["doc_index"]))),
-        "entries": int(len(arrays["doc_index"])),
+        "documents": int(len(layout["documents"])),
+        "positions": n_positions,
+        "entries": n_positions,
+        "storage": args.storage,
+        "position_bytes": position_bytes(d, k, args.storage, P),
         "curvature_seconds": round(t_curv, 3),
         "documents_seconds": round(t_docs, 3),
     }
     meta["build_seconds"] = round(time.time() - t0, 3)
     size = save_influence(bundle_dir, arrays, meta)
-    return {
-        **{
-            k: meta[k]
-            for k in (
-                "rank",
-                "num_prototypes",
-                "sequences",
-                "curvature_positions",
-                "documents",
-                "entries",
-                "curvature_seconds",
-                "documents_seconds",
-                "build_seconds",
-            )
-        },
-        "top_documents": args.top_documents,
-        "influence_bytes": size,
-        "influence_mb": round(size / 2**20, 3),
-    }
-
-
-def _to_arrays(
-    table: dict[str, torch.Tensor] | None,
-    whitening: torch.Tensor,
-    values: torch.Tensor,
-    lam: torch.Tensor,
-    counts: torch.Tensor,
-    P: int,
-    rank: int,
-    storage: str,
-) -> dict[str, np.ndarray]:
-    """The kept (prototype, document) entries, sorted by prototype, and the per-prototype
-    factors, as numpy arrays."""
-    np_store = {"float16": np.float16, "float32": np.float32, "float64": np.float64}[storage]
-    if table is None:
-        table = {name: torch.zeros(0, dtype=torch.long) for name in ("proto", "doc", "start", "end")}
-        table.update(coef=torch.zeros(0, rank, dtype=torch.float64), key=torch.zeros(0))
-    proto = table["proto"].numpy()  # sorted by prototype, then self-influence
-    offsets = np.zeros(P + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum(np.bincount(proto, minlength=P))
-    coefficients = table["coef"].double().numpy().reshape(len(proto), rank)
-    # float16 keeps 3 significant digits but not the range: scale each prototype's rows to [-1, 1]
-    scale = np.zeros(P)
-    np.maximum.at(scale, proto, np.abs(coefficients).max(axis=1) if len(proto) else np.zeros(0))
-    scale = np.where(scale > 0, scale, 1.0)
-    w = whitening.numpy()
-    w_scale = np.abs(w).reshape(P, -1).max(axis=1)
-    w_scale = np.where(w_scale > 0, w_scale, 1.0)
-    return {
-        "whitening": (w / w_scale[:, None, None]).astype(np_store),  # (P, 2d, r) V_j / scale
-        "whitening_scale": w_scale,  # (P,)
-        "eigenvalues": values.numpy(),  # (P, r), zeros at full rank
-        "damping": lam.numpy(),  # (P,)
-        "curvature_count": counts.numpy().astype(np.int64),  # (P,)
-        "offsets": offsets,  # (P + 1,) prototype j's entries are offsets[j]:offsets[j + 1]
-        "doc_index": table["doc"].numpy().astype(np.int32),  # (N,) training-split row of each entry
-        "char_start": table["start"].numpy().astype(np.int32),  # (N,) the document's best token for j
-        "char_end": table["end"].numpy().astype(np.int32),  # (N,), -1: to the end of the text
-        "coefficients": (coefficients / scale[proto][:, None]).astype(np_store),  # (N, r)
-        "coefficient_scale": scale,  # (P,)
-        "self_influence": table["key"].float().numpy(),  # (N,)
-    }
+    keys = ("rank", "num_prototypes", "sequences", "curvature_positions", "documents", "positions", "entries")
+    keys += ("storage", "position_bytes", "curvature_seconds", "documents_seconds", "build_seconds")
+    return {**{key: meta[key] for key in keys}, "influence_bytes": size, "influence_mb": round(size / 2**20, 3)}
 
 
 def save_influence(bundle_dir: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> int:
-    """Write the factors atomically into the bundle's index folder and list them in its
-    ``meta.json``; return the file size."""
+    """Write the factors and the store atomically into the bundle's index folder and list them
+    in its ``meta.json``; return the file size."""
     folder = index_dir(bundle_dir)
     write_safetensors(
         folder / INFLUENCE_FILE,
         {k: np.ascontiguousarray(v) for k, v in arrays.items()},
         metadata={"meta": json.dumps(meta)},
     )
-    summary = {k: meta[k] for k in ("arguments", "rank", "build_seconds", "documents", "entries")}
+    summary = {k: meta[k] for k in ("arguments", "rank", "build_seconds", "documents", "positions", "storage")}
     register_index_file(folder, INFLUENCE_FILE, influence=summary)
     return (folder / INFLUENCE_FILE).stat().st_size

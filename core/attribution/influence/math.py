@@ -1,7 +1,8 @@
 """The maths of prototype-block influence (notation: :mod:`core.attribution.influence`):
-active sets, per-token gradients of the prototype blocks, sampled Fisher labels, projections
-onto the whitening factors and the inversion of the curvature blocks. Functions on tensors;
-the build (:mod:`.fit`) and the queries (:mod:`.query`) own the loops, devices and files.
+active sets, the per-token gradient parts and gradients of the prototype blocks, sampled Fisher
+labels, and the complement-preserving inverse of the curvature blocks. Functions on tensors;
+the build (:mod:`.fit`, :mod:`.store`) and the queries (:mod:`.query`) own the loops, devices
+and files.
 """
 
 from __future__ import annotations
@@ -22,6 +23,38 @@ def head_probabilities(
 ) -> torch.Tensor:
     """(N, V) p = softmax(E z) with z = sum_j a_j W_j."""
     return (mix_values(ids, weights, values) @ embedding.T).softmax(-1)  # (N, V)
+
+
+def gradient_parts(
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    probs: torch.Tensor,
+    targets: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    embedding: torch.Tensor,
+    gains: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two per-position factors of the block gradients, from the forward pass alone.
+
+    Args:
+        hidden: (N, d); ids: (N, k) active set; probs: (N, V); targets: (N,) token ids;
+        keys, values: (P, d); embedding: (V, d); gains: (P,) or None.
+
+    Returns:
+        r = E^T (p - e_y) (N, d) and c_j = dL/ds_j = g_j sigmoid(s_j) (W_j . r) (N, k), so that
+        block j's gradient is [c_j h ; a_j r].
+    """
+    r = probs @ embedding - embedding[targets]  # (N, d)
+    scores = (keys[ids] * hidden.unsqueeze(1)).sum(-1)  # (N, k) s_j
+    gate = gained(prototype_weights_grad(scores), ids, gains)  # (N, k) da_j/ds_j
+    c = gate * (values[ids] @ r.unsqueeze(-1)).squeeze(-1)  # (N, k)
+    return r, c
+
+
+def block_gradients(hidden: torch.Tensor, r: torch.Tensor, c: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(N, k, 2d) block gradients [c_j h ; a_j r] from (N, d) h and r and (N, k) c and a."""
+    return torch.cat([c.unsqueeze(-1) * hidden.unsqueeze(1), weights.unsqueeze(-1) * r.unsqueeze(1)], dim=-1)
 
 
 def prototype_gradients(
@@ -45,11 +78,8 @@ def prototype_gradients(
     Returns:
         (N, k, 2d): [dL/dK_j, dL/dW_j] for the k active prototypes of each position.
     """
-    r = probs @ embedding - embedding[targets]  # (N, d) = E^T (p - e_y)
-    scores = (keys[ids] * hidden.unsqueeze(1)).sum(-1)  # (N, k) s_j
-    gate = gained(prototype_weights_grad(scores), ids, gains)  # (N, k) da_j/ds_j
-    c = gate * (values[ids] @ r.unsqueeze(-1)).squeeze(-1)  # (N, k) dL/ds_j
-    return torch.cat([c.unsqueeze(-1) * hidden.unsqueeze(1), weights.unsqueeze(-1) * r.unsqueeze(1)], dim=-1)
+    r, c = gradient_parts(hidden, ids, probs, targets, keys, values, embedding, gains)
+    return block_gradients(hidden, r, c, weights)
 
 
 def sampled_targets(probs: torch.Tensor, sequences: torch.Tensor, seed: int) -> torch.Tensor:
@@ -72,15 +102,6 @@ def sampled_targets(probs: torch.Tensor, sequences: torch.Tensor, seed: int) -> 
     return torch.searchsorted(cdf, u.unsqueeze(-1)).squeeze(-1).clamp_max(V - 1)
 
 
-def project(grads: torch.Tensor, ids: torch.Tensor, whitening: torch.Tensor, chunk: int = 128) -> torch.Tensor:
-    """(N, k, r) V_j^T g_j for (N, k, 2d) gradients of (N, k) active prototypes; the (P, 2d, r)
-    factors are gathered ``chunk`` positions at a time to bound memory."""
-    out = torch.empty(*ids.shape, whitening.shape[-1], dtype=grads.dtype, device=grads.device)
-    for lo in range(0, len(ids), chunk):
-        out[lo : lo + chunk] = torch.einsum("nkd,nkdr->nkr", grads[lo : lo + chunk], whitening[ids[lo : lo + chunk]])
-    return out
-
-
 def groups_by_prototype(ids: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """Rows of a flat (R,) prototype-id vector grouped by prototype: [(j, rows)]."""
     order = torch.argsort(ids, stable=True)
@@ -88,36 +109,70 @@ def groups_by_prototype(ids: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     return list(zip(unique.tolist(), torch.split(order, counts.tolist()), strict=True))
 
 
-def invert_blocks(
-    G: torch.Tensor, lam: torch.Tensor, rank: int, start: torch.Tensor, iterations: int = 6
+def eigen_blocks(
+    G: torch.Tensor, rank: int, start: torch.Tensor, iterations: int = 6
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whitening factors V_j with V_j V_j^T ~ (G_j + lambda_j I)^-1 for a few blocks, float64.
+    """The top ``rank`` eigenpairs (U_j, sigma_j) of a few curvature blocks, float64.
 
-    Full rank (r = 2d): V_j = L_j^-T from the Cholesky factor G_j + lambda_j I = L_j L_j^T, so
-    V_j V_j^T is the exact inverse. Low rank: the top r eigenpairs (U_j, Sigma_j) by subspace
-    iteration from the seeded ``start`` (batched matrix products; LAPACK's eigh on a thousand
-    512 x 512 blocks took minutes on 2 cores) and V_j = U_j (Sigma_j + lambda_j)^-1/2.
+    Full rank (r = 2d): LAPACK's eigh, exact. Low rank: subspace iteration from the seeded
+    ``start`` and a Rayleigh-Ritz step (batched matrix products; eigh on a thousand 512 x 512
+    blocks took minutes on 2 cores). Either way U_j has orthonormal columns, which is all the
+    complement-preserving inverse (:func:`inverse_weights`) needs to stay positive definite.
 
     Args:
         G: (c, 2d, 2d) curvature blocks (float64).
-        lam: (c,) their damping.
-        start: (2d, r + 8) start of the subspace iteration.
+        start: (2d, r + 8) start of the subspace iteration (unused at full rank).
 
     Returns:
-        ((c, 2d, r) V, (c, r) eigenvalues, zeros at full rank).
+        ((c, 2d, r) U, (c, r) eigenvalues sigma, largest first, clamped at 0).
     """
-    c, D, _ = G.shape
-    eye = torch.eye(D, dtype=torch.float64)
     G = (G + G.transpose(1, 2)) / 2
-    if rank >= D:
-        L = torch.linalg.cholesky(G + lam[:, None, None] * eye)
-        V = torch.linalg.solve_triangular(L, eye.expand_as(G), upper=False).transpose(1, 2)  # (c, 2d, 2d) L^-T
-        return V, torch.zeros(c, rank, dtype=G.dtype)
-    Q = start.expand(c, -1, -1)
+    if rank >= G.shape[-1]:
+        values, vectors = torch.linalg.eigh(G)  # ascending
+        return vectors.flip(-1), values.flip(-1).clamp_min(0)
+    Q = start.expand(G.shape[0], -1, -1)
     for _ in range(iterations):
-        Q, _r = torch.linalg.qr(G @ Q)  # (c, D, r + 8)
+        Q, _r = torch.linalg.qr(G @ Q)  # (c, 2d, r + 8)
     small = Q.transpose(1, 2) @ G @ Q  # (c, r + 8, r + 8) Rayleigh-Ritz
     eigvals, eigvecs = torch.linalg.eigh((small + small.transpose(1, 2)) / 2)
     values = eigvals.flip(-1)[:, :rank].clamp_min(0)  # (c, r) largest first
-    vectors = Q @ eigvecs.flip(-1)[:, :, :rank]  # (c, D, r)
-    return vectors / (values + lam[:, None]).sqrt().unsqueeze(1), values
+    vectors = Q @ eigvecs.flip(-1)[:, :, :rank]  # (c, 2d, r)
+    return vectors, values
+
+
+def inverse_weights(eigenvalues: torch.Tensor, damping: torch.Tensor) -> torch.Tensor:
+    """(c, r) w_j = 1/(sigma_j + lambda_j) - 1/lambda_j of (c, r) eigenvalues and (c,) damping.
+
+    Written -sigma / (lambda (sigma + lambda)), which does not cancel when sigma << lambda.
+    With them A_j = U_j diag(w_j) U_j^T + I / lambda_j: (G_j + lambda_j I)^-1 along the kept
+    eigenvectors, and the damped complement 1/lambda_j on every other direction.
+    """
+    lam = damping.unsqueeze(-1)  # (c, 1)
+    return -eigenvalues / (lam * (eigenvalues + lam))
+
+
+def apply_inverse(
+    grads: torch.Tensor,
+    ids: torch.Tensor,
+    eigenvectors: torch.Tensor,
+    weights: torch.Tensor,
+    inverse_damping: torch.Tensor,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """psi = A_j g = U_j (w_j * (U_j^T g)) + g / lambda_j for (R, 2d) block gradients.
+
+    Args:
+        grads: (R, 2d) gradients of the (R,) prototype ``ids``.
+        eigenvectors: (P, 2d, r) U; weights: (P, r) w; inverse_damping: (P,) 1/lambda.
+        chunk: rows whose (2d, r) factors are gathered at once (memory).
+
+    Returns:
+        (R, 2d), in the gradients' dtype.
+    """
+    out = grads * inverse_damping.to(grads.dtype)[ids].unsqueeze(-1)  # (R, 2d) the complement
+    for lo in range(0, len(ids), chunk):
+        U = eigenvectors[ids[lo : lo + chunk]].to(grads.dtype)  # (c, 2d, r)
+        coef = torch.einsum("cd,cdr->cr", grads[lo : lo + chunk], U)  # (c, r) U^T g
+        coef = coef * weights[ids[lo : lo + chunk]].to(grads.dtype)
+        out[lo : lo + chunk] += torch.einsum("cdr,cr->cd", U, coef)
+    return out

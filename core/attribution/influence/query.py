@@ -1,6 +1,7 @@
-"""Influence queries: the stored factors loaded once, a query's tokens credited through them
-(notation: :mod:`core.attribution.influence`), and the credited documents ranked by the shared
-ranker (:mod:`core.attribution.ranking`) and described from the corpus.
+"""Influence queries: the stored factors and position store loaded once, a query's tokens
+scored against every stored document (notation: :mod:`core.attribution.influence`), and the
+documents ranked by the shared ranker (:mod:`core.attribution.ranking`) and described from the
+corpus, with the training token that carried most of the query's credit marked.
 
 File: ``BUNDLE/index/influence.safetensors`` (safetensors only), its build arguments and the
 model and corpus fingerprints in the header; a mismatch is refused with the command to rebuild.
@@ -16,8 +17,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from core.attribution.influence.math import head_probabilities, project, prototype_gradients
-from core.attribution.ranking import rank_groups
+from core.attribution.influence.math import apply_inverse, head_probabilities, prototype_gradients
+from core.attribution.influence.store import PositionStore, document_scores, pair_lookup, pair_terms
+from core.attribution.ranking import best_per_group, rank_groups
 from core.attribution.records import Example
 from core.bundle import model_fingerprint
 from core.data.corpus import CorpusError, load_corpus
@@ -28,14 +30,16 @@ from core.store import read_json, read_safetensors, rebuild_hint
 if TYPE_CHECKING:  # the engine imports this module
     from core.attribution.engine import Query
 
-FORMAT_VERSION = 2  # 1: (P, M) tables padded with -1; 2: entries sorted by prototype with offsets
+# 1: (P, M) tables padded with -1; 2: per-prototype entry lists of the top documents, rank-r
+# whitening; 3: every position in a store, complement-preserving inverse.
+FORMAT_VERSION = 3
 INFLUENCE_FILE = "influence.safetensors"
 MEASUREMENT = "loss"  # the summed loss -log p of the attributed tokens; + = the document lowers it
 
-# Entries (kept (prototype, document) pairs) an influence query reads at once: about 64 MB for
-# each of its (entries, r) float32 arrays at r = 16. A query whose tokens reach more is worked
-# through in runs of tokens, so its memory stays bounded when every document is kept.
-CREDIT_CHUNK_ENTRIES = 1 << 20
+# (position, active prototype, query token) entries a bulk scan handles at once: about 32 MB
+# for each of its (chunk, k, tokens) float64 arrays. A query's memory stays bounded however many
+# positions are stored; the scores do not depend on it.
+CREDIT_CHUNK_ENTRIES = 1 << 22
 
 
 def influence_exists(bundle_dir: str | Path) -> bool:
@@ -45,24 +49,43 @@ def influence_exists(bundle_dir: str | Path) -> bool:
 
 @dataclass
 class InfluenceCredit:
-    """Credit of one or more query tokens: (C,) documents, prototypes, values, best-token spans."""
+    """The credit of one or more query tokens.
 
-    doc_index: np.ndarray
+    Attributes:
+        scores: (D,) I(q, D) of every stored document, + = helpful, - = harmful.
+        terms: (D,) (position, prototype) terms the document shares with the query; 0: it
+            shares no block, and is not ranked.
+        prototypes: (m,) the query's distinct active prototypes.
+        psi: (m, 2d) A_j g_qj, g_qj summed over the credit's tokens (used to find, for a
+            ranked document, the token and prototype that carried its score).
+    """
+
+    scores: np.ndarray
+    terms: np.ndarray
     prototypes: np.ndarray
-    values: np.ndarray
-    start: np.ndarray
-    end: np.ndarray
+    psi: torch.Tensor
 
     @staticmethod
     def concat(parts: list[InfluenceCredit]) -> InfluenceCredit:
-        names = ("doc_index", "prototypes", "values", "start", "end")
-        return InfluenceCredit(*(np.concatenate([getattr(p, n) for p in parts]) for n in names))
+        """The credit of several tokens together: scores summed, psi summed per prototype."""
+        if not parts:
+            return InfluenceCredit(
+                np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), torch.zeros(0, 0)
+            )
+        ids = np.concatenate([p.prototypes for p in parts])
+        prototypes, inverse = np.unique(ids, return_inverse=True)
+        psi = torch.cat([p.psi for p in parts])  # (sum m, 2d)
+        summed = torch.zeros(len(prototypes), psi.shape[1], dtype=psi.dtype).index_add_(
+            0, torch.from_numpy(inverse), psi
+        )
+        return InfluenceCredit(sum(p.scores for p in parts), sum(p.terms for p in parts), prototypes, summed)
 
 
 @dataclass
 class RankedDocument:
-    """A training document's influence: summed score, the prototype that carried most of it,
-    the span of its best token for that prototype, and the number of credited entries."""
+    """A training document's influence: its score, the prototype that carried most of it, the
+    span of its training token that carried most of it, and the number of the query's
+    prototypes it shares."""
 
     doc_index: int
     score: float
@@ -73,27 +96,21 @@ class RankedDocument:
 
 
 class InfluenceFactors:
-    """Loaded factors (see the module docstring); read-only, shared between queries."""
+    """Loaded factors and position store (see the module docstring); read-only, shared
+    between queries."""
 
     def __init__(self, bundle_dir: Path, arrays: dict[str, np.ndarray], meta: dict):
         self.bundle_dir = bundle_dir
         self.meta = meta
         dtype = torch.float64 if meta["arguments"]["dtype"] == "float64" else torch.float32
         self.dtype = dtype
-        self.whitening = (
-            torch.from_numpy(arrays["whitening"]).to(dtype)
-            * torch.from_numpy(arrays["whitening_scale"]).to(dtype)[:, None, None]
-        )  # (P, 2d, r)
-        # Entries stay in their stored precision (float16 for a default build): a query reads
-        # only its active prototypes' rows and widens those.
-        self.offsets = arrays["offsets"]  # (P + 1,)
-        self.coefficients = torch.from_numpy(arrays["coefficients"])  # (N, r), scaled per prototype
-        self.coefficient_scale = arrays["coefficient_scale"]  # (P,)
-        self.doc_index = arrays["doc_index"]  # (N,)
-        self.char_start = arrays["char_start"]
-        self.char_end = arrays["char_end"]
+        self.eigenvectors = torch.from_numpy(arrays["eigenvectors"]).to(dtype)  # (P, 2d, r) U
+        self.inverse_weights = torch.from_numpy(arrays["inverse_weights"]).to(dtype)  # (P, r) w
+        self.inverse_damping = torch.from_numpy(arrays["inverse_damping"]).to(dtype)  # (P,) 1 / lambda
         self.eigenvalues, self.damping = arrays["eigenvalues"], arrays["damping"]
-        self.self_influence = arrays["self_influence"]
+        self.store = PositionStore(arrays, dtype)
+        self.documents = self.store.documents  # (D,) training-split rows
+        self.self_influence = arrays["self_influence"]  # (D,)
         self._corpus = None
 
     @property
@@ -114,7 +131,7 @@ class InfluenceFactors:
         gains: torch.Tensor | None = None,
         probs: torch.Tensor | None = None,
     ) -> list[InfluenceCredit]:
-        """Influence of the kept documents on each query token's loss.
+        """Influence of every stored document on each query token's loss (one bulk scan).
 
         Args:
             model: the PRISM model the factors were built for.
@@ -125,80 +142,87 @@ class InfluenceFactors:
                 used when already in the factors' precision (else recomputed in it).
 
         Returns:
-            one credit per token: each of its active prototypes' kept documents, valued
-            (U_j^T g_qj) . c_jD.
+            one credit per token.
         """
         head, E = model.prototypes, model.unembedding
         dt = self.dtype
         h, K, W, Em = hidden.to(dt), head.keys.to(dt), head.values.to(dt), E.to(dt)
         if probs is None or probs.dtype != dt:
             probs = head_probabilities(ids, weights.to(dt), W, Em)
-        grads = prototype_gradients(h, ids, weights.to(dt), probs, targets, K, W, Em, gains)  # (n, k, 2d)
-        projected = project(grads, ids, self.whitening).cpu()  # (n, k, r) V_j^T g_qj
         n, k = ids.shape
-        flat = ids.cpu().numpy().reshape(-1)  # (n k,) the (token, active prototype) pairs
-        # c_jD = stored row * the prototype's scale; the scale multiplies the (n k) projections
-        # instead of the (N_q) entries.
-        scaled = projected.reshape(n * k, -1) * torch.from_numpy(self.coefficient_scale[flat]).to(dt)[:, None]
-        per_token = (self.offsets[flat + 1] - self.offsets[flat]).reshape(n, k).sum(1)  # (n,) entries
-        bounds, entries = [0], 0  # tokens in runs of at most CREDIT_CHUNK_ENTRIES entries (one token at least)
-        for t, count in enumerate(per_token.tolist()):
-            if entries and entries + count > CREDIT_CHUNK_ENTRIES:
-                bounds.append(t)
-                entries = 0
-            entries += count
-        bounds.append(n)
+        if n == 0:
+            return []
+        grads = prototype_gradients(h, ids, weights.to(dt), probs, targets, K, W, Em, gains)  # (n, k, 2d)
+        flat = ids.reshape(-1).cpu()  # (n k,) the (token, active prototype) pairs
+        psi = apply_inverse(
+            grads.reshape(n * k, -1).cpu(), flat, self.eigenvectors, self.inverse_weights, self.inverse_damping
+        )  # (n k, 2d) A_j g_qj
+        token = torch.arange(n).repeat_interleave(k)  # (n k,)
+        lookup = pair_lookup(flat, token, len(self.inverse_damping), n)  # (P, n)
+        scores, terms = document_scores(self.store, psi, lookup, CREDIT_CHUNK_ENTRIES)  # (D, n)
         return [
-            credit
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
-            for credit in self._credit_run(flat[lo * k : hi * k], scaled[lo * k : hi * k], k)
+            InfluenceCredit(scores[:, i], terms[:, i], flat[i * k : (i + 1) * k].numpy(), psi[i * k : (i + 1) * k])
+            for i in range(n)
         ]
 
-    def _credit_run(self, flat: np.ndarray, scaled: torch.Tensor, k: int) -> list[InfluenceCredit]:
-        """Credits of a run of tokens from their (m k,) pairs and (m k, r) scaled projections."""
-        starts, counts = self.offsets[flat], self.offsets[flat + 1] - self.offsets[flat]
-        owner = np.repeat(np.arange(len(flat)), counts)  # (N_q,) pair of each entry read
-        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        entries = np.repeat(starts - first, counts) + np.arange(int(counts.sum()))  # (N_q,) entry rows
-        coefficients = self.coefficients[torch.from_numpy(entries)].to(scaled.dtype)  # (N_q, r)
-        values = (coefficients * scaled[torch.from_numpy(owner)]).sum(-1).double().numpy()
-        bounds = np.searchsorted(owner, np.arange(0, len(flat) + 1, k))  # each token's slice of the entries
-        return [
-            InfluenceCredit(
-                self.doc_index[entries[lo:hi]].astype(np.int64),
-                flat[owner[lo:hi]].astype(np.int64),
-                values[lo:hi],
-                self.char_start[entries[lo:hi]],
-                self.char_end[entries[lo:hi]],
-            )
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
-        ]
-
-    @staticmethod
-    def rank(credit: InfluenceCredit, top: int) -> list[RankedDocument]:
-        """Sum credit per document; the ``top`` documents, highest first (ties: lower row)."""
-        ranking = rank_groups(credit.doc_index, credit.values, top)
+    def rank(self, credit: InfluenceCredit, top: int, harmful: bool = False) -> list[RankedDocument]:
+        """The ``top`` documents by score, highest first (``harmful``: lowest first; ties: lower
+        training row), each with the prototype and the training token that carried most of its
+        score (in the score's direction)."""
+        met = np.flatnonzero(credit.terms > 0)  # (C,) store documents sharing a block
+        sign = -1.0 if harmful else 1.0
+        ranking = rank_groups(met, sign * credit.scores[met], top, size=len(credit.terms))
         if not len(ranking):
             return []
-        # the prototype with the highest summed credit per document (ties: the lower id) ...
-        best_proto, _ = ranking.best(credit.prototypes)  # (top,)
-        # ... and its highest-valued entry (ties: the first entry), whose token span is shown
-        mine, rank = ranking.entries, ranking.rank
-        candidate = np.where(credit.prototypes[mine] == best_proto[rank], ranking.values, -np.inf)
-        by_entry = np.lexsort((-candidate, rank))
-        entry = mine[by_entry[np.unique(rank[by_entry], return_index=True)[1]]]  # (top,)
-        entries = np.bincount(rank, minlength=len(ranking))
+        chosen = ranking.groups  # (n,) store document numbers, best first
+        prototype, shared, start, end = self._carriers(credit, chosen)
         return [
             RankedDocument(
-                int(d),
-                float(total),
-                int(best_proto[r]),
-                int(credit.start[entry[r]]),
-                int(credit.end[entry[r]]),
-                int(entries[r]),
+                int(self.documents[doc]),
+                float(credit.scores[doc]),
+                int(prototype[r]),
+                int(start[r]),
+                int(end[r]),
+                int(shared[r]),
             )
-            for r, (d, total) in enumerate(zip(ranking.groups, ranking.totals, strict=True))
+            for r, doc in enumerate(chosen.tolist())
         ]
+
+    def _carriers(self, credit: InfluenceCredit, chosen: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per chosen document: the prototype with the largest summed terms, the number of
+        the query's prototypes it meets, and the char span of the position whose terms sum
+        to the most, both signed by the document's score (ties: the smaller id, the earlier
+        position)."""
+        store = self.store
+        offsets = store.offsets
+        counts = offsets[chosen + 1] - offsets[chosen]
+        positions = np.repeat(offsets[chosen] - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(
+            counts.sum()
+        )  # (L,) the chosen documents' positions, document by document
+        owner = np.repeat(np.arange(len(chosen)), counts)  # (L,) place of each position's document
+        sign = np.where(credit.scores[chosen] < 0, -1.0, 1.0)
+        prototypes = torch.from_numpy(credit.prototypes)
+        lookup = pair_lookup(prototypes, torch.zeros(len(prototypes), dtype=torch.long), len(self.inverse_damping), 1)
+        psi = credit.psi.to(self.dtype)
+        totals, parts = [], []
+        step = max(1, CREDIT_CHUNK_ENTRIES // store.active.shape[1])
+        for lo in range(0, len(positions), step):
+            where = torch.from_numpy(positions[lo : lo + step])
+            rows = store.read(where)
+            terms, met = pair_terms(rows, psi, lookup)  # (L, k, 1)
+            terms, met = terms[..., 0].double().numpy(), met[..., 0].numpy()
+            totals.append(terms.sum(1))
+            mine = np.repeat(owner[lo : lo + step], rows[2].shape[1]).reshape(terms.shape)[met]
+            parts.append((mine, rows[2].numpy()[met], terms[met] * sign[mine]))
+        totals = np.concatenate(totals) * sign[owner]  # (L,) signed contribution of each position
+        order = np.lexsort((-totals, owner))  # by document, largest first (stable: earliest)
+        best = order[np.unique(owner[order], return_index=True)[1]]  # (n,) best position per document
+        mine, ids, values = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        if len(mine):
+            prototype, shared = best_per_group(mine, ids, values, len(chosen))
+        else:
+            prototype, shared = np.zeros(len(chosen), dtype=np.int64), np.zeros(len(chosen), dtype=np.int64)
+        return prototype, shared, store.char_start[positions[best]], store.char_end[positions[best]]
 
     def corpus(self):
         """The training corpus the factors were built from (loaded once), checked unchanged.
@@ -257,20 +281,29 @@ class InfluenceFactors:
         return records
 
 
-def load_influence(bundle_dir: str | Path) -> InfluenceFactors:
-    """Load a bundle's influence factors after checking that they belong to its weights and index.
+@dataclass
+class DocumentSelfInfluence:
+    """A document's self-influence sum_j g_jD^T A_j g_jD per stored position (large: the
+    model finds it unusual, or it holds many of its own prototypes' curvature directions)."""
+
+    doc_index: int
+    score: float
+    positions: int
+
+
+def _checked_header(bundle_dir: Path) -> tuple[Path, dict, str]:
+    """(file, build metadata, rebuild hint) of factors in this format, built for this bundle.
 
     Raises:
         InfluenceError: no factors, another format, or factors built for other weights or
             another corpus than the index.
     """
-    bundle_dir = Path(bundle_dir)
     path = index_dir(bundle_dir) / INFLUENCE_FILE
     hint = rebuild_hint(bundle_dir)
     if not path.is_file():
         raise InfluenceError(f"{bundle_dir} has no influence factors; build them with {hint}")
     meta = _header(path, f"rebuild them with {hint}")
-    if meta.get("format_version") not in (1, FORMAT_VERSION):
+    if meta.get("format_version") != FORMAT_VERSION:
         raise InfluenceError(
             f"{path} has format {meta.get('format_version')!r}, this version reads "
             f"{FORMAT_VERSION}; rebuild it with {hint}"
@@ -290,10 +323,43 @@ def load_influence(bundle_dir: str | Path) -> InfluenceFactors:
                 f"the influence factors in {path.parent} were built from another corpus than the "
                 f"index; rebuild both with {hint}"
             )
+    return path, meta, hint
+
+
+def load_influence(bundle_dir: str | Path) -> InfluenceFactors:
+    """Load a bundle's influence factors after checking that they belong to its weights and index.
+
+    Raises:
+        InfluenceError: no factors, another format, or factors built for other weights or
+            another corpus than the index.
+    """
+    bundle_dir = Path(bundle_dir)
+    path, meta, hint = _checked_header(bundle_dir)
     arrays, _ = read_safetensors(path, "the influence factors", f"rebuild them with {hint}", InfluenceError)
-    if meta["format_version"] == 1:
-        arrays = _entries_from_tables(arrays)
     return InfluenceFactors(bundle_dir, arrays, meta)
+
+
+def self_influence(bundle_dir: str | Path, top: int | None = None) -> list[DocumentSelfInfluence]:
+    """The stored documents by self-influence per position, highest first (ties: lower row);
+    reads only the per-document arrays, not the store.
+
+    Raises:
+        InfluenceError: as :func:`load_influence`.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    bundle_dir = Path(bundle_dir)
+    path, _, hint = _checked_header(bundle_dir)
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            documents, offsets, scores = (f.get_tensor(n) for n in ("documents", "document_offsets", "self_influence"))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise InfluenceError(
+            f"the influence factors {path} are not readable ({err}); rebuild them with {hint}"
+        ) from None
+    order = np.lexsort((documents, -scores))[:top]
+    counts = np.diff(offsets)
+    return [DocumentSelfInfluence(int(documents[i]), float(scores[i]), int(counts[i])) for i in order]
 
 
 def _header(path: Path, fix: str) -> dict:
@@ -305,19 +371,6 @@ def _header(path: Path, fix: str) -> dict:
             return json.loads((f.metadata() or {}).get("meta", "{}"))
     except (SafetensorError, OSError, ValueError) as err:  # JSONDecodeError is a ValueError
         raise InfluenceError(f"the influence factors {path} are not readable ({err}); {fix}") from None
-
-
-def _entries_from_tables(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Format 1 (P, M) tables padded with -1 -> format 2 entries (same numbers, same order)."""
-    filled = arrays["doc_index"] >= 0  # (P, M); a prototype's entries fill its first slots
-    counts = filled.sum(axis=1)
-    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum(counts)
-    out = {name: value for name, value in arrays.items() if name not in ("coefficients",)}
-    out.update({name: arrays[name][filled] for name in ("doc_index", "char_start", "char_end", "self_influence")})
-    out["coefficients"] = arrays["coefficients"][filled]  # (N, r)
-    out["offsets"] = offsets
-    return out
 
 
 # ------------------------------------------------------------------ the engine's method
@@ -339,14 +392,15 @@ def check(query: Query) -> None:
 
 
 def credit(query: Query) -> list[InfluenceCredit]:
-    """One credit per completion token: the kept documents' influence on its loss."""
+    """One credit per completion token: every stored document's influence on its loss."""
     t = query.tensors
     return query.influence().credit(query.bundle.model, t.hidden, t.ids, t.weights, t.targets, t.gains, t.probs)
 
 
 def examples(query: Query, credits: list[InfluenceCredit], top: int) -> list[list[Example]]:
-    """Ranked documents of each influence credit as examples, with the best token marked (the
-    documents' texts are read from the corpus in one pass for all the credits)."""
+    """Ranked documents of each influence credit as examples, with the training token that
+    carried most of the credit marked (the documents' texts are read from the corpus in one
+    pass for all the credits)."""
     factors = query.influence()
     ranked = [factors.rank(c, top) for c in credits]
     records = iter(factors.describe([r for ranking in ranked for r in ranking]))

@@ -1,0 +1,250 @@
+"""The position store: every training position's block gradients, exactly and compactly.
+
+A training position t with hidden state h_t, active set S_t, weights a_tj and target y_t has
+the k block gradients g_tj = [c_tj h_t ; a_tj r_t] (j in S_t), with r_t = E^T (p_t - e_y) (d,)
+and c_tj = dL/ds_tj (:func:`.math.gradient_parts`), all from one forward pass. So the store
+keeps, per position, in stream order (a document's positions are one contiguous range):
+
+    hidden (N, d) h_t,  output_grad (N, d) r_t,  active (N, k) ids,  score_grad (N, k) c_tj,
+    weights (N, k) a_tj,  char_start / char_end (N,) the token's span in its document's text
+
+and per document ``documents`` (D,) training-split rows with ``document_offsets`` (D + 1,)
+(document i's positions are offsets[i]:offsets[i + 1]) and ``self_influence`` (D,). The four
+float arrays are stored in ``storage`` precision with one float scale per row (``*_scale``,
+(N,)): int8 rows are round(x / s), s = max|x| / 127; float rows are x / max|x| (float16 keeps
+its range that way). At d = 256, k = 64 a position takes 2 x 256 + 2 x 64 + 128 (int16 ids)
++ 16 (scales) + 8 (span) = 792 bytes in int8, 1,432 in float16.
+
+A query's scores are read from it in bulk (:func:`document_scores`): for the query's (token,
+prototype) pairs with psi = A_j g_qj, I(q, D) = sum_{t in D} sum_{j in S_t} c_tj <psi_j^K, h_t>
++ a_tj <psi_j^W, r_t>, two (chunk, d) x (d, pairs) products per chunk of positions, gathered at
+each position's active ids.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from core.attribution.influence.math import groups_by_prototype
+
+ROW_ARRAYS = ("hidden", "output_grad", "score_grad", "weights")  # each with a (N,) ``*_scale``
+STORE_DTYPES = {"int8": np.int8, "float16": np.float16, "float32": np.float32, "float64": np.float64}
+
+
+def quantise(x: torch.Tensor, storage: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N, w) rows -> (N, w) stored values and (N,) scales (see the module docstring)."""
+    top = x.abs().amax(dim=1)
+    top = torch.where(top > 0, top, torch.ones_like(top))  # (N,) an all-zero row keeps scale 1
+    scale_dtype = np.float64 if storage == "float64" else np.float32
+    if storage == "int8":
+        scale = top / 127
+        values = (x / scale.unsqueeze(1)).round().clamp(-127, 127).cpu().numpy().astype(np.int8)
+    else:
+        scale = top
+        values = (x / scale.unsqueeze(1)).cpu().numpy().astype(STORE_DTYPES[storage])
+    return values, scale.cpu().numpy().astype(scale_dtype)
+
+
+def position_bytes(d: int, k: int, storage: str, P: int) -> int:
+    """Bytes one stored position takes (rows, ids, scales and span)."""
+    value = np.dtype(STORE_DTYPES[storage]).itemsize
+    scale = 8 if storage == "float64" else 4
+    ids = 2 if P <= np.iinfo(np.int16).max else 4
+    return 2 * d * value + 2 * k * value + k * ids + 4 * scale + 8
+
+
+class StoreWriter:
+    """The store's arrays for ``n`` positions, preallocated and filled batch by batch."""
+
+    def __init__(self, n: int, d: int, k: int, P: int, storage: str):
+        value, scale = STORE_DTYPES[storage], np.float64 if storage == "float64" else np.float32
+        self.storage = storage
+        self.arrays: dict[str, np.ndarray] = {}
+        for name, width in zip(ROW_ARRAYS, (d, d, k, k), strict=True):
+            self.arrays[name] = np.zeros((n, width), dtype=value)
+            self.arrays[f"{name}_scale"] = np.ones(n, dtype=scale)
+        self.arrays["active"] = np.zeros((n, k), dtype=np.int16 if P <= np.iinfo(np.int16).max else np.int32)
+        self.cursor = 0
+
+    def add(self, hidden: torch.Tensor, r: torch.Tensor, ids: torch.Tensor, c: torch.Tensor, a: torch.Tensor) -> None:
+        """Append (n, d) h and r and (n, k) ids, c and a of the next positions in stream order."""
+        lo, hi = self.cursor, self.cursor + len(ids)
+        for name, rows in zip(ROW_ARRAYS, (hidden, r, c, a), strict=True):
+            self.arrays[name][lo:hi], self.arrays[f"{name}_scale"][lo:hi] = quantise(rows, self.storage)
+        self.arrays["active"][lo:hi] = ids.cpu().numpy()
+        self.cursor = hi
+
+
+class SelfInfluenceSums:
+    """Per-document self-influence sum_j g_jD^T A_j g_jD, g_jD = sum_{t in D, j in S_t} g_tj.
+
+    Batches bring positions in stream order; a batch's (document, prototype) sums are built
+    with a sparse product (no (n, k, 2d) gradients), the sums of its last document are carried
+    into the next batch (it may continue there), and finished sums are buffered and reduced a
+    prototype at a time: g^T A_j g = w_j . (U_j^T g)^2 + |g|^2 / lambda_j.
+    """
+
+    def __init__(
+        self,
+        eigenvectors: torch.Tensor,
+        weights: torch.Tensor,
+        inverse_damping: torch.Tensor,
+        n_documents: int,
+        buffer_mb: int = 128,
+    ):
+        self.U, self.w, self.inv_lam = eigenvectors, weights, inverse_damping  # (P, 2d, r), (P, r), (P,)
+        self.P, D = eigenvectors.shape[:2]
+        self.total = torch.zeros(n_documents, dtype=torch.float64)
+        self.buffer_rows = max(1, buffer_mb * 2**20 // (D * eigenvectors.element_size()))
+        self.carry: tuple[torch.Tensor, torch.Tensor] | None = None  # (keys (c,), sums (c, 2d))
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.pending_rows = 0
+
+    def add(
+        self,
+        document: torch.Tensor,
+        hidden: torch.Tensor,
+        r: torch.Tensor,
+        ids: torch.Tensor,
+        c: torch.Tensor,
+        a: torch.Tensor,
+    ) -> None:
+        """Add the next positions: (n,) store document numbers (non-decreasing), (n, d) h and r,
+        (n, k) ids, c and a."""
+        n, k = ids.shape
+        if n == 0:
+            return
+        keys = document.repeat_interleave(k) * self.P + ids.reshape(-1)  # (n k,) (document, prototype)
+        carried = self.carry[0] if self.carry is not None else keys[:0]
+        unique, inverse = torch.unique(torch.cat([carried, keys]), return_inverse=True)
+        new = inverse[len(carried) :]
+        rows = torch.arange(n, device=ids.device).repeat_interleave(k)  # (n k,) position of each pair
+        index = torch.stack([new, rows])
+        sums = torch.cat(
+            [
+                torch.sparse.mm(
+                    torch.sparse_coo_tensor(index, c.reshape(-1), (len(unique), n), check_invariants=False), hidden
+                ),
+                torch.sparse.mm(
+                    torch.sparse_coo_tensor(index, a.reshape(-1), (len(unique), n), check_invariants=False), r
+                ),
+            ],
+            dim=1,
+        )  # (U, 2d) g_jD of this batch's (document, prototype) pairs
+        if self.carry is not None:
+            sums.index_add_(0, inverse[: len(carried)], self.carry[1].to(sums.dtype))
+        still_open = unique // self.P == document[-1]  # the batch's last document may go on
+        self.carry = (unique[still_open], sums[still_open]) if bool(still_open.any()) else None
+        done = ~still_open
+        self.pending.append((unique[done], sums[done]))
+        self.pending_rows += int(done.sum())
+        if self.pending_rows >= self.buffer_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        keys = torch.cat([p[0] for p in self.pending])
+        sums = torch.cat([p[1] for p in self.pending])
+        self.pending, self.pending_rows = [], 0
+        docs, protos = keys // self.P, keys % self.P
+        for j, rows in groups_by_prototype(protos):
+            g = sums[rows]  # (n_j, 2d)
+            coef = g @ self.U[j].to(g.dtype)  # (n_j, r) U_j^T g
+            quad = (coef**2 * self.w[j].to(g.dtype)).sum(1) + (g**2).sum(1) * self.inv_lam[j].to(g.dtype)
+            self.total.index_add_(0, docs[rows].cpu(), quad.double().cpu())
+
+    def finish(self) -> torch.Tensor:
+        """(D,) the documents' summed self-influence (not yet length-normalised); the document
+        still open is complete once no batch follows."""
+        if self.carry is not None:
+            self.pending.append(self.carry)
+            self.carry = None
+        self._flush()
+        return self.total
+
+
+class PositionStore:
+    """A loaded store (see the module docstring); read-only, shared between queries."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], dtype: torch.dtype):
+        self.dtype = dtype
+        self.rows = {name: torch.from_numpy(arrays[name]) for name in ROW_ARRAYS}
+        self.scales = {name: torch.from_numpy(arrays[f"{name}_scale"]) for name in ROW_ARRAYS}
+        self.active = torch.from_numpy(arrays["active"])  # (N, k)
+        self.documents = arrays["documents"]  # (D,) training-split rows
+        self.offsets = arrays["document_offsets"]  # (D + 1,)
+        self.char_start, self.char_end = arrays["char_start"], arrays["char_end"]  # (N,)
+        counts = np.diff(self.offsets)
+        self.position_document = torch.from_numpy(np.repeat(np.arange(len(counts)), counts))  # (N,)
+
+    def __len__(self) -> int:
+        return len(self.active)
+
+    def read(self, where: slice | torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Positions (a slice or (L,) indices) as (L, d) h, (L, d) r, (L, k) ids, c and a."""
+        h, r, c, a = (
+            self.rows[name][where].to(self.dtype) * self.scales[name][where].to(self.dtype).unsqueeze(1)
+            for name in ROW_ARRAYS
+        )
+        return h, r, self.active[where].long(), c, a
+
+
+def pair_lookup(prototypes: torch.Tensor, columns: torch.Tensor, P: int, width: int) -> torch.Tensor:
+    """(P, width) the pair index of (prototype, column), m (the number of pairs) where none."""
+    lookup = torch.full((P, width), len(prototypes), dtype=torch.long)
+    lookup[prototypes, columns] = torch.arange(len(prototypes))
+    return lookup
+
+
+def pair_terms(
+    rows: tuple[torch.Tensor, ...], psi: torch.Tensor, lookup: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each position's terms c_tj <psi^K, h_t> + a_tj <psi^W, r_t> for every pair at its ids.
+
+    Args:
+        rows: (h, r, ids, c, a) of L positions (:meth:`PositionStore.read`).
+        psi: (m, 2d) A_j g_qj of the query's pairs.
+        lookup: (P, n) pair of (prototype, column), m where the column lacks the prototype.
+
+    Returns:
+        ((L, k, n) terms, zero where a position's prototype has no pair; (L, k, n) bool hits).
+    """
+    h, r, ids, c, a = rows
+    L, k = ids.shape
+    d = h.shape[1]
+    n = lookup.shape[1]
+    pad = torch.zeros(L, 1, dtype=h.dtype)
+    hk = torch.cat([h @ psi[:, :d].T, pad], dim=1)  # (L, m + 1) <psi^K, h_t>, 0 in column m
+    rw = torch.cat([r @ psi[:, d:].T, pad], dim=1)  # (L, m + 1) <psi^W, r_t>
+    cols = lookup[ids].reshape(L, k * n)  # (L, k n) pair at each (active prototype, column)
+    terms = c.unsqueeze(-1) * hk.gather(1, cols).reshape(L, k, n) + a.unsqueeze(-1) * rw.gather(1, cols).reshape(
+        L, k, n
+    )
+    return terms, (cols < len(psi)).reshape(L, k, n)
+
+
+def document_scores(
+    store: PositionStore, psi: torch.Tensor, lookup: torch.Tensor, chunk_entries: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bulk exact scores of every stored document for n columns (query tokens) of pairs.
+
+    Args:
+        psi: (m, 2d) the pairs' A_j g_qj; lookup: (P, n) from :func:`pair_lookup`.
+        chunk_entries: (position, active prototype, column) entries handled at once (memory).
+
+    Returns:
+        ((D, n) float64 scores, + = helpful; (D, n) int64 (position, prototype) terms met).
+    """
+    D, n = len(store.documents), lookup.shape[1]
+    scores = torch.zeros(D, n, dtype=torch.float64)
+    hits = torch.zeros(D, n, dtype=torch.float64)
+    step = max(1, chunk_entries // (store.active.shape[1] * n))
+    for lo in range(0, len(store), step):
+        where = slice(lo, min(len(store), lo + step))
+        terms, met = pair_terms(store.read(where), psi, lookup)  # (L, k, n)
+        owner = store.position_document[where]  # (L,)
+        scores.index_add_(0, owner, terms.sum(1).double())
+        hits.index_add_(0, owner, met.sum(1).double())
+    return scores.numpy(), hits.numpy().astype(np.int64)
