@@ -59,6 +59,7 @@ _LAZY = {
     "IndexArguments": "core.index.build",
     # attribution
     "METHODS": "core.attribution.engine",
+    "AUTO_METHOD": ("core.attribution.engine", "AUTO"),
     "Attribution": "core.attribution.records",
     "Decomposition": "core.attribution.records",
     "attribute": "core.attribution.engine",

@@ -303,10 +303,17 @@ def _add_controls(parser: argparse.ArgumentParser) -> None:
 
 def _add_trace(parser: argparse.ArgumentParser, max_new_help: str | None = None) -> None:
     """The options `attribute` and `report` share (defaults as in :func:`core.attribution.engine.attribute`)."""
-    from core.attribution.engine import METHODS
+    from core.attribution.engine import AUTO, METHODS
 
     parser.add_argument("--top", type=_positive_int, default=10, help="examples per token and overall")
-    parser.add_argument("--method", default="neighbourhood", choices=list(METHODS), help="attribution method")
+    parser.add_argument(
+        "--method",
+        default=AUTO,
+        choices=[AUTO, *METHODS],
+        help="influence: which training documents taught the model this; spans: documents holding the "
+        "text verbatim; neighbourhood: exemplars of the active prototypes (what they stand for); "
+        "auto (default): the first of influence, spans, neighbourhood that the bundle's index has",
+    )
     parser.add_argument("--max-new-tokens", type=_positive_int, default=16, help=max_new_help)
 
 

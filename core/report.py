@@ -127,7 +127,7 @@ def build_report(
     items: list[dict],
     *,
     controls: Controls | None = None,
-    method: Literal["neighbourhood", "influence"] = "neighbourhood",
+    method: Literal["auto", "neighbourhood", "influence", "spans"] = "auto",
     top: int = 10,
     max_new_tokens: int = 16,
     progress: Callable[[int, int], None] | None = None,

@@ -39,7 +39,7 @@ from core.attribution.influence.query import InfluenceFactors, load_influence
 from core.attribution.records import Attribution, Decomposition, Example
 from core.bundle import Bundle
 from core.control.controls import Controls
-from core.errors import ArgumentError, PrototypeIndexError
+from core.errors import ArgumentError, PrismError, PrototypeIndexError
 from core.index.format import PrototypeIndex
 from core.store import rebuild_hint
 
@@ -81,6 +81,25 @@ REGISTRY: dict[str, Method] = {
     "spans": Method(spans.MEASUREMENT, spans.credit, spans.SpanCredit.concat, spans.examples, spans.check),
 }
 METHODS = tuple(REGISTRY)
+AUTO = "auto"
+# What "auto" tries, most faithful first: influence answers "which documents taught the model
+# this", spans "which documents hold this text verbatim", neighbourhood only "what do the active
+# prototypes stand for" (exemplars), so it is the fallback.
+FAITHFULNESS = ("influence", "spans", "neighbourhood")
+
+
+def _most_faithful(bundle: Bundle, index: PrototypeIndex, options: dict) -> str:
+    """The first method of :data:`FAITHFULNESS` whose files this bundle has (its check passes)."""
+    query = Query(bundle, index, options)
+    for name in FAITHFULNESS:
+        check = REGISTRY[name].check
+        try:
+            if check is not None:
+                check(query)
+        except PrismError:
+            continue
+        return name
+    return FAITHFULNESS[-1]
 
 
 # ------------------------------------------------------------------- per-index resources
@@ -145,7 +164,7 @@ def attribute(
     prompt: str,
     completion: str | None = None,
     top: int = 10,
-    method: Literal["neighbourhood", "influence", "spans"] = "neighbourhood",
+    method: Literal["auto", "neighbourhood", "influence", "spans"] = AUTO,
     span: tuple[int, int] | None = None,
     *,
     controls: Controls | None = None,
@@ -164,8 +183,10 @@ def attribute(
             are generated greedily first.
         top: examples kept per token and overall.
         method: ``neighbourhood`` (slices shared among neighbourhoods), ``influence``
-            (prototype-block influence functions, :mod:`core.attribution.influence`) or
-            ``spans`` (verbatim spans, :mod:`core.attribution.spans`).
+            (prototype-block influence functions, :mod:`core.attribution.influence`),
+            ``spans`` (verbatim spans, :mod:`core.attribution.spans`) or ``auto`` (the
+            default: the first of :data:`FAITHFULNESS` whose files the bundle has; the
+            result's ``method`` says which ran).
         span: (start, end) completion token indices, end exclusive, for the overall ranking;
             None for the whole completion.
         controls: per-call gains and suppression.
@@ -182,9 +203,11 @@ def attribute(
             another model; the span index (``spans``) is missing.
         InfluenceError: the influence factors are missing or stale.
     """
+    if method == AUTO:
+        method = _most_faithful(bundle, index, {"similarity": similarity, "influence": influence, "min_span": min_span})
     chosen = REGISTRY.get(method)
     if chosen is None:
-        raise ArgumentError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
+        raise ArgumentError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)} or {AUTO}")
     if top < 1:
         raise ArgumentError(f"top must be >= 1, got {top}")
     hint = f"rebuild it with {rebuild_hint(bundle.path)}"

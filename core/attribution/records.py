@@ -161,6 +161,7 @@ class Attribution:
         lines = [
             f"prompt: {dec.prompt!r}",
             f"completion: {dec.completion!r}" + (" (generated)" if dec.generated else ""),
+            f"method: {self.method} (scores: {self.measurement})",
             "each token: its strongest slices, then examples with the trigger token in [[ ]]",
         ]
         for token, token_examples in zip(dec.tokens, self.token_examples, strict=True):

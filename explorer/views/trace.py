@@ -69,9 +69,12 @@ most = max(1, min(64, bundle.model.config.get_text_config().max_position_embeddi
 max_new = c2.slider("Tokens to generate", 1, most, min(16, most), key="trace_max_new", disabled=mode != "generate")
 method = c3.selectbox(
     "Attribution method",
-    list(core.METHODS),
+    [core.AUTO_METHOD, *core.METHODS],
     key="trace_method",
-    help="neighbourhood: each slice shared over its prototype's training neighbours",
+    help="influence: which training documents taught the model this (influence functions on the "
+    "prototype blocks); spans: documents that hold the text verbatim; neighbourhood: exemplars of "
+    "the active prototypes, i.e. what each prototype stands for, not which document taught it; "
+    "auto: the first of influence, spans, neighbourhood that this bundle's index has",
 )
 top = c4.number_input("Examples per token", 1, 50, 10, key="trace_top")
 completion = None
