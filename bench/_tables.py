@@ -313,7 +313,31 @@ def render_attribution_quality(f: dict) -> list[str]:
     return lines
 
 
+def render_canaries(f: dict) -> list[str]:
+    """Planted-fact recall of each attribution method on a freshly generated corpus."""
+    methods = [m for m in ("influence", "spans", "neighbourhood") if f"{m}_verbatim_recall_at_10" in f]
+    rows = []
+    for m in methods:
+        for kind in ("verbatim", "paraphrased"):
+            key = f"{m}_{kind}"
+            ranks = f.get(f"{key}_ranks") or []
+            rows.append(
+                [
+                    m,
+                    kind,
+                    f"{f.get(f'{key}_hits_at_10', NONE)}/{len(ranks)} ({pct(f.get(f'{key}_recall_at_10'), 0)})",
+                    pct(f.get(f"{key}_recall_at_1"), 0),
+                    num(f.get(f"{key}_median_rank"), 1),
+                    str(f.get(f"{key}_errors", 0)),
+                    num(f.get(f"{m}_attribute_s_median"), 2),
+                ]
+            )
+    header = ["method", "prompt", "recall@10", "recall@1", "median rank", "errors", "attribute s (median)"]
+    return table(header, rows, "llrrrrr")
+
+
 RENDERERS: dict[str, Callable[[dict], list[str]]] = {
+    "canaries": render_canaries,
     "quality": render_quality,
     "labels": render_labels,
     "control": render_control,
