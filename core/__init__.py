@@ -76,7 +76,7 @@ _LAZY = {
     "load_controls": "core.control.controls",
     "save_controls": "core.control.controls",
     "parse_ids": "core.control.controls",
-    "CalibrationArguments": "core.control.calibration",
+    "CalibrationArguments": "core.control.arguments",
     "calibrate": "core.control.calibration",
     "evaluate_task": "core.control.calibration",
     "split_items": "core.control.calibration",

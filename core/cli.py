@@ -2,7 +2,7 @@
 
 Every command has --help; bad input ends with a one-line ``prism: error: ...`` and exit 1.
 Options that a library argument class declares (:class:`~core.train.trainer.TrainOptions`,
-:class:`~core.index.build.IndexArguments`, :class:`~core.control.calibration.CalibrationArguments`)
+:class:`~core.index.build.IndexArguments`, :class:`~core.control.arguments.CalibrationArguments`)
 are built from it with :func:`core.options.add_options`, so their defaults and help live there.
 """
 
@@ -209,7 +209,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from core.bundle import load_bundle
-    from core.control.calibration import CalibrationArguments, calibrate, format_report
+    from core.control.arguments import CalibrationArguments
+    from core.control.calibration import calibrate, format_report
     from core.control.controls import save_controls
     from core.control.formats import load_task
     from core.errors import ControlsError

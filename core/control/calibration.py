@@ -35,48 +35,17 @@ import torch
 import torch.nn.functional as F
 
 from core.bundle import Bundle
+from core.control.arguments import CalibrationArguments
 from core.control.controls import Controls, control_kwargs
 from core.control.formats import TaskItem
-from core.errors import ArgumentError, TaskError
+from core.errors import TaskError
 from core.model.head import gained, mix_values
-from core.options import check_fields, option
 
 logger = logging.getLogger(__name__)
 
 CHANGED_TOLERANCE = 1e-3  # |g - 1| above this counts as a changed gain
 MOVED_SHOWN = 10  # prototypes listed in CalibrationResult.moved
 EXAMPLES_PER_PROTOTYPE = 3
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-@dataclass
-class CalibrationArguments:
-    """How :func:`calibrate` fits a controller's gains (kept in ``CalibrationResult.settings``)."""
-
-    holdout: float = option(0.3, "fraction of items kept for held-out accuracy")
-    penalty: float = option(0.01, "L1 weight pulling every gain towards 1 (larger: fewer, smaller changes)", minimum=0)
-    steps: int = option(150, "optimisation steps (minibatches of --batch-items items)", minimum=1)
-    lr: float = option(0.05, "Adam learning rate on the gains", exclusive_minimum=0)
-    tau: float = option(0.1, "temperature of the softmax over choice scores", exclusive_minimum=0)
-    batch_items: int = option(64, "task items per optimisation step", minimum=1)
-    dev: float = option(
-        0.0,
-        "fraction of the calibration items held back to pick the best step (early "
-        "stopping); 0 fits on all of them and keeps the last step",
-    )
-    seed: int = option(0, "split and minibatch seed")
-
-    def __post_init__(self) -> None:
-        if _is_number(self.holdout) and not 0 < self.holdout < 1:
-            raise ArgumentError(f"holdout must be a fraction between 0 and 1, got {self.holdout}")
-        if _is_number(self.dev) and not 0 <= self.dev < 1:
-            raise ArgumentError(f"dev must be a fraction in [0, 1), got {self.dev}")
-        if _is_number(self.steps) and _is_number(self.batch_items) and (self.steps < 1 or self.batch_items < 1):
-            raise ArgumentError(f"steps and batch_items must be >= 1, got {self.steps} and {self.batch_items}")
-        check_fields(self, ArgumentError)
 
 
 @dataclass
