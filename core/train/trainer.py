@@ -91,7 +91,7 @@ PRESETS: dict[str, Preset] = {
         eval_sequences=64,
     ),
     # The shipped demo model: ~5.6M parameters, 1,024 prototypes, k = 64, trained with the
-    # straight-through router gradient (README, "The demo model, measured": k = 64 and this
+    # straight-through router gradient (docs/benchmarks.md and docs/history.md: k = 64 and this
     # gradient bring validation loss within 4% of the dense twin; k = 32 stayed 8% behind).
     "demo": Preset(
         hidden_size=256,

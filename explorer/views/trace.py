@@ -195,7 +195,13 @@ with right:
         },
     )
 
-st.markdown(f"**Training examples behind this token** ({result.method})")
+st.markdown(f"**Training examples behind this token** ({result.method}; scores: {result.measurement})")
+if result.method == "neighbourhood":
+    st.caption(
+        "Exemplars of the active prototypes: what each prototype stands for, not which training "
+        "document taught the model this token. Influence and verbatim-span attribution need the "
+        "bundle's influence store and span index (`prism index`)."
+    )
 examples = result.token_examples[i][:EXAMPLES_SHOWN]
 if not examples:
     st.caption("No training examples were credited for this token.")
@@ -206,7 +212,8 @@ for rank, e in enumerate(examples, start=1):
         f"score {e.score:.3f} · {state.escape(e.source)} · {state.escape(e.doc_id)}<br>"
         f"{state.marked_snippet(e.snippet, e.highlight_start, e.highlight_end)}</div>"
     )
-    b.button(f"card #{e.prototype}", key=f"trace_example_card_{rank}", on_click=_open_card, args=(e.prototype,))
+    if e.prototype >= 0:  # verbatim-span examples come from no prototype
+        b.button(f"card #{e.prototype}", key=f"trace_example_card_{rank}", on_click=_open_card, args=(e.prototype,))
 
 card = st.session_state.get(state.CARD)
 if card is not None:
