@@ -71,6 +71,7 @@ def run_record(opts: TrainOptions, corpus: Corpus, tokenizer) -> dict:
         "dense": opts.dense,
         "seed": opts.seed,
         "overrides": {key: opts.overrides[key] for key in sorted(opts.overrides)},
+        "backbone": str(Path(opts.backbone).resolve()) if opts.backbone else None,
     }
 
 
@@ -101,6 +102,7 @@ def check_resume(checkpoint_dir: Path, run: dict) -> None:
         "dense": "another model kind (dense or PRISM)",
         "seed": "another seed",
         "overrides": "other model settings",
+        "backbone": "another backbone",
     }
     for key, what in names.items():
         if recorded.get(key) != run[key]:

@@ -1,32 +1,46 @@
 """Training of PRISM models and their dense twins through the transformers Trainer.
 
-The Trainer brings checkpoints, resume, mixed precision, gradient accumulation and multi-GPU;
-this module adds the prototype loss terms, their logging, dead-prototype re-seeding,
-checkpoints marked complete only once fully written, and the bundle written at the end.
+The Trainer brings checkpoints, resume, mixed precision, gradient accumulation and multi-GPU
+(torchrun / accelerate launch: DDP); this module adds the prototype loss terms, their logging,
+dead-prototype re-seeding and a frozen-backbone start (core/train/callbacks.py), checkpoints
+marked complete only once fully written, the start from a pretrained decoder
+(core/train/backbone.py), and the bundle written at the end by rank 0. docs/training.md says
+what keeps several ranks identical.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import (
+    PreTrainedConfig,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 
-from core import store
+from core import distributed, store
 from core.bundle import write_bundle
 from core.data.corpus import Corpus, datasets_progress, load_corpus, pack, token_counts_by_source, train_tokenizer
+from core.device import Dtype, dtype_name, resolve_dtype
 from core.errors import BundleError, TrainingError
 from core.model import losses
 from core.model.config import PrismConfig
-from core.model.head import active_prototypes, prototype_scores, prototype_weights
 from core.model.modeling import PrismForCausalLM
 from core.options import check_fields, option
+from core.train.backbone import load_backbone_weights, read_backbone_config
+from core.train.callbacks import FreezeBackbone, ReseedCallback, StopAfter
 from core.train.checkpoints import (  # noqa: F401 (latest_checkpoint, remove_checkpoints: public here too)
     COMPLETE_MARKER,
     check_output_folder,
@@ -36,99 +50,15 @@ from core.train.checkpoints import (  # noqa: F401 (latest_checkpoint, remove_ch
     run_record,
     start_run,
 )
+from core.train.presets import PRESETS, Preset, PresetName  # noqa: F401 (public here too)
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Preset:
-    """Model size and training schedule of a named preset.
-
-    Attributes:
-        hidden_size, num_layers, num_heads, intermediate_size: the Llama-style backbone.
-        seq_len: tokens per training sequence (also the model's context).
-        vocab_size: size of the BPE vocabulary trained on the corpus.
-        num_prototypes, top_k: P prototypes, k of them active per token.
-        batch_size, learning_rate, max_steps, warmup_steps: the optimisation schedule.
-        save_steps: steps between checkpoints.
-        eval_sequences: validation sequences scored at the end.
-        router_gradient: PrismConfig.router_gradient ("active" or "all").
-    """
-
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    seq_len: int
-    vocab_size: int
-    num_prototypes: int
-    top_k: int
-    batch_size: int
-    learning_rate: float
-    max_steps: int
-    warmup_steps: int
-    save_steps: int
-    eval_sequences: int
-    router_gradient: str = "active"
+# Tests of distributed training: when set, every rank writes rank-<r>.json there at the end of
+# train() (its parameters' sha256 and the tokens it trained on), to compare ranks honestly.
+RANK_REPORT_ENV = "PRISM_RANK_REPORT_DIR"
 
 
-PRESETS: dict[str, Preset] = {
-    # Trains in well under a minute on 2 CPU cores; used by the tests.
-    "tiny": Preset(
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=128,
-        seq_len=64,
-        vocab_size=512,
-        num_prototypes=64,
-        top_k=8,
-        batch_size=8,
-        learning_rate=3e-3,
-        max_steps=200,
-        warmup_steps=20,
-        save_steps=50,
-        eval_sequences=64,
-    ),
-    # The shipped demo model: ~5.6M parameters, 1,024 prototypes, k = 64, trained with the
-    # straight-through router gradient (docs/benchmarks.md and docs/history.md: k = 64 and this
-    # gradient bring validation loss within 4% of the dense twin; k = 32 stayed 8% behind).
-    "demo": Preset(
-        hidden_size=256,
-        num_layers=4,
-        num_heads=4,
-        intermediate_size=640,
-        seq_len=256,
-        vocab_size=8192,
-        num_prototypes=1024,
-        top_k=64,
-        batch_size=16,
-        learning_rate=2e-3,
-        max_steps=1400,
-        warmup_steps=100,
-        save_steps=200,
-        eval_sequences=256,
-        router_gradient="all",
-    ),
-    # For GPU users.
-    "small": Preset(
-        hidden_size=512,
-        num_layers=8,
-        num_heads=8,
-        intermediate_size=1376,
-        seq_len=512,
-        vocab_size=16384,
-        num_prototypes=4096,
-        top_k=8,
-        batch_size=32,
-        learning_rate=1e-3,
-        max_steps=20000,
-        warmup_steps=1000,
-        save_steps=1000,
-        eval_sequences=1024,
-    ),
-}
-PresetName = Literal["tiny", "demo", "small"]  # the keys of PRESETS
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -141,7 +71,21 @@ class TrainOptions:
     preset: PresetName = option("tiny", "model size and schedule")
     dense: bool = option(False, "train the dense twin instead of PRISM")
     max_steps: int | None = option(None, "override the preset's number of steps", minimum=1)
+    batch_size: int | None = option(None, "sequences per device per micro-batch (default: the preset's)", minimum=1)
+    grad_accum: int = option(1, "micro-batches accumulated into each optimiser step", minimum=1)
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, slower)")
+    backbone: str | None = option(
+        None, "start from this local pretrained transformers decoder (a save_pretrained folder with its tokenizer)"
+    )
+    freeze_backbone: int = option(
+        0, "with --backbone: train the prototype head alone for this many steps, then everything", minimum=0
+    )
     device: Device = option("auto", "auto (CUDA when present), cpu or cuda")
+    dtype: Dtype = option(
+        "auto",
+        "mixed precision of the forward and backward passes (the weights stay float32): auto (bfloat16 on "
+        "a CUDA device that supports it, else float32), float32, bfloat16 or float16 (CUDA only)",
+    )
     seed: int = option(0, "seeds model init and data order")
     tokenizer: str | None = option(None, "reuse the tokenizer of this bundle")
     resume: bool = option(False, "continue from the newest complete checkpoint in OUT/checkpoints")
@@ -167,6 +111,12 @@ class TrainOptions:
         if self.max_steps is not None and self.max_steps < 1:
             raise TrainingError(f"max_steps must be >= 1, got {self.max_steps}")
         check_fields(self, TrainingError)
+        if self.dtype == "float16" and resolve_device(self.device) == "cpu":
+            raise TrainingError("--dtype float16 trains on CUDA only; on the CPU use bfloat16 or float32")
+        if self.freeze_backbone and not self.backbone:
+            raise TrainingError("--freeze-backbone needs --backbone (a pretrained decoder to keep frozen)")
+        if self.freeze_backbone and self.dense:
+            raise TrainingError("--freeze-backbone trains the prototype head alone; the dense twin has none")
 
 
 def resolve_device(device: Device) -> str:
@@ -174,6 +124,25 @@ def resolve_device(device: Device) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def sequence_length(preset: Preset, backbone: PreTrainedConfig | None = None) -> int:
+    """Tokens per training sequence: the preset's, within a pretrained backbone's context."""
+    context = getattr(backbone, "max_position_embeddings", None) if backbone is not None else None
+    return min(preset.seq_len, context) if context else preset.seq_len
+
+
+def build_backbone_config(backbone: PreTrainedConfig, preset: Preset, dense: bool, **overrides) -> PrismConfig:
+    """PrismConfig around a pretrained decoder's config; the preset sizes the head and the sequences."""
+    fields = dict(
+        num_prototypes=preset.num_prototypes,
+        prototype_top_k=preset.top_k,
+        dense=dense,
+        router_gradient=preset.router_gradient,
+        sequence_length=sequence_length(preset, backbone),
+        tie_word_embeddings=bool(getattr(backbone, "tie_word_embeddings", True)),
+    )
+    return PrismConfig(text_config=backbone.to_dict(), **{**fields, **overrides})
 
 
 def build_config(preset: Preset, vocab_size: int, eos_id: int, dense: bool, **overrides) -> PrismConfig:
@@ -197,6 +166,7 @@ def build_config(preset: Preset, vocab_size: int, eos_id: int, dense: bool, **ov
         prototype_top_k=preset.top_k,
         dense=dense,
         router_gradient=preset.router_gradient,
+        sequence_length=preset.seq_len,
     )
     return PrismConfig(text_config=text_config, **{**fields, **overrides})
 
@@ -218,26 +188,36 @@ class PrismTrainer(Trainer):
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
         self.reseed_candidates: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rank_tokens = 0  # tokens this rank trained on in this run
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
+        # Under DDP or nn.DataParallel `model` is a wrapper: the config lives on the model inside.
+        config = self.accelerator.unwrap_model(model).config
         out = model(input_ids=inputs["input_ids"], labels=labels)
         loss = out.loss
         terms = {"ce": out.loss.detach()}
         if out.aux_losses:
-            loss = losses.total_loss(out.loss, out.aux_losses, model.config)
+            loss = losses.total_loss(out.loss, out.aux_losses, config)
             terms.update({k: v.detach() for k, v in out.aux_losses.items()})
             # Kept for the re-seeding callback: this batch's hidden states and next tokens.
             self.reseed_candidates = (out.head_hidden[:, :-1].detach(), labels[:, 1:])
         for name, value in terms.items():
-            self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value)
+            # nn.DataParallel gathers one value per GPU: their mean is the batch's.
+            self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value.float().mean())
         self._term_count += 1
+        self.rank_tokens += inputs["input_ids"].numel()
         return (loss, out) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._term_count and "loss" in logs:
-            for name, total in self._term_sums.items():
-                logs[f"loss_{name}"] = round(total / self._term_count, 4)
+            # Every rank logs at the same steps: report the mean over ranks, as the Trainer does for "loss".
+            names = sorted(self._term_sums)
+            device = self.args.device
+            means = torch.tensor([self._term_sums[n] / self._term_count for n in names], device=device)
+            means = distributed.all_reduce_sum(means.double()) / distributed.world_size()
+            for name, mean in zip(names, means.tolist(), strict=True):
+                logs[f"loss_{name}"] = round(mean, 4)
             self._term_sums, self._term_count = {}, 0
         super().log(logs, start_time)
 
@@ -245,58 +225,12 @@ class PrismTrainer(Trainer):
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         # The Trainer writes into an existing folder without clearing it: drop an old marker
         # first, so that it never vouches for half-written files.
-        (folder / COMPLETE_MARKER).unlink(missing_ok=True)
+        if distributed.is_main():
+            (folder / COMPLETE_MARKER).unlink(missing_ok=True)
         super()._save_checkpoint(model, trial)
-        store.atomic_write(folder / COMPLETE_MARKER, "ok\n")
-
-
-class _ReseedCallback(TrainerCallback):
-    """Every ``reseed_interval`` steps, move prototypes unused since the last check onto the
-    last batch's tokens that are farthest from every prototype.
-
-    A re-seeded key points at its token's hidden state, scaled so that its score on that token
-    equals the token's current k-th best score: it joins that token's active set (and its
-    close neighbours') without taking over others. Its value is the token's current mean
-    active value, so the model's output barely moves until training specialises it.
-    """
-
-    def __init__(self, trainer: PrismTrainer):
-        self.trainer = trainer
-        self.reseeded = 0
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        model = self.trainer.model
-        head = model.prototypes
-        interval = model.config.reseed_interval
-        if head is None or not interval or state.global_step % interval:
-            return
-        with torch.no_grad():
-            dead = (head.usage_window == 0).nonzero().flatten()
-            if len(dead) and self.trainer.reseed_candidates is not None:
-                hidden, _ = self.trainer.reseed_candidates
-                hidden = hidden.reshape(-1, hidden.shape[-1]).to(head.keys.dtype)  # (N, d)
-                scores = prototype_scores(hidden, head.keys)  # (N, P)
-                coverage = head.cosine(hidden, scores).max(dim=-1).values  # (N,)
-                far = coverage.topk(min(len(dead), len(coverage)), largest=False).indices
-                dead = dead[: len(far)]
-                h = hidden[far]  # (n, d)
-                top_ids, top_scores = active_prototypes(scores[far], head.top_k)  # (n, k)
-                kth = top_scores[:, -1:].clamp_min(1e-3)  # (n, 1)
-                head.keys[dead] = h * (kth / h.pow(2).sum(-1, keepdim=True).clamp_min(1e-8))
-                weights = prototype_weights(top_scores)  # (n, k)
-                mean_value = (weights.unsqueeze(-1) * head.values[top_ids]).sum(1) / weights.sum(1, keepdim=True)
-                head.values[dead] = mean_value
-                self.reseeded += len(dead)
-            head.usage_window.zero_()
-
-
-class _StopAfter(TrainerCallback):
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.steps:
-            raise KeyboardInterrupt(f"stopped after {self.steps} steps")
+        distributed.barrier()  # every rank has written its share (its RNG state)
+        if distributed.is_main():
+            store.atomic_write(folder / COMPLETE_MARKER, "ok\n")
 
 
 @torch.no_grad()
@@ -317,25 +251,80 @@ def evaluate_loss(model: PrismForCausalLM, packed, batch_size: int = 16, max_seq
     return total / count
 
 
-def load_or_train_tokenizer(opts: TrainOptions, corpus: Corpus, preset: Preset):
-    """The tokenizer of ``opts.tokenizer`` if given, else one trained on the training split."""
-    if opts.tokenizer:
-        path = Path(opts.tokenizer)
+def load_or_train_tokenizer(opts: TrainOptions, corpus: Corpus, preset: Preset, seq_len: int | None = None):
+    """The tokenizer of ``opts.tokenizer`` if given, else the backbone's, else one trained on the training split."""
+    seq_len = seq_len or preset.seq_len
+    folder, flag = (opts.tokenizer, "--tokenizer") if opts.tokenizer else (opts.backbone, "--backbone")
+    if folder:
+        path = Path(folder)
         if not (path / "tokenizer.json").exists():
-            raise TrainingError(f"--tokenizer {path}: no tokenizer.json there (give a bundle folder)")
+            fix = "give a bundle folder" if opts.tokenizer else "save the decoder's tokenizer there or give --tokenizer"
+            raise TrainingError(f"{flag} {path}: no tokenizer.json there ({fix})")
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
-        tokenizer.model_max_length = preset.seq_len
+        if tokenizer.eos_token_id is None:
+            raise TrainingError(f"{flag} {path}: the tokenizer has no end-of-text token to separate documents")
+        tokenizer.model_max_length = seq_len
         return tokenizer
 
     def texts():
         for start in range(0, len(corpus.train), 1000):
             yield from corpus.train[start : start + 1000]["text"]
 
-    return train_tokenizer(texts(), preset.vocab_size, preset.seq_len)
+    return train_tokenizer(texts(), preset.vocab_size, seq_len)
+
+
+def _prepare_data(opts: TrainOptions, preset: Preset, seq_len: int):
+    """Corpus, tokenizer and packed splits, the same on every rank.
+
+    Rank 0 goes first (it fills the datasets cache that the other ranks then read) and alone
+    trains a new tokenizer, which it sends to the others.
+    """
+    with datasets_progress(opts.progress and distributed.is_main()):
+        with distributed.main_process_first():
+            corpus = load_corpus(opts.corpus)
+        if opts.tokenizer or opts.backbone:
+            tokenizer = load_or_train_tokenizer(opts, corpus, preset, seq_len)
+        else:
+            tokenizer = load_or_train_tokenizer(opts, corpus, preset, seq_len) if distributed.is_main() else None
+            tokenizer = distributed.broadcast_object(tokenizer)
+        with distributed.main_process_first():
+            packed_train = pack(corpus.train, tokenizer, seq_len)
+            packed_val = pack(corpus.validation, tokenizer, seq_len)
+    return corpus, tokenizer, packed_train, packed_val
+
+
+def _build_model(opts: TrainOptions, preset: Preset, tokenizer, backbone: PreTrainedConfig | None) -> PrismForCausalLM:
+    """A new PRISM model (or dense twin): from the preset, or around the pretrained ``backbone``."""
+    if backbone is None:
+        config = build_config(preset, len(tokenizer), tokenizer.eos_token_id, opts.dense, **opts.overrides)
+        return PrismForCausalLM(config)
+    largest = max(tokenizer.get_vocab().values())
+    if largest >= backbone.vocab_size:
+        raise TrainingError(
+            f"--backbone {opts.backbone}: the tokenizer has ids up to {largest} but the decoder's vocabulary has "
+            f"{backbone.vocab_size} entries; give the tokenizer the decoder was trained with"
+        )
+    model = PrismForCausalLM(build_backbone_config(backbone, preset, opts.dense, **opts.overrides))
+    load_backbone_weights(model, opts.backbone)
+    return model
+
+
+def parameters_sha256(model: torch.nn.Module) -> str:
+    """sha256 of every parameter and saved buffer of ``model``, by name: equal iff bitwise equal."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def train(opts: TrainOptions) -> dict:
     """Train a PRISM model (or its dense twin) and write a bundle to ``opts.out``.
+
+    Launched with ``torchrun --nproc_per_node N`` (or ``accelerate launch``), every rank runs
+    this function: the Trainer gives each rank its own share of every batch and averages the
+    gradients (DDP), the prototype re-seeding is decided on rank 0 for all, and rank 0 alone
+    writes the bundle once every rank has finished. Every rank returns the same record.
 
     Returns:
         the training record also written to ``out/training.json``.
@@ -347,33 +336,38 @@ def train(opts: TrainOptions) -> dict:
     preset = PRESETS[opts.preset]
     out = Path(opts.out)
     checkpoint_dir = out / "checkpoints"
+    device = resolve_device(opts.device)
+    distributed.start(cpu=device == "cpu")
     check_output_folder(opts)
     resume_from = None
     if opts.resume:
         resume_from = latest_checkpoint(checkpoint_dir)
         if resume_from is None:
             raise TrainingError(f"--resume: no complete checkpoint under {checkpoint_dir}")
-    device = resolve_device(opts.device)
-    with datasets_progress(opts.progress):
-        corpus = load_corpus(opts.corpus)
-        tokenizer = load_or_train_tokenizer(opts, corpus, preset)
-        run = run_record(opts, corpus, tokenizer)
-        if opts.resume:
-            check_resume(checkpoint_dir, run)
-        packed_train = pack(corpus.train, tokenizer, preset.seq_len)
-        packed_val = pack(corpus.validation, tokenizer, preset.seq_len)
+    distributed.barrier()  # every rank has looked at OUT before rank 0 writes into it
+    backbone = read_backbone_config(opts.backbone) if opts.backbone else None
+    seq_len = sequence_length(preset, backbone)
+    corpus, tokenizer, packed_train, packed_val = _prepare_data(opts, preset, seq_len)
+    run = run_record(opts, corpus, tokenizer)
+    if opts.resume:
+        check_resume(checkpoint_dir, run)
     if len(packed_train) == 0:
-        raise TrainingError(f"corpus {opts.corpus} is shorter than one training sequence ({preset.seq_len} tokens)")
+        raise TrainingError(f"corpus {opts.corpus} is shorter than one training sequence ({seq_len} tokens)")
+    if len(packed_val) == 0:  # found now, on every rank, rather than after training on rank 0 alone
+        raise TrainingError("the validation split is empty after packing; use a larger corpus")
     max_steps = opts.max_steps or preset.max_steps
+    batch_size = opts.batch_size or preset.batch_size
 
     set_seed(opts.seed)
-    config = build_config(preset, len(tokenizer), tokenizer.eos_token_id, opts.dense, **opts.overrides)
-    model = PrismForCausalLM(config)
-    use_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    model = _build_model(opts, preset, tokenizer, backbone)
+    precision = resolve_dtype(opts.dtype, device)  # autocast only: the weights and optimiser stay float32
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
         max_steps=max_steps,
-        per_device_train_batch_size=preset.batch_size,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=opts.grad_accum,
+        activation_checkpointing=opts.gradient_checkpointing,  # transformers 5's name for it
+        activation_checkpointing_kwargs={"use_reentrant": False} if opts.gradient_checkpointing else None,
         learning_rate=preset.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=min(preset.warmup_steps, max_steps // 10),
@@ -387,11 +381,18 @@ def train(opts: TrainOptions) -> dict:
         seed=opts.seed,
         data_seed=opts.seed,
         use_cpu=device == "cpu",
-        bf16=use_bf16,
+        bf16=precision == torch.bfloat16,
+        fp16=precision == torch.float16,
         report_to="none",
         disable_tqdm=not opts.progress,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        # The usage window is summed over ranks by the re-seeding callback; DDP's default
+        # broadcast of buffers would overwrite every rank's counts with rank 0's at each forward.
+        ddp_broadcast_buffers=False,
+        # A frozen backbone takes no gradient for a while: DDP must expect unused parameters.
+        ddp_find_unused_parameters=bool(opts.freeze_backbone),
+        include_num_input_tokens_seen="all",  # summed over ranks by the Trainer
     )
     trainer = PrismTrainer(
         model=model,
@@ -399,51 +400,92 @@ def train(opts: TrainOptions) -> dict:
         train_dataset=packed_train.with_format(columns=["input_ids"]),
         data_collator=_Collator(),
     )
-    reseed = _ReseedCallback(trainer)
+    reseed = ReseedCallback(trainer)
     trainer.add_callback(reseed)
+    if opts.freeze_backbone:
+        trainer.add_callback(FreezeBackbone(trainer, opts.freeze_backbone))
     if opts.stop_after:
-        trainer.add_callback(_StopAfter(opts.stop_after))
-    if not opts.resume:
+        trainer.add_callback(StopAfter(opts.stop_after))
+    if not opts.resume and distributed.is_main():
         start_run(checkpoint_dir, run)
+    distributed.barrier()
     train_start = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    tokens_before = 0
+    if resume_from is not None:
+        tokens_before = _tokens_at(resume_from)
+    with warnings.catch_warnings():
+        # torch deprecates DDP's broadcast_buffers=False for forward_sync_buffers, which the
+        # Trainer cannot pass yet; the behaviour asked for (no buffer sync in forward) is the same.
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.time() - train_start
 
     model = trainer.model
     if model.prototypes is not None:
         model.prototypes.usage_window.zero_()
-    val_loss = evaluate_loss(model, packed_val, max_sequences=preset.eval_sequences)
-    steps_this_run = trainer.state.global_step - (int(resume_from.name.split("-")[-1]) if resume_from else 0)
-    tokens_this_run = steps_this_run * preset.batch_size * preset.seq_len
-    record = {
-        "kind": "dense" if opts.dense else "prism",
-        "preset": opts.preset,
-        "preset_config": asdict(preset),
-        "seed": opts.seed,
-        "device": device,
-        "val_loss": val_loss,
-        "val_perplexity": math.exp(val_loss),
-        "val_tokens": min(len(packed_val), preset.eval_sequences) * (preset.seq_len - 1),
-        "steps": trainer.state.global_step,
-        "train_tokens": trainer.state.global_step * preset.batch_size * preset.seq_len,
-        "train_loss": result.training_loss,
-        "tokens_per_second": tokens_this_run / train_seconds if train_seconds > 0 else None,
-        "wall_seconds": time.time() - t0,
-        "train_seconds": train_seconds,
-        "resumed_from": str(resume_from) if resume_from else None,
-        "reseeded_prototypes": reseed.reseeded,
-        "corpus": str(opts.corpus),
-        "corpus_fingerprint": corpus.fingerprint,
-        "corpus_documents": {"train": len(corpus.train), "validation": len(corpus.validation)},
-        "skipped_rows": corpus.skipped_rows,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "log_history": trainer.state.log_history,
+    _report_rank(model, trainer.rank_tokens)
+    distributed.barrier()  # every rank has finished training before rank 0 writes the bundle
+    record = None
+    if distributed.is_main():
+        val_loss = evaluate_loss(model, packed_val, max_sequences=preset.eval_sequences)
+        train_tokens = int(trainer.state.num_input_tokens_seen)  # every rank's, every micro-batch
+        record = {
+            "kind": "dense" if opts.dense else "prism",
+            "preset": opts.preset,
+            "preset_config": asdict(preset),
+            "backbone": str(opts.backbone) if opts.backbone else None,
+            "freeze_backbone_steps": opts.freeze_backbone,
+            "seed": opts.seed,
+            "device": device,
+            "dtype": dtype_name(precision),
+            "world_size": distributed.world_size(),
+            "batch_size": batch_size,
+            "grad_accum": opts.grad_accum,
+            "sequence_length": seq_len,
+            "val_loss": val_loss,
+            "val_perplexity": math.exp(val_loss),
+            "val_tokens": min(len(packed_val), preset.eval_sequences) * (seq_len - 1),
+            "steps": trainer.state.global_step,
+            "train_tokens": train_tokens,
+            "train_loss": result.training_loss,
+            "tokens_per_second": (train_tokens - tokens_before) / train_seconds if train_seconds > 0 else None,
+            "wall_seconds": time.time() - t0,
+            "train_seconds": train_seconds,
+            "resumed_from": str(resume_from) if resume_from else None,
+            "reseeded_prototypes": reseed.reseeded,
+            "corpus": str(opts.corpus),
+            "corpus_fingerprint": corpus.fingerprint,
+            "corpus_documents": {"train": len(corpus.train), "validation": len(corpus.validation)},
+            "skipped_rows": corpus.skipped_rows,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "log_history": trainer.state.log_history,
+        }
+        if not opts.dense:
+            record["corpus_tokens_by_source"] = token_counts_by_source(corpus.train, tokenizer)
+        model.to("cpu")
+        write_bundle(out, model, tokenizer, record, keep_index=False)  # an index of the old weights goes with them
+    return distributed.broadcast_object(record)  # after rank 0 wrote the bundle
+
+
+def _tokens_at(checkpoint: Path) -> int:
+    """Training tokens (all ranks) that a checkpoint's trainer state counts."""
+    state = store.read_json(checkpoint / "trainer_state.json", "the trainer state", error=TrainingError)
+    return int(state.get("num_input_tokens_seen") or 0) if isinstance(state, dict) else 0
+
+
+def _report_rank(model: torch.nn.Module, tokens: int) -> None:
+    """With $PRISM_RANK_REPORT_DIR set (tests), write this rank's parameter hash and token count."""
+    folder = os.environ.get(RANK_REPORT_ENV)
+    if not folder:
+        return
+    report = {
+        "rank": distributed.rank(),
+        "world_size": distributed.world_size(),
+        "parameters_sha256": parameters_sha256(model),
+        "tokens": tokens,
     }
-    if not opts.dense:
-        record["corpus_tokens_by_source"] = token_counts_by_source(corpus.train, tokenizer)
-    model.to("cpu")
-    write_bundle(out, model, tokenizer, record, keep_index=False)  # an index of the old weights goes with them
-    return record
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    store.write_json(Path(folder) / f"rank-{distributed.rank()}.json", report)
 
 
 def record_twin(bundle: str | Path, twin_record: dict) -> dict:

@@ -35,7 +35,7 @@ def test_tiny_preset_trains_and_loss_falls(tiny_bundle):
 
 
 def test_same_seed_same_model_and_resume_matches(tmp_path, small_corpus):
-    common = dict(corpus=str(small_corpus), preset="tiny", max_steps=40, save_steps=25, progress=False)
+    common = dict(corpus=str(small_corpus), preset="tiny", max_steps=40, save_steps=25, device="cpu", progress=False)
     straight = tmp_path / "straight"
     train(TrainOptions(out=str(straight), **common))
     again = tmp_path / "again"
