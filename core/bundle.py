@@ -7,36 +7,49 @@ layer silently re-initialised or dropped), the weights must be finite, the token
 fit the model's vocabulary and the generation config must not ask for absurd work. Writing
 builds the whole bundle in a sibling folder and swaps it in with renames, so an interrupted
 write leaves the previous bundle as it was.
+
+A bundle also holds the model's code (config.py, modeling.py, head.py, losses.py, copied from
+core/model/ by save_pretrained) and an ``auto_map`` in config.json, so that
+``AutoModelForCausalLM.from_pretrained(bundle, trust_remote_code=True)`` loads it in a process
+that never imports core. :func:`load_bundle` never runs that copied code: it builds the model
+from core's own classes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from core import store
+from core.device import dtype_name, resolve_device, resolve_dtype
 from core.errors import ArtifactError, BundleError, PrismError
 from core.model.config import PrismConfig
 from core.model.modeling import PrismForCausalLM
 
 logger = logging.getLogger(__name__)
 
-MAX_SHARD_SIZE = "8MB"  # keeps every committed file small; transformers reassembles shards
+MAX_SHARD_SIZE = "5GB"  # the Hub's usual shard size: a small model is one file, a large one a few
 WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json")
 # The files that define what the weights compute. The fingerprint is the weights' hash while
 # these are the ones written with the weights (their sha256 are kept in training.json).
 DEFINITION_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+# The model's code, copied into every bundle for trust_remote_code loading (auto_map in config.json).
+CODE_FILES = ("config.py", "modeling.py", "head.py", "losses.py")
 # Files a bundle write replaces; anything else in the folder (index/, checkpoints/, a README)
 # is carried over to the new bundle.
-BUNDLE_FILES = (*DEFINITION_FILES, "special_tokens_map.json", "chat_template.jinja", "training.json")
+BUNDLE_FILES = (*DEFINITION_FILES, *CODE_FILES, "special_tokens_map.json", "chat_template.jinja", "training.json")
+# Where weight digests are remembered between processes (see :func:`model_fingerprint`).
+CACHE_ENV = "PRISM_CACHE_DIR"
 # Upper bounds for settings a bundle's generation_config.json may carry (each multiplies the work).
 GENERATION_LIMITS = {"num_beams": 8, "num_beam_groups": 8, "num_return_sequences": 8}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -63,6 +76,16 @@ class Bundle:
     @property
     def is_prism(self) -> bool:
         return self.model.prototypes is not None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters live."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> str:
+        """The model's parameter dtype, e.g. ``"bfloat16"`` (slices are float32 whatever it is)."""
+        return dtype_name(next(self.model.parameters()).dtype)
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -94,18 +117,21 @@ def model_fingerprint(path: str | Path) -> str:
 
     It is the hash of the weight files (read in blocks, regular files only) as long as the
     config, tokenizer and generation config are the ones written with those weights (their
-    hashes in training.json); after an edit to any of them it covers their contents too, so
-    that artifacts made before the edit are refused. Bundles written before these hashes were
-    recorded are fingerprinted by their weights alone.
+    hashes in training.json); after an edit to any of them it is the hash of the weights' hash
+    and their contents, so that artifacts made before the edit are refused. Bundles written
+    before these hashes were recorded are fingerprinted by their weights alone.
+
+    The weights are hashed once per version of their files: the digest is remembered (in this
+    process and in ``$PRISM_CACHE_DIR`` or ``~/.cache/prism``) under each file's device, inode,
+    size and modification time, and :func:`write_bundle` records it for the files it writes, so
+    loading a large model does not read every weight file twice. Any rewrite of a weight file
+    changes its inode or modification time, and the weights are hashed again.
 
     Raises:
         BundleError: a weight file is not a regular file, or training.json is unreadable.
     """
     p = Path(path)
-    digest = hashlib.sha256()
-    for f in weight_files(p):
-        if f.suffix == ".safetensors":
-            _sha256(f, digest)
+    weights = _weights_digest(p)
     recorded = None
     if (p / "training.json").exists():
         training = store.read_json(p / "training.json", "the training record", error=BundleError)
@@ -113,9 +139,91 @@ def model_fingerprint(path: str | Path) -> str:
     if recorded is not None:
         current = definition_hashes(p)
         if current != recorded:
+            digest = hashlib.sha256(weights.encode())
             for name in sorted(current):
-                digest.update(f"{name}\0{current[name]}\0".encode())
-    return digest.hexdigest()[:16]
+                digest.update(f"\0{name}\0{current[name]}".encode())
+            return digest.hexdigest()[:16]
+    return weights[:16]
+
+
+def _weight_stats(p: Path) -> tuple[tuple, ...]:
+    """(name, device, inode, size, mtime_ns) of each safetensors weight file: the key of its digest."""
+    stats = []
+    for f in weight_files(p):
+        if f.suffix == ".safetensors":
+            st = f.stat()
+            stats.append((f.name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(stats)
+
+
+_digests: dict[str, str] = {}  # key -> sha256 of the weight files, for this process
+_digests_lock = threading.Lock()
+_CACHED_DIGESTS = 256  # entries kept in the cache file
+
+
+def _cache_file() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "prism"
+    )
+    return Path(root) / "weight-digests.json"
+
+
+def _digest_key(p: Path, stats: tuple[tuple, ...]) -> str:
+    return hashlib.sha256(json.dumps([str(p.resolve()), stats]).encode()).hexdigest()
+
+
+def _weights_digest(p: Path, persist: bool = True) -> str:
+    """The sha256 (hex) of the bundle's safetensors files in order, hashed once per file version.
+
+    Args:
+        persist: also remember it in the cache file (False for a staging folder about to be renamed).
+    """
+    try:
+        stats = _weight_stats(p)
+    except OSError as err:
+        raise BundleError(f"the weights of {p} cannot be read ({err}); copy the bundle again") from None
+    key = _digest_key(p, stats)
+    with _digests_lock:
+        if key in _digests:
+            return _digests[key]
+    stored = _read_digest_cache().get(key)
+    if isinstance(stored, str):
+        with _digests_lock:
+            _digests[key] = stored
+        return stored
+    digest = hashlib.sha256()
+    for f in weight_files(p):
+        if f.suffix == ".safetensors":
+            _sha256(f, digest)
+    value = digest.hexdigest()
+    if _weight_stats(p) == stats:  # not rewritten while it was read
+        _remember_digest(key, value, persist)
+    return value
+
+
+def _read_digest_cache() -> dict:
+    try:
+        data = json.loads(_cache_file().read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remember_digest(key: str, value: str, persist: bool = True) -> None:
+    """Keep a digest in this process and, when the cache folder is writable, for later ones."""
+    with _digests_lock:
+        _digests[key] = value
+        if not persist:
+            return
+        cache = _read_digest_cache()
+        cache.pop(key, None)
+        cache[key] = value
+        kept = dict(list(cache.items())[-_CACHED_DIGESTS:])
+        try:
+            _cache_file().parent.mkdir(parents=True, exist_ok=True)
+            store.write_json(_cache_file(), kept)
+        except OSError:  # a read-only home: the digest is still kept for this process
+            logger.debug("cannot write the weight digest cache %s", _cache_file())
 
 
 def write_bundle(
@@ -142,12 +250,13 @@ def write_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
-        model.save_pretrained(staging, max_shard_size=MAX_SHARD_SIZE)
+        model.save_pretrained(staging, max_shard_size=MAX_SHARD_SIZE)  # with the code files and auto_map
         # A tokenizer loaded from a folder carries that load's options (transformers 5); a bundle
         # keeps only the tokenizer's own settings.
         for option in ("is_local", "local_files_only"):
             tokenizer.init_kwargs.pop(option, None)
         tokenizer.save_pretrained(staging)
+        digest = _weights_digest(staging, persist=False)
         training = {
             **training,
             "model_fingerprint": model_fingerprint(staging),
@@ -158,6 +267,59 @@ def write_bundle(
         _swap_in(staging, out, keep_index)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    # Renames keep each file's inode and modification time: record the digest under the final
+    # paths, so that the first load of the new bundle does not hash its weights again.
+    _remember_digest(_digest_key(out, _weight_stats(out)), digest)
+
+
+AUTO_MAP = {"AutoConfig": "config.PrismConfig", "AutoModelForCausalLM": "modeling.PrismForCausalLM"}
+
+
+def add_remote_code(path: str | Path) -> list[str]:
+    """Give a bundle written before bundles carried their code the model's code and ``auto_map``.
+
+    Copies core/model/{config,modeling,head,losses}.py into the bundle and adds ``auto_map`` to
+    its config.json (nothing else in it changes); the weights are not touched, and when
+    training.json records the config's hash (see :func:`model_fingerprint`) the record follows
+    the edit, so the fingerprint, and every index, label file and control made for the bundle,
+    stay valid.
+
+    Returns:
+        the files written.
+
+    Raises:
+        BundleError: not a PRISM bundle, or one whose config was edited since it was written.
+    """
+    p = Path(path)
+    fix = f"restore the file written with the bundle or retrain it with `prism train --out {p}`"
+    data = store.read_json(p / "config.json", "the model config", fix, error=BundleError)
+    if not isinstance(data, dict) or data.get("model_type") != "prism":
+        raise BundleError(f"{p} is not a PRISM bundle: its config.json has no model_type 'prism'")
+    before = model_fingerprint(p)
+    training_path = p / "training.json"
+    training = (
+        store.read_json(training_path, "the training record", fix, error=BundleError) if training_path.exists() else {}
+    )
+    recorded = training.get("definition_sha256") if isinstance(training, dict) else None
+    if recorded is not None and recorded != definition_hashes(p):
+        raise BundleError(
+            f"{p}: config, tokenizer or generation config were edited since the bundle was written; {fix}"
+        )
+    source = Path(__file__).resolve().parent / "model"
+    written = []
+    for name in CODE_FILES:
+        store.atomic_write(p / name, (source / name).read_bytes())
+        written.append(name)
+    data["auto_map"] = dict(AUTO_MAP)
+    store.atomic_write(p / "config.json", json.dumps(data, indent=2, sort_keys=True) + "\n")
+    written.append("config.json")
+    if recorded is not None:
+        training["definition_sha256"] = definition_hashes(p)
+        store.write_json(training_path, training, indent=2)
+        written.append("training.json")
+    if model_fingerprint(p) != before:  # an internal invariant: the weights and their meaning did not change
+        raise BundleError(f"{p}: adding the code changed the model fingerprint; restore the bundle from a copy")
+    return written
 
 
 def _swap_in(staging: Path, out: Path, keep_index: bool) -> None:
@@ -189,16 +351,25 @@ def _swap_in(staging: Path, out: Path, keep_index: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
+def load_bundle(path: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32") -> Bundle:
     """Load a bundle for inference, after checking that its files agree with each other.
 
+    Args:
+        path: the bundle folder.
+        device: ``cpu``, ``cuda``, a torch device string (``cuda:1``) or ``auto`` (CUDA when present).
+        dtype: the parameters' dtype: ``float32``, ``bfloat16``, ``float16``, ``auto`` (see
+            :func:`core.device.resolve_dtype`) or a torch dtype. Slices are float32 whatever it is.
+
     Raises:
+        ArgumentError: an unknown device or dtype, or ``cuda`` without a CUDA device.
         BundleError: the folder is missing or is not a PRISM bundle; a file is unreadable; the
-            config does not describe the weights; the weights are not finite; the tokenizer
-            does not fit the model; the generation config asks for absurd settings.
+            config does not describe the weights; the weights are not finite (in ``dtype``); the
+            tokenizer does not fit the model; the generation config asks for absurd settings.
     """
     from transformers import PreTrainedTokenizerFast
 
+    device = resolve_device(device) if str(device) in ("auto", "cpu", "cuda") else str(device)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     p = Path(path)
     if not p.is_dir():
         raise BundleError(f"model folder not found: {p}")
@@ -223,7 +394,7 @@ def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
         raise BundleError(f"the tokenizer {p / 'tokenizer.json'} cannot be read ({_first_line(err)}); {fix}") from None
     _check_tokenizer(p, tokenizer, config)
     try:
-        model = PrismForCausalLM.from_pretrained(str(p), config=config, use_safetensors=True, dtype=torch.float32)
+        model = PrismForCausalLM.from_pretrained(str(p), config=config, use_safetensors=True, dtype=torch_dtype)
     except (OSError, RuntimeError, ValueError) as err:
         if isinstance(err, PrismError):
             raise
@@ -340,6 +511,11 @@ def _check_tokenizer(p: Path, tokenizer, config: PrismConfig) -> None:
 def _check_finite(p: Path, model: PrismForCausalLM) -> None:
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if tensor.dtype == torch.float16:
+                raise BundleError(
+                    f"the weights of {p} do not fit float16 (in {name}, values beyond +-65504); "
+                    "load them with --dtype bfloat16 or float32"
+                )
             raise BundleError(
                 f"the weights of {p} hold NaN or infinite values (in {name}): the model is broken; "
                 f"retrain it with `prism train --out {p}` or restore a copy"

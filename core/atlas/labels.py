@@ -188,12 +188,15 @@ def _label_one(
     )
 
 
-def build_labels(bundle_dir: str | Path, *, progress: bool = True) -> list[PrototypeLabel]:
+def build_labels(
+    bundle_dir: str | Path, *, progress: bool = True, device: str = "cpu", dtype: str = "float32"
+) -> list[PrototypeLabel]:
     """Label every prototype of an indexed bundle and write ``index/labels.json``.
 
     Args:
         bundle_dir: a PRISM bundle with an index (``prism index``).
         progress: show a progress bar for the forward pass over the neighbours.
+        device, dtype: where and in what precision that pass runs (see :func:`core.bundle.load_bundle`).
 
     Returns:
         one label per prototype, in id order.
@@ -204,7 +207,7 @@ def build_labels(bundle_dir: str | Path, *, progress: bool = True) -> list[Proto
     t0 = time.time()
     bundle_dir = Path(bundle_dir)
     index = load_index(bundle_dir)
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, device=device, dtype=dtype)
     tokenizer = bundle.tokenizer
     rows = _neighbour_rows(index)
     sources = [index.documents[int(d)]["source"] for d in index.positions["document"]]

@@ -16,7 +16,7 @@ from core.attribution.records import Alternative, Decomposition, PrototypeSlice,
 from core.bundle import Bundle
 from core.control.controls import Controls, control_kwargs
 from core.errors import ArgumentError
-from core.model.head import prototype_scores, prototype_slices
+from core.model.head import at_least_float32, prototype_scores, prototype_slices, token_logits
 
 
 def _check_text(name: str, text: str | None) -> None:
@@ -143,23 +143,29 @@ def decompose_with_tensors(
     out = model(input_ids=ids[:, :-1], return_prototypes=True, logits_to_keep=n, **kwargs)
     logits = out.logits[0].float()  # (n, V)
     active = out.prototype_ids[0]  # (n, k)
-    weights = out.prototype_weights[0]  # (n, k)
-    hidden = out.head_hidden[0]  # (n, d)
-    scores = prototype_scores(hidden, model.prototypes.keys)  # (n, P)
-    cosines = model.prototypes.cosine(hidden, scores).gather(1, active)  # (n, k)
+    # float32 from here on (float64 for a float64 model), whatever the model's dtype
+    weights = at_least_float32(out.prototype_weights[0])  # (n, k)
+    hidden = at_least_float32(out.head_hidden[0])  # (n, d)
+    keys = at_least_float32(model.prototypes.keys)  # (P, d)
+    scores = prototype_scores(hidden, keys)  # (n, P)
+    norms = hidden.norm(dim=-1, keepdim=True) * keys.norm(dim=-1)  # (n, P)
+    cosines = (scores / norms.clamp_min(1e-8)).gather(1, active)  # (n, k), as PrototypeHead.cosine
     targets = torch.tensor(completion_ids, device=device)  # (n,)
     n_alt = min(top_alternatives, logits.shape[-1] - 1)
     ranked = logits.topk(n_alt + 1, dim=-1).indices  # (n, n_alt + 1)
     alternatives = torch.stack([row[row != t][:n_alt] for row, t in zip(ranked, targets, strict=True)])  # (n, n_alt)
     token_ids = torch.cat([targets[:, None], alternatives], dim=1)  # (n, 1 + n_alt)
-    # (n, 1 + n_alt, k): slices of the chosen token, then of each alternative
+    # (n, 1 + n_alt, k): slices of the chosen token, then of each alternative; float32 whatever
+    # the model's dtype, like the logits they are reported with (a bfloat16 forward pass rounds
+    # its logits to 8 bits of mantissa; these are the same logits without that rounding).
     slices = prototype_slices(active, weights, model.prototypes.values, model.unembedding, token_ids)
+    reported = token_logits(active, weights, model.prototypes.values, model.unembedding, token_ids)  # (n, 1 + n_alt)
     probs = logits.softmax(-1)  # (n, V)
     # Python lists once: element-wise float() on tensors costs more than the forward pass.
     order = slices[:, 0].argsort(dim=-1, descending=True)  # (n, k) strongest slice first
     active_l, weights_l, cosines_l = (t.gather(1, order).tolist() for t in (active, weights, cosines))
     slices_l = slices.gather(2, order[:, None, :].expand_as(slices)).tolist()  # (n, 1 + n_alt, k)
-    token_logits = logits.gather(1, token_ids).tolist()  # (n, 1 + n_alt)
+    logit_l = reported.tolist()  # (n, 1 + n_alt)
     token_probs = probs.gather(1, token_ids).tolist()
     records = []
     for i in range(n):
@@ -171,7 +177,7 @@ def decompose_with_tensors(
             Alternative(
                 token=tok.decode([a]),
                 token_id=a,
-                logit=token_logits[i][1 + m],
+                logit=logit_l[i][1 + m],
                 probability=token_probs[i][1 + m],
                 slices=slices_l[i][1 + m],
             )
@@ -183,7 +189,7 @@ def decompose_with_tensors(
                 context_tokens=len(prompt_ids) + i,
                 token=tok.decode([completion_ids[i]]),
                 token_id=completion_ids[i],
-                logit=token_logits[i][0],
+                logit=logit_l[i][0],
                 probability=token_probs[i][0],
                 prototypes=chosen,
                 alternatives=alts,
@@ -204,6 +210,9 @@ def decompose_with_tensors(
 @dataclass
 class QueryTensors:
     """What the attribution methods need from the decomposition's forward pass.
+
+    All on the model's device; floating tensors in float32 (float64 for a float64 model)
+    whatever the model's dtype.
 
     Attributes:
         hidden: (n, d) the head's input at each completion position.

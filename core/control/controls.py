@@ -77,16 +77,18 @@ class Controls:
             raise ControlsError(f"at most {num_prototypes - top_k} prototypes can be suppressed")
 
     def tensors(self, num_prototypes: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor | None]:
-        """The per-call model arguments: {"prototype_gains", "suppressed_prototypes"}."""
+        """The per-call model arguments: {"prototype_gains", "suppressed_prototypes"}, on ``device``
+        (the model's): built on the host and copied once, not written entry by entry on a GPU."""
         gains = None
         if any(g != 1.0 for g in self.gains.values()):
-            gains = torch.ones(num_prototypes, device=device)
-            for pid, gain in self.gains.items():
-                gains[pid] = gain
+            gains = torch.ones(num_prototypes)  # (P,) float32
+            gains[list(self.gains)] = torch.tensor(list(self.gains.values()), dtype=torch.float32)
+            gains = gains.to(device)
         mask = None
         if self.suppressed:
-            mask = torch.zeros(num_prototypes, dtype=torch.bool, device=device)
+            mask = torch.zeros(num_prototypes, dtype=torch.bool)  # (P,)
             mask[list(self.suppressed)] = True
+            mask = mask.to(device)
         return {"prototype_gains": gains, "suppressed_prototypes": mask}
 
     def to_json(self) -> dict:

@@ -4,6 +4,9 @@ A PRISM model is a decoder backbone (any transformers decoder, built from ``text
 followed by a prototype head. The head's settings live here; the backbone's settings live in
 the nested ``text_config`` so that ``get_text_config()`` and generation's cache find them.
 
+This file is also copied into every bundle (with modeling.py, head.py and losses.py) for
+``trust_remote_code`` loading, so it imports only transformers and, when it is installed, core.
+
 Field names avoid generation parameter names (``top_k``, ``temperature``): transformers
 refuses to save a config that carries those as model fields. Bad values raise
 :class:`~core.errors.ArgumentError`, a ``ValueError`` as transformers configs raise.
@@ -14,7 +17,10 @@ from __future__ import annotations
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from core.errors import ArgumentError
+try:  # a bundle's copy of this file also runs where core is not installed
+    from core.errors import ArgumentError
+except ImportError:
+    ArgumentError = ValueError
 
 ROUTER_GRADIENTS = ("active", "all")  # the values of PrismConfig.router_gradient
 
@@ -38,6 +44,14 @@ class PrismConfig(PreTrainedConfig):
             estimator also passes the gradient through the softplus mixture of all P
             prototypes, so that the hidden state learns to move towards prototypes outside its
             active set that would help. The forward pass (and every slice) is the same.
+        sequence_length: tokens per packed sequence: training, the index and the influence
+            pass cut the corpus into sequences of this length. Its own field because a
+            pretrained backbone's context (``max_position_embeddings``) is usually longer than
+            the sequences PRISM was trained on; bundles written before it existed read the
+            backbone's ``max_position_embeddings``, which was the same number.
+        tie_word_embeddings: True: the unembedding E is the backbone's input embedding;
+            False: a separate output matrix E (``lm_head``), e.g. from an untied pretrained
+            decoder. Either way the logits are E z with no bias.
     """
 
     model_type = "prism"
@@ -56,7 +70,24 @@ class PrismConfig(PreTrainedConfig):
     balance_weight: float = 0.1
     reseed_interval: int = 100
     router_gradient: str = "active"
+    sequence_length: int | None = None
     tie_word_embeddings: bool = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> PrismConfig:
+        """Load a PRISM config; a folder holding another model's config is refused.
+
+        Raises:
+            ArgumentError: the config's ``model_type`` is not ``prism`` (a plain Llama folder, say).
+        """
+        data, _ = cls.get_config_dict(pretrained_model_name_or_path, **dict(kwargs))
+        found = data.get("model_type")
+        if found != cls.model_type:
+            raise ArgumentError(
+                f"{pretrained_model_name_or_path} holds a {found!r} config, not a PRISM one (model_type 'prism'); "
+                "give a PRISM bundle, or start PRISM from that decoder with `prism train --backbone`"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -75,5 +106,9 @@ class PrismConfig(PreTrainedConfig):
             raise ArgumentError(f"router_gradient must be 'active' or 'all', got {self.router_gradient!r}")
         if self.reseed_interval < 0:
             raise ArgumentError(f"reseed_interval must be >= 0, got {self.reseed_interval}")
-        # The tied unembedding is the backbone's input embedding; make the backbone agree.
-        self.text_config.tie_word_embeddings = True
+        if self.sequence_length is None:
+            self.sequence_length = getattr(self.text_config, "max_position_embeddings", None)
+        if self.sequence_length is None or self.sequence_length < 2:
+            raise ArgumentError(f"sequence_length must be >= 2 tokens, got {self.sequence_length}")
+        # The unembedding is the backbone's input embedding when tied; make the backbone agree.
+        self.text_config.tie_word_embeddings = self.tie_word_embeddings

@@ -79,10 +79,19 @@ def mix_values(ids: torch.Tensor, weights: torch.Tensor, values: torch.Tensor) -
     return F.embedding_bag(ids, values, per_sample_weights=weights.to(values.dtype), mode="sum")
 
 
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32 when it is bfloat16 or float16; float32 and float64 stay as they are."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
 def prototype_slices(
     ids: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, embedding: torch.Tensor, token_ids: torch.Tensor
 ) -> torch.Tensor:
     """slice_j(y) = a_j (E_y . W_j) for the k active prototypes of each position.
+
+    Computed in float32 (float64 for a float64 model) whatever the model's dtype: only the
+    (k + m) rows involved are cast, so a bfloat16 model's slices are exact products of its
+    bfloat16 weights, summed without bfloat16 rounding.
 
     Args:
         ids: (..., k) active prototype ids.
@@ -94,10 +103,33 @@ def prototype_slices(
     Returns:
         (..., m, k) slices; summing over the last axis gives the logits of ``token_ids``.
     """
-    proto_values = values[ids]  # (..., k, d)
-    token_vectors = embedding[token_ids]  # (..., m, d)
+    proto_values = at_least_float32(values[ids])  # (..., k, d)
+    token_vectors = at_least_float32(embedding[token_ids])  # (..., m, d)
     dots = token_vectors @ proto_values.transpose(-1, -2)  # (..., m, k)
-    return dots * weights.unsqueeze(-2)
+    return dots * at_least_float32(weights).unsqueeze(-2)
+
+
+def token_logits(
+    ids: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, embedding: torch.Tensor, token_ids: torch.Tensor
+) -> torch.Tensor:
+    """logit(y) = E_y . z with z = sum_j a_j W_j, in float32 (float64 for a float64 model).
+
+    The same logits as the model's forward pass, computed along another path (mix, then one dot
+    product) and without the model dtype's rounding: the slices of :func:`prototype_slices` sum
+    to these to float32 precision whatever the model's dtype.
+
+    Args:
+        ids, weights: (N, k) active prototypes and their weights.
+        values: (P, d) prototype values W.
+        embedding: (V, d) tied token embedding E.
+        token_ids: (N, m) the tokens y.
+
+    Returns:
+        (N, m) logits.
+    """
+    mixed = mix_values(ids, at_least_float32(weights), at_least_float32(values))  # (N, d)
+    token_vectors = at_least_float32(embedding[token_ids])  # (N, m, d)
+    return (token_vectors @ mixed.unsqueeze(-1)).squeeze(-1)  # (N, m)
 
 
 @dataclass
@@ -151,6 +183,7 @@ class PrototypeHead(nn.Module):
             gains: (P,) non-negative controller gains, or None for all ones.
             suppressed: (P,) bool mask of prototypes that may not be active, or None.
         """
+        hidden = hidden.to(self.keys.dtype)  # a bfloat16 backbone feeds a float32 head (see PrismPreTrainedModel)
         ids, weights, scores = route(hidden, self.keys, self.top_k, gains, suppressed)  # (N, k), (N, k), (N, P)
         if self.training and self.router_gradient == "all" and torch.is_grad_enabled():
             # Straight-through: the value of `mixed` is the sparse mixture, its gradient is

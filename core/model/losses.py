@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from core.model.config import PrismConfig
-    from core.model.head import PrototypeHead
+if TYPE_CHECKING:  # relative: a bundle's copy of this file runs without core
+    from .config import PrismConfig
+    from .head import PrototypeHead
 
 ANCHOR_BANK_SIZE = 1024  # hidden states per batch that keys are anchored to
 TOKEN_SAMPLE = 2048  # tokens per batch for the cluster and balance terms

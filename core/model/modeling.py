@@ -6,6 +6,10 @@ bias, so the logit of any token y splits exactly into per-prototype slices
 (see :func:`core.model.head.prototype_slices`).
 
 Controls (gains and suppression) are per-call arguments and never written into the model.
+
+This file is copied into every bundle (with config.py, head.py and losses.py) so that
+``AutoModelForCausalLM.from_pretrained(bundle, trust_remote_code=True)`` works without core:
+it imports only torch, transformers and its neighbours, by relative imports.
 """
 
 from __future__ import annotations
@@ -15,13 +19,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from core.model import losses
-from core.model.config import PrismConfig
-from core.model.head import PrototypeHead, prototype_slices
+from .config import PrismConfig
+from .head import PrototypeHead, prototype_slices
+from .losses import TOKEN_SAMPLE, prototype_losses
 
 
 @dataclass
@@ -58,6 +62,10 @@ class PrismPreTrainedModel(PreTrainedModel):
     config: PrismConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
+    # Loaded in bfloat16 or float16, the backbone takes that dtype and the prototype head stays
+    # float32: the active set, the weights and every slice are computed without 8-bit rounding,
+    # at a cost of 2 P d float32 multiply-adds per token (small next to the backbone's).
+    _keep_in_fp32_modules_strict = ["prototypes"]
     _supports_sdpa = True
     _supports_flash_attn = True
 
@@ -87,6 +95,9 @@ class PrismForCausalLM(PrismPreTrainedModel, GenerationMixin):
             if config.dense
             else PrototypeHead(config.num_prototypes, hidden, config.prototype_top_k, config.router_gradient)
         )
+        # An untied pretrained decoder keeps its own output matrix; it is E, still without bias.
+        vocab = config.text_config.vocab_size
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(hidden, vocab, bias=False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -97,7 +108,9 @@ class PrismForCausalLM(PrismPreTrainedModel, GenerationMixin):
 
     @property
     def unembedding(self) -> torch.Tensor:
-        """(V, d) the tied token embedding E used as the output matrix."""
+        """(V, d) the output matrix E: the token embedding when tied, else ``lm_head``'s weight."""
+        if self.lm_head is not None:
+            return self.lm_head.weight
         return self.model.get_input_embeddings().weight
 
     def _controls(
@@ -175,7 +188,7 @@ class PrismForCausalLM(PrismPreTrainedModel, GenerationMixin):
             result.logits = hidden @ E.T  # (B, T, V)
         else:
             act = self.prototypes(hidden.reshape(B * T, d), gains, suppressed)
-            result.logits = (act.mixed @ E.T).view(B, T, -1)  # (B, T, V)
+            result.logits = (act.mixed.to(E.dtype) @ E.T).view(B, T, -1)  # (B, T, V)
             if return_prototypes:
                 ids = act.ids.view(B, T, -1)
                 weights = act.weights.view(B, T, -1)
@@ -188,9 +201,9 @@ class PrismForCausalLM(PrismPreTrainedModel, GenerationMixin):
             if self.training and labels is not None:
                 result.head_hidden = hidden
                 flat = hidden.reshape(B * T, d)
-                every = max(1, flat.shape[0] // losses.TOKEN_SAMPLE)
+                every = max(1, flat.shape[0] // TOKEN_SAMPLE)
                 cosine = self.prototypes.cosine(flat[::every], act.scores[::every])  # (N / every, P)
-                result.aux_losses = losses.prototype_losses(
+                result.aux_losses = prototype_losses(
                     flat[::every], act.scores[::every], cosine, act.ids[::every], self.prototypes, self.config
                 )
         if labels is not None:
@@ -200,7 +213,3 @@ class PrismForCausalLM(PrismPreTrainedModel, GenerationMixin):
                 ignore_index=-100,
             )
         return result
-
-
-AutoConfig.register("prism", PrismConfig, exist_ok=True)
-AutoModelForCausalLM.register(PrismConfig, PrismForCausalLM, exist_ok=True)
