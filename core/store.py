@@ -163,3 +163,57 @@ def sha256_file(path: str | Path, digest: hashlib._Hash | None = None, max_bytes
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns:
+        False where the system or the filesystem cannot do it (nothing was changed).
+    """
+    import ctypes
+    import errno
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:  # glibc before 2.28, or another libc
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def replace_folder(src: str | Path, dst: str | Path) -> None:
+    """Make the complete folder ``src`` the folder ``dst``, replacing a previous ``dst`` whole.
+
+    Where ``dst`` exists the two are exchanged in one atomic rename (Linux), so a reader or an
+    interruption sees either the whole previous folder or the whole new one; the previous one
+    is then deleted. Elsewhere the previous folder is renamed aside, ``src`` renamed in, and the
+    previous one put back if that second rename fails or is interrupted.
+    """
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    if _exchange(src, dst):
+        shutil.rmtree(src, ignore_errors=True)  # src now holds the previous folder
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{dst.name}-old-", dir=dst.parent))
+    try:
+        os.replace(dst, aside / dst.name)
+        try:
+            os.replace(src, dst)
+        except BaseException:
+            os.replace(aside / dst.name, dst)  # put the previous folder back
+            raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)

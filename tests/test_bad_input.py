@@ -268,8 +268,10 @@ def test_write_bundle_interrupted_at_every_rename_keeps_the_previous_bundle(tiny
     real_replace = os.replace
     calls = []
 
+    # The bundle's own renames; the user's weight-digest cache (written after the swap) is no part of it.
     def counting(src, dst):
-        calls.append(dst)
+        if str(dst).startswith(str(tmp_path)):
+            calls.append(dst)
         return real_replace(src, dst)
 
     scratch = bundle_copy(tiny_bundle, tmp_path / "scratch")
@@ -287,9 +289,10 @@ def test_write_bundle_interrupted_at_every_rename_keeps_the_previous_bundle(tiny
         seen = []
 
         def failing(src, dst, step=step, seen=seen):
-            seen.append(dst)
-            if len(seen) == step + 1:
-                raise KeyboardInterrupt
+            if str(dst).startswith(str(tmp_path)):
+                seen.append(dst)
+                if len(seen) == step + 1:
+                    raise KeyboardInterrupt
             return real_replace(src, dst)
 
         monkeypatch.setattr(os, "replace", failing)
@@ -375,3 +378,324 @@ def test_unexpected_error_is_one_line_with_the_way_to_the_traceback(tiny_bundle,
     monkeypatch.setattr(core.generation, "generate_text", broken)
     code, _, err = run(["generate", "--model", tiny_bundle, *PROMPT], capsys)
     assert_one_line_error(code, err, "unexpected RuntimeError: something inside broke", "--verbose")
+
+
+# ------------------------------------------------- a whole index: spans, labels, atlas, influence
+
+SMALL_INDEX = ["--quiet", "--max-tokens", "256", "--curvature-tokens", "256", "--top-m", "8"]
+
+
+def snapshot_all(*paths: Path) -> dict[str, bytes]:
+    """Every file under (or at) each path, by absolute name."""
+    files = {}
+    for p in paths:
+        for f in [p] if p.is_file() else sorted(p.rglob("*")):
+            if f.is_file():
+                files[str(f)] = f.read_bytes()
+    return files
+
+
+def assert_index_loads(bundle: Path, influence: bool = True) -> None:
+    """The bundle's whole index is usable: neighbourhoods, labels, atlas, spans and influence."""
+    from core.atlas.labels import load_labels
+    from core.atlas.layout import load_atlas
+    from core.attribution.influence import load_influence
+    from core.attribution.spans_index import load_spans
+    from core.index.format import load_index
+
+    assert load_index(bundle).labels
+    assert load_labels(bundle) and load_atlas(bundle) is not None
+    load_spans(bundle)
+    if influence:
+        load_influence(bundle)
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory, tiny_bundle, small_corpus) -> Path:
+    """A copy of the tiny bundle indexed by `prism index` (neighbourhoods, spans, labels, atlas
+    and influence factors), over its first training tokens."""
+    bundle = bundle_copy(tiny_bundle, tmp_path_factory.mktemp("full") / "bundle")
+    from core.cli import main
+
+    assert main(["index", "--model", str(bundle), "--corpus", str(small_corpus), *SMALL_INDEX]) == 0
+    assert_index_loads(bundle)
+    return bundle
+
+
+def test_index_from_another_corpus_is_refused(full, small_corpus, tmp_path, capsys):
+    bundle = bundle_copy(full, tmp_path / "b")
+    other = write_jsonl(tmp_path / "other.jsonl", demo_rows(30)[::-1])
+    before = snapshot(bundle)
+    code, _, err = run(["index", "--model", bundle, "--corpus", other, *SMALL_INDEX], capsys)
+    assert_one_line_error(code, err, str(other), "is not the corpus the model in", "was trained on")
+    assert snapshot(bundle) == before and no_leftovers(tmp_path) == []
+    # An index that was built from another corpus (its record says so) is refused, not warned about.
+    edit_json(bundle / "index" / "meta.json", lambda m: m.update(corpus_fingerprint="0" * 64))
+    code, _, err = run(["attribute", "--model", bundle, "--prompt", "The king", "--completion", " is"], capsys)
+    assert_one_line_error(code, err, str(bundle / "index"), "is not the corpus the model in", "prism index")
+
+
+def _rewrite_header(path: Path, **changes: str) -> None:
+    from core.store import read_safetensors, write_safetensors
+
+    arrays, header = read_safetensors(path)
+    meta = json.loads(header["meta"])
+    write_safetensors(path, arrays, metadata={**header, "meta": json.dumps({**meta, **changes})})
+
+
+@pytest.mark.parametrize(
+    ("name", "changes", "needles"),
+    [
+        ("influence.safetensors", {"corpus_fingerprint": "0" * 64}, ("influence factors", "another corpus")),
+        ("influence.safetensors", {"model_fingerprint": "0" * 16}, ("influence factors", "not this model")),
+        ("spans.safetensors", {"corpus_fingerprint": "0" * 64}, ("span index", "another corpus")),
+        ("spans.safetensors", {"model_fingerprint": "0" * 16}, ("span index", "not this model")),
+    ],
+    ids=["influence-corpus", "influence-model", "spans-corpus", "spans-model"],
+)
+def test_influence_or_spans_of_another_corpus_or_model_are_refused(name, changes, needles, full, tmp_path, capsys):
+    bundle = bundle_copy(full, tmp_path / "b")
+    _rewrite_header(bundle / "index" / name, **changes)
+    method = "influence" if name.startswith("influence") else "spans"
+    if method == "spans":
+        (bundle / "index" / "influence.safetensors").unlink()  # so that auto turns to the spans
+    for chosen in (method, "auto"):  # auto does not quietly fall back to another method
+        argv = ["attribute", "--model", bundle, "--prompt", "The king", "--completion", " is", "--method", chosen]
+        code, _, err = run(argv, capsys)
+        assert_one_line_error(code, err, *needles, "prism index --model")
+
+
+@pytest.mark.parametrize("damage", list(WEIGHT_DAMAGE))
+@pytest.mark.parametrize("name", ["influence.safetensors", "spans.safetensors"])
+def test_damaged_influence_or_spans_file(name, damage, full, tmp_path, capsys):
+    bundle = bundle_copy(full, tmp_path / "b")
+    path = bundle / "index" / name
+    path.write_bytes(WEIGHT_DAMAGE[damage](path.read_bytes()))
+    method = "influence" if name.startswith("influence") else "spans"
+    if method == "spans":
+        (bundle / "index" / "influence.safetensors").unlink()  # so that auto turns to the spans
+    for chosen in (method, "auto"):
+        argv = ["attribute", "--model", bundle, "--prompt", "The king", "--completion", " is", "--method", chosen]
+        code, _, err = run(argv, capsys)
+        assert_one_line_error(code, err, str(path), "not readable", "prism index --model")
+
+
+# ------------------------------------- the acceptance table: every command against bad files
+
+TASK_ROW = {"prompt": "The king", "choices": [" is", " was"], "answer": 0}
+
+
+def _corrupt_bundle(bundle: Path) -> Path:
+    weights = bundle / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return weights
+
+
+def _deep_config(bundle: Path) -> Path:
+    (bundle / "config.json").write_text(DEEP)
+    return bundle / "config.json"
+
+
+def _huge_config(bundle: Path) -> Path:
+    (bundle / "config.json").write_text(HUGE)
+    return bundle / "config.json"
+
+
+def _corrupt_index(bundle: Path) -> Path:
+    damage_neighbourhoods(bundle / "index")
+    return bundle / "index" / "neighbourhoods.safetensors"
+
+
+def _deep_index(bundle: Path) -> Path:
+    (bundle / "index" / "meta.json").write_text(DEEP)
+    return bundle / "index" / "meta.json"
+
+
+def _huge_index(bundle: Path) -> Path:
+    (bundle / "index" / "meta.json").write_text(HUGE)
+    return bundle / "index" / "meta.json"
+
+
+def _deep_labels(bundle: Path) -> Path:
+    (bundle / "index" / "labels.json").write_text(DEEP)
+    return bundle / "index" / "labels.json"
+
+
+BUNDLE_DAMAGE = {"corrupt bundle": _corrupt_bundle, "deep config": _deep_config, "huge config": _huge_config}
+INDEX_DAMAGE = {
+    "corrupt index": _corrupt_index,
+    "deep index": _deep_index,
+    "huge index": _huge_index,
+    "deep labels": _deep_labels,
+}
+# Every command, and whether it reads the index (`index` rebuilds it, `generate` and `calibrate` never read it).
+COMMANDS = {
+    "generate": (["generate", *PROMPT], False),
+    "attribute": (["attribute", "--prompt", "The king", "--completion", " is"], True),
+    "report": (["report", "--prompts", "PROMPTS", "--out", "OUT.html"], True),
+    "calibrate": (["calibrate", "--task", "TASK", "--out", "OUT.json", "--steps", "1"], False),
+    "target": (["target", "--label", "a", "--out", "OUT.json"], True),
+    "label": (["label"], True),
+    "index": (["index", "--corpus", "CORPUS", *SMALL_INDEX], False),
+}
+TABLE = [(c, d) for c in COMMANDS for d in BUNDLE_DAMAGE] + [
+    (c, d) for c, (_, reads_index) in COMMANDS.items() if reads_index for d in INDEX_DAMAGE
+]
+
+
+@pytest.mark.parametrize(("command", "damage"), TABLE, ids=[f"{c}-{d.replace(' ', '-')}" for c, d in TABLE])
+def test_every_command_against_bad_files(command, damage, full, small_corpus, tmp_path, capsys):
+    """Exit 1, one `prism: error:` line naming the bad file, no traceback, nothing changed."""
+    bundle = bundle_copy(full, tmp_path / "b")
+    bad = {**BUNDLE_DAMAGE, **INDEX_DAMAGE}[damage](bundle)
+    (tmp_path / "prompts.txt").write_text("The king\n")
+    write_jsonl(tmp_path / "task.jsonl", [TASK_ROW] * 6)
+    out = tmp_path / ("previous.html" if command == "report" else "previous.json")
+    out.write_text('{"previous": true}')
+    names = {"PROMPTS": tmp_path / "prompts.txt", "TASK": tmp_path / "task.jsonl", "CORPUS": small_corpus}
+    argv, _ = COMMANDS[command]
+    argv = [names.get(a, out if a.startswith("OUT.") else a) for a in argv]
+    before = snapshot_all(bundle, out)
+    code, _, err = run([*argv, "--model", bundle], capsys)
+    assert_one_line_error(code, err, str(bad))
+    assert snapshot_all(bundle, out) == before
+    assert no_leftovers(tmp_path) == []
+
+
+# ------------------------------------------- interrupted at every replace step, nothing lost
+
+
+def interrupt_at(monkeypatch, step: int | None) -> list[str]:
+    """Make os.replace raise KeyboardInterrupt at call ``step`` (0-based; None: never); the
+    destinations of the calls are recorded in the returned list."""
+    real_replace = os.replace
+    seen: list[str] = []
+
+    def replace(src, dst):
+        seen.append(str(dst))
+        if step is not None and len(seen) == step + 1:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return seen
+
+
+def _steps_of(argv: list, bundle: Path, tmp_path: Path, capsys, monkeypatch) -> list[str]:
+    """The os.replace destinations of one uninterrupted run of ``argv`` on a copy of ``bundle``."""
+    scratch = bundle_copy(bundle, tmp_path / "scratch" / "bundle")
+    seen = interrupt_at(monkeypatch, None)
+    code, _, err = run([a if a != bundle else scratch for a in argv], capsys)
+    monkeypatch.undo()
+    assert code == 0, err
+    return seen
+
+
+@pytest.mark.parametrize("command", ["index", "label"])
+def test_index_and_label_interrupted_at_every_replace_step(command, full, small_corpus, tmp_path, capsys, monkeypatch):
+    import core.store
+
+    argv = ["index", "--corpus", small_corpus, *SMALL_INDEX] if command == "index" else ["label", "--quiet"]
+    argv = [*argv, "--model", full]
+    # Folders swapped by two renames (the fallback where one atomic exchange is unavailable), so
+    # that the swap is interrupted too; test_index_swapped_in_one_exchange covers the exchange.
+    monkeypatch.setattr(core.store, "_exchange", lambda a, b: False)
+    steps = _steps_of(argv, full, tmp_path, capsys, monkeypatch)
+    written = {Path(s).name for s in steps}
+    expected = {"labels.json"}  # `label` reuses an atlas made with the same arguments for the same weights
+    if command == "index":
+        expected |= {"neighbourhoods.safetensors", "spans.safetensors", "atlas.json", "influence.safetensors"}
+    assert expected <= written, written
+    assert Path(steps[-1]).name == "index"  # the last step swaps the whole index in
+    for step in range(len(steps)):
+        bundle = bundle_copy(full, tmp_path / f"step{step}" / "bundle")
+        before = snapshot(bundle)
+        monkeypatch.setattr(core.store, "_exchange", lambda a, b: False)
+        interrupt_at(monkeypatch, step)
+        code, _, err = run([a if a != full else bundle for a in argv], capsys)
+        monkeypatch.undo()
+        assert code == 130, (step, steps[step], err)
+        assert "--resume" not in err and "is as it was" in err
+        assert snapshot(bundle) == before, (step, steps[step])
+        assert no_leftovers(bundle.parent) == [], (step, steps[step])
+        assert_index_loads(bundle)
+
+
+def test_index_swapped_in_one_exchange(full, small_corpus, tmp_path, capsys, monkeypatch):
+    """Where the system exchanges folders atomically, the swap is one step: interrupted before
+    it, the old index is whole; after it, the new one."""
+    import core.store
+
+    bundle = bundle_copy(full, tmp_path / "b")
+    before = snapshot(bundle)
+
+    def interrupted(a, b):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(core.store, "_exchange", interrupted)
+    argv = ["index", "--model", bundle, "--corpus", small_corpus, *SMALL_INDEX, "--top-m", "4", "--no-influence"]
+    code, _, err = run(argv, capsys)
+    assert code == 130 and snapshot(bundle) == before and no_leftovers(tmp_path) == []
+    monkeypatch.undo()
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert json.loads(out)["path"] == str(bundle / "index")  # the bundle's, not the staging copy's
+    assert json.loads((bundle / "index" / "meta.json").read_text())["arguments"]["top_m"] == 4
+    assert_index_loads(bundle, influence=False)
+    assert not (bundle / "index" / "influence.safetensors").exists()  # the old index went whole
+    assert no_leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["report", "target", "calibrate"])
+def test_report_and_controls_interrupted_keep_the_previous_file(command, full, tmp_path, capsys, monkeypatch):
+    (tmp_path / "prompts.txt").write_text("The king\n")
+    write_jsonl(tmp_path / "task.jsonl", [TASK_ROW] * 6)
+    out = tmp_path / ("report.html" if command == "report" else "controls.json")
+    argv = {
+        "report": ["report", "--prompts", tmp_path / "prompts.txt", "--out", out, "--quiet"],
+        "target": ["target", "--ids", "1,2", "--out", out],
+        "calibrate": ["calibrate", "--task", tmp_path / "task.jsonl", "--out", out, "--steps", "1", "--quiet"],
+    }[command]
+    code, _, err = run([*argv, "--model", full], capsys)
+    assert code == 0, err
+    previous = out.read_bytes()
+    steps = interrupt_at(monkeypatch, 0)
+    code, _, err = run([*argv, "--model", full], capsys)
+    monkeypatch.undo()
+    assert code == 130 and [Path(s).name for s in steps] == [out.name], steps
+    assert out.read_bytes() == previous
+    assert no_leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------- the demo corpus, train --quiet
+
+
+def test_demo_corpus_with_a_package_missing_fails_before_the_work(tmp_path, capsys, monkeypatch):
+    import core.data.demo.build as demo_build
+    import core.data.demo.fetch as fetch
+
+    monkeypatch.setattr(fetch, "dpkg_version", lambda package: None if package == "fortunes-min" else "1.0")
+    monkeypatch.setattr(fetch.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the build started before its prerequisites were checked")
+
+    for reader in ("read_shakespeare_source", "read_wordnet_source", "read_debian_source", "read_pydoc_source"):
+        monkeypatch.setattr(demo_build, reader, too_late)
+    code, _, err = run(["corpus", "demo", "--out", tmp_path / "corpus"], capsys)
+    assert_one_line_error(code, err, "Debian package(s) fortunes-min", "apt-get install -y fortunes-min")
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_train_quiet_shows_no_progress_bar(small_corpus, tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    argv = ["train", "--corpus", small_corpus, "--max-steps", "1"]
+    bars = ("it/s]", "s/it]", "%|")
+    hf_logging.enable_progress_bar()  # as in a fresh process (other tests' commands turn them off)
+    code, _, err = run([*argv, "--out", tmp_path / "loud"], capsys)
+    assert code == 0 and any(bar in err for bar in bars), err  # the bars this test is about exist
+    hf_logging.enable_progress_bar()
+    code, _, err = run([*argv, "--out", tmp_path / "quiet", "--quiet"], capsys)
+    assert code == 0, err
+    assert not any(bar in err for bar in bars), err

@@ -42,6 +42,7 @@ from core.index.format import (
     PROMOTED_TOKENS,
     SNIPPET_AFTER,
     SNIPPET_BEFORE,
+    check_training_corpus,
     index_dir,
     snippet_window,
 )
@@ -82,8 +83,8 @@ def promoted_tokens(bundle: Bundle, count: int = PROMOTED_TOKENS, chunk: int = 1
         (P, count) token ids (int32) and their logits (float32).
     """
     model = bundle.model
-    E = model.unembedding  # (V, d)
-    values = model.prototypes.values  # (P, d)
+    values = model.prototypes.values  # (P, d), float32 even in a bfloat16 model
+    E = model.unembedding.to(values.dtype)  # (V, d)
     count = min(count, E.shape[0])
     ids, logits = [], []
     with torch.no_grad():
@@ -104,6 +105,7 @@ def build_index(
     device: str = "cpu",
     show_progress: bool = True,
     dtype: Literal["float32", "float64"] = "float32",
+    model_dtype: str = "float32",
 ) -> dict:
     """Build ``bundle_dir/index/`` with one streamed, batched pass over the training split.
 
@@ -111,6 +113,8 @@ def build_index(
         bundle_dir: a PRISM bundle.
         corpus_path: the corpus the model was trained on (split and packed as in training).
         top_m, batch_size, max_tokens, device, dtype: see :class:`IndexArguments`.
+        model_dtype: the backbone's dtype for the pass (``--dtype``: float32, bfloat16, float16 or
+            auto); the prototype head, the cosines and the stored arrays stay ``dtype``.
         show_progress: show progress bars.
 
     Returns:
@@ -118,21 +122,21 @@ def build_index(
 
     Raises:
         ArgumentError: bad arguments.
-        PrototypeIndexError: a dense bundle, or a corpus shorter than one sequence.
+        PrototypeIndexError: a dense bundle, a corpus that is not the one the model was trained on
+            (when training.json records it), or a corpus shorter than one sequence.
         CorpusError, BundleError: the corpus or the bundle cannot be read.
     """
     IndexArguments(top_m=top_m, batch_size=batch_size, max_tokens=max_tokens, device=device, dtype=dtype)
     t0 = time.time()
     with datasets_progress(show_progress):
         corpus = load_corpus(corpus_path)  # before anything is written: a bad path leaves no trace
-    bundle = load_bundle(bundle_dir, device=device)
+    bundle = load_bundle(bundle_dir, device=device, dtype="float32" if dtype == "float64" else model_dtype)
     if not bundle.is_prism:
         raise PrototypeIndexError(f"{bundle_dir} is a dense twin: only PRISM models have prototypes to index")
-    if bundle.training.get("corpus_fingerprint") not in (None, corpus.fingerprint):
-        logger.warning("corpus %s differs from the one the model was trained on", corpus_path)
-    model = bundle.model.to(torch.float64 if dtype == "float64" else torch.float32)
+    check_training_corpus(bundle_dir, bundle.training, corpus.fingerprint, f"corpus {corpus_path}")
+    model = bundle.model.to(torch.float64) if dtype == "float64" else bundle.model
     P, k = model.config.num_prototypes, model.config.prototype_top_k
-    seq_len = model.config.get_text_config().max_position_embeddings
+    seq_len = model.config.sequence_length  # the training sequences (not the backbone's context)
     with datasets_progress(show_progress):
         packed = pack(corpus.train, bundle.tokenizer, seq_len)
     n_sequences = len(packed) if max_tokens is None else min(len(packed), -(-max_tokens // seq_len))
@@ -308,6 +312,7 @@ def _scan(
         docs = torch.as_tensor(rows["doc_index"], dtype=torch.long, device=dev)  # (B, T)
         B, T = ids.shape
         hidden = model.model(input_ids=ids).last_hidden_state.reshape(B * T, -1)  # (N, d)
+        hidden = hidden.to(head.keys.dtype)  # a bfloat16 backbone's states, read by the float32 head
         act = head(hidden)
         cosine = head.cosine(hidden, act.scores)  # (N, P)
         valid = docs >= 0

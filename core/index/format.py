@@ -67,6 +67,33 @@ def index_dir(bundle_dir: str | Path) -> Path:
     return Path(bundle_dir) / INDEX_DIR
 
 
+def check_training_corpus(bundle_dir: str | Path, training: object, fingerprint: object, subject: str) -> None:
+    """Refuse a corpus, or an index built from one, that is not the model's training corpus.
+
+    A model's neighbourhoods, spans and influence are statements about the documents it was
+    trained on; built from other documents they would credit text the model never saw. A
+    bundle whose training.json records no corpus (weights trained elsewhere) is not checked.
+
+    Args:
+        bundle_dir: the bundle, for the message.
+        training: the bundle's training.json contents.
+        fingerprint: the corpus fingerprint to check.
+        subject: what was built from it, for the message ("corpus data/x.jsonl",
+            "the index in b/index, built from data/x.jsonl,").
+
+    Raises:
+        PrototypeIndexError: the fingerprints differ.
+    """
+    trained = training.get("corpus_fingerprint") if isinstance(training, dict) else None
+    if trained is None or fingerprint == trained:
+        return
+    raise PrototypeIndexError(
+        f"{subject} is not the corpus the model in {bundle_dir} was trained on (corpus fingerprint "
+        f"{str(fingerprint)[:16]}, trained on {str(trained)[:16]}); index the training corpus with "
+        f"{rebuild_hint(bundle_dir)}"
+    )
+
+
 def index_exists(bundle_dir: str | Path) -> bool:
     """True when the bundle holds a complete index (it may still be stale)."""
     folder = index_dir(bundle_dir)
@@ -319,6 +346,11 @@ def load_index(bundle_dir: str | Path, corpus_fingerprint: str | None = None) ->
             f"the index in {folder} was built for model {meta.get('model_fingerprint')}, not this model ({current}); "
             f"{fix}"
         )
+    training_file = Path(bundle_dir) / "training.json"
+    if training_file.is_file():
+        training = read_json(training_file, "the training record", fix, PrototypeIndexError)
+        subject = f"the index in {folder}, built from {meta.get('corpus_path')},"
+        check_training_corpus(bundle_dir, training, meta.get("corpus_fingerprint"), subject)
     if corpus_fingerprint is not None and meta.get("corpus_fingerprint") != corpus_fingerprint:
         raise PrototypeIndexError(
             f"the index in {folder} was built from corpus {str(meta.get('corpus_fingerprint'))[:16]} "

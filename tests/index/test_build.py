@@ -85,9 +85,16 @@ def test_index_is_written_atomically(planted_bundle, tmp_path):
     # A failed rebuild keeps the previous index intact.
     meta = (index_dir(planted_bundle) / "meta.json").read_text()
     short = write_jsonl(tmp_path / "short.jsonl", [{"id": i, "text": "Too short.", "source": "x"} for i in "abc"])
-    with pytest.raises(PrototypeIndexError, match="shorter than one sequence"):
-        build_index(planted_bundle, short, show_progress=False)
+    with pytest.raises(PrototypeIndexError, match="is not the corpus the model in .* was trained on"):
+        build_index(planted_bundle, short, show_progress=False)  # not the training corpus: refused
     assert (index_dir(planted_bundle) / "meta.json").read_text() == meta
     assert not list(planted_bundle.glob(".index-*"))
+    # A model whose record names no training corpus is indexed on any, but not on too short a one.
+    record = json.loads((copy / "training.json").read_text())
+    record.pop("corpus_fingerprint")
+    (copy / "training.json").write_text(json.dumps(record))
+    with pytest.raises(PrototypeIndexError, match="shorter than one sequence"):
+        build_index(copy, short, show_progress=False)
+    assert not index_dir(copy).exists() and not list(copy.glob(".index-*"))
     recorded = json.loads(meta)
     assert recorded["arguments"]["top_m"] == 32 and recorded["build_seconds"] > 0

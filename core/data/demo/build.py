@@ -25,7 +25,13 @@ from .common import (
     split_documents,
     subsample_to_budget,
 )
-from .fetch import read_debian_source, read_fortunes_source, read_shakespeare_source, read_wordnet_source
+from .fetch import (
+    check_prerequisites,
+    read_debian_source,
+    read_fortunes_source,
+    read_shakespeare_source,
+    read_wordnet_source,
+)
 from .pydoc_docs import read_pydoc_source
 
 logger = logging.getLogger(__name__)
@@ -212,8 +218,10 @@ def build_demo_corpus(
         "validation_documents", "documents", "characters", "files", "seed"}``.
 
     Raises:
-        RuntimeError: a tool, Debian package or download is missing (the message says how to fix it).
+        CorpusError: a Debian package or apt tool is missing (checked before any work).
+        RuntimeError: a download or a tool failed (the message says how to fix it).
     """
+    check_prerequisites()  # a missing package fails now, not after minutes of downloads and parsing
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:

