@@ -10,7 +10,8 @@ Measures, with headless Chromium (Debian's, software WebGL) driving `streamlit r
   nothing comes from the cache;
 - atlas 16,384: a page drawing explorer.figures.atlas_figure with 16,384 synthetic prototypes,
   from navigation to the WebGL map drawn; plus the server-side figure build and JSON size.
-And in-process (no browser): generate_text of 64 tokens under a controls change, median.
+And in-process (no browser): generate_text of 64 tokens under a controls change, median; with
+--audit-only, issue 17's figures (see ``audit``): `python bench/explorer.py --audit-only --results-tag audit`.
 
 Prints a table, then one JSON line, also written to bench/results/explorer.json
 (bench/_results.py). Without Chromium or playwright only the in-process figures are printed.
@@ -203,13 +204,81 @@ def figure_build() -> dict:
     }
 
 
+def audit(model: str) -> dict:
+    """Issue 17's figures, in-process (the page scripts under Streamlit's AppTest, no browser):
+    the map-structure score of the shipped layout against the other layouts and a shuffled
+    baseline; Steer with 1,000 gains: page open and one table edit; 50 prototypes picked on the
+    Atlas (a lasso) to the page with their table and card."""
+    import numpy as np
+    from streamlit.testing.v1 import AppTest
+
+    from core import build_atlas_tables, load_bundle, load_index
+    from core.atlas.layout import knn_purity, shuffled_purity
+    from explorer.controls import ControlSet
+
+    bundle, index = load_bundle(model), load_index(model)
+    tables = build_atlas_tables(bundle, index)
+    out: dict = {"structure_of": tables.structure_of, "structure_shuffled": round(tables.shuffled_score, 4)}
+    out["structure_by_layout"] = {name: round(v, 4) for name, v in tables.layout_scores.items()}
+    out["structure_chosen_layout"] = tables.layout
+    sources = np.asarray(tables.dominant, dtype=object)
+    out["source_structure_by_layout"] = {name: round(knn_purity(xy, sources), 4) for name, xy in tables.layouts.items()}
+    out["source_structure_shuffled"] = round(shuffled_purity(sources), 4)
+
+    os.environ.setdefault("PRISM_EXPLORER_BUNDLES", str(Path(model).resolve().parent))
+    at = AppTest.from_file(str(REPO / "explorer" / "app.py"), default_timeout=900)
+    at.session_state["bundle_path"] = model
+    at.run()  # loads the model and index once (not timed)
+    at.switch_page("views/steer.py")
+    at.run()  # the original text, generated once and cached (not timed)
+    P = bundle.model.config.num_prototypes
+    gains = {j: round(0.5 + (j % 7) * 0.25, 2) for j in range(0, P, max(1, P // 1000))[:1000]}
+    history = at.session_state["controls"]
+    at.session_state["controls"] = history.commit(ControlSet.of(gains), "bench: 1,000 gains")
+    t0 = time.perf_counter()
+    at.run()
+    out["steer_1000_gains_open_s"] = round(time.perf_counter() - t0, 3)
+    assert not at.exception, [e.value for e in at.exception]
+    serial = at.session_state["controls"].serial
+    edit = {"edited_rows": {0: {"gain": 2.75}}, "added_rows": [], "deleted_rows": []}
+    at.session_state[f"steer_table_{serial}"] = edit  # one gain edited in the table
+    t0 = time.perf_counter()
+    at.run()
+    out["steer_1000_gains_edit_s"] = round(time.perf_counter() - t0, 3)
+    out["steer_1000_gains_sliders"] = len([s for s in at.slider if (s.key or "").startswith("steer_gain_")])
+    assert at.session_state["controls"].present.gain(min(gains)) == 2.75
+    generated = [c.value for c in at.caption if c.value.startswith("Original:")]
+    out["steer_generation_note"] = generated[0] if generated else ""
+
+    at.switch_page("views/atlas.py")
+    at.run()
+    at.session_state["atlas_picked"] = list(range(0, 50 * 7, 7))  # what a lasso around 50 points sets
+    t0 = time.perf_counter()
+    at.run()
+    out["lasso_50_cards_s"] = round(time.perf_counter() - t0, 3)
+    out["lasso_50_rows"] = len(at.dataframe[0].value) if at.dataframe else 0
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(REPO / "assets" / "models" / "demo"))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--audit-only",
+        action="store_true",
+        help="only issue 17's in-process figures (map structure, 1,000 gains, 50 cards); use with --results-tag audit",
+    )
     _results.add_arguments(parser)
     args = parser.parse_args()
     figures = {"cpu_cores": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2)}
+    if args.audit_only:
+        figures |= audit(args.model)
+        figures["load_average_1min_after"] = round(os.getloadavg()[0], 2)
+        for key, value in figures.items():
+            print(f"{key:<34} {value}")
+        _results.emit(figures, args, __file__)
+        return
     figures |= in_process(args.model, args.repeats)
     figures |= figure_build()
     browser = Path(CHROMIUM).is_file()

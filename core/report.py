@@ -229,17 +229,21 @@ def waterfall_svg(
     """An inline SVG waterfall: the token's strongest slices, the rest, and the logit they sum to."""
     labels = labels or {}
     prototypes = sorted(token["prototypes"], key=lambda p: -abs(p["slice"]))
-    steps = [(f"prototype {p['id']}", p["slice"], labels.get(p["id"]) or p.get("label")) for p in prototypes[:shown]]
+    steps = []
+    for p in prototypes[:shown]:
+        label = labels.get(p["id"]) or p.get("label") or ""
+        steps.append((f"#{p['id']} {label[:24]}".strip(), p["slice"], label or None))  # as the app labels its bars
     rest = sum(p["slice"] for p in prototypes[shown:])
-    if len(prototypes) > shown:
-        steps.append((f"{len(prototypes) - shown} others", rest, None))
+    others = len(prototypes) - shown
+    if others > 0:  # counted as the app's waterfall counts them
+        steps.append((f"{others} other" + ("" if others == 1 else "s"), rest, None))
     cumulative = [0.0]
     for _, value, _ in steps:
         cumulative.append(cumulative[-1] + value)
     total = token["logit"]
     low, high = min([*cumulative, total, 0.0]), max([*cumulative, total, 0.0])
     span = (high - low) or 1.0
-    left, right, row = 190, 70, 20
+    left, right, row = 230, 70, 20
     plot = width - left - right
     height = row * (len(steps) + 1) + 24
 
@@ -290,7 +294,8 @@ text-align:left;vertical-align:top}th{background:#f4f4f4}.num{text-align:right;f
 .tok{display:inline-block;border:1px solid #ccc;border-radius:4px;padding:0 .25rem;margin:1px;font-family:monospace;
 white-space:pre}.snippet{font-family:monospace;white-space:pre-wrap;font-size:.8rem}
 mark{background:#E69F00;color:#000}.meta{color:#555;font-size:.85rem}pre{background:#f6f6f6;padding:.5rem;
-overflow:auto}.check{color:#006d4e;font-weight:bold}
+overflow:auto}.check{color:#006d4e;font-weight:bold}summary h3{display:inline}
+nav a.tok{text-decoration:none;color:inherit}
 """
 
 
@@ -319,9 +324,40 @@ def _examples_table(examples: list[dict]) -> str:
     )
 
 
+def _contents(report: dict) -> str:
+    """A contents list: each trace, and each of its tokens, linked to its section."""
+    items = []
+    for number, trace in enumerate(report["traces"]):
+        tokens = "".join(
+            f'<a class="tok" href="#t{number + 1}-{t["position"] + 1}">{_esc(t["token"])}</a>' for t in trace["tokens"]
+        )
+        items.append(
+            f'<li><a href="#t{number + 1}">Trace {number + 1}</a>: {_esc(trace["prompt"][:80])} '
+            f"({len(trace['tokens'])} tokens)<br>{tokens}</li>"
+        )
+    return f"<nav><h2>Contents</h2><ol>{''.join(items)}</ol></nav>"
+
+
+def _grouped_table(token: dict) -> str:
+    """The token's slices summed by category (the part of each label before ": "), strongest first:
+    exact sums of exact slices, as the app's grouped waterfall shows them."""
+    groups: dict[str, list[float]] = {}
+    for p in token["prototypes"]:
+        category = (p.get("label") or "").split(": ", 1)[0] or "unlabelled"
+        groups.setdefault(category, []).append(p["slice"])
+    rows = "".join(
+        f'<tr><td>{_esc(name)}</td><td class="num">{len(values)}</td><td class="num">{sum(values):+.4f}</td></tr>'
+        for name, values in sorted(groups.items(), key=lambda kv: -abs(sum(kv[1])))
+    )
+    return (
+        "<details><summary>Slices by category</summary><table><tr><th>category</th><th>prototypes</th>"
+        f"<th>sum of slices</th></tr>{rows}</table></details>"
+    )
+
+
 def _trace_html(number: int, trace: dict, examples_per_token: int) -> str:
     out = [
-        f"<h2>Trace {number + 1}</h2>",
+        f'<h2 id="t{number + 1}">Trace {number + 1}</h2>',
         f"<p><b>Prompt</b></p><pre>{_esc(trace['prompt'])}</pre>",
         f"<p><b>Completion</b>{' (generated greedily)' if trace.get('generated') else ''}</p>"
         f"<pre>{_esc(trace['completion'])}</pre>",
@@ -330,13 +366,16 @@ def _trace_html(number: int, trace: dict, examples_per_token: int) -> str:
     for t in trace["tokens"]:
         total = sum(p["slice"] for p in t["prototypes"])
         err = abs(total - t["logit"])
+        # one folded section per token (the first open): a long completion stays a short page
         out.append(
+            f'<details id="t{number + 1}-{t["position"] + 1}"{" open" if t["position"] == 0 else ""}><summary>'
             f"<h3>Token {t['position'] + 1} / {len(trace['tokens'])}: "
             f'<span class="tok">{_esc(t["token"])}</span> logit {t["logit"]:.4f}, '
-            f"probability {t['probability']:.4f}</h3>"
+            f"probability {t['probability']:.4f}</h3></summary>"
         )
         out.append(f'<p class="check">\u03a3 slices = {total:.4f} = logit (|error| = {err:.1e})</p>')
         out.append(waterfall_svg(t))
+        out.append(_grouped_table(t))
         rows = "".join(
             f'<tr><td class="num">{p["id"]}</td><td>{_esc(p.get("label") or "")}</td>'
             f'<td class="num">{p["weight"]:.4f}</td><td class="num">{p["slice"]:+.4f}</td></tr>'
@@ -359,6 +398,7 @@ def _trace_html(number: int, trace: dict, examples_per_token: int) -> str:
                 f"<details open><summary>Training examples behind this token</summary>"
                 f"{_examples_table(examples)}</details>"
             )
+        out.append("</details>")
     ranked = trace.get("examples", [])
     if ranked:
         out.append(f"<h3>Training examples over the whole completion</h3>{_examples_table(ranked)}")
@@ -378,6 +418,7 @@ def to_html(report: dict, examples_per_token: int = 5) -> str:
         f'<p class="meta">Model <code>{_esc(report["model"])}</code>, fingerprint '
         f"<code>{_esc(report['model_fingerprint'])}</code>; attribution method {_esc(report['method'])}; "
         f"created {_esc(report['created'])}; {len(report['traces'])} trace(s).</p>",
+        _contents(report),
         "<h2>Controls in force</h2>",
         f"<pre>{_esc(json.dumps(controls, indent=2))}</pre>" if controls else "<p>none</p>",
     ]

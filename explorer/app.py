@@ -21,9 +21,10 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 import torch  # noqa: E402
 
-from explorer import state  # noqa: E402
+from explorer import permalink, state  # noqa: E402
 from explorer.cards import SUPPRESSION_WINS  # noqa: E402
 from explorer.controls import ControlSet, plural  # noqa: E402
+from explorer.safe import md  # noqa: E402
 
 # One intra-op thread per request by default: on 2 busy cores, 64 demo tokens took 6.7 s with
 # torch's 2 threads and 0.9 s with 1 (threads spin against each other and other processes).
@@ -36,6 +37,7 @@ st.set_page_config(page_title="PRISM Explorer", page_icon=":material/hub:", layo
 
 if state.BUNDLE_PATH not in st.session_state:
     st.session_state[state.BUNDLE_PATH] = state.shown_bundle_path(state.default_bundle_path())
+permalink.restore()  # a session opened from a link starts with the link's view
 
 with st.sidebar:
     st.markdown("### PRISM Explorer")
@@ -49,12 +51,14 @@ pages = [
     st.Page("views/atlas.py", title="Atlas", icon=":material/scatter_plot:", url_path="atlas", default=True),
     st.Page("views/trace.py", title="Trace", icon=":material/timeline:", url_path="trace"),
     st.Page("views/steer.py", title="Steer", icon=":material/tune:", url_path="steer"),
+    st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
     st.Page("views/calibrate.py", title="Calibrate", icon=":material/model_training:", url_path="calibrate"),
     st.Page("views/report.py", title="Report", icon=":material/description:", url_path="report"),
 ]
 page = st.navigation(pages, position="top")
 
 loaded = state.load_current()
+permalink.after_load(loaded)
 with st.sidebar:
     b = loaded.bundle
     cfg = b.model.config
@@ -62,8 +66,9 @@ with st.sidebar:
         f"Model {b.fingerprint} · {'PRISM' if b.is_prism else 'dense twin'} · "
         f"{cfg.num_prototypes:,} prototypes · k={cfg.prototype_top_k}"
     )
+    st.caption(f"Runs on {b.device} in {b.dtype}", help="Set by `-- --device D --dtype T` or $PRISM_DEVICE/DTYPE")
     if loaded.index is None:
-        st.caption(f"No index: {loaded.index_error}")
+        st.caption(f"No index: {md(loaded.index_error)}")
     history = state.history()
     controls = history.present
     st.markdown("**Session controls**")
@@ -76,7 +81,7 @@ with st.sidebar:
         key="sidebar_undo",
         on_click=state.undo,
         disabled=not history.can_undo,
-        help=f"Undo: {history.undo_action}" if history.can_undo else "Nothing to undo",
+        help=f"Undo: {md(history.undo_action)}" if history.can_undo else "Nothing to undo",
         width="stretch",
     )
     r.button(
@@ -84,7 +89,7 @@ with st.sidebar:
         key="sidebar_redo",
         on_click=state.redo,
         disabled=not history.can_redo,
-        help=f"Redo: {history.redo_action}" if history.can_redo else "Nothing to redo",
+        help=f"Redo: {md(history.redo_action)}" if history.can_redo else "Nothing to redo",
         width="stretch",
     )
     st.button(

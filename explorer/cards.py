@@ -11,6 +11,7 @@ from core import AtlasTables, PrototypeIndex
 
 from . import state
 from .controls import plural
+from .safe import md
 
 SNIPPETS_SHOWN = 5
 SLIDER_MAX = 3.0  # a slider reaches at least this; a larger gain widens its own slider (true values)
@@ -49,7 +50,7 @@ def control_widgets(prototype: int, prefix: str, max_suppressed: int) -> None:
     gain_key, supp_key = f"{prefix}_gain_{prototype}", f"{prefix}_supp_{prototype}"
     state.sync_widget(gain_key, gain)
     state.sync_widget(supp_key, suppressed)
-    left, right = st.columns([1, 2])
+    left, right = st.columns([2, 3])
     left.toggle(
         "Suppress",
         value=suppressed,
@@ -99,10 +100,10 @@ def render_card(
                 f"Label confidence {float(record.confidence):.2f}"
                 + (" · dead prototype (never active)" if getattr(record, "dead", False) else "")
             )
-        a, b, c = st.columns(3)
-        a.metric("Usage share", f"{100 * atlas.usage_share[j]:.3f}%")
-        b.metric("Active at", f"{int(atlas.usage_count[j]):,} positions")
-        c.metric("Dominant source", atlas.dominant[j])
+        st.markdown(  # one line, not three metrics: a card beside the map is narrow
+            f"**Usage share** {100 * atlas.usage_share[j]:.3f}% · **active at** "
+            f"{plural(int(atlas.usage_count[j]), 'position')} · **dominant source** {md(atlas.dominant[j], limit=60)}"
+        )
         promoted = [tokenizer.decode([int(t)]) for t in index.promoted_token_ids[j][:8]]
         st.text("Promotes: " + "  ".join(repr(t) for t in promoted))
         mix = {s: float(m) for s, m in zip(atlas.sources, atlas.source_mix[j], strict=True) if m > 0}

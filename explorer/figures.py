@@ -7,13 +7,16 @@ SVG overlay trace, and the legend comes from empty marker-only traces.
 
 from __future__ import annotations
 
-import html
 from collections.abc import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 
 from core import WATERFALL_SLICES
+
+from .safe import html_text
+
+INK, INK_DARK = "#000000", "#E8E8E8"  # outlines and the palette's black, on a light / dark page
 
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies.
 PALETTE = [
@@ -32,7 +35,7 @@ PALETTE = [
 ]
 
 
-def group_colours(groups: Sequence[str]) -> tuple[np.ndarray, dict[str, str]]:
+def group_colours(groups: Sequence[str], dark: bool = False) -> tuple[np.ndarray, dict[str, str]]:
     """(N,) int32 colour codes from the group names, and the legend {group: colour} (largest first).
 
     Integer codes with a stepped colour scale keep a single trace (no per-category traces) and
@@ -44,7 +47,8 @@ def group_colours(groups: Sequence[str]) -> tuple[np.ndarray, dict[str, str]]:
     order = np.argsort(-counts, kind="stable")  # rank -> name index
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
-    legend = {str(names[i]): PALETTE[r % len(PALETTE)] for r, i in enumerate(order)}
+    palette = [INK_DARK if c == INK and dark else c for c in PALETTE]  # black vanishes on a dark page
+    legend = {str(names[i]): palette[r % len(palette)] for r, i in enumerate(order)}
     return rank[inverse].astype(np.int32), legend
 
 
@@ -73,8 +77,16 @@ def atlas_figure(
     highlight: Sequence[int] = (),
     title: str = "",
     height: int = 620,
+    shown: np.ndarray | None = None,
+    suppressed: Sequence[int] = (),
+    gained: Sequence[int] = (),
+    uirevision: str = "atlas",
+    dark: bool = False,
 ) -> go.Figure:
     """The prototype map.
+
+    Every prototype is always drawn, so the colours (one per group, from all N) and the view
+    stay the same whatever is filtered: prototypes outside the filter are dimmed, not removed.
 
     Args:
         xy: (N, 2) coordinates of the prototypes drawn.
@@ -83,11 +95,18 @@ def atlas_figure(
         usage_share: (N,) usage, for the marker sizes.
         hover: N hover strings (escaped here), or None.
         highlight: prototype ids drawn again on top with an outline (search hits, picks).
+        shown: (N,) bool, the prototypes inside the filter (None: all); the others are dimmed.
+        suppressed, gained: prototype ids the session suppresses, or gives a gain other than 1
+            (marked with a cross and a diamond).
+        dark: colours for a dark page (the app's theme follows the browser's light/dark setting).
     """
     xy = np.asarray(xy, dtype=np.float32)
     ids = np.asarray(ids, dtype=np.int32)
-    codes, legend = group_colours(groups)
-    hover_text = None if hover is None else np.array([html.escape(h, quote=False) for h in hover], dtype=object)
+    codes, legend = group_colours(groups, dark)
+    hover_text = None if hover is None else np.array([html_text(h) for h in hover], dtype=object)
+    opacity: float | np.ndarray = 0.8
+    if shown is not None and not np.all(shown):
+        opacity = np.where(np.asarray(shown, dtype=bool), 0.85, 0.07).astype(np.float32)
     fig = go.Figure()
     fig.add_trace(
         go.Scattergl(
@@ -102,7 +121,7 @@ def atlas_figure(
                 "cmax": len(legend) - 0.5,
                 "showscale": False,
                 "size": marker_sizes(usage_share),
-                "opacity": 0.8,
+                "opacity": opacity,
                 "line": {"width": 0},
             },
             hovertext=hover_text,
@@ -113,9 +132,15 @@ def atlas_figure(
             name="prototypes",
         )
     )
-    if len(highlight):
-        where = {int(j): i for i, j in enumerate(ids)}
-        rows = [where[int(j)] for j in highlight if int(j) in where]
+    where = {int(j): i for i, j in enumerate(ids)}
+    outline = {"width": 2, "color": INK_DARK if dark else INK}
+    overlays = (
+        (highlight, "highlighted", {"size": 14, "color": "rgba(0,0,0,0)", "line": outline}),
+        (suppressed, "suppressed", {"size": 11, "symbol": "x-thin", "line": {"width": 2.5, "color": "#D55E00"}}),
+        (gained, "gain ≠ 1", {"size": 15, "symbol": "diamond-open", "line": {"width": 2, "color": "#CC79A7"}}),
+    )
+    for chosen, name, marker in overlays:
+        rows = [where[int(j)] for j in chosen if int(j) in where]
         if rows:
             fig.add_trace(
                 go.Scatter(
@@ -123,9 +148,9 @@ def atlas_figure(
                     y=xy[rows, 1],
                     mode="markers",
                     customdata=ids[rows],
-                    marker={"size": 14, "color": "rgba(0,0,0,0)", "line": {"width": 2, "color": "#000000"}},
-                    hovertemplate="prototype %{customdata}<extra>highlighted</extra>",
-                    name="highlighted",
+                    marker=marker,
+                    hovertemplate=f"prototype %{{customdata}}<extra>{name}</extra>",
+                    name=name,
                     showlegend=True,
                 )
             )
@@ -136,16 +161,16 @@ def atlas_figure(
                 y=[None],
                 mode="markers",
                 marker={"color": colour, "size": 9},
-                name=name,
+                name=html_text(name),  # plotly renders HTML in legend names (a corpus source is untrusted)
                 showlegend=True,
                 hoverinfo="skip",
             )
         )
     fig.update_layout(
-        title=title or None,
+        title=html_text(title) if title else None,
         height=height,
         dragmode="lasso",
-        uirevision="atlas",
+        uirevision=uirevision,
         margin={"l": 10, "r": 10, "t": 40 if title else 30, "b": 10},
         legend={"orientation": "h", "yanchor": "top", "y": -0.01, "x": 0},
         xaxis={"showticklabels": False, "zeroline": False, "showgrid": False},
@@ -200,7 +225,7 @@ def waterfall_figure(
         if rank >= shown:
             break
         label = labels[i] if labels is not None and labels[i] else ""
-        names.append(f"#{prototype_ids[i]} {html.escape(label[:28], quote=False)}".strip())
+        names.append(f"#{prototype_ids[i]} {html_text(label[:28])}".strip())
         values.append(float(slices[i]))
         custom.append(int(prototype_ids[i]))
     if len(order) > shown:
@@ -234,5 +259,52 @@ def waterfall_figure(
         yaxis={"autorange": "reversed", "type": "category"},
         showlegend=False,
         clickmode="event+select",
+    )
+    return fig
+
+
+def grouped_slices(
+    prototype_ids: Sequence[int], slices: Sequence[float], groups: Sequence[str]
+) -> list[tuple[str, float, list[int]]]:
+    """A token's slices summed per group (category, cluster), strongest group first.
+
+    Each group's value is the exact sum of its members' exact slices, so the groups still sum to
+    the logit. Returns (group name, summed slice, member ids strongest first) per group.
+    """
+    members: dict[str, list[tuple[int, float]]] = {}
+    for j, value, group in zip(prototype_ids, slices, groups, strict=True):
+        members.setdefault(group or "unlabelled", []).append((int(j), float(value)))
+    rows = []
+    for name, items in members.items():
+        total = float(np.sum(np.asarray([v for _, v in items], dtype=np.float64)))
+        rows.append((name, total, [j for j, _ in sorted(items, key=lambda x: -abs(x[1]))]))
+    return sorted(rows, key=lambda r: -abs(r[1]))
+
+
+def grouped_waterfall_figure(rows: Sequence[tuple[str, float, list[int]]], logit: float) -> go.Figure:
+    """A waterfall of grouped slices (``grouped_slices``) ending in the logit they sum to."""
+    names = [f"{html_text(name[:32])} ({len(ids)})" for name, _, ids in rows] + ["logit"]
+    values = [value for _, value, _ in rows] + [float(logit)]
+    fig = go.Figure(
+        go.Waterfall(
+            orientation="h",
+            y=names,
+            x=values,
+            measure=["relative"] * len(rows) + ["total"],
+            text=[f"{v:+.3f}" for v in values[:-1]] + [f"{logit:.3f}"],
+            textposition="outside",
+            cliponaxis=False,
+            increasing={"marker": {"color": "#0072B2"}},
+            decreasing={"marker": {"color": "#D55E00"}},
+            totals={"marker": {"color": "#555555"}},
+            connector={"line": {"color": "#999999", "width": 1}},
+            hovertemplate="%{y}: %{x:+.4f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        height=60 + 24 * len(values),
+        margin={"l": 10, "r": 70, "t": 10, "b": 10},
+        yaxis={"autorange": "reversed", "type": "category"},
+        showlegend=False,
     )
     return fig

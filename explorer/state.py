@@ -8,7 +8,6 @@ lives in ``st.session_state`` and reaches core as per-call arguments.
 from __future__ import annotations
 
 import argparse
-import html
 import os
 import sys
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import core
 from core import AtlasTables, Bundle, BundleError, Controls, PrototypeIndex, PrototypeIndexError
 
 from .controls import ControlHistory, ControlSet
+from .safe import html_text, md
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_BUNDLE = REPO / "assets" / "models" / "demo"
@@ -46,6 +46,19 @@ def default_bundle_path() -> str:
     except (argparse.ArgumentError, SystemExit):
         args = argparse.Namespace(model=None)
     return args.model or os.environ.get(MODEL_ENV) or str(DEMO_BUNDLE)
+
+
+def runtime_settings() -> tuple[str, str]:
+    """(device, dtype) the server runs models with: ``--device`` and ``--dtype`` after
+    ``streamlit run explorer/app.py --``, else $PRISM_DEVICE and $PRISM_DTYPE, else ``auto``."""
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    parser.add_argument("--device")
+    parser.add_argument("--dtype")
+    try:
+        args, _ = parser.parse_known_args(sys.argv[1:])
+    except (argparse.ArgumentError, SystemExit):
+        args = argparse.Namespace(device=None, dtype=None)
+    return args.device or core.default_device(), args.dtype or core.default_dtype()
 
 
 def bundle_roots() -> list[Path]:
@@ -89,21 +102,53 @@ def allowed_bundle(text: str) -> Path | None:
 def bundle_refusal(text: str) -> str:
     """The one message for a bundle folder that does not exist or may not be opened."""
     return (
-        f"Cannot open bundle {text!r}: there is no bundle of that name that this server offers. "
+        f"Cannot open bundle {md(repr(str(text)))}: there is no bundle of that name that this server offers. "
         f"Give a folder under the server's bundle folders (set by {BUNDLES_ENV}), e.g. its name."
     )
 
 
-@st.cache_resource(show_spinner=False, max_entries=3)
+# Two caches: the server's own bundle (one entry, never evicted by what visitors open) and the
+# others (a few entries shared by all sessions). One session opening four other bundles used to
+# evict the demo model for everyone (issue 15, item 6).
+OTHER_BUNDLES_CACHED = 2
+
+
+def is_default_bundle(path: str) -> bool:
+    """Whether ``path`` is the bundle this server was started with."""
+    return Path(path).expanduser().resolve() == Path(default_bundle_path()).expanduser().resolve()
+
+
+@st.cache_resource(show_spinner=False, max_entries=1)
+def _default_bundle(path: str, device: str, dtype: str) -> Bundle:
+    return core.load_bundle(path, device=device, dtype=dtype)
+
+
+@st.cache_resource(show_spinner=False, max_entries=OTHER_BUNDLES_CACHED)
+def _other_bundle(path: str, device: str, dtype: str) -> Bundle:
+    return core.load_bundle(path, device=device, dtype=dtype)
+
+
+@st.cache_resource(show_spinner=False, max_entries=1)
+def _default_index(path: str, fingerprint: str) -> PrototypeIndex:
+    return core.load_index(path)
+
+
+@st.cache_resource(show_spinner=False, max_entries=OTHER_BUNDLES_CACHED)
+def _other_index(path: str, fingerprint: str) -> PrototypeIndex:
+    return core.load_index(path)
+
+
 def cached_bundle(path: str) -> Bundle:
-    """The bundle at ``path``, loaded once per process (shared by every session, read-only)."""
-    return core.load_bundle(path)
+    """The bundle at ``path``, loaded once per process (shared by every session, read-only) on the
+    server's device and dtype (:func:`runtime_settings`; an unknown value or a missing GPU is the
+    ArgumentError that :func:`load_current` shows)."""
+    load = _default_bundle if is_default_bundle(path) else _other_bundle
+    return load(path, *runtime_settings())
 
 
-@st.cache_resource(show_spinner=False, max_entries=3)
 def cached_index(path: str, fingerprint: str) -> PrototypeIndex:
     """The index of the bundle at ``path`` (``fingerprint`` keys the cache to its weights)."""
-    return core.load_index(path)
+    return _default_index(path, fingerprint) if is_default_bundle(path) else _other_index(path, fingerprint)
 
 
 @dataclass
@@ -118,6 +163,11 @@ class Loaded:
     def path(self) -> str:
         return str(self.bundle.path)
 
+    @property
+    def name(self) -> str:
+        """How the app names the bundle to visitors (relative to the bundle folders, never a server path)."""
+        return shown_bundle_path(self.path)
+
 
 def load_current() -> Loaded:
     """The session's bundle and index, loaded with a progress bar the first time.
@@ -131,13 +181,13 @@ def load_current() -> Loaded:
         st.stop()
     path = str(folder)
     seen = st.session_state.setdefault("_loaded_paths", set())
-    bar = None if path in seen else st.progress(0, text=f"Loading model {text}…")
+    bar = None if path in seen else st.progress(0, text=f"Loading model {md(text)}…")
     try:
         bundle = cached_bundle(path)
     except (BundleError, OSError, ValueError) as err:
         if bar is not None:
             bar.empty()
-        st.error(f"Cannot open bundle {text!r}: {err}")
+        st.error(f"Cannot open bundle {md(repr(text))}: {md(err)}")
         st.stop()
     if bar is not None:
         bar.progress(60, text="Loading prototype index…")
@@ -146,9 +196,9 @@ def load_current() -> Loaded:
         try:
             index = cached_index(path, bundle.fingerprint)
         except (PrototypeIndexError, OSError, ValueError) as err:
-            problem = str(err)
+            problem = str(err).replace(path, shown_bundle_path(path))  # no server paths on screen
     else:
-        problem = f"{text} is a dense twin: it has no prototypes to explore"
+        problem = f"{text} is a dense twin: it has no prototypes to explore"  # shown through md()
     if bar is not None:
         bar.empty()
     seen.add(path)
@@ -168,10 +218,10 @@ def reset_session(fingerprint: str) -> None:
 def require_prism(loaded: Loaded) -> None:
     """End the page with an explanation unless the bundle is PRISM with an index."""
     if not loaded.bundle.is_prism:
-        st.info(f"{loaded.path} is a dense twin: it has no prototypes. Open a PRISM bundle in the sidebar.")
+        st.info(f"{md(loaded.name)} is a dense twin: it has no prototypes. Open a PRISM bundle in the sidebar.")
         st.stop()
     if loaded.index is None:
-        st.info(f"This page needs the bundle's prototype index. {loaded.index_error}")
+        st.info(f"This page needs the bundle's prototype index. {md(loaded.index_error)}")
         st.stop()
 
 
@@ -220,8 +270,8 @@ def sync_widget(key: str, value: object) -> None:
 
 
 def escape(text: str) -> str:
-    """HTML-escape text from the corpus, a prompt or a file."""
-    return html.escape(str(text), quote=True)
+    """HTML-escape text from the corpus, a prompt or a file (see explorer/safe.py)."""
+    return html_text(text)
 
 
 def marked_snippet(snippet: str, start: int, end: int) -> str:
@@ -232,9 +282,8 @@ def marked_snippet(snippet: str, start: int, end: int) -> str:
 
 
 def visible_token(token: str) -> str:
-    """A token as a short label: spaces and newlines shown, markdown characters escaped."""
-    text = token.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5") or "\u2205"
-    return "".join("\\" + c if c in "\\`*_{}[]()#+-.!|<>~$:" else c for c in text)
+    """A token as a short markdown label: spaces and newlines shown, every markdown character escaped."""
+    return md(token.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5") or "\u2205")
 
 
 def unique_labels(labels: list[str]) -> list[str]:
@@ -257,15 +306,27 @@ SNIPPET_CSS = (
 )
 
 
-@st.cache_resource(show_spinner=False, max_entries=3)
-def _atlas(path: str, fingerprint: str, _bundle: Bundle, _index: PrototypeIndex) -> AtlasTables:
+@st.cache_resource(show_spinner=False, max_entries=1)
+def _default_atlas(path: str, fingerprint: str, _bundle: Bundle, _index: PrototypeIndex) -> AtlasTables:
+    return core.build_atlas_tables(_bundle, _index)
+
+
+@st.cache_resource(show_spinner=False, max_entries=OTHER_BUNDLES_CACHED)
+def _other_atlas(path: str, fingerprint: str, _bundle: Bundle, _index: PrototypeIndex) -> AtlasTables:
     return core.build_atlas_tables(_bundle, _index)
 
 
 def atlas_data(loaded: Loaded) -> AtlasTables:
     """The per-prototype tables of the loaded bundle (computed once per process, read-only)."""
     assert loaded.index is not None
-    return _atlas(loaded.path, loaded.bundle.fingerprint, loaded.bundle, loaded.index)
+    build = _default_atlas if is_default_bundle(loaded.path) else _other_atlas
+    return build(loaded.path, loaded.bundle.fingerprint, loaded.bundle, loaded.index)
+
+
+def dark_theme() -> bool:
+    """Whether the analyst's page is dark (the theme follows the browser's light/dark setting)."""
+    theme = getattr(getattr(st, "context", None), "theme", None)
+    return getattr(theme, "type", None) == "dark"
 
 
 def max_suppressed(loaded: Loaded) -> int:

@@ -203,3 +203,37 @@ def context_fidelity(hidden: np.ndarray, keys: np.ndarray, top_k: int, rows: lis
     scores = prototype_scores(torch.from_numpy(hidden).double(), torch.from_numpy(keys).double())  # (R, P)
     active = active_prototypes(scores, top_k)[0].numpy()  # (R, k)
     return np.array([float(np.mean((active[r] == j).any(axis=1))) if len(r) else 0.0 for j, r in enumerate(rows)])
+
+
+def knn_purity(xy: np.ndarray, groups: list[str] | np.ndarray, k: int = 10, chunk: int = 1024) -> float:
+    """Map structure: the mean share of each point's ``k`` nearest neighbours on the 2-D map
+    that belong to its own group (category, dominant source), in [0, 1].
+
+    Args:
+        xy: (N, 2) map coordinates.
+        groups: N group names.
+        k: neighbours per point (capped at N - 1).
+        chunk: rows of the (chunk, N) distance block held at once.
+    """
+    xy = np.asarray(xy, dtype=np.float64)  # (N, 2)
+    codes = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)[1]  # (N,)
+    n = len(codes)
+    k = min(int(k), n - 1)
+    if k < 1:
+        return float("nan")
+    same = 0.0
+    for start in range(0, n, chunk):
+        block = xy[start : start + chunk]  # (C, 2)
+        d = ((block[:, None, :] - xy[None, :, :]) ** 2).sum(-1)  # (C, N)
+        d[np.arange(len(block)), np.arange(start, start + len(block))] = np.inf  # not its own neighbour
+        near = np.argpartition(d, k, axis=1)[:, :k]  # (C, k)
+        same += (codes[near] == codes[start : start + len(block), None]).sum()
+    return float(same / (n * k))
+
+
+def shuffled_purity(groups: list[str] | np.ndarray) -> float:
+    """The kNN purity expected when the groups are shuffled over the points (no structure):
+    sum over groups of n_g (n_g - 1) / (N (N - 1)), exactly, whatever k."""
+    _, counts = np.unique(np.asarray(groups, dtype=object).astype(str), return_counts=True)
+    n = counts.sum()
+    return float((counts * (counts - 1)).sum() / (n * (n - 1))) if n > 1 else float("nan")

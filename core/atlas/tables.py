@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from core.atlas.labels import PrototypeLabel, load_labels
-from core.atlas.layout import load_atlas
+from core.atlas.layout import knn_purity, load_atlas, shuffled_purity
 
 if TYPE_CHECKING:  # pragma: no cover
     from core.bundle import Bundle
@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 NO_LABEL = ""
 SNIPPET_BEFORE, SNIPPET_AFTER = 40, 20  # characters of context kept around a trigger in ``top_snippet``
 SEARCH_LIMIT = 200
+STRUCTURE_K = 10  # neighbours per point in the map-structure score
 
 
 @dataclass
@@ -40,6 +41,10 @@ class AtlasTables:
             neighbourhood snippet.
         label_records: the label records by prototype id, when the bundle has labels.
         has_labels: whether the bundle has labels (label records or index labels).
+        layouts: every candidate layout by name ((P, 2) each); ``xy`` is the one that scores best.
+        layout_scores: each candidate's map structure: the kNN purity (``knn_purity``, k=10) of
+            ``structure_of`` ("categories" or "dominant sources") on its map.
+        shuffled_score: the same purity with the groups shuffled over the points (no structure).
     """
 
     xy: np.ndarray
@@ -57,12 +62,16 @@ class AtlasTables:
     search_text: list[str]
     label_records: dict[int, PrototypeLabel] = field(default_factory=dict)
     has_labels: bool = False
+    layouts: dict[str, np.ndarray] = field(default_factory=dict)
+    layout_scores: dict[str, float] = field(default_factory=dict)
+    structure_of: str = ""
+    shuffled_score: float = float("nan")
 
     @property
     def num_prototypes(self) -> int:
         return len(self.labels)
 
-    def search(self, query: str, limit: int = SEARCH_LIMIT) -> list[int]:
+    def search(self, query: str, limit: int | None = SEARCH_LIMIT) -> list[int]:
         """Prototype ids whose label, role or neighbourhood text contains every word of ``query``."""
         words = query.lower().split()
         if not words:
@@ -97,6 +106,18 @@ def _layout(bundle: Bundle, num_prototypes: int) -> tuple[np.ndarray, str, dict[
         xy = pca_layout(keys)
         layout += "PCA of the normalised prototype keys (no UMAP atlas in this bundle: run `prism label --model DIR`)"
     return xy, layout, records
+
+
+def candidate_layouts(bundle: Bundle, xy: np.ndarray, name: str) -> dict[str, np.ndarray]:
+    """The layouts the map may use: the bundle's own (``xy``, called ``name``) and PCA maps of what
+    the prototypes read (their keys) and write (their values W), each a few milliseconds."""
+    head = bundle.model.prototypes
+    layouts = {name: np.asarray(xy, dtype=np.float32)}
+    for what, weights in (("keys", head.keys), ("values W", head.values)):
+        title = f"PCA of the normalised prototype {what}"
+        if not name.startswith(title):
+            layouts[title] = pca_layout(weights.detach().float().cpu().numpy())
+    return layouts
 
 
 def neighbourhood_sources(index: PrototypeIndex) -> tuple[list[str], np.ndarray, list[str]]:
@@ -147,9 +168,17 @@ def build_atlas_tables(bundle: Bundle, index: PrototypeIndex) -> AtlasTables:
         search_text.append(
             " ".join([labels[j], roles[j], categories[j], descriptions[j], *(s["snippet"] for s in snippets)]).lower()
         )
+    structure_of, groups = ("categories", categories) if any(categories) else ("dominant sources", dominant)
+    layouts = candidate_layouts(bundle, xy, layout)
+    scores = {name: knn_purity(coords, groups, STRUCTURE_K) for name, coords in layouts.items()}
+    layout = max(scores, key=lambda name: (scores[name], name == layout))  # the shipped one wins ties
     return AtlasTables(
-        xy=xy,
+        xy=layouts[layout],
         layout=layout,
+        layouts=layouts,
+        layout_scores=scores,
+        structure_of=structure_of,
+        shuffled_score=shuffled_purity(groups),
         usage_share=np.asarray(index.usage_share, dtype=np.float64),
         usage_count=np.asarray(index.usage_count),
         labels=labels,

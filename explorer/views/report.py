@@ -3,12 +3,15 @@ controls in force, model fingerprint) as self-contained HTML, JSON or CSV."""
 
 from __future__ import annotations
 
+import time
+
 import streamlit as st
 
 import core
 from core import Controls
-from explorer import state
+from explorer import permalink, state
 from explorer.controls import ControlSet, plural
+from explorer.export import file_stem, report_for_download
 from explorer.figures import waterfall_figure
 
 DOWNLOADS = (
@@ -17,8 +20,10 @@ DOWNLOADS = (
     ("csv", "Download CSV", "text/csv"),
 )  # (report format, button label, MIME type)
 
+
 loaded = state.load_current()
 st.subheader("Report")
+permalink.write({"bundle": loaded.name})
 result = st.session_state.get(state.TRACE)
 if result is None:
     st.info(
@@ -28,14 +33,23 @@ if result is None:
     st.stop()
 
 controls = st.session_state.get(state.TRACE_CONTROLS)
-report = core.report_from_attributions([result], controls)
 dec = result.decomposition
+chips = [f"{t.position + 1}: {t.token!r}" for t in dec.tokens]  # options are plain text
+chosen = st.multiselect(
+    "Tokens to include",
+    list(range(len(dec.tokens))),
+    key="report_tokens",
+    format_func=lambda i: chips[i],
+    placeholder=f"all {len(dec.tokens)} tokens",
+    help="Leave empty for every token of the completion",
+)
+report = report_for_download(result, controls, loaded.name, chosen)
 st.markdown(
     f"Trace of {plural(len(dec.tokens), 'token')} · method {result.method} · model {result.model_fingerprint} · "
     f"controls: {ControlSet.from_core(controls or Controls()).describe()}"
 )
 st.text(dec.prompt + dec.completion)
-stem = f"prism-report-{result.model_fingerprint}"
+stem = file_stem(dec.prompt, time.gmtime())
 for column, (fmt, label, mime) in zip(st.columns(len(DOWNLOADS)), DOWNLOADS, strict=True):
     column.download_button(
         label,

@@ -12,12 +12,14 @@ import streamlit as st
 
 import core
 from core import BehaviourError, Controls, ControlsError
-from explorer import state
+from explorer import permalink, state
 from explorer.cards import SUPPRESSION_WINS, control_widgets
 from explorer.controls import ControlSet, apply_table, plural, table_rows
+from explorer.safe import md
 
 DEFAULT_PROMPT = "KING."
 BEHAVIOURS = state.REPO / "assets" / "behaviours"
+MAX_CONTROLS_BYTES = 5_000_000  # a controls file of every prototype of a 16k model is well under this
 TABLE_TYPES = {"prototype": "int64", "label": "str", "gain": "float64", "suppressed": "bool", "note": "str"}
 
 
@@ -115,7 +117,7 @@ def label_of(j: int) -> str:
 loaded = state.load_current()
 bundle = loaded.bundle
 if not bundle.is_prism:
-    st.info(f"{loaded.path} is a dense twin: it has no prototypes to steer. Open a PRISM bundle in the sidebar.")
+    st.info(f"{md(loaded.name)} is a dense twin: it has no prototypes to steer. Open a PRISM bundle in the sidebar.")
     st.stop()
 P = bundle.model.config.num_prototypes
 K = bundle.model.config.prototype_top_k
@@ -133,6 +135,11 @@ seed = c2.number_input("Seed", 0, 2**31 - 1, 0, key="steer_seed")
 sample = c3.toggle("Sample", key="steer_sample", help="Sample instead of greedy decoding (same seed both sides)")
 temperature = c4.slider("Temperature", 0.1, 2.0, 0.8, step=0.1, key="steer_temperature", disabled=not sample)
 
+permalink.write(
+    {"bundle": loaded.name, "sprompt": prompt, "sn": int(max_new), "seed": int(seed)},
+    current,
+)
+
 st.markdown("**Controls of this session** (from any page; every change regenerates; undo and redo in the sidebar)")
 if current.is_empty:
     st.caption(
@@ -148,7 +155,7 @@ pinned = [j for j in st.session_state.get(state.PINNED, []) if 0 <= j < P]
 for j in pinned:
     name, controls_col, remove_col = st.columns([2, 5, 1])
     name.markdown(f"**#{j}**")
-    name.caption(label_of(j) or "unlabelled")
+    name.caption(md(label_of(j), limit=80) or "unlabelled")
     with controls_col:
         control_widgets(j, "steer", P - K)
     remove_col.button("Unpin", key=f"steer_unpin_{j}", on_click=_unpin, args=(j,), help="Remove the slider row")
@@ -197,7 +204,7 @@ try:
         raise ControlsError(f"at most {P - K} prototypes can be suppressed")
     new.to_core(bundle.fingerprint).validate(P, K, bundle.fingerprint)
 except ControlsError as err:
-    st.error(f"That edit was not applied: {err}")
+    st.error(f"That edit was not applied: {md(err)}")
 else:
     if new != current:
         state.commit(new, "table edit")
@@ -232,7 +239,7 @@ with st.expander("Find prototypes to steer: by text query or by contrast"):
                 try:
                     spec = core.load_behaviour(demo)
                 except (OSError, BehaviourError) as err:
-                    st.error(f"Cannot read {demo.name}: {err}")
+                    st.error(f"Cannot read {md(demo.name)}: {md(err)}")
                 else:  # one prompt per line: a prompt's own line breaks become spaces
                     st.session_state["steer_behaviour"] = "\n".join(
                         " ".join(x.split()) for x in spec.contrast_behaviour or spec.prompts
@@ -253,7 +260,7 @@ with st.expander("Find prototypes to steer: by text query or by contrast"):
                 with st.spinner("Running the prompts…"):
                     found = core.target_by_contrast(bundle, lines_b, lines_n, top, index=loaded.index)
         except (ValueError, ControlsError) as err:
-            st.error(f"Cannot target: {err}")
+            st.error(f"Cannot target: {md(err)}")
         if found is not None:
             st.session_state["steer_targets"] = [int(t.id) for t in found]
             st.session_state["steer_target_rows"] = [
@@ -267,7 +274,7 @@ controls = current.to_core(bundle.fingerprint)
 try:
     controls.validate(P, K, bundle.fingerprint)
 except ControlsError as err:
-    st.error(f"These controls cannot be applied: {err}")
+    st.error(f"These controls cannot be applied: {md(err)}")
     st.stop()
 
 st.divider()
@@ -278,10 +285,10 @@ with st.spinner("Regenerating…"):
         original = generated(*key_args, json.dumps(Controls().to_json(), sort_keys=True))
         steered = generated(*key_args, json.dumps(controls.to_json(), sort_keys=True))
     except (ValueError, ControlsError) as err:
-        st.error(f"Cannot generate: {err}")
+        st.error(f"Cannot generate: {md(err)}")
         st.stop()
 if original["notice"]:
-    st.warning(original["notice"])
+    st.warning(md(original["notice"]))
 diff = core.compare_tokens(original["ids"], steered["ids"])
 if controls.is_empty:
     st.caption("No controls in force: the steered text is the original.")
@@ -330,17 +337,28 @@ s1.download_button(
     on_click="ignore",
     key="steer_save",
 )
-upload = s2.file_uploader("Load controls (JSON)", type=["json"], key="steer_upload")
+upload = s2.file_uploader(
+    "Load controls (JSON)",
+    type=["json"],
+    key="steer_upload",
+    help=f"A controls file saved here or by `prism`; at most {MAX_CONTROLS_BYTES // 1_000_000} MB",
+)
 if upload is not None and st.session_state.get("steer_uploaded") != upload.file_id:
-    st.session_state["steer_uploaded"] = upload.file_id
+    st.session_state["steer_uploaded"] = upload.file_id  # parsed once per file, not on every rerun
+    name = md(upload.name, limit=80)
     try:
+        if upload.size > MAX_CONTROLS_BYTES:
+            raise ControlsError(f"it has {upload.size:,} bytes; at most {MAX_CONTROLS_BYTES:,} are read here")
         loaded_controls = Controls.from_json(json.loads(upload.getvalue().decode("utf-8")))
         loaded_controls.validate(P, K, bundle.fingerprint)
         value = ControlSet.from_core(loaded_controls)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        st.error(f"{upload.name} is not a JSON controls file: {err}")
-    except ControlsError as err:
-        st.error(f"Cannot load {upload.name}: {err}")
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        if isinstance(err, ControlsError):
+            st.error(f"Cannot load {name}: {md(err)}")
+        else:
+            st.error(f"{name} is not a JSON controls file: {md(str(err)[:200])}")
+    except (TypeError, AttributeError, KeyError):
+        st.error(f"{name} is not a JSON controls file: it does not hold gains and suppressions")
     else:
         state.commit(value, f"loaded {upload.name}")
         st.rerun()

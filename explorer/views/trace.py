@@ -10,14 +10,15 @@ import streamlit as st
 
 import core
 from core import Attribution, Controls, ControlsError, PrototypeIndexError
-from explorer import state
+from explorer import permalink, state
 from explorer.cards import render_card
 from explorer.controls import ControlSet, plural
-from explorer.figures import selected_ids, waterfall_figure
+from explorer.figures import grouped_slices, grouped_waterfall_figure, selected_ids, waterfall_figure
+from explorer.safe import md, md_repr
 
 DEFAULT_PROMPT = "ROMEO. But soft, what light"
 WATERFALL_KEY = "trace_waterfall"
-EXAMPLES_SHOWN = 5
+CARD_FOR = "card_trace"  # the prompt of the trace whose slice or example opened the card
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -40,14 +41,21 @@ def traced(
     )
 
 
-def _on_slice_select() -> None:
-    ids = selected_ids(st.session_state.get(WATERFALL_KEY))
-    if ids:
-        st.session_state[state.CARD] = ids[0]
+def trace_identity(result: Attribution) -> str:
+    """What a card belongs to: the traced prompt (tracing the same prompt again keeps the card open)."""
+    return result.decomposition.prompt
 
 
 def _open_card(prototype: int) -> None:
     st.session_state[state.CARD] = int(prototype)
+    trace = st.session_state.get(state.TRACE)
+    st.session_state[CARD_FOR] = trace_identity(trace) if trace is not None else None
+
+
+def _on_slice_select() -> None:
+    ids = selected_ids(st.session_state.get(WATERFALL_KEY))
+    if ids:
+        _open_card(ids[0])
 
 
 loaded = state.load_current()
@@ -66,6 +74,11 @@ mode = c1.radio(
     help="Generate greedily with the session's controls, or paste a completion to score",
 )
 most = max(1, min(64, bundle.model.config.get_text_config().max_position_embeddings // 2))
+wanted_method = st.session_state.pop("_permalink_method", None)
+if wanted_method in (core.AUTO_METHOD, *core.METHODS):
+    st.session_state["trace_method"] = wanted_method
+if st.session_state.get("trace_max_new", 1) > most:
+    st.session_state["trace_max_new"] = most
 max_new = c2.slider("Tokens to generate", 1, most, min(16, most), key="trace_max_new", disabled=mode != "generate")
 method = c3.selectbox(
     "Attribution method",
@@ -81,8 +94,9 @@ completion = None
 if mode == "score my own":
     completion = st.text_area("Completion to score", "", key="trace_completion", height=68)
 submitted = st.button("Trace", type="primary", key="trace_run", shortcut="Ctrl+Enter")
+opened_from_link = st.session_state.pop("trace_autorun", False)  # a permalink traces its prompt once
 
-if submitted:
+if submitted or opened_from_link:
     controls = state.session_controls(bundle.fingerprint)
     with st.spinner("Generating and tracing…" if completion is None else "Tracing…"):
         try:
@@ -97,11 +111,21 @@ if submitted:
                 json.dumps(controls.to_json(), sort_keys=True),
             )
         except (ValueError, ControlsError, PrototypeIndexError) as err:
-            st.error(f"Cannot trace: {err}")
+            st.error(f"Cannot trace: {md(err)}")
             st.stop()
     st.session_state[state.TRACE] = result
     st.session_state[state.TRACE_CONTROLS] = controls
-    st.session_state["trace_token"] = 0
+    st.session_state["trace_top_used"] = int(top)
+    st.session_state["trace_request"] = {
+        "prompt": prompt,
+        "mode": mode,
+        "completion": completion,
+        "n": int(max_new),
+        "method": method,
+        "top": int(top),
+    }
+    wanted = st.session_state.pop("trace_token_wanted", 0)
+    st.session_state["trace_token"] = wanted if 0 <= wanted < len(result.decomposition.tokens) else 0
 
 result: Attribution | None = st.session_state.get(state.TRACE)
 if result is None:
@@ -141,7 +165,7 @@ error = abs(total - token.logit)
 
 st.markdown(f"#### token {i + 1} / {n}")
 m1, m2, m3, m4 = st.columns(4)
-m1.metric("Token", repr(token.token))
+m1.metric("Token", md_repr(token.token))
 m2.metric("Logit", f"{token.logit:.4f}")
 m3.metric("Probability", f"{token.probability:.4f}")
 m4.metric("Σ slices", f"{total:.4f}", help="The slices of the active prototypes add up to the logit")
@@ -149,6 +173,13 @@ st.success(
     f"Σ slices = logit (|error| = {error:.1e}) over {plural(len(token.prototypes), 'active prototype')}",
     icon=":material/check_circle:",
 )
+
+card = st.session_state.get(state.CARD)
+owner = st.session_state.get(CARD_FOR)
+if card is not None and owner is not None and owner != trace_identity(result):
+    card = None  # it was opened from another trace: it does not follow the analyst to unrelated text
+    st.session_state.pop(state.CARD, None)
+st.session_state[CARD_FOR] = trace_identity(result) if card is not None else None
 
 left, right = st.columns([3, 2])
 with left:
@@ -164,8 +195,43 @@ with left:
         config={"displaylogo": False},
         alt=f"Slices of token {token.token!r} summing to its logit",
     )
-    st.caption("Click a slice to open its prototype card.")
-with right:
+    st.caption("Click a slice to open its prototype card beside the chart.")
+    grouping = data.categories if any(data.categories) else data.dominant
+    by = "category" if any(data.categories) else "dominant source"
+    if st.toggle(f"Group the slices by {by}", key="trace_group", help="Each group is the exact sum of its slices"):
+        groups = grouped_slices(ids, [p.slice for p in token.prototypes], [grouping[j] for j in ids])
+        st.plotly_chart(
+            grouped_waterfall_figure(groups, token.logit),
+            key="trace_grouped",
+            width="stretch",
+            config={"displaylogo": False},
+            alt=f"Slices of token {token.token!r} summed by {by}",
+        )
+        total = sum(v for _, v, _ in groups)
+        st.caption(
+            f"{plural(len(groups), 'group')}; the groups sum to {total:.4f} = logit (|error| = "
+            f"{abs(total - token.logit):.1e})."
+        )
+        slice_of = {p.id: p.slice for p in token.prototypes}
+        for name, value, members in groups[:8]:
+            with st.expander(f"{md(name, limit=60)}: {value:+.3f} over {plural(len(members), 'prototype')}"):
+                st.dataframe(
+                    pd.DataFrame(
+                        {
+                            "prototype": members,
+                            "label": [data.labels[j] for j in members],
+                            "slice": [slice_of[j] for j in members],
+                        }
+                    ),
+                    hide_index=True,
+                    key=f"trace_group_{name}",
+                )
+                st.button(
+                    "Open the strongest as a card",
+                    key=f"trace_group_card_{name}",
+                    on_click=_open_card,
+                    args=(members[0],),
+                )
     st.markdown("**Top alternatives** (their slices over the same prototypes)")
     rows = [
         {
@@ -194,6 +260,14 @@ with right:
             "probability": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0, format="%.3f"),
         },
     )
+with right:
+    if card is None:
+        st.info("Click a slice of the chart, or a card button beside a training example: its card opens here.")
+    else:
+        c_title, c_close = st.columns([4, 1])
+        c_title.markdown(f"**Prototype card** (from this trace, token {i + 1})")
+        c_close.button("Close", key="trace_card_close", on_click=lambda: st.session_state.pop(state.CARD, None))
+        render_card(index, data, bundle.tokenizer, int(card), "trace", state.max_suppressed(loaded))
 
 st.markdown(f"**Training examples behind this token** ({result.method}; scores: {result.measurement})")
 if result.method == "neighbourhood":
@@ -202,9 +276,12 @@ if result.method == "neighbourhood":
         "document taught the model this token. Influence and verbatim-span attribution need the "
         "bundle's influence store and span index (`prism index`)."
     )
-examples = result.token_examples[i][:EXAMPLES_SHOWN]
+examples = result.token_examples[i]  # as many as "Examples per token" asked for when this was traced
 if not examples:
     st.caption("No training examples were credited for this token.")
+else:
+    asked = st.session_state.get("trace_top_used", len(examples))
+    st.caption(f"{plural(len(examples), 'example')} shown (Examples per token was {asked} for this trace).")
 for rank, e in enumerate(examples, start=1):
     a, b = st.columns([6, 1])
     a.html(
@@ -215,7 +292,17 @@ for rank, e in enumerate(examples, start=1):
     if e.prototype >= 0:  # verbatim-span examples come from no prototype
         b.button(f"card #{e.prototype}", key=f"trace_example_card_{rank}", on_click=_open_card, args=(e.prototype,))
 
-card = st.session_state.get(state.CARD)
-if card is not None:
-    st.markdown("**Prototype card**")
-    render_card(index, data, bundle.tokenizer, int(card), "trace", state.max_suppressed(loaded))
+request = st.session_state.get("trace_request") or {}
+permalink.write(
+    {
+        "bundle": loaded.name,
+        **request,
+        "token": i,
+        "card": st.session_state.get(state.CARD),
+    },
+    traced_with,
+)
+st.caption(
+    "Permalink: this page's address now holds the bundle, prompt, token, open card and the trace's controls; "
+    "copy it from the address bar to share this view or to come back to it."
+)

@@ -24,6 +24,7 @@ from core import (  # noqa: E402
     load_bundle,
     load_index,
 )
+from explorer.clickselect import CLICK_SELECT_JS  # noqa: E402
 from explorer.controls import ControlSet  # noqa: E402
 from explorer.figures import atlas_figure, selected_ids, waterfall_figure  # noqa: E402
 from tests.helpers import APP, EVIL, EVIL_ESCAPED
@@ -62,7 +63,8 @@ def no_errors(at: AppTest) -> None:
 
 
 def htmls(at: AppTest) -> list[str]:
-    return [h.proto.body for h in at.get("html")]
+    """The st.html bodies, less the app's own click-to-select script (explorer/clickselect.py)."""
+    return [h.proto.body for h in at.get("html") if h.proto.body != CLICK_SELECT_JS]
 
 
 def chart_spec(at: AppTest, index: int = 0) -> dict:
@@ -86,7 +88,7 @@ def test_every_page_renders(explorer_bundle):
     at.run()
     no_errors(at)
     assert any("Prototype 1" in m.value for m in at.markdown)
-    for page in ("trace", "steer", "calibrate", "report"):
+    for page in ("trace", "steer", "compare", "calibrate", "report"):
         open_page(at, page)
         no_errors(at)
     open_page(at, "trace")

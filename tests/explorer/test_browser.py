@@ -50,8 +50,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
-    """`streamlit run explorer/app.py` on a free port; yields its URL; stopped afterwards."""
+def server(hostile_bundle):
+    """`streamlit run explorer/app.py` on a free port; yields its URL; stopped afterwards.
+
+    It may open the demo bundle and the hostile bundle (tests/explorer/hostile.py), by name.
+    """
     port = free_port()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log = open(ARTIFACTS / "streamlit-server.log", "w")  # noqa: SIM115
@@ -70,7 +73,8 @@ def server():
         "--model",
         str(DEMO),
     ]
-    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "PRISM_EXPLORER_BUNDLES": os.pathsep.join([str(DEMO.parent), str(hostile_bundle.parent)])}
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -133,6 +137,16 @@ def shot(page, name: str, top=None) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
 
 
+def waterfall_steps(page) -> list:
+    """The (label, value) steps of the first waterfall on the page, as the browser holds them."""
+    return page.evaluate("""() => {
+        const charts = [...document.querySelectorAll('.js-plotly-plot')];
+        const gd = charts.find(g => g._fullData && g._fullData.length && g._fullData[0].type === 'waterfall');
+        const trace = gd._fullData[0];
+        return Array.from(trace.y).map((y, i) => [y, Number(trace.x[i]).toFixed(6)]);
+    }""")
+
+
 def gain_shown(page) -> float:
     """The value the (one) Gain slider on screen shows on its thumb."""
     slider = page.get_by_test_id("stSlider").filter(has=page.get_by_role("slider", name="Gain"))
@@ -163,6 +177,26 @@ def test_atlas_trace_steer_report(page, server, tmp_path):
     drag.wait_for()
     idle(page)
     shot(page, "atlas")
+    # a click on a point in the default (lasso) drag mode opens its card, in view beside the map
+    point = page.evaluate("""() => {
+        const gd = document.querySelector('.stPlotlyChart .js-plotly-plot');
+        const trace = gd._fullData[0], layout = gd._fullLayout;
+        const r = gd.querySelector('.nsewdrag').getBoundingClientRect();
+        let best = 0;  // the largest marker: the easiest to hit
+        for (let i = 1; i < trace.x.length; i++) if (trace.marker.size[i] > trace.marker.size[best]) best = i;
+        return {x: r.left + layout.xaxis.l2p(trace.x[best]), y: r.top + layout.yaxis.l2p(trace.y[best]),
+                mode: layout.dragmode};
+    }""")
+    assert point["mode"] == "lasso"
+    page.mouse.move(point["x"], point["y"])
+    time.sleep(0.5)
+    page.mouse.click(point["x"], point["y"])
+    page.get_by_text("Selection: 1 prototype", exact=True).wait_for()
+    heading = page.get_by_role("heading", name=re.compile(r"Prototype \d+")).first
+    heading.wait_for()
+    top = heading.bounding_box()["y"]
+    assert 0 <= top < page.viewport_size["height"], top  # in view: no scrolling needed
+    idle(page)
     box = drag.bounding_box()
     cx, cy, w, h = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["width"], box["height"]
     dx, dy = w / 14, h / 14
@@ -176,7 +210,7 @@ def test_atlas_trace_steer_report(page, server, tmp_path):
     card = page.get_by_role("heading", name=re.compile(r"Prototype \d+")).first
     card.wait_for()
     idle(page)
-    shot(page, "atlas-card", top=page.get_by_text(re.compile(r"Selection: \d+ prototypes?")))
+    shot(page, "atlas-card", top=page.get_by_role("heading", name="Atlas"))  # the map with its cards beside it
 
     # Trace: generate, then pick the third token
     nav(page, "Trace")
@@ -188,6 +222,25 @@ def test_atlas_trace_steer_report(page, server, tmp_path):
     check.wait_for()
     idle(page)
     shot(page, "trace", top=page.get_by_test_id("stButtonGroup"))
+
+    # a permalink copied from Trace opens the same token with the same slices in a new browser context
+    page.locator(".js-plotly-plot .point path").nth(1).click(force=True)
+    page.get_by_role("slider", name="Gain").wait_for()
+    idle(page)
+    card_heading = page.get_by_role("heading", name=re.compile(r"Prototype \d+")).first.inner_text()
+    assert "prompt=" in page.url and "token=2" in page.url and "card=" in page.url, page.url
+    slices = waterfall_steps(page)
+    other = page.context.browser.new_context(viewport={"width": 1400, "height": 1300})
+    other.set_default_timeout(TIMEOUT_MS)
+    fresh = other.new_page()
+    fresh.goto(page.url)
+    fresh.get_by_text(re.compile(r"token 3 / \d+")).wait_for()
+    fresh.get_by_role("heading", name=card_heading, exact=True).wait_for()
+    idle(fresh)
+    fresh.locator(".js-plotly-plot .point path").first.wait_for()
+    time.sleep(0.5)
+    assert waterfall_steps(fresh) == slices
+    other.close()
 
     # Issue 17, item 1: click a slice (card, gain 1), trace an empty prompt (error), trace twice:
     # the card's slider still shows 1 and no control appears in the sidebar or the completion
@@ -235,6 +288,15 @@ def test_atlas_trace_steer_report(page, server, tmp_path):
     assert page.get_by_test_id("stHtml").nth(1).inner_text() == original
     assert gain_shown(page) == 1.0
 
+    # Compare: two prompts side by side, both texts shown
+    nav(page, "Compare")
+    page.get_by_text("two prompts, the session's controls").click()
+    page.get_by_role("textbox", name="Prompt B").wait_for()
+    idle(page)
+    texts = page.locator(".prism-snip").all_inner_texts()
+    assert len(texts) == 2 and all(t.strip() for t in texts), texts
+    shot(page, "compare")
+
     # Calibrate: the page and its demo tasks load
     nav(page, "Calibrate")
     page.get_by_text("Demo task").first.wait_for()
@@ -260,3 +322,99 @@ def test_atlas_trace_steer_report(page, server, tmp_path):
     page.goto(path.as_uri())  # the report on its own, offline
     page.get_by_text("Σ slices =").first.wait_for()
     shot(page, "report-html")
+
+
+def assert_no_markup(page, where: str) -> None:
+    """Nothing on screen came from hostile text rendered as markup: no link to the hostile site,
+    no colour, badge or icon directive in markdown, no KaTeX, no hostile bold."""
+    found = page.evaluate("""() => ({
+        links: [...document.querySelectorAll('a[href*="evil"]')].length,
+        colour: document.querySelectorAll(
+            '.stMarkdownColoredText, .stMarkdownColoredBackground, .stMarkdownBadge').length,
+        katex: document.querySelectorAll('.katex').length,
+        icons: document.querySelectorAll('[data-testid=stMarkdownContainer] [data-testid=stIconMaterial]').length,
+        bold: [...document.querySelectorAll('b, strong')].filter(e => e.textContent.includes('HOSTILEBOLD')).length,
+        legend: [...document.querySelectorAll('.legend a, .legendtext a')].length,
+        offenders: [...document.querySelectorAll('a[href*="evil"], .legend a, .legendtext a, .katex')]
+            .map(e => (e.closest('[data-testid]') || e).getAttribute('data-testid') + ': ' + e.outerHTML.slice(0, 200)),
+    })""")
+    offenders = found.pop("offenders")
+    assert all(v == 0 for v in found.values()), (where, found, offenders)
+
+
+def test_hostile_corpus_is_text_in_the_browser(page, server, hostile_bundle, tmp_path):
+    from tests.explorer import hostile
+
+    page.goto(server)
+    page.get_by_test_id("stPlotlyChart").wait_for()
+    idle(page)
+    field = page.get_by_test_id("stSidebar").get_by_role("textbox", name="Bundle folder")
+    field.fill(hostile_bundle.name)
+    field.press("Enter")
+    idle(page)
+    page.get_by_test_id("stPlotlyChart").wait_for()
+    assert_no_markup(page, "atlas")
+    page.get_by_test_id("stButtonGroup").get_by_text("source", exact=True).click()
+    idle(page)
+    page.locator(".legendtext").filter(has_text="evil.example").first.wait_for()  # drawn, as text
+    assert_no_markup(page, "atlas by source")
+    page.get_by_label("Search labels and neighbourhood text").fill("hostile note")
+    page.get_by_label("Search labels and neighbourhood text").press("Enter")
+    page.get_by_role("button", name=re.compile(r"^Open the")).click()
+    page.get_by_role("heading", name=re.compile(r"Prototype \d+")).first.wait_for()
+    idle(page)
+    assert_no_markup(page, "atlas cards")
+    assert page.get_by_text(":red[HOSTILERED]").count() > 0  # the directive shown as its text
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Export selection (CSV)").click()
+    path = tmp_path / "selection.csv"
+    download.value.save_as(path)
+    import csv
+
+    cells = [c for row in csv.reader(path.open(encoding="utf-8")) for c in row]
+    assert cells and not any(c.startswith(hostile.FORMULAS) for c in cells), [c for c in cells if c[:1] in "=+-@"]
+    assert any(c.startswith("'=cmd") for c in cells)
+
+    nav(page, "Trace")
+    page.get_by_label("Prompt").fill(" ".join(hostile.HOSTILE))
+    page.get_by_role("button", name=re.compile(r"^Trace")).click()
+    page.get_by_text(re.compile(r"token 1 / \d+")).wait_for()
+    idle(page)
+    assert_no_markup(page, "trace")
+    page.locator(".js-plotly-plot .point path").first.click(force=True)
+    page.get_by_role("slider", name="Gain").wait_for()
+    idle(page)
+    assert_no_markup(page, "trace card")
+
+    nav(page, "Steer")
+    prompt = page.get_by_role("textbox", name="Prompt", exact=True)
+    prompt.fill(hostile.KATEX + " " + hostile.LINK)
+    prompt.press("Control+Enter")
+    idle(page)
+    assert_no_markup(page, "steer")
+    for page_name in ("Calibrate", "Report"):
+        nav(page, page_name)
+        idle(page)
+        assert_no_markup(page, page_name)
+    shot(page, "hostile-report")
+
+
+def test_dark_theme_is_followed(page, server):
+    """With the browser in dark mode the app is dark, and its map and waterfall draw on it."""
+    browser = page.context.browser
+    context = browser.new_context(viewport={"width": 1400, "height": 1300}, color_scheme="dark")
+    context.set_default_timeout(TIMEOUT_MS)
+    dark = context.new_page()
+    dark.goto(server)
+    dark.locator(".js-plotly-plot .nsewdrag").first.wait_for()
+    idle(dark)
+    background = dark.evaluate("() => getComputedStyle(document.querySelector('[data-testid=stApp]')).backgroundColor")
+    channels = [int(c) for c in re.findall(r"\d+", background)[:3]]
+    assert max(channels) < 80, background  # a dark page
+    shot(dark, "atlas-dark")
+    dark.goto(server + "/trace?prompt=ROMEO.+But+soft%2C+what+light&token=2&n=16&card=738")
+    dark.get_by_text(re.compile(r"token 3 / \d+")).wait_for()
+    dark.locator(".js-plotly-plot .point path").first.wait_for()
+    idle(dark)
+    shot(dark, "trace-dark", top=dark.get_by_test_id("stButtonGroup"))
+    context.close()

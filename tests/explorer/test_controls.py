@@ -23,6 +23,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from core import ControlsError, decompose, load_bundle  # noqa: E402
 from explorer import state  # noqa: E402
 from explorer.controls import ControlHistory, ControlSet, apply_table, plural, table_rows  # noqa: E402
+from explorer.safe import md  # noqa: E402
 from tests.explorer.browser_model import Browser  # noqa: E402
 from tests.helpers import APP  # noqa: E402
 
@@ -420,7 +421,7 @@ def test_bundle_folder_opens_only_allowed_bundles(explorer_bundle, tmp_path, mon
         at.run()
         assert not at.exception
         assert len(at.error) == 1
-        messages[name] = at.error[0].value.replace(repr(name), "NAME")
+        messages[name] = at.error[0].value.replace(md(repr(name)), "NAME")  # the name, escaped as markdown
     assert len(set(messages.values())) == 1, messages  # the same words for missing and forbidden
     assert "Cannot open bundle" in next(iter(messages.values()))
     at = AppTest.from_file(APP, default_timeout=120)
