@@ -39,7 +39,7 @@ from core.attribution.influence.query import InfluenceFactors, load_influence
 from core.attribution.records import Attribution, Decomposition, Example
 from core.bundle import Bundle
 from core.control.controls import Controls
-from core.errors import ArgumentError, PrismError, PrototypeIndexError
+from core.errors import ArgumentError, PrototypeIndexError
 from core.index.format import PrototypeIndex
 from core.store import rebuild_hint
 
@@ -58,6 +58,9 @@ class Method:
         examples: (query, credits, top) -> the ranked examples of each credit.
         check: (query) -> None, run before the forward pass; raises when the method cannot
             run on this bundle and index (influence factors missing or stale, say).
+        harmful: (query, credit, top) -> the examples whose scores oppose the credit most
+            (influence: the documents whose upweighting raises the loss), or None when the
+            method's scores are never negative.
     """
 
     measurement: str
@@ -65,6 +68,7 @@ class Method:
     concat: Callable[[list[Any]], Any]
     examples: Callable[[Query, list[Any], int], list[list[Example]]]
     check: Callable[[Query], None] | None = None
+    harmful: Callable[[Query, Any, int], list[Example]] | None = None
 
 
 REGISTRY: dict[str, Method] = {
@@ -77,6 +81,7 @@ REGISTRY: dict[str, Method] = {
         influence_method.InfluenceCredit.concat,
         influence_method.examples,
         influence_method.check,
+        influence_method.harmful_examples,
     ),
     "spans": Method(spans.MEASUREMENT, spans.credit, spans.SpanCredit.concat, spans.examples, spans.check),
 }
@@ -89,15 +94,26 @@ FAITHFULNESS = ("influence", "spans", "neighbourhood")
 
 
 def _most_faithful(bundle: Bundle, index: PrototypeIndex, options: dict) -> str:
-    """The first method of :data:`FAITHFULNESS` whose files this bundle has (its check passes)."""
+    """The first method of :data:`FAITHFULNESS` whose files this bundle has.
+
+    A method whose files are absent is skipped; one whose files are present but damaged or
+    stale is not: its check raises, naming the file, rather than another method answering in
+    its place without a word.
+    """
+    from core.attribution.influence.query import influence_exists
+    from core.attribution.spans_index import spans_exist
+
     query = Query(bundle, index, options)
+    present = {
+        "influence": lambda: options.get("influence") is not None or influence_exists(index.path.parent),
+        "spans": lambda: spans_exist(index.path.parent),
+    }
     for name in FAITHFULNESS:
-        check = REGISTRY[name].check
-        try:
-            if check is not None:
-                check(query)
-        except PrismError:
+        if name in present and not present[name]():
             continue
+        check = REGISTRY[name].check
+        if check is not None:
+            check(query)
         return name
     return FAITHFULNESS[-1]
 
@@ -173,6 +189,7 @@ def attribute(
     similarity: Literal["code", "key"] = "code",
     influence: InfluenceFactors | None = None,
     min_span: int = spans.MIN_SPAN,
+    candidates: int | None = None,
 ) -> Attribution:
     """Attribute each completion token, and the completion as a whole, to training documents.
 
@@ -195,6 +212,9 @@ def attribute(
             :func:`core.attribution.neighbourhood.neighbourhood_credit`.
         influence: loaded influence factors (default: the index's, loaded once when first needed).
         min_span: spans method only: the shortest verbatim span credited, in tokens.
+        candidates: influence method only: documents scored exactly per ranking, found by
+            their gradient sketches (None: the default; 0: every document; see
+            :meth:`core.attribution.influence.InfluenceFactors.rank`).
 
     Raises:
         ValueError: bad input (see :func:`decompose`).
@@ -219,7 +239,10 @@ def attribute(
         raise PrototypeIndexError(
             f"the index has {index.num_prototypes} prototypes, the model {bundle.model.config.num_prototypes}; {hint}"
         )
-    query = Query(bundle, index, {"similarity": similarity, "influence": influence, "min_span": min_span})
+    if candidates is not None and (not isinstance(candidates, int) or candidates < 0):
+        raise ArgumentError(f"candidates must be an integer >= 0, got {candidates!r}")
+    options = {"similarity": similarity, "influence": influence, "min_span": min_span, "candidates": candidates}
+    query = Query(bundle, index, options)
     if chosen.check is not None:
         chosen.check(query)
     query.decomposition, query.tensors = decompose_with_tensors(
@@ -234,7 +257,9 @@ def attribute(
             )
     start, end = span if span is not None else (0, n)
     credits = chosen.credit(query)
-    *token_examples, overall = chosen.examples(query, [*credits, chosen.concat(credits[start:end])], top)
+    whole = chosen.concat(credits[start:end])
+    *token_examples, overall = chosen.examples(query, [*credits, whole], top)
+    harmful = chosen.harmful(query, whole, top) if chosen.harmful is not None else []
     return Attribution(
         model=str(bundle.path),
         model_fingerprint=bundle.fingerprint,
@@ -243,6 +268,7 @@ def attribute(
         decomposition=query.decomposition,
         token_examples=token_examples,
         examples=overall,
+        harmful=harmful,
         labels=dict(index.labels),
         span=tuple(span) if span is not None else None,
     )

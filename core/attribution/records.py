@@ -117,6 +117,8 @@ class Attribution:
             attributed tokens' summed loss -log p it explains, + = helpful).
         decomposition: the per-token decomposition.
         token_examples: examples of each completion token; examples: over the ``span``.
+        harmful: influence only: the documents over the ``span`` whose upweighting would raise
+            its loss most (most negative scores first); empty for the other methods.
         labels: prototype id -> label.
         span: (start, end) completion tokens of the overall ranking, None for all of them.
     """
@@ -128,6 +130,7 @@ class Attribution:
     decomposition: Decomposition
     token_examples: list[list[Example]]
     examples: list[Example]
+    harmful: list[Example] = field(default_factory=list)
     labels: dict[int, str] = field(default_factory=dict)
     span: tuple[int, int] | None = None
 
@@ -152,6 +155,7 @@ class Attribution:
             "span": list(self.span) if self.span else None,
             "tokens": tokens,
             "examples": [e.to_json() for e in self.examples],
+            "harmful": [e.to_json() for e in self.harmful],
         }
 
     def to_text(self, prototypes: int = 4, examples: int = 3) -> str:
@@ -177,6 +181,12 @@ class Attribution:
         lines.append(f"examples over{span} ({self.method}):")
         for rank, e in enumerate(self.examples, start=1):
             lines.append(f"  {rank:>2}. {e.score:8.3f}  {e.doc_id} ({e.source}, prototype {e.prototype}): {_marked(e)}")
+        if self.harmful:
+            lines.append(f"most harmful over{span} (upweighting them raises the loss):")
+            for rank, e in enumerate(self.harmful, start=1):
+                lines.append(
+                    f"  {rank:>2}. {e.score:8.3f}  {e.doc_id} ({e.source}, prototype {e.prototype}): {_marked(e)}"
+                )
         return "\n".join(lines)
 
 

@@ -63,7 +63,7 @@ options), :mod:`.store` (the position store and its bulk scan), :mod:`.fit` (the
 """
 
 from core.attribution.influence.arguments import InfluenceArguments
-from core.attribution.influence.fit import build_influence, save_influence
+from core.attribution.influence.fit import build_influence
 from core.attribution.influence.math import (
     active_set,
     apply_inverse,
@@ -107,6 +107,5 @@ __all__ = [
     "load_influence",
     "prototype_gradients",
     "sampled_targets",
-    "save_influence",
     "self_influence",
 ]

@@ -60,7 +60,14 @@ class InfluenceArguments:
         "ranking (Spearman > 0.999) in about half the bytes of float16",
         flag="--influence-storage",
     )
-    seed: int = option(0, "seeds the sampled Fisher labels", cli=False)
+    seed: int = option(0, "seeds the sampled Fisher labels and the gradient sketch", cli=False)
+    sketch_width: int = option(
+        1024,
+        "coordinates of each document's gradient sketch, searched for a query's candidates before "
+        "they are scored exactly (4 bytes each per document); wider sketches miss fewer of the exact top",
+        minimum=8,
+        flag="--influence-sketch",
+    )
     curvature_memory_mb: int = option(
         2048,
         "memory for the curvature blocks held at once; more blocks than fit are "
@@ -78,7 +85,7 @@ class InfluenceArguments:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ArgumentError(f"{name} must be a positive integer or None, got {value!r}")
-        for name in ("batch_size", "curvature_memory_mb"):
+        for name in ("batch_size", "curvature_memory_mb", "sketch_width"):
             if getattr(self, name) < 1:
                 raise ArgumentError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.damping > 0:

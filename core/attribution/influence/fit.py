@@ -27,12 +27,20 @@ from core.attribution.influence.math import (
     sampled_targets,
 )
 from core.attribution.influence.query import FORMAT_VERSION, INFLUENCE_FILE
-from core.attribution.influence.store import SelfInfluenceSums, StoreWriter, position_bytes
+from core.attribution.influence.sketch import GradientSketch
+from core.attribution.influence.store import (
+    SelfInfluenceSums,
+    StoreWriter,
+    block_specs,
+    position_bytes,
+    store_specs,
+)
 from core.bundle import load_bundle
 from core.data.corpus import load_corpus, pack
 from core.errors import InfluenceError
 from core.index.format import META_FILE, index_dir, register_index_file
-from core.store import read_json, rebuild_hint, write_safetensors
+from core.store import read_json, rebuild_hint
+from core.tensorfile import TensorFileWriter
 
 
 def _batches(packed, sequences: np.ndarray, batch_size: int, device: torch.device, desc: str, progress: bool):
@@ -175,25 +183,25 @@ def _positions(
     sequences: np.ndarray,
     layout: dict[str, np.ndarray],
     inverse: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    sketch: GradientSketch,
+    out: TensorFileWriter,
     args: InfluenceArguments,
     device: torch.device,
     progress: bool,
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The pass over the training split: every attributable position into the store, and
-    each document's self-influence (length-normalised).
-
-    Returns:
-        (the store's position arrays, (D,) self-influence per token).
-    """
+) -> None:
+    """The pass over the training split: every attributable position into the store, each
+    document's self-influence (length-normalised) and its gradient sketch, written into ``out``
+    (the store's arrays are memory maps of the file being written: nothing is held in memory
+    but a batch, the (D,) self-influence and the (D, m) sketches)."""
     head, E = model.prototypes, model.unembedding
-    P, d = head.keys.shape
-    k = model.config.prototype_top_k
-    dtype = head.keys.dtype
     counts = np.diff(layout["document_offsets"])
     owner = torch.from_numpy(np.repeat(np.arange(len(counts)), counts))  # (N,) store document of each position
-    writer = StoreWriter(len(owner), d, k, P, args.storage)
-    U, w, inv_lam = (x.to(device=device, dtype=dtype) for x in inverse)
-    self_influence = SelfInfluenceSums(U, w, inv_lam, len(counts))
+    writer = StoreWriter(out.arrays, args.storage)
+    U, w, inv_lam = (x.to(device=device, dtype=head.keys.dtype) for x in inverse)
+    blocks = (out["document_blocks"], out["document_blocks_scale"]) if "document_blocks" in out.arrays else None
+    self_influence = SelfInfluenceSums(U, w, inv_lam, len(counts), blocks=blocks, storage=args.storage)
+    sketch = sketch.to(device, head.keys.dtype)
+    sketches = torch.zeros(len(counts), sketch.width, dtype=torch.float64, device=device)  # (D, m)
     for _, ids, docs in _batches(packed, sequences, args.batch_size, device, "influence: positions", progress):
         hidden, active, weights, probs, valid = _forward(model, ids, docs)
         targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).reshape(-1)[valid]  # next token
@@ -202,8 +210,10 @@ def _positions(
         document = owner[writer.cursor : writer.cursor + len(h)].to(device)
         writer.add(h, r, ids_v, c, a)
         self_influence.add(document, h, r, ids_v, c, a)
+        sketches.index_add_(0, document, sketch.positions(h, r, ids_v, c, a).double())
     assert writer.cursor == len(owner), "the pass met another number of positions than the layout"
-    return writer.arrays, self_influence.finish().numpy() / np.maximum(counts, 1)
+    out["self_influence"][:] = self_influence.finish().numpy() / np.maximum(counts, 1)
+    out["document_sketch"][:] = sketches.cpu().numpy()
 
 
 def _spread(n_sequences: int, tokens: int | None, seq_len: int) -> np.ndarray:
@@ -260,7 +270,7 @@ def build_influence(
     P, d = model.prototypes.keys.shape
     k = model.config.prototype_top_k
     rank = min(args.rank or 2 * d, 2 * d)
-    seq_len = model.config.get_text_config().max_position_embeddings
+    seq_len = model.config.sequence_length  # the training sequences (not the backbone's context)
     packed = pack(corpus.train, bundle.tokenizer, seq_len)
     n_sequences = len(packed) if args.max_tokens is None else min(len(packed), -(-args.max_tokens // seq_len))
     if n_sequences == 0:
@@ -276,11 +286,7 @@ def build_influence(
     t_curv = time.time() - t0
     t1 = time.time()
     layout = _layout(packed, document_sample)
-    positions, self_influence = _positions(
-        model, packed, document_sample, layout, (vectors, weights, 1 / lam), args, dev, show_progress
-    )
-    t_docs = time.time() - t1
-
+    n_positions, n_documents = len(layout["char_start"]), len(layout["documents"])
     factor = np.float64 if args.storage == "float64" else np.float32
     arrays = {
         "eigenvectors": vectors.numpy().astype(factor),  # (P, 2d, r) U
@@ -290,10 +296,21 @@ def build_influence(
         "inverse_damping": (1 / lam).numpy(),  # (P,) 1 / lambda
         "curvature_count": counts.numpy().astype(np.int64),  # (P,)
         **layout,
-        **positions,
-        "self_influence": self_influence,  # (D,) sum_j g_jD^T A_j g_jD / positions of D
     }
-    n_positions = len(layout["char_start"])
+    sketch = GradientSketch.draw(P, d, args.sketch_width, args.seed, torch.float64)
+    arrays["sketch_projection"] = sketch.projection.numpy().astype(np.float32)  # (m, 2d) R
+    arrays["sketch_signs"] = sketch.signs.numpy().astype(np.int8)  # (P, m) rho
+    specs = {name: (a.shape, a.dtype) for name, a in arrays.items()}
+    specs.update(store_specs(n_positions, d, k, P, args.storage))
+    specs["self_influence"] = ((n_documents,), np.dtype(np.float64))  # sum_j g_jD^T A_j g_jD / positions
+    specs["document_sketch"] = ((n_documents, args.sketch_width), np.dtype(np.float32))  # (D, m) phi(g_D)
+    # The per-document block sums g_jD score a query with one product over the query's blocks
+    # (no pass over the positions); kept when they take no more room than the position store.
+    blocks = block_specs(n_documents, P, d, args.storage)
+    blocks_bytes = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in blocks.values())
+    with_blocks = blocks_bytes <= n_positions * position_bytes(d, k, args.storage, P)
+    if with_blocks:
+        specs.update(blocks)
     meta = {
         "format_version": FORMAT_VERSION,
         "kind": "prototype-block influence",
@@ -309,30 +326,29 @@ def build_influence(
         "curvature_sequences": len(sample),
         "curvature_positions": sampled,
         "document_sequences": len(document_sample),
-        "documents": int(len(layout["documents"])),
+        "documents": int(n_documents),
         "positions": n_positions,
         "entries": n_positions,
         "storage": args.storage,
         "position_bytes": position_bytes(d, k, args.storage, P),
-        "curvature_seconds": round(t_curv, 3),
-        "documents_seconds": round(t_docs, 3),
+        "sketch_width": args.sketch_width,
+        "document_blocks": with_blocks,
     }
-    meta["build_seconds"] = round(time.time() - t0, 3)
-    size = save_influence(bundle_dir, arrays, meta)
+    path = folder / INFLUENCE_FILE
+    with TensorFileWriter(path, specs, {"meta": json.dumps(meta)}) as out:
+        for name, array in arrays.items():
+            out[name][...] = array
+        sketch = GradientSketch(torch.from_numpy(arrays["sketch_projection"]), sketch.signs)
+        _positions(
+            model, packed, document_sample, layout, (vectors, weights, 1 / lam), sketch, out, args, dev, show_progress
+        )
+        meta["curvature_seconds"] = round(t_curv, 3)
+        meta["documents_seconds"] = round(time.time() - t1, 3)
+        meta["build_seconds"] = round(time.time() - t0, 3)
+        out.close({"meta": json.dumps(meta)})
+    size = path.stat().st_size
+    summary = {k: meta[k] for k in ("arguments", "rank", "build_seconds", "documents", "positions", "storage")}
+    register_index_file(folder, INFLUENCE_FILE, influence=summary)
     keys = ("rank", "num_prototypes", "sequences", "curvature_positions", "documents", "positions", "entries")
     keys += ("storage", "position_bytes", "curvature_seconds", "documents_seconds", "build_seconds")
     return {**{key: meta[key] for key in keys}, "influence_bytes": size, "influence_mb": round(size / 2**20, 3)}
-
-
-def save_influence(bundle_dir: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> int:
-    """Write the factors and the store atomically into the bundle's index folder and list them
-    in its ``meta.json``; return the file size."""
-    folder = index_dir(bundle_dir)
-    write_safetensors(
-        folder / INFLUENCE_FILE,
-        {k: np.ascontiguousarray(v) for k, v in arrays.items()},
-        metadata={"meta": json.dumps(meta)},
-    )
-    summary = {k: meta[k] for k in ("arguments", "rank", "build_seconds", "documents", "positions", "storage")}
-    register_index_file(folder, INFLUENCE_FILE, influence=summary)
-    return (folder / INFLUENCE_FILE).stat().st_size

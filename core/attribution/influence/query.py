@@ -10,6 +10,7 @@ model and corpus fingerprints in the header; a mismatch is refused with the comm
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,21 +19,30 @@ import numpy as np
 import torch
 
 from core.attribution.influence.math import apply_inverse, head_probabilities, prototype_gradients
-from core.attribution.influence.store import PositionStore, document_scores, pair_lookup, pair_terms
+from core.attribution.influence.sketch import CandidateSearch, GradientSketch
+from core.attribution.influence.store import (
+    PositionStore,
+    block_scores,
+    document_scores,
+    pair_lookup,
+    pair_terms,
+)
 from core.attribution.ranking import best_per_group, rank_groups
 from core.attribution.records import Example
 from core.bundle import model_fingerprint
 from core.data.corpus import CorpusError, load_corpus
 from core.errors import InfluenceError, PrototypeIndexError
 from core.index.format import META_FILE, index_dir, snippet_window
-from core.store import read_json, read_safetensors, rebuild_hint
+from core.store import read_json, rebuild_hint
+from core.tensorfile import map_tensors
 
 if TYPE_CHECKING:  # the engine imports this module
     from core.attribution.engine import Query
 
 # 1: (P, M) tables padded with -1; 2: per-prototype entry lists of the top documents, rank-r
-# whitening; 3: every position in a store, complement-preserving inverse.
-FORMAT_VERSION = 3
+# whitening; 3: every position in a store, complement-preserving inverse; 4: the store written
+# in place and read memory-mapped, with each document's gradient sketch.
+FORMAT_VERSION = 4
 INFLUENCE_FILE = "influence.safetensors"
 MEASUREMENT = "loss"  # the summed loss -log p of the attributed tokens; + = the document lowers it
 
@@ -49,36 +59,50 @@ def influence_exists(bundle_dir: str | Path) -> bool:
 
 @dataclass
 class InfluenceCredit:
-    """The credit of one or more query tokens.
+    """The credit of one or more query tokens: their pairs psi_j = A_j g_qj, g_qj summed over
+    the tokens. Documents are scored from it when asked: :meth:`InfluenceFactors.rank` (the
+    retrieval tier, then exact scores of its candidates) or :attr:`scores` (every document,
+    exactly).
 
     Attributes:
-        scores: (D,) I(q, D) of every stored document, + = helpful, - = harmful.
-        terms: (D,) (position, prototype) terms the document shares with the query; 0: it
-            shares no block, and is not ranked.
         prototypes: (m,) the query's distinct active prototypes.
-        psi: (m, 2d) A_j g_qj, g_qj summed over the credit's tokens (used to find, for a
-            ranked document, the token and prototype that carried its score).
+        psi: (m, 2d) A_j g_qj of each.
+        factors: the factors that score it.
     """
 
-    scores: np.ndarray
-    terms: np.ndarray
     prototypes: np.ndarray
     psi: torch.Tensor
+    factors: InfluenceFactors | None = None
+    _exact: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def scores(self) -> np.ndarray:
+        """(D,) I(q, D) of every stored document, + = helpful, - = harmful (one bulk scan)."""
+        return self._every_document()[0]
+
+    @property
+    def terms(self) -> np.ndarray:
+        """(D,) (position, prototype) terms each document shares with the query; 0: none."""
+        return self._every_document()[1]
+
+    def _every_document(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._exact is None:
+            scores, terms = self.factors.exact_scores(self)
+            self._exact = (scores, terms)
+        return self._exact
 
     @staticmethod
     def concat(parts: list[InfluenceCredit]) -> InfluenceCredit:
-        """The credit of several tokens together: scores summed, psi summed per prototype."""
+        """The credit of several tokens together: psi summed per prototype (scores are linear in it)."""
         if not parts:
-            return InfluenceCredit(
-                np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), torch.zeros(0, 0)
-            )
+            return InfluenceCredit(np.zeros(0, dtype=np.int64), torch.zeros(0, 0))
         ids = np.concatenate([p.prototypes for p in parts])
         prototypes, inverse = np.unique(ids, return_inverse=True)
         psi = torch.cat([p.psi for p in parts])  # (sum m, 2d)
         summed = torch.zeros(len(prototypes), psi.shape[1], dtype=psi.dtype).index_add_(
             0, torch.from_numpy(inverse), psi
         )
-        return InfluenceCredit(sum(p.scores for p in parts), sum(p.terms for p in parts), prototypes, summed)
+        return InfluenceCredit(prototypes, summed, parts[0].factors)
 
 
 @dataclass
@@ -104,13 +128,24 @@ class InfluenceFactors:
         self.meta = meta
         dtype = torch.float64 if meta["arguments"]["dtype"] == "float64" else torch.float32
         self.dtype = dtype
-        self.eigenvectors = torch.from_numpy(arrays["eigenvectors"]).to(dtype)  # (P, 2d, r) U
-        self.inverse_weights = torch.from_numpy(arrays["inverse_weights"]).to(dtype)  # (P, r) w
-        self.inverse_damping = torch.from_numpy(arrays["inverse_damping"]).to(dtype)  # (P,) 1 / lambda
-        self.eigenvalues, self.damping = arrays["eigenvalues"], arrays["damping"]
+        self.eigenvectors = torch.from_numpy(np.array(arrays["eigenvectors"])).to(dtype)  # (P, 2d, r) U
+        self.inverse_weights = torch.from_numpy(np.array(arrays["inverse_weights"])).to(dtype)  # (P, r) w
+        self.inverse_damping = torch.from_numpy(np.array(arrays["inverse_damping"])).to(dtype)  # (P,) 1 / lambda
+        self.eigenvalues, self.damping = np.array(arrays["eigenvalues"]), np.array(arrays["damping"])
         self.store = PositionStore(arrays, dtype)
         self.documents = self.store.documents  # (D,) training-split rows
-        self.self_influence = arrays["self_influence"]  # (D,)
+        self.self_influence = np.array(arrays["self_influence"])  # (D,)
+        self.sketch = GradientSketch(
+            torch.from_numpy(np.array(arrays["sketch_projection"])).to(dtype),
+            torch.from_numpy(np.array(arrays["sketch_signs"])).to(dtype),
+        )
+        self._sketches = arrays["document_sketch"]  # (D, m), memory-mapped until searched
+        # (D, P, 2d) block sums g_jD and their (D, P) scales, when the build kept them
+        self.blocks = (
+            (arrays["document_blocks"], arrays["document_blocks_scale"]) if "document_blocks" in arrays else None
+        )
+        self._search: CandidateSearch | None = None
+        self._search_lock = threading.Lock()
         self._corpus = None
 
     @property
@@ -131,7 +166,8 @@ class InfluenceFactors:
         gains: torch.Tensor | None = None,
         probs: torch.Tensor | None = None,
     ) -> list[InfluenceCredit]:
-        """Influence of every stored document on each query token's loss (one bulk scan).
+        """Each query token's credit: psi_j = A_j g_qj for its active prototypes (no document
+        is scored yet; :meth:`rank` does that).
 
         Args:
             model: the PRISM model the factors were built for.
@@ -157,29 +193,81 @@ class InfluenceFactors:
         psi = apply_inverse(
             grads.reshape(n * k, -1).cpu(), flat, self.eigenvectors, self.inverse_weights, self.inverse_damping
         )  # (n k, 2d) A_j g_qj
-        token = torch.arange(n).repeat_interleave(k)  # (n k,)
-        lookup = pair_lookup(flat, token, len(self.inverse_damping), n)  # (P, n)
-        scores, terms = document_scores(self.store, psi, lookup, CREDIT_CHUNK_ENTRIES)  # (D, n)
-        return [
-            InfluenceCredit(scores[:, i], terms[:, i], flat[i * k : (i + 1) * k].numpy(), psi[i * k : (i + 1) * k])
-            for i in range(n)
-        ]
+        return [InfluenceCredit(flat[i * k : (i + 1) * k].numpy(), psi[i * k : (i + 1) * k], self) for i in range(n)]
 
-    def rank(self, credit: InfluenceCredit, top: int, harmful: bool = False) -> list[RankedDocument]:
-        """The ``top`` documents by score, highest first (``harmful``: lowest first; ties: lower
-        training row), each with the prototype and the training token that carried most of its
-        score (in the score's direction)."""
-        met = np.flatnonzero(credit.terms > 0)  # (C,) store documents sharing a block
+    def score_every_document(self, credits: list[InfluenceCredit]) -> None:
+        """Score every stored document exactly for several credits in one scan of the store
+        (each credit keeps its (D,) scores and terms)."""
+        todo = [c for c in credits if c._exact is None]
+        if not todo:
+            return
+        prototypes = torch.from_numpy(np.concatenate([c.prototypes for c in todo]).astype(np.int64))
+        column = torch.cat([torch.full((len(c.prototypes),), i, dtype=torch.long) for i, c in enumerate(todo)])
+        lookup = pair_lookup(prototypes, column, len(self.inverse_damping), len(todo))
+        psi = torch.cat([c.psi.to(self.dtype) for c in todo])
+        scores, terms = self._scores(psi, lookup, None)  # (D, n)
+        for i, c in enumerate(todo):
+            c._exact = (scores[:, i], terms[:, i])
+
+    def exact_scores(self, credit: InfluenceCredit, documents: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """((C,) scores, (C,) terms met) of some store documents (None: every one), exactly."""
+        prototypes = torch.from_numpy(np.asarray(credit.prototypes, dtype=np.int64))
+        lookup = pair_lookup(prototypes, torch.zeros(len(prototypes), dtype=torch.long), len(self.inverse_damping), 1)
+        scores, terms = self._scores(credit.psi.to(self.dtype), lookup, documents)
+        return scores[:, 0], terms[:, 0]
+
+    def _scores(self, psi: torch.Tensor, lookup: torch.Tensor, documents: np.ndarray | None) -> tuple[np.ndarray, ...]:
+        """Exact (C, n) scores and shared terms: from the per-document block sums when the build
+        kept them (one product over the query's blocks), else by a scan of the positions."""
+        if self.blocks is not None:
+            return block_scores(*self.blocks, psi, lookup, documents)
+        return document_scores(self.store, psi, lookup, CREDIT_CHUNK_ENTRIES, documents)
+
+    def searcher(self) -> CandidateSearch:
+        """The inner-product search over the documents' sketches (built once, on first use)."""
+        with self._search_lock:
+            if self._search is None:
+                self._search = CandidateSearch(np.asarray(self._sketches))
+            return self._search
+
+    def candidates_for(self, credit: InfluenceCredit, count: int, harmful: bool = False) -> np.ndarray:
+        """(<= count,) store documents whose sketched score is largest (``harmful``: smallest)."""
+        prototypes = torch.from_numpy(np.asarray(credit.prototypes, dtype=np.int64))
+        query = self.sketch.pairs(prototypes, credit.psi.to(self.dtype)).sum(0, keepdim=True)  # (1, m)
+        rows, _ = self.searcher().search((-query if harmful else query).numpy(), count)
+        return np.sort(rows[0][rows[0] >= 0])
+
+    def rank(
+        self, credit: InfluenceCredit, top: int, harmful: bool = False, candidates: int | None = None
+    ) -> list[RankedDocument]:
+        """The ``top`` documents by exact score, highest first (``harmful``: lowest first; ties:
+        lower training row), each with the prototype and the training token that carried most
+        of its score (in the score's direction).
+
+        ``candidates`` 0 or None (the default): every document is scored exactly; > 0: the
+        retrieval tier (:mod:`.sketch`), only the ``candidates`` documents with the best
+        sketched scores are (faster on large stores, but it can miss documents of the exact
+        top: docs/benchmarks.md measures how often).
+        """
+        if not candidates:
+            pool = np.arange(len(self.documents))
+            scores, terms = credit.scores, credit.terms
+        else:
+            pool = self.candidates_for(credit, max(candidates, top), harmful)
+            scores, terms = self.exact_scores(credit, pool)
+        met = np.flatnonzero(terms > 0)  # places in the pool of documents sharing a block
         sign = -1.0 if harmful else 1.0
-        ranking = rank_groups(met, sign * credit.scores[met], top, size=len(credit.terms))
+        ranking = rank_groups(pool[met], sign * scores[met], top, size=len(self.documents))
         if not len(ranking):
             return []
         chosen = ranking.groups  # (n,) store document numbers, best first
-        prototype, shared, start, end = self._carriers(credit, chosen)
+        score_of = dict(zip(pool[met].tolist(), scores[met].tolist(), strict=True))
+        chosen_scores = np.array([score_of[c] for c in chosen.tolist()])
+        prototype, shared, start, end = self._carriers(credit, chosen, chosen_scores)
         return [
             RankedDocument(
                 int(self.documents[doc]),
-                float(credit.scores[doc]),
+                float(chosen_scores[r]),
                 int(prototype[r]),
                 int(start[r]),
                 int(end[r]),
@@ -188,27 +276,21 @@ class InfluenceFactors:
             for r, doc in enumerate(chosen.tolist())
         ]
 
-    def _carriers(self, credit: InfluenceCredit, chosen: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _carriers(self, credit: InfluenceCredit, chosen: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, ...]:
         """Per chosen document: the prototype with the largest summed terms, the number of
         the query's prototypes it meets, and the char span of the position whose terms sum
         to the most, both signed by the document's score (ties: the smaller id, the earlier
         position)."""
         store = self.store
-        offsets = store.offsets
-        counts = offsets[chosen + 1] - offsets[chosen]
-        positions = np.repeat(offsets[chosen] - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(
-            counts.sum()
-        )  # (L,) the chosen documents' positions, document by document
-        owner = np.repeat(np.arange(len(chosen)), counts)  # (L,) place of each position's document
-        sign = np.where(credit.scores[chosen] < 0, -1.0, 1.0)
+        positions, owner = store.positions_of(chosen)  # (L,) the chosen documents' positions, and their place
+        sign = np.where(scores < 0, -1.0, 1.0)
         prototypes = torch.from_numpy(credit.prototypes)
         lookup = pair_lookup(prototypes, torch.zeros(len(prototypes), dtype=torch.long), len(self.inverse_damping), 1)
         psi = credit.psi.to(self.dtype)
         totals, parts = [], []
-        step = max(1, CREDIT_CHUNK_ENTRIES // store.active.shape[1])
+        step = max(1, CREDIT_CHUNK_ENTRIES // store.k)
         for lo in range(0, len(positions), step):
-            where = torch.from_numpy(positions[lo : lo + step])
-            rows = store.read(where)
+            rows = store.read(positions[lo : lo + step])
             terms, met = pair_terms(rows, psi, lookup)  # (L, k, 1)
             terms, met = terms[..., 0].double().numpy(), met[..., 0].numpy()
             totals.append(terms.sum(1))
@@ -335,7 +417,7 @@ def load_influence(bundle_dir: str | Path) -> InfluenceFactors:
     """
     bundle_dir = Path(bundle_dir)
     path, meta, hint = _checked_header(bundle_dir)
-    arrays, _ = read_safetensors(path, "the influence factors", f"rebuild them with {hint}", InfluenceError)
+    arrays, _ = map_tensors(path, "the influence factors", f"rebuild them with {hint}", InfluenceError)
     return InfluenceFactors(bundle_dir, arrays, meta)
 
 
@@ -402,9 +484,26 @@ def examples(query: Query, credits: list[InfluenceCredit], top: int) -> list[lis
     carried most of the credit marked (the documents' texts are read from the corpus in one
     pass for all the credits)."""
     factors = query.influence()
-    ranked = [factors.rank(c, top) for c in credits]
+    candidates = query.options.get("candidates")
+    if not candidates:
+        factors.score_every_document(credits)  # one scan of the store for every credit
+    ranked = [factors.rank(c, top, candidates=candidates) for c in credits]
     records = iter(factors.describe([r for ranking in ranked for r in ranking]))
     return [
         [Example(**next(records), score=r.score, prototype=r.prototype, positions=r.entries) for r in ranking]
         for ranking in ranked
+    ]
+
+
+def harmful_examples(query: Query, credit: InfluenceCredit, top: int) -> list[Example]:
+    """The documents with the most negative influence on the credit's loss, lowest first."""
+    factors = query.influence()
+    candidates = query.options.get("candidates")
+    if not candidates:
+        factors.score_every_document([credit])
+    ranked = factors.rank(credit, top, harmful=True, candidates=candidates)
+    records = factors.describe(ranked)
+    return [
+        Example(**record, score=r.score, prototype=r.prototype, positions=r.entries)
+        for record, r in zip(records, ranked, strict=True)
     ]

@@ -54,17 +54,70 @@ def position_bytes(d: int, k: int, storage: str, P: int) -> int:
     return 2 * d * value + 2 * k * value + k * ids + 4 * scale + 8
 
 
-class StoreWriter:
-    """The store's arrays for ``n`` positions, preallocated and filled batch by batch."""
+def store_specs(n: int, d: int, k: int, P: int, storage: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shapes and dtypes of the store's per-position arrays for ``n`` positions."""
+    value, scale = np.dtype(STORE_DTYPES[storage]), np.dtype(np.float64 if storage == "float64" else np.float32)
+    specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    for name, width in zip(ROW_ARRAYS, (d, d, k, k), strict=True):
+        specs[name] = ((n, width), value)
+        specs[f"{name}_scale"] = ((n,), scale)
+    specs["active"] = ((n, k), np.dtype(np.int16 if P <= np.iinfo(np.int16).max else np.int32))
+    return specs
 
-    def __init__(self, n: int, d: int, k: int, P: int, storage: str):
-        value, scale = STORE_DTYPES[storage], np.float64 if storage == "float64" else np.float32
+
+def block_specs(n_documents: int, P: int, d: int, storage: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shapes of the per-document block sums g_jD (D, P, 2d) and their (D, P) scales (0: the
+    document has no position in block j)."""
+    scale = np.dtype(np.float64 if storage == "float64" else np.float32)
+    return {
+        "document_blocks": ((n_documents, P, 2 * d), np.dtype(STORE_DTYPES[storage])),
+        "document_blocks_scale": ((n_documents, P), scale),
+    }
+
+
+def block_scores(
+    values: np.ndarray, scales: np.ndarray, psi: torch.Tensor, lookup: torch.Tensor, documents: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact scores from the per-document block sums: I(q, D) = sum_j <psi_j, g_jD>.
+
+    Args:
+        values, scales: the (D, P, 2d) block sums and their (D, P) scales.
+        psi, lookup: as in :func:`document_scores`.
+        documents: store documents to score, None for all.
+
+    Returns:
+        ((C, n) float64 scores; (C, n) blocks the document shares with each column).
+    """
+    m, n = len(psi), lookup.shape[1]
+    used = torch.nonzero((lookup < m).any(1)).flatten()  # (q,) prototypes some column uses
+    q = len(used)
+    weights = torch.zeros(q, psi.shape[1], n, dtype=psi.dtype)  # psi of each (prototype, column)
+    member = lookup[used] < m  # (q, n)
+    rows, cols = torch.nonzero(member, as_tuple=True)
+    weights[rows, :, cols] = psi[lookup[used][rows, cols]]
+    flat = weights.reshape(q * psi.shape[1], n)
+    index = np.arange(len(values)) if documents is None else np.asarray(documents, dtype=np.int64)
+    protos = used.numpy()
+    scores, shared = [], []
+    step = max(1, (1 << 24) // max(1, q * psi.shape[1]))
+    for lo in range(0, len(index), step):
+        chosen = index[lo : lo + step]
+        scale = torch.from_numpy(np.array(scales[chosen][:, protos])).to(psi.dtype)  # (c, q)
+        block = torch.from_numpy(np.array(values[chosen][:, protos])).to(psi.dtype) * scale.unsqueeze(-1)
+        scores.append((block.reshape(len(chosen), -1) @ flat).double())
+        shared.append((scale != 0).to(torch.float64) @ member.to(torch.float64))
+    if not scores:
+        return np.zeros((0, n)), np.zeros((0, n), dtype=np.int64)
+    return torch.cat(scores).numpy(), torch.cat(shared).numpy().astype(np.int64)
+
+
+class StoreWriter:
+    """Fills the store's arrays (:func:`store_specs`, in memory or memory-mapped into the file
+    being written) batch by batch, in stream order."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], storage: str):
         self.storage = storage
-        self.arrays: dict[str, np.ndarray] = {}
-        for name, width in zip(ROW_ARRAYS, (d, d, k, k), strict=True):
-            self.arrays[name] = np.zeros((n, width), dtype=value)
-            self.arrays[f"{name}_scale"] = np.ones(n, dtype=scale)
-        self.arrays["active"] = np.zeros((n, k), dtype=np.int16 if P <= np.iinfo(np.int16).max else np.int32)
+        self.arrays = arrays
         self.cursor = 0
 
     def add(self, hidden: torch.Tensor, r: torch.Tensor, ids: torch.Tensor, c: torch.Tensor, a: torch.Tensor) -> None:
@@ -92,8 +145,12 @@ class SelfInfluenceSums:
         inverse_damping: torch.Tensor,
         n_documents: int,
         buffer_mb: int = 128,
+        blocks: tuple[np.ndarray, np.ndarray] | None = None,
+        storage: str = "int8",
     ):
         self.U, self.w, self.inv_lam = eigenvectors, weights, inverse_damping  # (P, 2d, r), (P, r), (P,)
+        # (D, P, 2d) values and (D, P) scales the finished sums g_jD are also written to, or None
+        self.blocks, self.storage = blocks, storage
         self.P, D = eigenvectors.shape[:2]
         self.total = torch.zeros(n_documents, dtype=torch.float64)
         self.buffer_rows = max(1, buffer_mb * 2**20 // (D * eigenvectors.element_size()))
@@ -149,6 +206,13 @@ class SelfInfluenceSums:
         sums = torch.cat([p[1] for p in self.pending])
         self.pending, self.pending_rows = [], 0
         docs, protos = keys // self.P, keys % self.P
+        if self.blocks is not None:
+            values, scales = quantise(sums, self.storage)
+            d_np, p_np = docs.cpu().numpy(), protos.cpu().numpy()
+            for lo in range(0, len(d_np), 1 << 16):  # fancy-index writes into the memory map, in runs
+                part = slice(lo, lo + (1 << 16))
+                self.blocks[0][d_np[part], p_np[part]] = values[part]
+                self.blocks[1][d_np[part], p_np[part]] = scales[part]
         for j, rows in groups_by_prototype(protos):
             g = sums[rows]  # (n_j, 2d)
             coef = g @ self.U[j].to(g.dtype)  # (n_j, r) U_j^T g
@@ -166,29 +230,48 @@ class SelfInfluenceSums:
 
 
 class PositionStore:
-    """A loaded store (see the module docstring); read-only, shared between queries."""
+    """A loaded store (see the module docstring); read-only, shared between queries. The
+    arrays may be memory maps (:func:`core.tensorfile.map_tensors`): a read touches only the
+    positions it asks for."""
 
     def __init__(self, arrays: dict[str, np.ndarray], dtype: torch.dtype):
         self.dtype = dtype
-        self.rows = {name: torch.from_numpy(arrays[name]) for name in ROW_ARRAYS}
-        self.scales = {name: torch.from_numpy(arrays[f"{name}_scale"]) for name in ROW_ARRAYS}
-        self.active = torch.from_numpy(arrays["active"])  # (N, k)
-        self.documents = arrays["documents"]  # (D,) training-split rows
-        self.offsets = arrays["document_offsets"]  # (D + 1,)
+        self.rows = {name: arrays[name] for name in ROW_ARRAYS}
+        self.scales = {name: arrays[f"{name}_scale"] for name in ROW_ARRAYS}
+        self.active = arrays["active"]  # (N, k)
+        self.documents = np.asarray(arrays["documents"])  # (D,) training-split rows
+        self.offsets = np.asarray(arrays["document_offsets"])  # (D + 1,)
         self.char_start, self.char_end = arrays["char_start"], arrays["char_end"]  # (N,)
-        counts = np.diff(self.offsets)
-        self.position_document = torch.from_numpy(np.repeat(np.arange(len(counts)), counts))  # (N,)
+        self.k = self.active.shape[1]
 
     def __len__(self) -> int:
         return len(self.active)
 
-    def read(self, where: slice | torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def position_document(self, where: slice) -> torch.Tensor:
+        """(L,) store document number of each position in a slice."""
+        start, stop, _ = where.indices(len(self))
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        last = int(np.searchsorted(self.offsets, stop, side="left"))
+        bounds = np.clip(self.offsets[first : last + 1], start, stop) - start
+        return torch.from_numpy(np.repeat(np.arange(first, first + len(bounds) - 1), np.diff(bounds)))
+
+    def read(self, where: slice | np.ndarray) -> tuple[torch.Tensor, ...]:
         """Positions (a slice or (L,) indices) as (L, d) h, (L, d) r, (L, k) ids, c and a."""
         h, r, c, a = (
-            self.rows[name][where].to(self.dtype) * self.scales[name][where].to(self.dtype).unsqueeze(1)
+            torch.from_numpy(np.array(self.rows[name][where])).to(self.dtype)
+            * torch.from_numpy(np.array(self.scales[name][where])).to(self.dtype).unsqueeze(1)
             for name in ROW_ARRAYS
         )
-        return h, r, self.active[where].long(), c, a
+        return h, r, torch.from_numpy(np.asarray(self.active[where]).astype(np.int64)), c, a
+
+    def positions_of(self, documents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The positions of some store documents, document by document, and the place in
+        ``documents`` of each: ((L,), (L,))."""
+        starts, stops = self.offsets[documents], self.offsets[documents + 1]
+        counts = stops - starts
+        owner = np.repeat(np.arange(len(documents)), counts)
+        positions = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(counts.sum())
+        return positions.astype(np.int64), owner
 
 
 def pair_lookup(prototypes: torch.Tensor, columns: torch.Tensor, P: int, width: int) -> torch.Tensor:
@@ -215,9 +298,9 @@ def pair_terms(
     L, k = ids.shape
     d = h.shape[1]
     n = lookup.shape[1]
-    pad = torch.zeros(L, 1, dtype=h.dtype)
-    hk = torch.cat([h @ psi[:, :d].T, pad], dim=1)  # (L, m + 1) <psi^K, h_t>, 0 in column m
-    rw = torch.cat([r @ psi[:, d:].T, pad], dim=1)  # (L, m + 1) <psi^W, r_t>
+    padded = torch.cat([psi, psi.new_zeros(1, psi.shape[1])])  # (m + 1, 2d): row m is the "no pair" zero
+    hk = h @ padded[:, :d].T  # (L, m + 1) <psi^K, h_t>, 0 in column m
+    rw = r @ padded[:, d:].T  # (L, m + 1) <psi^W, r_t>
     cols = lookup[ids].reshape(L, k * n)  # (L, k n) pair at each (active prototype, column)
     terms = c.unsqueeze(-1) * hk.gather(1, cols).reshape(L, k, n) + a.unsqueeze(-1) * rw.gather(1, cols).reshape(
         L, k, n
@@ -226,25 +309,43 @@ def pair_terms(
 
 
 def document_scores(
-    store: PositionStore, psi: torch.Tensor, lookup: torch.Tensor, chunk_entries: int
+    store: PositionStore,
+    psi: torch.Tensor,
+    lookup: torch.Tensor,
+    chunk_entries: int,
+    documents: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Bulk exact scores of every stored document for n columns (query tokens) of pairs.
+    """Exact scores of stored documents for n columns (query tokens) of pairs.
 
     Args:
         psi: (m, 2d) the pairs' A_j g_qj; lookup: (P, n) from :func:`pair_lookup`.
         chunk_entries: (position, active prototype, column) entries handled at once (memory).
+        documents: (C,) store document numbers to score; None scores every document in one
+            sequential scan of the store.
 
     Returns:
-        ((D, n) float64 scores, + = helpful; (D, n) int64 (position, prototype) terms met).
+        ((C, n) float64 scores, + = helpful; (C, n) int64 (position, prototype) terms met), C = D
+        for every document.
     """
-    D, n = len(store.documents), lookup.shape[1]
-    scores = torch.zeros(D, n, dtype=torch.float64)
-    hits = torch.zeros(D, n, dtype=torch.float64)
-    step = max(1, chunk_entries // (store.active.shape[1] * n))
-    for lo in range(0, len(store), step):
-        where = slice(lo, min(len(store), lo + step))
+    n = lookup.shape[1]
+    step = max(1, chunk_entries // (store.k * n))
+    if documents is None:
+        size = len(store.documents)
+        chunks = (
+            (slice(lo, min(len(store), lo + step)), store.position_document(slice(lo, min(len(store), lo + step))))
+            for lo in range(0, len(store), step)
+        )
+    else:
+        size = len(documents)
+        positions, owner = store.positions_of(np.asarray(documents, dtype=np.int64))
+        chunks = (
+            (positions[lo : lo + step], torch.from_numpy(owner[lo : lo + step]))
+            for lo in range(0, len(positions), step)
+        )
+    scores = torch.zeros(size, n, dtype=torch.float64)
+    hits = torch.zeros(size, n, dtype=torch.float64)
+    for where, owner in chunks:
         terms, met = pair_terms(store.read(where), psi, lookup)  # (L, k, n)
-        owner = store.position_document[where]  # (L,)
         scores.index_add_(0, owner, terms.sum(1).double())
         hits.index_add_(0, owner, met.sum(1).double())
     return scores.numpy(), hits.numpy().astype(np.int64)
