@@ -201,6 +201,33 @@ def render_explorer(f: dict) -> list[str]:
         ],
         ["its figure: build + JSON on the server, size", f"{s('atlas_16384_build_ms', 3, 1e-3)}, {size}"],
     ]
+    for name, score in (f.get("structure_by_layout") or {}).items():  # issue 17: the map's structure
+        chosen = " (chosen)" if name == f.get("structure_chosen_layout") else ""
+        sources = (f.get("source_structure_by_layout") or {}).get(name)
+        rows.append(
+            [
+                f"map structure, {name}{chosen}: kNN purity (k=10) of {f.get('structure_of')} / of dominant sources",
+                f"{num(score, 3)} / {NONE if sources is None else num(sources, 3)}",
+            ]
+        )
+    if f.get("structure_shuffled") is not None:
+        rows.append(
+            [
+                "map structure, the same groups shuffled over the points (no structure)",
+                f"{num(f['structure_shuffled'], 3)} / {num(f.get('source_structure_shuffled', 0), 3)}",
+            ]
+        )
+    rows += [
+        [
+            "Steer with 1,000 gains: page open (server-side script run, with its regeneration)",
+            s("steer_1000_gains_open_s", 3),
+        ],
+        [
+            "Steer with 1,000 gains: one table edit (server-side, with its regeneration)",
+            s("steer_1000_gains_edit_s", 3),
+        ],
+        ["50 prototypes picked on the Atlas (a lasso) to their table and card (server-side)", s("lasso_50_cards_s", 3)],
+    ]
     rows = [r for r in rows if any(NONE not in cell for cell in r[1:])]
     lines = table(["", "measured"], rows)
     if f.get("load_average_1min") is not None:
@@ -336,8 +363,102 @@ def render_canaries(f: dict) -> list[str]:
     return table(header, rows, "llrrrrr")
 
 
+def render_influence_retrieval(f: dict) -> list[str]:
+    """bench/influence_retrieval.py: the retrieval tier's recall of the exact top 10, and latency."""
+    sizes = sorted({int(k.rsplit("_c", 1)[1]) for k in f if k.startswith("attribute_ms_p50_c")} - {0})
+    rows = []
+    for c in [*sizes, 0]:
+        row = [f"{c:,}" if c else "every document (exact)"]
+        for column in ("completion", "token"):
+            for kind in ("helpful", "harmful"):
+                key = f"{column}_{kind}_recall10_c{c}"
+                row.append(f"{pct(f[key], 0)} ± {pct(f[key + '_se'], 0)}" if key in f else "100% (exact)")
+        row.append(f"{num(f.get(f'attribute_ms_p50_c{c}'))} / {num(f.get(f'attribute_ms_p95_c{c}'))}")
+        row.append(f"{num(f.get(f'attribute_over_forward_p50_c{c}'), 1)}")
+        rows.append(row)
+    header = ["candidates", "completion helpful", "completion harmful", "token helpful", "token harmful"]
+    header += ["attribute ms p50 / p95", "forward passes (p50)"]
+    lines = table(header, rows, "lrrrrrr")
+    lines.append("")
+    lines.append(
+        f"{num(f.get('documents'))} documents, {num(f.get('positions'))} positions, sketch width "
+        f"{num(f.get('sketch_width'))}, {mb(f.get('store_bytes', 0))} ({num(f.get('bytes_per_document'))} bytes per "
+        f"document), {f.get('queries')} queries of 24 + 8 tokens; a plain forward pass of the 32 tokens: "
+        f"{num(f.get('forward_ms_p50'), 1)} ms (p50). Recall: share of the exact top 10 that the tier returns, "
+        "mean ± standard error over queries."
+    )
+    return lines
+
+
+def render_sparsity(f: dict) -> list[str]:
+    """bench/sparsity.py: how concentrated a bundle's slices are, beside its quality."""
+    rows = [
+        ["prototypes P, active per token k", f"{num(f.get('num_prototypes'))}, {num(f.get('slices_top_k'))}"],
+        [
+            "share of the target's absolute slice mass in the largest 1 / 4 / 8 slices",
+            " / ".join(pct(f.get(f"slices_top{n}_share")) for n in (1, 4, 8)),
+        ],
+        [
+            "effective k: slices holding 80% of it (median, mean)",
+            f"{num(f.get('slices_effective_k_median'))}, {num(f.get('slices_effective_k_mean'), 1)}",
+        ],
+        [
+            f"distinct prototypes per {f.get('window_tokens')}-token window (median)",
+            num(f.get("distinct_prototypes_per_window_median")),
+        ],
+        [
+            "validation loss (PRISM / dense twin)",
+            f"{num(f.get('prism_val_loss'), 4)} / {num(f.get('dense_val_loss'), 4)}",
+        ],
+        ["validation loss ratio", num(f.get("val_loss_ratio"), 3)],
+        ["training tokens/s ratio PRISM / dense", num(f.get("throughput_ratio"), 3)],
+    ]
+    lines = table(["", "measured"], rows)
+    probed = f"{num(f.get('slices_positions'))} validation positions ({f.get('probe_sequences')} sequences)"
+    lines += ["", f"Slices of {probed}."]
+    return lines
+
+
+def render_load(f: dict) -> list[str]:
+    """bench/load.py: one row per number of concurrent Steer sessions."""
+    counts = sorted(int(m[1]) for key in f if (m := re.fullmatch(r"n(\d+)_requests", key)))
+    rows = []
+    for n in counts:
+
+        def g(name: str, n: int = n) -> float | None:
+            return f.get(f"n{n}_{name}")
+
+        rss_before, rss_after = g("rss_before_mb"), g("rss_after_mb")
+        growth = NONE if rss_before is None or rss_after is None else num(rss_after - rss_before, 0, sign=True)
+        rows.append(
+            [
+                str(n),
+                num(g("requests")),
+                NONE if g("median_s") is None else num(g("median_s"), 2) + " s",
+                NONE if g("p95_s") is None else num(g("p95_s"), 2) + " s",
+                num(g("errors")),
+                f"{num(rss_before)} / {num(rss_after)} MB ({growth})",
+                f"{g('load_average_1min_before')} / {g('load_average_1min_after')}",
+            ]
+        )
+    header = ["sessions", "requests", "median", "p95", "errors", "server RSS before / after", "load avg before / after"]
+    lines = table(header, rows, "lrrrrrr")
+    if f.get("rss_start_mb") is not None:
+        lines += [
+            "",
+            f"Server RSS after start-up and one warm-up request: {num(f['rss_start_mb'])} MB; "
+            f"{f.get('requests_per_session', NONE)} regenerations per session; load average (1 min) on "
+            f"{f.get('cpu_cores', NONE)} cores at the start / end of the run: {f.get('load_average_1min', NONE)} / "
+            f"{f.get('load_average_1min_after', NONE)}.",
+        ]
+    return lines
+
+
 RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "canaries": render_canaries,
+    "influence_retrieval": render_influence_retrieval,
+    "sparsity": render_sparsity,
+    "load": render_load,
     "quality": render_quality,
     "labels": render_labels,
     "control": render_control,
@@ -398,21 +519,11 @@ def render_bundle() -> list[str]:
         ["dead prototypes", num(meta["dead_prototypes"])],
         ["neighbourhood pass", f"{meta['build_seconds']:,.0f} s"],
     ]
-    if influence:
-        args = influence["arguments"]
+    if influence:  # the summary `prism index` registers in meta.json (core/attribution/influence/fit.py)
         idx += [
-            ["influence: rank per block, documents per prototype", f"{influence['rank']}, {args['top_documents']}"],
-            ["influence: curvature positions", num(influence["curvature_positions"])],
-            [
-                "influence: sequences summed into document coefficients",
-                f"{influence['document_sequences']:,} of {influence['sequences']:,}",
-            ],
-            ["influence: candidate documents, stored entries", f"{influence['documents']:,}, {influence['entries']:,}"],
-            [
-                "influence pass (curvature, documents)",
-                f"{influence['build_seconds']:,.0f} s ({influence['curvature_seconds']:,.0f} s, "
-                f"{influence['documents_seconds']:,.0f} s)",
-            ],
+            ["influence: rank per block, storage", f"{influence['rank']}, {influence['storage']}"],
+            ["influence: documents, positions stored", f"{influence['documents']:,}, {influence['positions']:,}"],
+            ["influence pass", f"{influence['build_seconds']:,.0f} s"],
         ]
     idx += [["index size (all files)", mb(index_bytes)]]
     idx += [[f"of which `{name}`", mb(size)] for name, size in sorted(sizes.items(), key=lambda kv: -kv[1])[:3]]

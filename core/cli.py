@@ -12,14 +12,18 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
+from core.device import DEVICES, add_device_options, default_device, default_dtype  # noqa: F401 (DEVICES: public)
 from core.errors import CliError, PrismError
 from core.options import add_options, from_namespace, number_parser
 
-DEMO_BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "models" / "demo"
-DEVICES = ("auto", "cpu", "cuda")  # every --device; "auto" is CUDA when present
+REPO = Path(__file__).resolve().parent.parent  # the source checkout, when core runs from one
+DEMO_BUNDLE = REPO / "assets" / "models" / "demo"
+APP = REPO / "explorer" / "app.py"
+MODEL_ENV = "PRISM_MODEL"  # the default --model of every command that has one
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,8 +36,12 @@ _positive_int = number_parser(int, minimum=1)
 
 def cmd_corpus(args: argparse.Namespace) -> int:
     from core.data.demo import build_demo_corpus
+    from core.errors import CorpusError
 
-    stats = build_demo_corpus(args.out, seed=args.seed, show_progress=not args.quiet)
+    try:
+        stats = build_demo_corpus(args.out, seed=args.seed, show_progress=not args.quiet)
+    except RuntimeError as err:  # a download or an apt step failed: its message says what to do
+        raise CorpusError(f"the demo corpus could not be built: {err}") from None
     print(json.dumps(stats, indent=2))
     return 0
 
@@ -43,25 +51,40 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = {
         name: value
-        for name, value in (("router_gradient", args.router_gradient), ("prototype_top_k", args.top_k))
+        for name, value in (
+            ("router_gradient", args.router_gradient),
+            ("prototype_top_k", args.top_k),
+            ("num_prototypes", args.num_prototypes),
+            ("reseed_interval", args.reseed_interval),
+        )
         if value is not None
     }
+    from core import distributed
+
     opts = from_namespace(TrainOptions, args, progress=not args.quiet, overrides=overrides)
+    # Under torchrun every rank runs this command; rank 0 alone writes files and prints.
+    main = distributed.is_main
     record = train(opts)
     summary = {k: record[k] for k in ("kind", "val_loss", "steps", "train_tokens", "tokens_per_second", "wall_seconds")}
-    if record["skipped_rows"]:
+    if record["skipped_rows"] and main():
         skipped = record["skipped_rows"]
         print(f"prism: note: skipped {sum(skipped.values())} invalid corpus rows {skipped}", file=sys.stderr)
     if args.twin_out:
-        twin_opts = dataclasses.replace(opts, dense=True, out=args.twin_out, tokenizer=args.out, resume=False)
+        # The twin trains on the same tokens and schedule, all of it (a frozen start is PRISM's head only).
+        twin_opts = dataclasses.replace(
+            opts, dense=True, out=args.twin_out, tokenizer=args.out, resume=False, freeze_backbone=0
+        )
         twin = train(twin_opts)
-        record = record_twin(args.out, twin)
-        summary.update(dense_val_loss=twin["val_loss"], val_loss_ratio=record["val_loss_ratio"])
+        if main():
+            record = record_twin(args.out, twin)
+            summary.update(dense_val_loss=twin["val_loss"], val_loss_ratio=record["val_loss_ratio"])
+    distributed.barrier()  # no rank still reads a checkpoint folder
+    if main():
         if not args.keep_checkpoints:
-            remove_checkpoints(args.twin_out)
-    if not args.keep_checkpoints:
-        remove_checkpoints(args.out)
-    print(json.dumps(summary, indent=2))
+            remove_checkpoints(args.out)
+            if args.twin_out:
+                remove_checkpoints(args.twin_out)
+        print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -82,7 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from core.bundle import load_bundle
     from core.generation import generate_text
 
-    bundle = load_bundle(args.model)
+    bundle = load_bundle(args.model, device=args.device, dtype=args.dtype)
     controls = _controls_from_args(args, bundle)
     result = generate_text(
         bundle,
@@ -100,17 +123,44 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from core.index.staging import staged_index
+
+    # Every file is built in a staging copy of the bundle; the old index stays whole until one swap.
+    with staged_index(args.model, keep_index=False) as staging:
+        summary = _build_index_files(argparse.Namespace(**{**vars(args), "model": str(staging)}))
+    print(json.dumps(_unstaged(summary, staging, args.model), indent=2))
+    return 0
+
+
+def _unstaged(value, staging, bundle):
+    """``value`` with the staging folder's path replaced by the bundle's (in summaries)."""
+    if isinstance(value, dict):
+        return {k: _unstaged(v, staging, bundle) for k, v in value.items()}
+    if isinstance(value, str) and value.startswith(str(staging)):
+        return str(bundle) + value[len(str(staging)) :]
+    return value
+
+
+def _build_index_files(args: argparse.Namespace) -> dict:
+    """Neighbourhoods, spans, labels, the atlas and influence factors of ``args.model``; their summary."""
+    from core.device import resolve_device
     from core.index.build import IndexArguments, build_index
-    from core.train.trainer import resolve_device
 
     device = resolve_device(args.device)
-    index_args = from_namespace(IndexArguments, args, device=device)
-    summary = build_index(args.model, args.corpus, **dataclasses.asdict(index_args), show_progress=not args.quiet)
+    # IndexArguments.dtype is the precision of the stored index; --dtype is the model's.
+    index_args = from_namespace(IndexArguments, args, device=device, dtype="float32")
+    summary = build_index(
+        args.model,
+        args.corpus,
+        **dataclasses.asdict(index_args),
+        model_dtype=args.dtype,
+        show_progress=not args.quiet,
+    )
     if not args.no_spans:
         from core.attribution.spans_index import build_spans
 
         summary["spans"] = build_spans(args.model, args.corpus, show_progress=not args.quiet)
-    summary["labels"] = _label_and_map(args.model, progress=not args.quiet)
+    summary["labels"] = _label_and_map(args.model, not args.quiet, device, args.dtype)
     if not args.no_influence:
         from core.attribution.influence import InfluenceArguments, build_influence
 
@@ -124,21 +174,28 @@ def cmd_index(args: argparse.Namespace) -> int:
         summary["influence"] = build_influence(
             args.model, args.corpus, influence_args, device=device, show_progress=not args.quiet
         )
-    print(json.dumps(summary, indent=2))
-    return 0
+    return summary
 
 
-def _label_and_map(model: str, progress: bool) -> dict:
+def _label_and_map(model: str, progress: bool, device: str = "cpu", dtype: str = "float32") -> dict:
     """Labels and the atlas of an indexed bundle; their quality summary."""
     from core.atlas.labels import build_atlas, build_labels, quality_summary
 
-    labels = build_labels(model, progress=progress)
+    labels = build_labels(model, progress=progress, device=device, dtype=dtype)
     coords = build_atlas(model)
     return {**quality_summary(labels), "atlas_points": len(coords)}
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    print(json.dumps(_label_and_map(args.model, progress=not args.quiet), indent=2))
+    from core.bundle import load_bundle
+    from core.index.format import load_index
+    from core.index.staging import staged_index
+
+    load_bundle(args.model)  # damaged weights are named as such, not as an index for other weights
+    load_index(args.model)  # no index, or a stale one: refused before the work
+    with staged_index(args.model, keep_index=True) as staging:  # labels and atlas swapped in together
+        summary = _label_and_map(str(staging), not args.quiet, args.device, args.dtype)
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -150,7 +207,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
     if not args.prompt:
         raise CliError("the prompt is empty: give the text that the completion follows")
-    bundle = load_bundle(args.model)
+    bundle = load_bundle(args.model, device=args.device, dtype=args.dtype)
     if not bundle.is_prism:
         raise CliError("attribution needs a PRISM model; this bundle is a dense twin")
     index = load_index(args.model)
@@ -164,11 +221,45 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         method=args.method,
         controls=controls,
         max_new_tokens=args.max_new_tokens,
+        candidates=args.candidates,
     )
     notice = truncation_notice(result.decomposition.truncated_tokens)
     if notice:
         print(f"prism: note: {notice}", file=sys.stderr)
     print(json.dumps(result.to_json(), indent=2, ensure_ascii=False) if args.json else result.to_text())
+    return 0
+
+
+def cmd_outliers(args: argparse.Namespace) -> int:
+    from core.attribution.influence import load_influence, self_influence
+
+    ranked = self_influence(args.model, top=args.top)
+    factors = load_influence(args.model)
+    train = factors.corpus().train
+    rows = train[[r.doc_index for r in ranked]] if ranked else {"id": [], "source": [], "text": []}
+    records = [
+        {
+            "rank": i + 1,
+            "doc_id": doc_id,
+            "source": source,
+            "doc_index": r.doc_index,
+            "self_influence_per_token": r.score,
+            "positions": r.positions,
+            "text": text[:200],
+        }
+        for i, (r, doc_id, source, text) in enumerate(
+            zip(ranked, rows["id"], rows["source"], rows["text"], strict=True)
+        )
+    ]
+    if args.json:
+        print(json.dumps({"measure": "self-influence per stored position", "documents": records}, ensure_ascii=False))
+        return 0
+    print(f"{len(records)} of {len(factors.documents)} training documents by self-influence per token")
+    print("(sum over prototype blocks of g^T A g for the document's summed gradient, over its stored positions)")
+    for rec in records:
+        snippet = " ".join(rec["text"].split())[:90]
+        score, positions = rec["self_influence_per_token"], rec["positions"]
+        print(f"{rec['rank']:>4}  {score:>12.4g}  {positions:>6} tok  {rec['doc_id']}  {snippet}")
     return 0
 
 
@@ -184,7 +275,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     format_of(args.out)  # a bad extension or folder fails before the model loads
     check_output(args.out, "--out", ReportError)
     items = read_prompts(args.prompts)
-    bundle = load_bundle(args.model)
+    bundle = load_bundle(args.model, device=args.device, dtype=args.dtype)
     if not bundle.is_prism:
         raise CliError("a report needs a PRISM model; this bundle is a dense twin")
     index = load_index(args.model)
@@ -219,7 +310,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     arguments = from_namespace(CalibrationArguments, args)
     check_output(args.out, "--out", ControlsError)  # a bad --out or task file fails before the model loads
     items = load_task(args.task)
-    bundle = load_bundle(args.model)
+    bundle = load_bundle(args.model, device=args.device, dtype=args.dtype)
     if not bundle.is_prism:
         raise CliError("calibration needs a PRISM model; this bundle is a dense twin")
     with tqdm(total=1, desc="calibrating", unit="step", disable=args.quiet) as bar:
@@ -250,7 +341,7 @@ def cmd_target(args: argparse.Namespace) -> int:
         raise CliError("give exactly one of --ids, --label, --query, --behaviour")
     if args.out:
         check_output(args.out, "--out", ControlsError)  # before the model loads
-    bundle = load_bundle(args.model)
+    bundle = load_bundle(args.model, device=args.device, dtype=args.dtype)
     if not bundle.is_prism:
         raise CliError("targeting needs a PRISM model; this bundle is a dense twin")
     index = load_index(args.model) if index_exists(args.model) or args.label or args.query else None
@@ -290,7 +381,51 @@ def _add_model(parser: argparse.ArgumentParser, what: str = "bundle folder", req
     if required:
         parser.add_argument("--model", required=True, help=what)
     else:
-        parser.add_argument("--model", default=str(DEMO_BUNDLE), help=f"{what} (default: the demo bundle)")
+        parser.add_argument(
+            "--model", help=f"{what} (default: ${MODEL_ENV}, else the demo bundle of a source checkout)"
+        )
+
+
+def default_model() -> str:
+    """$PRISM_MODEL, else the demo bundle when core runs from a source checkout.
+
+    Raises:
+        CliError: neither (an installed package carries no bundle): the message names --model.
+    """
+    if os.environ.get(MODEL_ENV, "").strip():
+        return os.environ[MODEL_ENV].strip()
+    if (REPO / "pyproject.toml").is_file() and DEMO_BUNDLE.is_dir():  # never a path inside site-packages
+        return str(DEMO_BUNDLE)
+    raise CliError(
+        f"no model given: pass --model BUNDLE_DIR (or set {MODEL_ENV}); the demo bundle ships with the "
+        "source checkout, not with the installed package"
+    )
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    import importlib.util
+    import subprocess
+
+    if not APP.is_file():
+        raise CliError(
+            "the explorer app is not part of the installed package: run `prism explore` from a source checkout "
+            "(pip install -e '.[app]'), or `streamlit run explorer/app.py` there"
+        )
+    if importlib.util.find_spec("streamlit") is None:
+        raise CliError("the explorer needs streamlit: pip install -e '.[app]' (or pip install -r requirements.txt)")
+    command = [sys.executable, "-m", "streamlit", "run", str(APP)]
+    if args.port is not None:
+        command += ["--server.port", str(args.port)]
+    if args.headless:
+        command += ["--server.headless", "true"]
+    command += ["--", "--device", args.device, "--dtype", args.dtype]
+    model = args.model or os.environ.get(MODEL_ENV, "").strip()
+    if model:  # else the app's own default: $PRISM_EXPLORER_MODEL, else the demo bundle
+        command += ["--model", model]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:  # streamlit got the same Ctrl-C and stopped
+        return 130
 
 
 def _add_quiet(parser: argparse.ArgumentParser, what: str = "no progress bars") -> None:
@@ -323,7 +458,7 @@ def _add_train(sub) -> None:
     from core.train.trainer import TrainOptions
 
     train = sub.add_parser("train", help="train a PRISM model (or its dense twin) into a bundle")
-    add_options(train, TrainOptions)
+    add_options(train, TrainOptions, defaults={"device": default_device(), "dtype": default_dtype()})
     train.add_argument("--twin-out", help="also train the dense twin on the same tokens into this folder")
     train.add_argument("--keep-checkpoints", action="store_true", help="keep OUT/checkpoints afterwards")
     _add_quiet(train)
@@ -331,6 +466,12 @@ def _add_train(sub) -> None:
         "--top-k",
         type=_positive_int,
         help="active prototypes per token (default: the preset's; at most its prototypes)",
+    )
+    train.add_argument("--num-prototypes", type=_positive_int, help="prototypes P (default: the preset's)")
+    train.add_argument(
+        "--reseed-interval",
+        type=number_parser(int, minimum=0),
+        help="steps between re-seedings of unused prototypes; 0 never (default: 100)",
     )
     train.add_argument(
         "--router-gradient",
@@ -349,7 +490,7 @@ def _add_index(sub) -> None:
     _add_model(index, required=True)
     index.add_argument("--corpus", required=True, help="the corpus the model was trained on")
     add_options(index, IndexArguments, exclude=("device",))
-    index.add_argument("--device", default="cpu", choices=DEVICES, help="where the model runs (default: cpu)")
+    add_device_options(index)
     index.add_argument("--no-spans", action="store_true", help="skip the span index (exact-span attribution)")
     # The influence factors' options (batch size and token cap follow the index's).
     index.add_argument("--no-influence", action="store_true", help="skip the influence factors")
@@ -383,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (with --sample)")
+    add_device_options(gen)
     gen.set_defaults(func=cmd_generate)
 
     _add_index(sub)
@@ -390,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     label = sub.add_parser("label", help="recompute an indexed bundle's prototype labels and UMAP atlas")
     _add_model(label, "indexed bundle folder", required=True)
     _add_quiet(label)
+    add_device_options(label)
     label.set_defaults(func=cmd_label)
 
     attr = sub.add_parser("attribute", help="split a completion into prototype slices and link them to training data")
@@ -399,7 +542,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trace(attr)
     _add_controls(attr)
     attr.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    attr.add_argument(
+        "--candidates",
+        type=number_parser(int, minimum=0),
+        default=None,
+        help="influence only: score only the N documents whose gradient sketches promise most (faster on large "
+        "stores; it can miss documents of the exact top, see docs/benchmarks.md); default: every document, exactly",
+    )
+    add_device_options(attr)
     attr.set_defaults(func=cmd_attribute)
+
+    out = sub.add_parser(
+        "outliers",
+        help="training documents by self-influence per token: what the model finds unusual or memorised",
+    )
+    _add_model(out, "bundle folder with influence factors (built by prism index)")
+    out.add_argument("--top", type=number_parser(int, minimum=1), default=20, help="documents listed (default: 20)")
+    out.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    out.set_defaults(func=cmd_outliers)
 
     rep = sub.add_parser("report", help="trace prompts and write an attribution report (HTML, JSON or CSV)")
     _add_model(rep, "indexed bundle folder")
@@ -408,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trace(rep, "tokens generated without a completion")
     _add_controls(rep)
     _add_quiet(rep, "no progress bar")
+    add_device_options(rep)
     rep.set_defaults(func=cmd_report)
 
     cal = sub.add_parser("calibrate", help="fit a controller's per-prototype gains on a multiple-choice task (JSONL)")
@@ -417,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(cal, CalibrationArguments)
     cal.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
     _add_quiet(cal, "no progress bar")
+    add_device_options(cal)
     cal.set_defaults(func=cmd_calibrate)
 
     tgt = sub.add_parser("target", help="choose prototypes for a controller to suppress, with the evidence for each")
@@ -427,7 +589,15 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--behaviour", help="behaviour JSON (assets/behaviours/): contrast its texts")
     tgt.add_argument("--top", type=_positive_int, default=10, help="prototypes to return")
     tgt.add_argument("--out", help="write a controls JSON suppressing them")
+    add_device_options(tgt)
     tgt.set_defaults(func=cmd_target)
+
+    app = sub.add_parser("explore", help="start the explorer app (Streamlit) on a bundle")
+    app.add_argument("--model", default="", help=f"bundle folder (default: ${MODEL_ENV}, else the app's: the demo)")
+    add_device_options(app)
+    app.add_argument("--port", type=_positive_int, help="the server's port (default: Streamlit's, 8501)")
+    app.add_argument("--headless", action="store_true", help="do not open a browser")
+    app.set_defaults(func=cmd_explore)
     return parser
 
 
@@ -438,9 +608,12 @@ def main(argv: list[str] | None = None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "model", "") is None:  # a command whose --model has a default
+            args.model = default_model()
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-        if args.command != "train":
-            hf_logging.disable_progress_bar()  # weight-loading bars are noise around a generated text
+        if args.command != "train" or args.quiet:
+            # weight-loading bars are noise around a generated text; --quiet means no bar at all
+            hf_logging.disable_progress_bar()
         return args.func(args)
     except (PrismError, ValueError, OSError) as err:  # PrismError first: every error the library means for users
         if args is not None and args.verbose:
@@ -466,6 +639,8 @@ def _interrupted(args: argparse.Namespace | None) -> str:
     """What an interruption left behind, for the command that was running."""
     if args is not None and args.command == "train":
         return f"checkpoints written so far are kept in {args.out}/checkpoints; rerun with --resume to continue"
+    if args is not None and args.command in ("index", "label"):
+        return f"the index of {args.model} is as it was before; rerun the command to build it"
     return "each file is written under a temporary name and renamed once complete; rerun the command to finish"
 
 

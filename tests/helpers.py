@@ -43,6 +43,15 @@ def demo_rows(per_source: int, max_chars: int = 1500) -> list[dict]:
     return rows
 
 
+def train_tiny(corpus: Path, out: Path, steps: int = 120) -> Path:
+    """A tiny PRISM bundle trained for ``steps`` steps on ``corpus`` (seconds on 2 cores): a
+    bundle whose index is to be built from some corpus must be trained on that corpus."""
+    from core.train.trainer import TrainOptions, train
+
+    train(TrainOptions(corpus=str(corpus), out=str(out), preset="tiny", max_steps=steps, device="cpu", progress=False))
+    return out
+
+
 def unindexed_copy(bundle: Path, dest: Path) -> Path:
     """A copy of a bundle without its index."""
     return Path(shutil.copytree(bundle, dest, ignore=shutil.ignore_patterns("index", ".index-*")))
