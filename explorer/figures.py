@@ -235,13 +235,21 @@ def waterfall_figure(
     names.append("logit")
     values.append(float(logit))
     custom.append(-1)
-    measure = ["relative"] * (len(values) - 1) + ["total"]
+    return _waterfall(names, values, custom, height, clickable=True)
+
+
+def _waterfall(
+    names: list[str], values: list[float], custom: list[int] | None, height: int | None, clickable: bool
+) -> go.Figure:
+    """The horizontal waterfall both figures draw: ``values`` as relative steps, the last one
+    (the logit) as the total."""
+    logit = values[-1]
     fig = go.Figure(
         go.Waterfall(
             orientation="h",
             y=names,
             x=values,
-            measure=measure,
+            measure=["relative"] * (len(values) - 1) + ["total"],
             customdata=custom,
             text=[f"{v:+.3f}" for v in values[:-1]] + [f"{logit:.3f}"],
             textposition="outside",
@@ -258,7 +266,7 @@ def waterfall_figure(
         margin={"l": 10, "r": 70, "t": 10, "b": 10},
         yaxis={"autorange": "reversed", "type": "category"},
         showlegend=False,
-        clickmode="event+select",
+        **({"clickmode": "event+select"} if clickable else {}),
     )
     return fig
 
@@ -285,26 +293,4 @@ def grouped_waterfall_figure(rows: Sequence[tuple[str, float, list[int]]], logit
     """A waterfall of grouped slices (``grouped_slices``) ending in the logit they sum to."""
     names = [f"{html_text(name[:32])} ({len(ids)})" for name, _, ids in rows] + ["logit"]
     values = [value for _, value, _ in rows] + [float(logit)]
-    fig = go.Figure(
-        go.Waterfall(
-            orientation="h",
-            y=names,
-            x=values,
-            measure=["relative"] * len(rows) + ["total"],
-            text=[f"{v:+.3f}" for v in values[:-1]] + [f"{logit:.3f}"],
-            textposition="outside",
-            cliponaxis=False,
-            increasing={"marker": {"color": "#0072B2"}},
-            decreasing={"marker": {"color": "#D55E00"}},
-            totals={"marker": {"color": "#555555"}},
-            connector={"line": {"color": "#999999", "width": 1}},
-            hovertemplate="%{y}: %{x:+.4f}<extra></extra>",
-        )
-    )
-    fig.update_layout(
-        height=60 + 24 * len(values),
-        margin={"l": 10, "r": 70, "t": 10, "b": 10},
-        yaxis={"autorange": "reversed", "type": "category"},
-        showlegend=False,
-    )
-    return fig
+    return _waterfall(names, values, None, None, clickable=False)
