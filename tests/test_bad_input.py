@@ -696,6 +696,7 @@ def test_train_quiet_shows_no_progress_bar(small_corpus, tmp_path, capsys):
     code, _, err = run([*argv, "--out", tmp_path / "loud"], capsys)
     assert code == 0 and any(bar in err for bar in bars), err  # the bars this test is about exist
     hf_logging.enable_progress_bar()
-    code, _, err = run([*argv, "--out", tmp_path / "quiet", "--quiet"], capsys)
+    code, out, err = run([*argv, "--out", tmp_path / "quiet", "--quiet"], capsys)
     assert code == 0, err
     assert not any(bar in err for bar in bars), err
+    assert "'loss'" not in out + err and "train_runtime" not in out + err  # no per-step log lines either

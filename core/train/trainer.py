@@ -400,6 +400,10 @@ def train(opts: TrainOptions) -> dict:
         train_dataset=packed_train.with_format(columns=["input_ids"]),
         data_collator=_Collator(),
     )
+    if not opts.progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # with the bars off it prints every log step instead
     reseed = ReseedCallback(trainer)
     trainer.add_callback(reseed)
     if opts.freeze_backbone:
