@@ -27,18 +27,17 @@ import asyncio
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import _results  # noqa: E402
+from _streamlit import start_streamlit  # noqa: E402
 
 CHROMIUM = os.environ.get("PRISM_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 MAX_SESSIONS = 16
@@ -48,40 +47,9 @@ FAILED = "[data-testid='stException'], [data-testid='stAlertContentError']"
 FRESH = re.compile(r"Steered: generated just now")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model: str) -> tuple[subprocess.Popen, str]:
     """`streamlit run explorer/app.py -- --model MODEL` on a free loopback port."""
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(REPO / "explorer" / "app.py"),
-        "--server.headless=true",
-        "--server.address=127.0.0.1",
-        f"--server.port={port}",
-        "--server.fileWatcherType=none",
-        "--browser.gatherUsageStats=false",
-        "--",
-        "--model",
-        model,
-    ]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
-                return process, url
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("streamlit did not start within 120 s")
+    return start_streamlit(REPO / "explorer" / "app.py", ["--model", model], timeout_s=120)
 
 
 def rss_mb(pid: int) -> float:
