@@ -122,6 +122,7 @@ class Methods:
             self.bundle, self.index, prompt, completion, top=10**6, method=method, influence=self.influence
         )
         self.latency[method].append(time.perf_counter() - t)
+        # ordered as the method ranks them (influence: by relative score), scored by "score"
         return {e.doc_id: e.score for e in result.examples}
 
     def ekfac(self, queries: list[tuple[str, str]]) -> list[dict[str, float]]:
@@ -158,14 +159,16 @@ def canaries(args, work: Path) -> tuple[dict, dict]:
     for f, (prompt, completion) in enumerate(queries):
         for method in ("neighbourhood", "influence"):
             scores = methods.prism(method, prompt, completion)
-            per_method[method].append(recall_at_10(scores, f, args.copies))
+            per_method[method].append(recall_at_10(scores, f, args.copies, ranked=True))
         per_method["ekfac"].append(recall_at_10(ekfac[f], f, args.copies))
     latency = {m: 1000 * statistics.median(v) for m, v in methods.latency.items()}
     return {m: statistics.mean(v) for m, v in per_method.items()}, latency
 
 
-def recall_at_10(scores: dict[str, float], fact: int, copies: int) -> float:
-    top = sorted(scores, key=lambda d: -scores[d])[:10]
+def recall_at_10(scores: dict[str, float], fact: int, copies: int, ranked: bool = False) -> float:
+    """Share of the fact's copies in the top 10: by decreasing score, or (``ranked``) in the
+    order of ``scores`` itself (a PRISM method's own ranking)."""
+    top = list(scores)[:10] if ranked else sorted(scores, key=lambda d: -scores[d])[:10]
     return sum(d.startswith(f"canary-{fact}-") for d in top) / copies
 
 

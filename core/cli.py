@@ -176,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="influence only: score only the N documents whose gradient sketches promise most (faster on large "
         "stores; it can miss documents of the exact top, see docs/benchmarks.md); default: every document, exactly",
     )
+    attr.add_argument(
+        "--rank-by",
+        choices=("relative", "loss"),
+        default="relative",
+        help="influence only: rank documents by their score over the norm of their gradient (relative, the "
+        "default: how closely a document's gradient points along the completion's, whatever its length) or by "
+        "the score itself (loss: the predicted change of the completion's loss)",
+    )
     add_device_options(attr)
     attr.set_defaults(func=cmd_attribute)
 

@@ -209,6 +209,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         controls=controls,
         max_new_tokens=args.max_new_tokens,
         candidates=args.candidates,
+        ranking=args.rank_by,
     )
     notice = truncation_notice(result.decomposition.truncated_tokens)
     if notice:

@@ -35,7 +35,7 @@ from typing import Any, Literal, TypeVar
 from core.attribution import neighbourhood, spans
 from core.attribution.decompose import QueryTensors, decompose_with_tensors
 from core.attribution.influence import query as influence_method
-from core.attribution.influence.query import InfluenceFactors, load_influence
+from core.attribution.influence.query import RANKINGS, InfluenceFactors, load_influence
 from core.attribution.records import Attribution, Decomposition, Example
 from core.bundle import Bundle
 from core.control.controls import Controls
@@ -190,6 +190,7 @@ def attribute(
     influence: InfluenceFactors | None = None,
     min_span: int = spans.MIN_SPAN,
     candidates: int | None = None,
+    ranking: Literal["relative", "loss"] = "relative",
 ) -> Attribution:
     """Attribute each completion token, and the completion as a whole, to training documents.
 
@@ -215,6 +216,9 @@ def attribute(
         candidates: influence method only: documents scored exactly per ranking, found by
             their gradient sketches (None: the default; 0: every document; see
             :meth:`core.attribution.influence.InfluenceFactors.rank`).
+        ranking: influence method only: ``relative`` (the default) ranks documents by their
+            score over the norm of their gradient, ``loss`` by the score itself (the predicted
+            loss change; see :data:`core.attribution.influence.query.RANKINGS`).
 
     Raises:
         ValueError: bad input (see :func:`decompose`).
@@ -241,7 +245,15 @@ def attribute(
         )
     if candidates is not None and (not isinstance(candidates, int) or candidates < 0):
         raise ArgumentError(f"candidates must be an integer >= 0, got {candidates!r}")
-    options = {"similarity": similarity, "influence": influence, "min_span": min_span, "candidates": candidates}
+    if ranking not in RANKINGS:
+        raise ArgumentError(f"unknown ranking {ranking!r}; choose one of {', '.join(RANKINGS)}")
+    options = {
+        "similarity": similarity,
+        "influence": influence,
+        "min_span": min_span,
+        "candidates": candidates,
+        "ranking": ranking,
+    }
     query = Query(bundle, index, options)
     if chosen.check is not None:
         chosen.check(query)

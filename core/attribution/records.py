@@ -87,6 +87,9 @@ class Example:
         char_offset: start of the trigger token in the document.
         positions: number of the document's neighbour positions (neighbourhood) or
             (prototype, document) entries (influence) that received credit.
+        relative: influence only: ``score`` / ||g_D||_A, the score of the document's gradient
+            scaled to unit length (how closely it points along the query's, whatever its
+            size); the default ranking key of influence. None for the other methods.
     """
 
     doc_id: str
@@ -99,6 +102,7 @@ class Example:
     doc_index: int
     char_offset: int
     positions: int
+    relative: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -165,7 +169,9 @@ class Attribution:
         lines = [
             f"prompt: {dec.prompt!r}",
             f"completion: {dec.completion!r}" + (" (generated)" if dec.generated else ""),
-            f"method: {self.method} (scores: {self.measurement})",
+            f"method: {self.method} (scores: {self.measurement}"
+            + (", relative score in ( )" if self.method == "influence" else "")
+            + ")",
             "each token: its strongest slices, then examples with the trigger token in [[ ]]",
         ]
         for token, token_examples in zip(dec.tokens, self.token_examples, strict=True):
@@ -176,18 +182,25 @@ class Attribution:
                 label = f"  {self.labels[p.id]}" if p.id in self.labels else ""
                 lines.append(f"        prototype {p.id:>5}  weight {p.weight:7.3f}  slice {p.slice:8.3f}{label}")
             for e in token_examples[:examples]:
-                lines.append(f"        {e.score:8.3f}  {e.doc_id} ({e.source}): {_marked(e)}")
+                lines.append(f"        {_score(e)}  {e.doc_id} ({e.source}): {_marked(e)}")
         span = f" tokens {self.span[0]}..{self.span[1] - 1}" if self.span else " the whole completion"
         lines.append(f"examples over{span} ({self.method}):")
         for rank, e in enumerate(self.examples, start=1):
-            lines.append(f"  {rank:>2}. {e.score:8.3f}  {e.doc_id} ({e.source}, prototype {e.prototype}): {_marked(e)}")
+            lines.append(f"  {rank:>2}. {_score(e)}  {e.doc_id} ({e.source}, prototype {e.prototype}): {_marked(e)}")
         if self.harmful:
             lines.append(f"most harmful over{span} (upweighting them raises the loss):")
             for rank, e in enumerate(self.harmful, start=1):
                 lines.append(
-                    f"  {rank:>2}. {e.score:8.3f}  {e.doc_id} ({e.source}, prototype {e.prototype}): {_marked(e)}"
+                    f"  {rank:>2}. {_score(e)}  {e.doc_id} ({e.source}, prototype {e.prototype}): {_marked(e)}"
                 )
         return "\n".join(lines)
+
+
+def _score(example: Example) -> str:
+    """The score column: the score, and the relative score after it where there is one."""
+    if example.relative is None:
+        return f"{example.score:8.3f}"
+    return f"{example.score:8.3f} ({example.relative:+.3f})"
 
 
 def _marked(example: Example, width: int = 70) -> str:

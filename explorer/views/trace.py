@@ -270,6 +270,12 @@ with right:
         render_card(index, data, bundle.tokenizer, int(card), "trace", state.max_suppressed(loaded))
 
 st.markdown(f"**Training examples behind this token** ({result.method}; scores: {result.measurement})")
+if result.method == "influence":
+    st.caption(
+        "Ranked by relative score: the score over the size of the document's gradient, so that "
+        "a document ranks by how closely what it teaches points along this token's loss, not by "
+        "its length. The score itself is the predicted change of the loss (+ = the document lowers it)."
+    )
 if result.method == "neighbourhood":
     st.caption(
         "Exemplars of the active prototypes: what each prototype stands for, not which training "
@@ -286,7 +292,8 @@ for rank, e in enumerate(examples, start=1):
     a, b = st.columns([6, 1])
     a.html(
         state.SNIPPET_CSS + f'<div class="prism-snip" title="{state.escape(e.doc_id)}"><b>{rank}.</b> '
-        f"score {e.score:.3f} · {state.escape(e.source)} · {state.escape(e.doc_id)}<br>"
+        f"score {e.score:.3f}{'' if e.relative is None else f' (relative {e.relative:+.3f})'} · "
+        f"{state.escape(e.source)} · {state.escape(e.doc_id)}<br>"
         f"{state.marked_snippet(e.snippet, e.highlight_start, e.highlight_end)}</div>"
     )
     if e.prototype >= 0:  # verbatim-span examples come from no prototype

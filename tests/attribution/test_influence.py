@@ -450,6 +450,9 @@ def test_store_reproduces_block_form_scores(stored):
         quadratic[doc] += float(g @ A[j] @ g)
     expected = np.array([quadratic[d] / tokens[d] for d in documents])
     np.testing.assert_allclose(factors.self_influence, expected, rtol=1e-6)
+    norm = np.sqrt([quadratic[d] for d in documents])  # ||g_D||_A
+    np.testing.assert_allclose(factors.gradient_norm, norm, rtol=1e-6)
+    np.testing.assert_allclose(factors.relative(span.scores), expected_span / norm, rtol=1e-6)
     ranked = self_influence(bundle_dir)
     assert [r.doc_index for r in ranked] == [documents[i] for i in np.argsort(-expected, kind="stable")]
     assert ranked[0].positions == tokens[ranked[0].doc_index]
@@ -496,12 +499,14 @@ def test_document_sketches_are_their_block_gradients_projected(stored):
     span = influence_module.InfluenceCredit.concat(factors.credit(model, hidden, ids, weights, targets, None, probs))
     query = factors.sketch.pairs(torch.from_numpy(span.prototypes), span.psi).sum(0)
     estimates = (stored_sketch @ query).numpy()
-    best = factors.candidates_for(span, 3)
-    assert sorted(best.tolist()) == sorted(np.argsort(-estimates, kind="stable")[:3].tolist())
-    for harmful in (False, True):
-        full = factors.rank(span, top=5, harmful=harmful, candidates=0)
-        every = factors.rank(span, top=5, harmful=harmful, candidates=len(documents))
-        assert every == full
+    # the relative ranking searches the sketches divided by the documents' gradient norms
+    for ranking, estimate in (("loss", estimates), ("relative", estimates / factors.gradient_norm)):
+        best = factors.candidates_for(span, 3, ranking=ranking)
+        assert sorted(best.tolist()) == sorted(np.argsort(-estimate, kind="stable")[:3].tolist())
+        for harmful in (False, True):
+            full = factors.rank(span, top=5, harmful=harmful, candidates=0, ranking=ranking)
+            every = factors.rank(span, top=5, harmful=harmful, candidates=len(documents), ranking=ranking)
+            assert every == full
 
 
 def test_retrieval_tier_scores_its_candidates_exactly(stored):
@@ -511,15 +516,21 @@ def test_retrieval_tier_scores_its_candidates_exactly(stored):
     bundle_dir, factors, A, positions, (model, hidden, ids, weights, targets, probs, grads) = stored
     span = influence_module.InfluenceCredit.concat(factors.credit(model, hidden, ids, weights, targets, None, probs))
     exact = span.scores
-    for harmful in (False, True):
-        pool = factors.candidates_for(span, 8, harmful=harmful)
-        ranked = factors.rank(span, top=3, harmful=harmful, candidates=8)
-        sign = -1 if harmful else 1
-        by_exact = sorted(pool.tolist(), key=lambda d: (-sign * exact[d], factors.documents[d]))[:3]
-        assert [r.doc_index for r in ranked] == [int(factors.documents[d]) for d in by_exact]
-        assert [r.score for r in ranked] == pytest.approx([exact[d] for d in by_exact], rel=1e-9)
-        top3 = set(np.argsort(-sign * exact, kind="stable")[:3].tolist())
-        assert len(top3 & set(pool.tolist())) >= 2, (harmful, sorted(top3), pool.tolist())
+    for ranking, key in (("loss", exact), ("relative", exact / factors.gradient_norm)):
+        for harmful in (False, True):
+            pool = factors.candidates_for(span, 8, harmful=harmful, ranking=ranking)
+            ranked = factors.rank(span, top=3, harmful=harmful, candidates=8, ranking=ranking)
+            sign = -1 if harmful else 1
+            kept = [d for d in pool.tolist() if exact[d] < 0 or not harmful]  # harmful: negative scores only
+            by_exact = sorted(kept, key=lambda d: (-sign * key[d], factors.documents[d]))[:3]
+            assert [r.doc_index for r in ranked] == [int(factors.documents[d]) for d in by_exact]
+            assert [r.score for r in ranked] == pytest.approx([exact[d] for d in by_exact], rel=1e-9)
+            assert [r.relative for r in ranked] == pytest.approx(
+                [key[d] for d in by_exact] if ranking == "relative" else [factors.relative(exact)[d] for d in by_exact],
+                rel=1e-9,
+            )
+            top3 = set(np.argsort(-sign * key, kind="stable")[:3].tolist())
+            assert len(top3 & set(pool.tolist())) >= 2, (ranking, harmful, sorted(top3), pool.tolist())
 
 
 def test_outliers_command_lists_documents_by_self_influence(stored, capsys):
@@ -550,8 +561,12 @@ def test_attribution_lists_the_most_harmful_documents(stored):
     bundle, index = load_bundle(bundle_dir), load_index(bundle_dir)
     result = attribute(bundle, index, PROMPT, COMPLETION, top=3, method="influence", influence=factors)
     assert [e.doc_index for e in result.harmful] == [r.doc_index for r in expected]
-    scores = [e.score for e in result.harmful]
-    assert scores == pytest.approx([r.score for r in expected]) and scores == sorted(scores) and scores[0] < 0
+    scores, relative = [e.score for e in result.harmful], [e.relative for e in result.harmful]
+    assert scores == pytest.approx([r.score for r in expected]) and max(scores) < 0
+    assert relative == sorted(relative)  # ranked by the relative score, lowest first
+    by_loss = attribute(bundle, index, PROMPT, COMPLETION, top=3, method="influence", influence=factors, ranking="loss")
+    scores = [e.score for e in by_loss.harmful]
+    assert scores == sorted(scores) and scores[0] == pytest.approx(min(span.scores), rel=1e-5)
     assert [e["doc_index"] for e in result.to_json()["harmful"]] == [r.doc_index for r in expected]
     assert "most harmful over the whole completion" in result.to_text()
     exemplars = attribute(bundle, index, PROMPT, COMPLETION, top=3, method="neighbourhood")
@@ -570,8 +585,9 @@ def test_highlight_is_the_token_that_carried_most_of_the_query(stored):
             psi[j] = psi.get(j, 0) + A[j] @ g_q
     for harmful in (False, True):
         ranked = factors.rank(span, top=3, harmful=harmful)
-        scores = [r.score for r in ranked]
-        assert scores == sorted(scores, reverse=not harmful) and len(ranked) == 3
+        relative = [r.relative for r in ranked]
+        assert relative == sorted(relative, reverse=not harmful)
+        assert len(ranked) == (min(3, int((span.scores < 0).sum())) if harmful else 3)
         for r in ranked:
             sign = 1 if r.score >= 0 else -1
             mine = [p for p in positions if p["doc"] == r.doc_index]

@@ -45,6 +45,12 @@ if TYPE_CHECKING:  # the engine imports this module
 FORMAT_VERSION = 4
 INFLUENCE_FILE = "influence.safetensors"
 MEASUREMENT = "loss"  # the summed loss -log p of the attributed tokens; + = the document lowers it
+# How documents are ranked: "relative" (the default) by I(q, D) / ||g_D||_A, the score of a
+# unit-norm document gradient, so that a document ranks by how closely its gradient points
+# along the query's rather than by its size (long or unusual documents have large gradients
+# and large scores for every query; docs/attribution.md measures the difference); "loss" by
+# I(q, D) itself, the predicted change of the query's loss (what LDS scores).
+RANKINGS = ("relative", "loss")
 
 # (position, active prototype, query token) entries a bulk scan handles at once: about 32 MB
 # for each of its (chunk, k, tokens) float64 arrays. A query's memory stays bounded however many
@@ -107,12 +113,13 @@ class InfluenceCredit:
 
 @dataclass
 class RankedDocument:
-    """A training document's influence: its score, the prototype that carried most of it, the
-    span of its training token that carried most of it, and the number of the query's
-    prototypes it shares."""
+    """A training document's influence: its score I(q, D), its relative score I(q, D) /
+    ||g_D||_A, the prototype that carried most of it, the span of its training token that
+    carried most of it, and the number of the query's prototypes it shares."""
 
     doc_index: int
     score: float
+    relative: float
     prototype: int
     start: int
     end: int
@@ -134,7 +141,10 @@ class InfluenceFactors:
         self.eigenvalues, self.damping = np.array(arrays["eigenvalues"]), np.array(arrays["damping"])
         self.store = PositionStore(arrays, dtype)
         self.documents = self.store.documents  # (D,) training-split rows
-        self.self_influence = np.array(arrays["self_influence"])  # (D,)
+        self.self_influence = np.array(arrays["self_influence"])  # (D,) g_D^T A g_D / positions
+        positions = np.diff(np.asarray(self.store.offsets)).astype(np.float64)
+        # (D,) ||g_D||_A = sqrt(g_D^T A g_D), the divisor of the relative scores (0: no gradient)
+        self.gradient_norm = np.sqrt(np.maximum(self.self_influence * positions, 0.0))
         self.sketch = GradientSketch(
             torch.from_numpy(np.array(arrays["sketch_projection"])).to(dtype),
             torch.from_numpy(np.array(arrays["sketch_signs"])).to(dtype),
@@ -144,7 +154,7 @@ class InfluenceFactors:
         self.blocks = (
             (arrays["document_blocks"], arrays["document_blocks_scale"]) if "document_blocks" in arrays else None
         )
-        self._search: CandidateSearch | None = None
+        self._search: dict[str, CandidateSearch] = {}
         self._search_lock = threading.Lock()
         self._corpus = None
 
@@ -223,51 +233,78 @@ class InfluenceFactors:
             return block_scores(*self.blocks, psi, lookup, documents)
         return document_scores(self.store, psi, lookup, CREDIT_CHUNK_ENTRIES, documents)
 
-    def searcher(self) -> CandidateSearch:
-        """The inner-product search over the documents' sketches (built once, on first use)."""
-        with self._search_lock:
-            if self._search is None:
-                self._search = CandidateSearch(np.asarray(self._sketches))
-            return self._search
+    def relative(self, scores: np.ndarray, documents: np.ndarray | None = None) -> np.ndarray:
+        """Scores of store ``documents`` (None: every one) divided by their ||g_D||_A (0 where
+        a document has no gradient)."""
+        norm = self.gradient_norm if documents is None else self.gradient_norm[documents]
+        return np.divide(scores, norm, out=np.zeros(len(norm)), where=norm > 0)
 
-    def candidates_for(self, credit: InfluenceCredit, count: int, harmful: bool = False) -> np.ndarray:
-        """(<= count,) store documents whose sketched score is largest (``harmful``: smallest)."""
+    def searcher(self, ranking: str = "relative") -> CandidateSearch:
+        """The inner-product search over the documents' sketches, divided by their gradient
+        norms for the relative ranking (built once per ranking, on first use)."""
+        with self._search_lock:
+            if ranking not in self._search:
+                sketches = np.asarray(self._sketches, dtype=np.float32)
+                if ranking == "relative":
+                    norm = self.gradient_norm.astype(np.float32)[:, None]
+                    sketches = np.divide(sketches, norm, out=np.zeros_like(sketches), where=norm > 0)
+                self._search[ranking] = CandidateSearch(sketches)
+            return self._search[ranking]
+
+    def candidates_for(
+        self, credit: InfluenceCredit, count: int, harmful: bool = False, ranking: str = "relative"
+    ) -> np.ndarray:
+        """(<= count,) store documents whose sketched score (relative or not, as ``ranking``)
+        is largest (``harmful``: smallest)."""
         prototypes = torch.from_numpy(np.asarray(credit.prototypes, dtype=np.int64))
         query = self.sketch.pairs(prototypes, credit.psi.to(self.dtype)).sum(0, keepdim=True)  # (1, m)
-        rows, _ = self.searcher().search((-query if harmful else query).numpy(), count)
+        rows, _ = self.searcher(ranking).search((-query if harmful else query).numpy(), count)
         return np.sort(rows[0][rows[0] >= 0])
 
     def rank(
-        self, credit: InfluenceCredit, top: int, harmful: bool = False, candidates: int | None = None
+        self,
+        credit: InfluenceCredit,
+        top: int,
+        harmful: bool = False,
+        candidates: int | None = None,
+        ranking: str = "relative",
     ) -> list[RankedDocument]:
-        """The ``top`` documents by exact score, highest first (``harmful``: lowest first; ties:
-        lower training row), each with the prototype and the training token that carried most
-        of its score (in the score's direction).
+        """The ``top`` documents by exact score, highest first (``harmful``: only documents with
+        negative scores, lowest first; ties: lower training row), each with the prototype and
+        the training token that carried most of its score (in the score's direction).
 
-        ``candidates`` 0 or None (the default): every document is scored exactly; > 0: the
-        retrieval tier (:mod:`.sketch`), only the ``candidates`` documents with the best
-        sketched scores are (faster on large stores, but it can miss documents of the exact
-        top: docs/benchmarks.md measures how often).
+        ``ranking`` (:data:`RANKINGS`): ``relative`` ranks by I(q, D) / ||g_D||_A, ``loss`` by
+        I(q, D). ``candidates`` 0 or None (the default): every document is scored exactly;
+        > 0: the retrieval tier (:mod:`.sketch`), only the ``candidates`` documents with the
+        best sketched scores are (faster on large stores, but it can miss documents of the
+        exact top: docs/benchmarks.md measures how often).
         """
+        if ranking not in RANKINGS:
+            raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
         if not candidates:
             pool = np.arange(len(self.documents))
             scores, terms = credit.scores, credit.terms
         else:
-            pool = self.candidates_for(credit, max(candidates, top), harmful)
+            pool = self.candidates_for(credit, max(candidates, top), harmful, ranking)
             scores, terms = self.exact_scores(credit, pool)
-        met = np.flatnonzero(terms > 0)  # places in the pool of documents sharing a block
+        relative = self.relative(scores, pool)
+        key = relative if ranking == "relative" else scores
+        # places in the pool of documents sharing a block (harmful: and raising the loss)
+        met = np.flatnonzero((terms > 0) & (scores < 0)) if harmful else np.flatnonzero(terms > 0)
         sign = -1.0 if harmful else 1.0
-        ranking = rank_groups(pool[met], sign * scores[met], top, size=len(self.documents))
-        if not len(ranking):
+        order = rank_groups(pool[met], sign * key[met], top, size=len(self.documents))
+        if not len(order):
             return []
-        chosen = ranking.groups  # (n,) store document numbers, best first
-        score_of = dict(zip(pool[met].tolist(), scores[met].tolist(), strict=True))
-        chosen_scores = np.array([score_of[c] for c in chosen.tolist()])
+        chosen = order.groups  # (n,) store document numbers, best first
+        place = dict(zip(pool[met].tolist(), met.tolist(), strict=True))
+        at = np.array([place[c] for c in chosen.tolist()])
+        chosen_scores = scores[at]
         prototype, shared, start, end = self._carriers(credit, chosen, chosen_scores)
         return [
             RankedDocument(
                 int(self.documents[doc]),
                 float(chosen_scores[r]),
+                float(relative[at[r]]),
                 int(prototype[r]),
                 int(start[r]),
                 int(end[r]),
@@ -484,26 +521,23 @@ def examples(query: Query, credits: list[InfluenceCredit], top: int) -> list[lis
     carried most of the credit marked (the documents' texts are read from the corpus in one
     pass for all the credits)."""
     factors = query.influence()
-    candidates = query.options.get("candidates")
+    candidates, ranking = query.options.get("candidates"), query.options.get("ranking", "relative")
     if not candidates:
         factors.score_every_document(credits)  # one scan of the store for every credit
-    ranked = [factors.rank(c, top, candidates=candidates) for c in credits]
-    records = iter(factors.describe([r for ranking in ranked for r in ranking]))
-    return [
-        [Example(**next(records), score=r.score, prototype=r.prototype, positions=r.entries) for r in ranking]
-        for ranking in ranked
-    ]
+    ranked = [factors.rank(c, top, candidates=candidates, ranking=ranking) for c in credits]
+    records = iter(factors.describe([r for documents in ranked for r in documents]))
+    return [[_example(next(records), r) for r in documents] for documents in ranked]
+
+
+def _example(record: dict, r: RankedDocument) -> Example:
+    return Example(**record, score=r.score, relative=r.relative, prototype=r.prototype, positions=r.entries)
 
 
 def harmful_examples(query: Query, credit: InfluenceCredit, top: int) -> list[Example]:
     """The documents with the most negative influence on the credit's loss, lowest first."""
     factors = query.influence()
-    candidates = query.options.get("candidates")
+    candidates, ranking = query.options.get("candidates"), query.options.get("ranking", "relative")
     if not candidates:
         factors.score_every_document([credit])
-    ranked = factors.rank(credit, top, harmful=True, candidates=candidates)
-    records = factors.describe(ranked)
-    return [
-        Example(**record, score=r.score, prototype=r.prototype, positions=r.entries)
-        for record, r in zip(records, ranked, strict=True)
-    ]
+    ranked = factors.rank(credit, top, harmful=True, candidates=candidates, ranking=ranking)
+    return [_example(record, r) for record, r in zip(factors.describe(ranked), ranked, strict=True)]
