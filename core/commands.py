@@ -110,12 +110,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from core.index.staging import staged_index
+    from core import distributed
+    from core.device import resolve_device
+    from core.index.staging import shared_staged_index
 
+    # Under torchrun every rank runs this command: each takes a shard of the neighbourhood and
+    # influence passes; rank 0 alone merges, writes the other files, swaps the index in and prints.
+    distributed.start(cpu=resolve_device(args.device) == "cpu")
     # Every file is built in a staging copy of the bundle; the old index stays whole until one swap.
-    with staged_index(args.model, keep_index=False) as staging:
+    with shared_staged_index(args.model, keep_index=False) as staging:
         summary = _build_index_files(argparse.Namespace(**{**vars(args), "model": str(staging)}))
-    print(json.dumps(_unstaged(summary, staging, args.model), indent=2))
+    if distributed.is_main():
+        print(json.dumps(_unstaged(summary, staging, args.model), indent=2))
     return 0
 
 
@@ -128,8 +134,10 @@ def _unstaged(value, staging, bundle):
     return value
 
 
-def _build_index_files(args: argparse.Namespace) -> dict:
-    """Neighbourhoods, spans, labels, the atlas and influence factors of ``args.model``; their summary."""
+def _build_index_files(args: argparse.Namespace) -> dict | None:
+    """Neighbourhoods, influence factors, spans, labels and the atlas of ``args.model``; their
+    summary (None on ranks other than 0, which share the first two passes only)."""
+    from core import distributed
     from core.device import resolve_device
     from core.index.build import IndexArguments, build_index
 
@@ -143,11 +151,6 @@ def _build_index_files(args: argparse.Namespace) -> dict:
         model_dtype=args.dtype,
         show_progress=not args.quiet,
     )
-    if not args.no_spans:
-        from core.attribution.spans_index import build_spans
-
-        summary["spans"] = build_spans(args.model, args.corpus, show_progress=not args.quiet)
-    summary["labels"] = _label_and_map(args.model, not args.quiet, device, args.dtype)
     if not args.no_influence:
         from core.attribution.influence import InfluenceArguments, build_influence
 
@@ -158,9 +161,18 @@ def _build_index_files(args: argparse.Namespace) -> dict:
             batch_size=max(1, index_args.batch_size // 2),
             max_tokens=index_args.max_tokens,
         )
-        summary["influence"] = build_influence(
+        influence = build_influence(
             args.model, args.corpus, influence_args, device=device, show_progress=not args.quiet
         )
+    if not distributed.is_main():
+        return None  # the rest reads no more than the index: rank 0 builds it alone
+    if not args.no_spans:
+        from core.attribution.spans_index import build_spans
+
+        summary["spans"] = build_spans(args.model, args.corpus, show_progress=not args.quiet)
+    summary["labels"] = _label_and_map(args.model, not args.quiet, device, args.dtype)
+    if not args.no_influence:
+        summary["influence"] = influence
     return summary
 
 

@@ -12,6 +12,7 @@ rank's GPU for NCCL): the model's device in practice.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -30,6 +31,14 @@ def start(cpu: bool = False):
     from accelerate import PartialState
 
     return PartialState(cpu=cpu)
+
+
+def rank_device(device: str) -> str:
+    """Where this rank runs a model asked for on ``device``: under several ranks ``cuda`` is the
+    rank's own GPU (``cuda:LOCAL_RANK``, torchrun's numbering); anything else is unchanged."""
+    if device == "cuda" and is_distributed():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
 
 
 def is_distributed() -> bool:

@@ -135,9 +135,16 @@ class TensorFileWriter:
 
 
 def map_tensors(
-    path: str | Path, what: str = "file", fix: str | None = None, error: type[PrismError] = ArtifactError
+    path: str | Path,
+    what: str = "file",
+    fix: str | None = None,
+    error: type[PrismError] = ArtifactError,
+    writable: bool = False,
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """A safetensors file's arrays as read-only memory maps, and its metadata.
+
+    ``writable`` maps them for writing instead: another process fills its share of a file that a
+    :class:`TensorFileWriter` laid out (its ``tmp``), which that writer then closes.
 
     Raises:
         ``error`` naming the file: missing, unreadable, truncated, or a header that is not
@@ -188,5 +195,6 @@ def map_tensors(
         if stop == start:
             arrays[name] = np.zeros(shape, dtype=dtype)
         else:
-            arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=base + start, shape=shape)
+            mode = "r+" if writable else "r"
+            arrays[name] = np.memmap(path, dtype=dtype, mode=mode, offset=base + start, shape=shape)
     return arrays, metadata

@@ -15,6 +15,10 @@ those carry ``active = 0`` and ``weight = 0``, so a user can tell them apart.
 The index (layout: :mod:`core.index.format`) is written to a temporary folder inside the
 bundle and renamed into place, so an interrupted or failed build never leaves a partial
 ``index/``.
+
+Under ``torchrun`` every rank scans a contiguous shard of the training sequences; the ranks'
+neighbourhoods are gathered and merged on rank 0 (:func:`_gather_neighbourhoods`: exactly the
+single pass's, up to the order of equal keys), which alone describes the positions and writes.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from core import distributed
 from core.bundle import Bundle, load_bundle
 from core.data.corpus import datasets_progress, load_corpus, pack
 from core.errors import ArgumentError, PrototypeIndexError
@@ -106,8 +111,11 @@ def build_index(
     show_progress: bool = True,
     dtype: Literal["float32", "float64"] = "float32",
     model_dtype: str = "float32",
-) -> dict:
+) -> dict | None:
     """Build ``bundle_dir/index/`` with one streamed, batched pass over the training split.
+
+    Under ``torchrun`` (several ranks) every rank runs this with the same arguments: each scans
+    its shard of the sequences, and rank 0 merges and writes (the others wait for it).
 
     Args:
         bundle_dir: a PRISM bundle.
@@ -118,7 +126,8 @@ def build_index(
         show_progress: show progress bars.
 
     Returns:
-        a summary: counts, fingerprints, ``build_seconds`` and ``index_bytes`` / ``index_mb``.
+        a summary: counts, fingerprints, ``build_seconds`` and ``index_bytes`` / ``index_mb``
+        (None on ranks other than 0).
 
     Raises:
         ArgumentError: bad arguments.
@@ -128,7 +137,10 @@ def build_index(
     """
     IndexArguments(top_m=top_m, batch_size=batch_size, max_tokens=max_tokens, device=device, dtype=dtype)
     t0 = time.time()
-    with datasets_progress(show_progress):
+    distributed.start(cpu=device == "cpu")
+    device = distributed.rank_device(device)
+    show_progress = show_progress and distributed.is_main()
+    with datasets_progress(show_progress), distributed.main_process_first():  # rank 0 fills the datasets cache
         corpus = load_corpus(corpus_path)  # before anything is written: a bad path leaves no trace
     bundle = load_bundle(bundle_dir, device=device, dtype="float32" if dtype == "float64" else model_dtype)
     if not bundle.is_prism:
@@ -137,12 +149,20 @@ def build_index(
     model = bundle.model.to(torch.float64) if dtype == "float64" else bundle.model
     P, k = model.config.num_prototypes, model.config.prototype_top_k
     seq_len = model.config.sequence_length  # the training sequences (not the backbone's context)
-    with datasets_progress(show_progress):
+    with datasets_progress(show_progress), distributed.main_process_first():
         packed = pack(corpus.train, bundle.tokenizer, seq_len)
     n_sequences = len(packed) if max_tokens is None else min(len(packed), -(-max_tokens // seq_len))
     if n_sequences == 0:
         raise PrototypeIndexError(f"corpus {corpus_path} is shorter than one sequence of {seq_len} tokens")
-    running, usage, n_positions = _scan(model, packed, n_sequences, top_m, batch_size, device, show_progress)
+    shard = distributed.shard_range(n_sequences)  # every sequence when alone
+    running, usage, n_positions = _scan(model, packed, shard, top_m, batch_size, device, show_progress)
+    running = _gather_neighbourhoods(running)
+    usage = distributed.all_reduce_sum(usage)
+    n_positions = int(distributed.all_reduce_sum(torch.tensor([n_positions], device=usage.device)).item())
+    usage = usage.cpu().numpy().astype(np.int64)
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 writes the index, which the influence build then reads
+        return None
 
     running.sort()
     filled = (torch.isfinite(running.key) & (running.position >= 0)).cpu().numpy()  # (P, M)
@@ -184,8 +204,10 @@ def build_index(
         "neighbour_positions": len(unique_pos),
         "documents": len(documents),
         "dead_prototypes": int((usage == 0).sum()),
+        "ranks": distributed.world_size(),
     }
     folder = _write_staged(Path(bundle_dir), meta, arrays, positions, snippets, documents, t0)
+    distributed.barrier()
     meta = read_json(folder / META_FILE, "the index metadata", error=PrototypeIndexError)
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     summary = {
@@ -292,11 +314,54 @@ class _RunningNeighbourhoods:
         self.code_cosine = self.code_cosine.gather(1, order_k)
 
 
+FIELDS = ("key", "cosine", "weight", "position", "document", "code_ids", "code_cosine")  # (P, M, ...) each
+
+
+def _gather_neighbourhoods(running: _RunningNeighbourhoods) -> _RunningNeighbourhoods:
+    """Every rank's neighbourhoods merged into the single pass's (the rank's own when alone).
+
+    Exact: a document's best position is its best in the shard that holds that position, and
+    a document among the top M of the whole split is among the top M of that shard (whatever
+    outranks it there outranks it everywhere). So the top M of all ranks' candidates, one per
+    document, are the single pass's; a document on two shards keeps its better entry (the
+    earlier position on a tie, as within a pass). Equal keys of different documents at the
+    M-th place are the only choice that may differ (the pass breaks such ties arbitrarily).
+    Every rank receives all ranks' (P, M) tables: world size x P x M x (2k + 5) numbers.
+    """
+    if not distributed.is_distributed():
+        return running
+    W = distributed.world_size()
+    P, M = running.key.shape
+    parts = {}
+    for name in FIELDS:
+        table = distributed.all_gather_rows(getattr(running, name))  # (W P, M, ...) in rank order
+        table = table.reshape(W, P, M, *table.shape[2:]).movedim(0, 1)  # (P, W, M, ...)
+        parts[name] = table.reshape(P, W * M, *table.shape[3:]).cpu().numpy()  # (P, W M, ...)
+    key, position, document = parts["key"], parts["position"], parts["document"]
+    # One entry per (prototype, document): its best key, then its earliest position.
+    order = np.lexsort((position, -key, document), axis=-1)  # (P, W M)
+    doc_sorted = np.take_along_axis(document, order, axis=-1)
+    repeat = np.zeros_like(doc_sorted, dtype=bool)
+    repeat[:, 1:] = doc_sorted[:, 1:] == doc_sorted[:, :-1]
+    duplicate = np.zeros_like(repeat)
+    np.put_along_axis(duplicate, order, repeat, axis=-1)
+    key = np.where(duplicate, -np.inf, key)
+    top = np.lexsort((position, -key), axis=-1)[:, :M]  # (P, M): best keys, earlier positions first
+    merged = _RunningNeighbourhoods(P, M, running.code_ids.shape[-1], running.key.dtype, running.key.device)
+    for name in FIELDS:
+        values = key if name == "key" else parts[name]
+        index = top.reshape(P, M, *([1] * (values.ndim - 2)))
+        chosen = np.take_along_axis(values, index, axis=1)  # (P, M, ...)
+        setattr(merged, name, torch.from_numpy(chosen).to(running.key.device))
+    return merged
+
+
 @torch.no_grad()
 def _scan(
-    model, packed, n_sequences: int, top_m: int, batch_size: int, device: str, show_progress: bool
-) -> tuple[_RunningNeighbourhoods, np.ndarray, int]:
-    """The pass: (neighbourhoods, (P,) usage counts, number of indexed positions)."""
+    model, packed, shard: range, top_m: int, batch_size: int, device: str, show_progress: bool
+) -> tuple[_RunningNeighbourhoods, torch.Tensor, int]:
+    """The pass over the sequences of ``shard``: (neighbourhoods, (P,) usage counts, number of
+    indexed positions), of the shard alone."""
     from tqdm.auto import tqdm
 
     head = model.prototypes
@@ -306,8 +371,9 @@ def _scan(
     usage = torch.zeros(P, dtype=torch.long, device=dev)
     n_positions = 0
     columns = packed.with_format("numpy", columns=["input_ids", "doc_index"])
-    for start in tqdm(range(0, n_sequences, batch_size), desc="indexing", unit="batch", disable=not show_progress):
-        rows = columns[start : min(n_sequences, start + batch_size)]
+    batches = range(shard.start, shard.stop, batch_size)
+    for start in tqdm(batches, desc="indexing", unit="batch", disable=not show_progress):
+        rows = columns[start : min(shard.stop, start + batch_size)]
         ids = torch.as_tensor(rows["input_ids"], dtype=torch.long, device=dev)  # (B, T)
         docs = torch.as_tensor(rows["doc_index"], dtype=torch.long, device=dev)  # (B, T)
         B, T = ids.shape
@@ -325,7 +391,7 @@ def _scan(
         running.update(key, cosine, weight, position, docs.reshape(-1), act.ids, cosine.gather(1, act.ids))
         usage += torch.bincount(act.ids[valid].flatten(), minlength=P)
         n_positions += int(valid.sum())
-    return running, usage.cpu().numpy().astype(np.int64), n_positions
+    return running, usage, n_positions
 
 
 def _describe_positions(

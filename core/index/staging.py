@@ -10,6 +10,9 @@ labels, atlas, influence) are pointed at it as if it were the bundle; only when 
 have finished is its ``index/`` exchanged with the bundle's (:func:`core.store.replace_folder`).
 An interruption or an error at any step leaves the previous index as it was, byte for byte,
 and removes the staging folder.
+
+Under ``torchrun`` rank 0 alone makes the staging copy and swaps it in; the other ranks are
+handed its path (:func:`shared_staged_index`) and build their shares of the passes there.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from core import distributed
 from core.errors import PrismError, PrototypeIndexError
 from core.index.format import INDEX_DIR, index_dir
 from core.store import replace_folder
@@ -97,3 +101,20 @@ def staged_index(bundle_dir: str | Path, keep_index: bool) -> Iterator[Path]:
         replace_folder(built, current)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def shared_staged_index(bundle_dir: str | Path, keep_index: bool) -> Iterator[Path]:
+    """:func:`staged_index` for every rank: rank 0 makes the staging copy (and swaps its index
+    in at the end) and sends its path to the other ranks, whose block runs in the same folder
+    and whose exit does nothing. Alone, :func:`staged_index` itself."""
+    if distributed.is_main():
+        with staged_index(bundle_dir, keep_index) as staging:
+            distributed.broadcast_object(str(staging))
+            yield staging
+    else:
+        staging = Path(distributed.broadcast_object(None))
+        try:
+            yield staging
+        except PrismError as err:  # name the bundle, not its staging copy
+            raise type(err)(str(err).replace(str(staging), str(bundle_dir))) from None

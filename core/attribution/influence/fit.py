@@ -2,6 +2,13 @@
 complement-preserving inverse, then one forward pass over the training split that writes every
 position into the store (:mod:`.store`) and sums each document's self-influence (notation:
 :mod:`core.attribution.influence`), written to ``BUNDLE/index/influence.safetensors``.
+
+Under ``torchrun`` both passes are shared out: each rank takes a contiguous shard of the
+sampled sequences. The curvature sums are added up over ranks before the eigendecomposition
+(which every rank then runs on the same sums). For the store, rank 0 lays the file out (its
+size is known from the packed corpus) and every rank writes its own rows, a contiguous range,
+straight into it through memory maps: nothing is gathered but the sums of each shard's first
+and last documents, which may straddle a shard boundary and are completed on rank 0.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core import distributed
 from core.attribution.influence.arguments import InfluenceArguments
 from core.attribution.influence.math import (
     active_set,
@@ -40,7 +48,7 @@ from core.data.corpus import load_corpus, pack
 from core.errors import InfluenceError
 from core.index.format import META_FILE, index_dir, register_index_file
 from core.store import read_json, rebuild_hint
-from core.tensorfile import TensorFileWriter
+from core.tensorfile import TensorFileWriter, map_tensors
 
 
 def _batches(packed, sequences: np.ndarray, batch_size: int, device: torch.device, desc: str, progress: bool):
@@ -96,7 +104,8 @@ def _fit_curvature(
     curvature sample, scaled to the whole split, eigendecomposed (:func:`.math.eigen_blocks`)
     and dropped, so the build holds one chunk of (2d x 2d) blocks at a time, never all P of
     them. Unused prototypes (no sampled position) keep U = 0 (A_j = I / lambda_j) with the
-    damping of the mean used block.
+    damping of the mean used block. Under several ranks each rank passes over its shard of
+    ``sequences`` and the blocks are summed over ranks before they are decomposed.
 
     Returns:
         ((P, 2d, r) eigenvectors U, float64; (P, r) eigenvalues; (P,) damping; (P,) sampled
@@ -115,11 +124,13 @@ def _fit_curvature(
     counts = torch.zeros(P, dtype=torch.long)
     n_positions = 0
     start = torch.randn(D, min(D, rank + 8), generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
+    mine = distributed.shard_range(len(sequences))
+    shard = sequences[mine.start : mine.stop]  # (S_r,) this rank's sequences
     for lo in range(0, P, chunk):
         hi = min(P, lo + chunk)
         acc = torch.zeros(hi - lo, D, D, dtype=dtype, device=device)
         desc = "influence: curvature" + (f" {lo}-{hi - 1}" if chunk < P else "")
-        for seqs, ids, docs in _batches(packed, sequences, args.batch_size, device, desc, progress):
+        for seqs, ids, docs in _batches(packed, shard, args.batch_size, device, desc, progress):
             B, T = ids.shape
             hidden, active, weights, probs, valid = _forward(model, ids, docs)
             labels = sampled_targets(probs.view(B, T, -1), seqs, args.seed).reshape(-1)
@@ -136,9 +147,9 @@ def _fit_curvature(
             if lo == 0:
                 counts += torch.bincount(flat_ids.cpu(), minlength=P)
                 n_positions += int(valid.sum())
-        # The sample's sums, scaled by (all sequences / sampled sequences) to estimate the whole
-        # split's (in place).
-        acc = acc.cpu()
+        # The sample's sums (over every rank's shard), scaled by (all sequences / sampled
+        # sequences) to estimate the whole split's (in place).
+        acc = distributed.all_reduce_sum(acc).cpu()
         acc *= n_sequences / len(sequences)
         mean_eig[lo:hi] = torch.diagonal(acc, dim1=1, dim2=2).double().sum(-1) / D  # trace / 2d
         used = torch.nonzero(mean_eig[lo:hi] > 0).flatten()
@@ -146,18 +157,21 @@ def _fit_curvature(
         for part in used.split(64):
             vectors[lo + part], spectrum[lo + part] = eigen_blocks(acc[part].double(), rank, start)
         del acc
+    counts = distributed.all_reduce_sum(counts.to(device)).cpu()
+    n_positions = int(distributed.all_reduce_sum(torch.tensor([n_positions], device=device)).item())
     unused = mean_eig <= 0
     if bool(unused.any()):
         lam[unused] = args.damping * (float(mean_eig[~unused].mean()) if not bool(unused.all()) else 1.0)
     return vectors, spectrum, lam, counts, n_positions
 
 
-def _layout(packed, sequences: np.ndarray) -> dict[str, np.ndarray]:
+def _layout(packed, sequences: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Where each stored position and document lies, from the packed columns alone.
 
     Returns:
         ``documents`` (D,), ``document_offsets`` (D + 1,), ``char_start`` and ``char_end`` (N,)
-        (-1: to the text's end) of the attributable positions, in stream order.
+        (-1: to the text's end) of the attributable positions, in stream order; and the (S,)
+        number of positions each sequence holds (where a shard's rows start).
     """
     columns = packed.with_format("numpy", columns=["doc_index", "char_offset"])[sequences.tolist()]
     docs = np.asarray(columns["doc_index"]).reshape(len(sequences), -1)  # (S, T)
@@ -168,12 +182,13 @@ def _layout(packed, sequences: np.ndarray) -> dict[str, np.ndarray]:
     doc = docs[valid]  # (N,) row-major: stream order
     assert (np.diff(doc) >= 0).all(), "packed documents are not in training-split order"
     documents, counts = np.unique(doc, return_counts=True)
-    return {
+    layout = {
         "documents": documents.astype(np.int32),
         "document_offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
         "char_start": chars[valid].astype(np.int32),
         "char_end": end[valid].astype(np.int32),
     }
+    return layout, valid.sum(axis=1)
 
 
 @torch.no_grad()
@@ -182,26 +197,37 @@ def _positions(
     packed,
     sequences: np.ndarray,
     layout: dict[str, np.ndarray],
+    rows: range,
     inverse: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     sketch: GradientSketch,
-    out: TensorFileWriter,
+    arrays: dict[str, np.ndarray],
     args: InfluenceArguments,
     device: torch.device,
     progress: bool,
-) -> None:
-    """The pass over the training split: every attributable position into the store, each
-    document's self-influence (length-normalised) and its gradient sketch, written into ``out``
-    (the store's arrays are memory maps of the file being written: nothing is held in memory
-    but a batch, the (D,) self-influence and the (D, m) sketches)."""
+) -> tuple[torch.Tensor, ...]:
+    """The pass over (a shard of) the training split: the positions of ``sequences``, the store's
+    ``rows``, written into ``arrays`` (memory maps of the file being written: nothing is held in
+    memory but a batch, the (D,) self-influence and the shard's (documents, m) sketches), and
+    the self-influence (length-normalised) and gradient sketch of every document inside them.
+
+    The first and last documents of ``rows`` may go on in a neighbouring shard, so their parts
+    are returned instead (:func:`_finish_ends` adds them up): ((c,) keys document * P +
+    prototype and (c, 2d) block sums g_jD; (e,) those documents and (e, m) their sketches).
+    """
     head, E = model.prototypes, model.unembedding
     counts = np.diff(layout["document_offsets"])
-    owner = torch.from_numpy(np.repeat(np.arange(len(counts)), counts))  # (N,) store document of each position
-    writer = StoreWriter(out.arrays, args.storage)
+    owner = np.repeat(np.arange(len(counts)), counts)  # (N,) store document of each position
+    ends = np.unique(owner[[rows.start, rows.stop - 1]]) if len(rows) else np.zeros(0, dtype=np.int64)
+    first, span = (int(ends[0]), int(ends[-1] - ends[0]) + 1) if len(ends) else (0, 0)  # documents of the shard
+    owner = torch.from_numpy(owner)
+    writer = StoreWriter(arrays, args.storage, cursor=rows.start)
     U, w, inv_lam = (x.to(device=device, dtype=head.keys.dtype) for x in inverse)
-    blocks = (out["document_blocks"], out["document_blocks_scale"]) if "document_blocks" in out.arrays else None
-    self_influence = SelfInfluenceSums(U, w, inv_lam, len(counts), blocks=blocks, storage=args.storage)
+    blocks = (arrays["document_blocks"], arrays["document_blocks_scale"]) if "document_blocks" in arrays else None
+    self_influence = SelfInfluenceSums(
+        U, w, inv_lam, len(counts), blocks=blocks, storage=args.storage, held=ends.tolist()
+    )
     sketch = sketch.to(device, head.keys.dtype)
-    sketches = torch.zeros(len(counts), sketch.width, dtype=torch.float64, device=device)  # (D, m)
+    sketches = torch.zeros(span, sketch.width, dtype=torch.float64, device=device)  # (documents, m)
     for _, ids, docs in _batches(packed, sequences, args.batch_size, device, "influence: positions", progress):
         hidden, active, weights, probs, valid = _forward(model, ids, docs)
         targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).reshape(-1)[valid]  # next token
@@ -210,10 +236,59 @@ def _positions(
         document = owner[writer.cursor : writer.cursor + len(h)].to(device)
         writer.add(h, r, ids_v, c, a)
         self_influence.add(document, h, r, ids_v, c, a)
-        sketches.index_add_(0, document, sketch.positions(h, r, ids_v, c, a).double())
-    assert writer.cursor == len(owner), "the pass met another number of positions than the layout"
-    out["self_influence"][:] = self_influence.finish().numpy() / np.maximum(counts, 1)
-    out["document_sketch"][:] = sketches.cpu().numpy()
+        sketches.index_add_(0, document - first, sketch.positions(h, r, ids_v, c, a).double())
+    assert writer.cursor == rows.stop, "the pass met another number of positions than the layout"
+    totals = self_influence.finish().numpy()
+    inner = slice(first + 1, max(first + 1, first + span - 1))  # the documents wholly inside the shard
+    arrays["self_influence"][inner] = totals[inner] / np.maximum(counts[inner], 1)
+    arrays["document_sketch"][inner] = sketches[1 : max(1, span - 1)].cpu().numpy()
+    ends_t = torch.from_numpy(ends).to(device)
+    return (*self_influence.held_sums(), ends_t, sketches[ends_t - first])
+
+
+def _finish_ends(
+    ends: tuple[torch.Tensor, ...],
+    inverse: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    counts: np.ndarray,
+    arrays: dict[str, np.ndarray] | None,
+    storage: str,
+) -> None:
+    """The shards' first and last documents, completed on rank 0 (alone: the pass's own two):
+    every rank's parts of their block sums and sketches gathered and added up, then reduced
+    and written as the pass does for the others.
+
+    Args:
+        ends: :func:`_positions`' return value.
+        counts: (D,) positions per document.
+        arrays: the file's arrays (rank 0), None on the other ranks.
+    """
+    keys, sums, documents, sketches = (distributed.all_gather_rows(t) for t in ends)
+    if arrays is None:
+        return
+    U, w, inv_lam = (x.to(device=sums.device, dtype=sums.dtype) for x in inverse)
+    blocks = (arrays["document_blocks"], arrays["document_blocks_scale"]) if "document_blocks" in arrays else None
+    pairs, where = torch.unique(keys, return_inverse=True)
+    sums = sums.new_zeros(len(pairs), sums.shape[1]).index_add_(0, where, sums)  # (c, 2d) complete g_jD
+    self_influence = SelfInfluenceSums(U, w, inv_lam, len(counts), blocks=blocks, storage=storage)
+    self_influence.add_sums(pairs, sums)
+    totals = self_influence.finish().numpy()
+    documents, where = torch.unique(documents, return_inverse=True)
+    sketches = sketches.new_zeros(len(documents), sketches.shape[1]).index_add_(0, where, sketches)
+    rows = documents.cpu().numpy()
+    arrays["self_influence"][rows] = totals[rows] / np.maximum(counts[rows], 1)
+    arrays["document_sketch"][rows] = sketches.cpu().numpy()
+
+
+def _shared_arrays(out: TensorFileWriter | None) -> dict[str, np.ndarray]:
+    """The arrays of the file rank 0 is writing (``out`` there, None on the other ranks), on
+    every rank: the other ranks map rank 0's temporary file (which must be on a filesystem they
+    see) to write their own rows into it."""
+    name = distributed.broadcast_object(str(out.tmp) if out is not None else None)
+    if out is not None:
+        return out.arrays
+    fix = "the ranks must share the bundle's folder: run them on one machine or on a shared filesystem"
+    arrays, _ = map_tensors(name, "the influence file being written", fix, InfluenceError, writable=True)
+    return arrays
 
 
 def _spread(n_sequences: int, tokens: int | None, seq_len: int) -> np.ndarray:
@@ -231,17 +306,22 @@ def build_influence(
     *,
     device: str = "cpu",
     show_progress: bool = True,
-) -> dict:
+) -> dict | None:
     """Fit the prototype-block factors, store every training position and write
     ``BUNDLE/index/influence.safetensors``.
 
     Needs the bundle's index (:func:`core.index.build.build_index`) built from the same corpus.
-    Memory: the store's arrays (about :func:`.store.position_bytes` per position) are held
-    until written, once more while the file is written; the passes themselves hold a batch.
+    Memory: the store (about :func:`.store.position_bytes` per position) is written through
+    memory maps of the file; the passes themselves hold a batch and the curvature blocks.
+
+    Under ``torchrun`` every rank runs this with the same arguments and shares both passes (see
+    the module docstring); the ranks must see the same bundle folder (one machine, or a shared
+    filesystem), since each writes its rows of the store into the file rank 0 lays out.
 
     Returns:
         a summary: counts, sizes (``influence_bytes`` / ``influence_mb``, ``position_bytes``)
-        and ``curvature_seconds``, ``documents_seconds``, ``build_seconds``.
+        and ``curvature_seconds``, ``documents_seconds``, ``build_seconds`` (None on ranks
+        other than 0).
 
     Raises:
         InfluenceError: no index, an index built from another corpus, a dense bundle, or a
@@ -251,7 +331,12 @@ def build_influence(
     """
     args = args or InfluenceArguments()
     t0 = time.time()
-    corpus = load_corpus(corpus_path)
+    distributed.start(cpu=device == "cpu")
+    device = distributed.rank_device(device)
+    main = distributed.is_main()
+    show_progress = show_progress and main
+    with distributed.main_process_first():  # rank 0 fills the datasets cache the others read
+        corpus = load_corpus(corpus_path)
     folder = index_dir(bundle_dir)
     hint = rebuild_hint(bundle_dir, str(corpus_path))
     if not (folder / META_FILE).is_file():
@@ -271,7 +356,8 @@ def build_influence(
     k = model.config.prototype_top_k
     rank = min(args.rank or 2 * d, 2 * d)
     seq_len = model.config.sequence_length  # the training sequences (not the backbone's context)
-    packed = pack(corpus.train, bundle.tokenizer, seq_len)
+    with distributed.main_process_first():
+        packed = pack(corpus.train, bundle.tokenizer, seq_len)
     n_sequences = len(packed) if args.max_tokens is None else min(len(packed), -(-args.max_tokens // seq_len))
     if n_sequences == 0:
         raise InfluenceError(f"corpus {corpus_path} is shorter than one sequence of {seq_len} tokens")
@@ -285,7 +371,7 @@ def build_influence(
     weights = inverse_weights(values, lam)  # (P, r)
     t_curv = time.time() - t0
     t1 = time.time()
-    layout = _layout(packed, document_sample)
+    layout, per_sequence = _layout(packed, document_sample)
     n_positions, n_documents = len(layout["char_start"]), len(layout["documents"])
     factor = np.float64 if args.storage == "float64" else np.float32
     arrays = {
@@ -333,19 +419,48 @@ def build_influence(
         "position_bytes": position_bytes(d, k, args.storage, P),
         "sketch_width": args.sketch_width,
         "document_blocks": with_blocks,
+        "ranks": distributed.world_size(),
     }
     path = folder / INFLUENCE_FILE
-    with TensorFileWriter(path, specs, {"meta": json.dumps(meta)}) as out:
-        for name, array in arrays.items():
-            out[name][...] = array
+    shard = distributed.shard_range(len(document_sample))  # every sequence when alone
+    rows = range(int(per_sequence[: shard.start].sum()), int(per_sequence[: shard.stop].sum()))  # its store rows
+    inverse = (vectors, weights, 1 / lam)
+    out = TensorFileWriter(path, specs, {"meta": json.dumps(meta)}) if main else None
+    try:
+        if out is not None:
+            for name, array in arrays.items():
+                out[name][...] = array
+        store = _shared_arrays(out)
         sketch = GradientSketch(torch.from_numpy(arrays["sketch_projection"]), sketch.signs)
-        _positions(
-            model, packed, document_sample, layout, (vectors, weights, 1 / lam), sketch, out, args, dev, show_progress
+        ends = _positions(
+            model,
+            packed,
+            document_sample[shard.start : shard.stop],
+            layout,
+            rows,
+            inverse,
+            sketch,
+            store,
+            args,
+            dev,
+            show_progress,
         )
+        if out is None:
+            for array in store.values():
+                if isinstance(array, np.memmap):
+                    array.flush()
+            store = None
+        _finish_ends(ends, inverse, np.diff(layout["document_offsets"]), store, args.storage)  # waits for every rank
+        if out is None:
+            return None
         meta["curvature_seconds"] = round(t_curv, 3)
         meta["documents_seconds"] = round(time.time() - t1, 3)
         meta["build_seconds"] = round(time.time() - t0, 3)
         out.close({"meta": json.dumps(meta)})
+    except BaseException:
+        if out is not None:
+            out.abort()
+        raise
     size = path.stat().st_size
     summary = {k: meta[k] for k in ("arguments", "rank", "build_seconds", "documents", "positions", "storage")}
     register_index_file(folder, INFLUENCE_FILE, influence=summary)

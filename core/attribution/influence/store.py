@@ -113,12 +113,13 @@ def block_scores(
 
 class StoreWriter:
     """Fills the store's arrays (:func:`store_specs`, in memory or memory-mapped into the file
-    being written) batch by batch, in stream order."""
+    being written) batch by batch, in stream order from row ``cursor`` on (a rank's shard of
+    the positions starts where the previous rank's ends)."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], storage: str):
+    def __init__(self, arrays: dict[str, np.ndarray], storage: str, cursor: int = 0):
         self.storage = storage
         self.arrays = arrays
-        self.cursor = 0
+        self.cursor = cursor
 
     def add(self, hidden: torch.Tensor, r: torch.Tensor, ids: torch.Tensor, c: torch.Tensor, a: torch.Tensor) -> None:
         """Append (n, d) h and r and (n, k) ids, c and a of the next positions in stream order."""
@@ -136,6 +137,10 @@ class SelfInfluenceSums:
     with a sparse product (no (n, k, 2d) gradients), the sums of its last document are carried
     into the next batch (it may continue there), and finished sums are buffered and reduced a
     prototype at a time: g^T A_j g = w_j . (U_j^T g)^2 + |g|^2 / lambda_j.
+
+    The sums of the ``held`` documents are kept back instead (:meth:`held_sums`): a rank's first
+    and last documents may go on in the neighbouring ranks' shards, so their sums are only
+    complete once added up over ranks and given to one instance with :meth:`add_sums`.
     """
 
     def __init__(
@@ -147,8 +152,11 @@ class SelfInfluenceSums:
         buffer_mb: int = 128,
         blocks: tuple[np.ndarray, np.ndarray] | None = None,
         storage: str = "int8",
+        held: list[int] | None = None,
     ):
         self.U, self.w, self.inv_lam = eigenvectors, weights, inverse_damping  # (P, 2d, r), (P, r), (P,)
+        self.held_documents = torch.tensor(sorted(set(held or [])), dtype=torch.long, device=eigenvectors.device)
+        self.held: list[tuple[torch.Tensor, torch.Tensor]] = []
         # (D, P, 2d) values and (D, P) scales the finished sums g_jD are also written to, or None
         self.blocks, self.storage = blocks, storage
         self.P, D = eigenvectors.shape[:2]
@@ -199,12 +207,30 @@ class SelfInfluenceSums:
         if self.pending_rows >= self.buffer_rows:
             self._flush()
 
+    def add_sums(self, keys: torch.Tensor, sums: torch.Tensor) -> None:
+        """Add complete sums: (c,) keys document * P + prototype, each once, and their (c, 2d) g_jD."""
+        self.pending.append((keys, sums))
+        self.pending_rows += len(keys)
+        if self.pending_rows >= self.buffer_rows:
+            self._flush()
+
+    def held_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held documents' (c,) keys and (c, 2d) sums, as far as this instance saw them
+        (complete once :meth:`finish` has run)."""
+        if not self.held:
+            return self.held_documents[:0], self.U.new_zeros(0, self.U.shape[1])
+        return torch.cat([h[0] for h in self.held]), torch.cat([h[1] for h in self.held])
+
     def _flush(self) -> None:
         if not self.pending:
             return
         keys = torch.cat([p[0] for p in self.pending])
         sums = torch.cat([p[1] for p in self.pending])
         self.pending, self.pending_rows = [], 0
+        if len(self.held_documents):
+            hold = torch.isin(keys // self.P, self.held_documents.to(keys.device))
+            self.held.append((keys[hold], sums[hold]))
+            keys, sums = keys[~hold], sums[~hold]
         docs, protos = keys // self.P, keys % self.P
         if self.blocks is not None:
             values, scales = quantise(sums, self.storage)
@@ -220,8 +246,8 @@ class SelfInfluenceSums:
             self.total.index_add_(0, docs[rows].cpu(), quad.double().cpu())
 
     def finish(self) -> torch.Tensor:
-        """(D,) the documents' summed self-influence (not yet length-normalised); the document
-        still open is complete once no batch follows."""
+        """(D,) the documents' summed self-influence (not yet length-normalised; 0 for the held
+        ones); the document still open is complete once no batch follows."""
         if self.carry is not None:
             self.pending.append(self.carry)
             self.carry = None
