@@ -199,9 +199,9 @@ def test_float16_storage_keeps_the_ranking(small_bundle, short_corpus, tmp_path)
 
 
 def test_older_formats_are_refused_with_the_rebuild_command(small_bundle, short_corpus, tmp_path):
-    """Factors of formats 1 to 3 (per-prototype document lists, rank-r whitening; a store
-    without document sketches) cannot be read: they are refused, naming the command that
-    rebuilds them."""
+    """Factors of formats 1 to 4 (per-prototype document lists, rank-r whitening; a store
+    without document sketches; sketches of the unwhitened gradient) cannot be read: they are
+    refused, naming the command that rebuilds them."""
     from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
 
@@ -211,10 +211,10 @@ def test_older_formats_are_refused_with_the_rebuild_command(small_bundle, short_
     arrays = load_file(path)
     with safe_open(str(path), framework="numpy") as f:
         meta = json.loads(f.metadata()["meta"])
-    assert meta["format_version"] == influence_module.FORMAT_VERSION == 4
-    for version in (1, 2, 3):
+    assert meta["format_version"] == influence_module.FORMAT_VERSION == 5
+    for version in (1, 2, 3, 4):
         save_file(arrays, path, metadata={"meta": json.dumps({**meta, "format_version": version})})
-        with pytest.raises(InfluenceError, match=f"has format {version}, this version reads 4; rebuild.*prism index"):
+        with pytest.raises(InfluenceError, match=f"has format {version}, this version reads 5; rebuild.*prism index"):
             load_influence(bundle_dir)
         with pytest.raises(InfluenceError, match="prism index"):
             self_influence(bundle_dir)
@@ -478,10 +478,11 @@ def test_block_sums_and_the_position_scan_give_the_same_scores(stored):
     np.testing.assert_allclose(factors._scores(psi, lookup, subset)[0], scan[subset], rtol=1e-9, atol=1e-12)
 
 
-def test_document_sketches_are_their_block_gradients_projected(stored):
-    """Each stored document sketch is sum over its blocks of rho_j * (R g_jD), computed here
-    from the materialised block gradients; a query's estimate is the inner product of the
-    sketches, and with every document a candidate the retrieval tier ranks exactly as the full
+def test_document_sketches_are_their_whitened_block_gradients_projected(stored):
+    """Each stored document sketch is sum over its blocks of rho_j * (R A_j^{1/2} g_jD), with
+    A_j^{1/2} the dense square root of the inverse curvature, computed here from materialised
+    block gradients; the query's sketch is sum_j rho_j * (R A_j^{1/2} g_qj) from its explicit
+    gradients; and with every document a candidate the retrieval tier ranks exactly as the full
     scan does."""
     from core.tensorfile import map_tensors
 
@@ -489,15 +490,28 @@ def test_document_sketches_are_their_block_gradients_projected(stored):
     arrays, _ = map_tensors(bundle_dir / "index" / "influence.safetensors")
     R = torch.from_numpy(np.array(arrays["sketch_projection"])).double()  # (m, 2d)
     rho = torch.from_numpy(np.array(arrays["sketch_signs"])).double()  # (P, m)
+    values, vectors = torch.linalg.eigh(A)  # A_j symmetric positive definite
+    root = vectors @ torch.diag_embed(values.sqrt()) @ vectors.transpose(1, 2)  # (P, 2d, 2d) A_j^{1/2}
     documents = factors.documents.tolist()
     expected = torch.zeros(len(documents), R.shape[0], dtype=torch.float64)
     for p in positions:
-        expected[documents.index(p["doc"])] += (rho[p["ids"]] * (p["grads"] @ R.T)).sum(0)
+        whitened = torch.einsum("kde,ke->kd", root[p["ids"]], p["grads"])  # (k, 2d)
+        expected[documents.index(p["doc"])] += (rho[p["ids"]] * (whitened @ R.T)).sum(0)
     stored_sketch = torch.from_numpy(np.array(arrays["document_sketch"])).double()
-    np.testing.assert_allclose(stored_sketch, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    np.testing.assert_allclose(stored_sketch, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    unwhitened = torch.zeros_like(expected)  # what format 4 stored: far from it
+    for p in positions:
+        unwhitened[documents.index(p["doc"])] += (rho[p["ids"]] * (p["grads"] @ R.T)).sum(0)
+    assert not torch.allclose(stored_sketch / stored_sketch.norm(), unwhitened / unwhitened.norm(), atol=1e-2)
 
     span = influence_module.InfluenceCredit.concat(factors.credit(model, hidden, ids, weights, targets, None, probs))
-    query = factors.sketch.pairs(torch.from_numpy(span.prototypes), span.psi).sum(0)
+    whitening = (factors.eigenvectors, factors.inverse_weights, factors.inverse_damping)
+    query = factors.sketch.pairs(torch.from_numpy(span.prototypes), span.psi, whitening).sum(0)
+    explicit = torch.zeros(R.shape[0], dtype=torch.float64)
+    for i in range(len(ids)):
+        for j, g_q in zip(ids[i].tolist(), grads[i], strict=True):
+            explicit += rho[j] * (R @ (root[j] @ g_q))
+    np.testing.assert_allclose(query, explicit, rtol=1e-6, atol=1e-8 * float(explicit.abs().max()))
     estimates = (stored_sketch @ query).numpy()
     # the relative ranking searches the sketches divided by the documents' gradient norms
     for ranking, estimate in (("loss", estimates), ("relative", estimates / factors.gradient_norm)):

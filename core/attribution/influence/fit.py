@@ -223,10 +223,17 @@ def _positions(
     writer = StoreWriter(arrays, args.storage, cursor=rows.start)
     U, w, inv_lam = (x.to(device=device, dtype=head.keys.dtype) for x in inverse)
     blocks = (arrays["document_blocks"], arrays["document_blocks_scale"]) if "document_blocks" in arrays else None
-    self_influence = SelfInfluenceSums(
-        U, w, inv_lam, len(counts), blocks=blocks, storage=args.storage, held=ends.tolist()
-    )
     sketch = sketch.to(device, head.keys.dtype)
+    self_influence = SelfInfluenceSums(
+        U,
+        w,
+        inv_lam,
+        len(counts),
+        blocks=blocks,
+        storage=args.storage,
+        held=ends.tolist(),
+        sketch=(sketch, arrays["document_sketch"]),  # adds each finished document's low-rank part
+    )
     sketches = torch.zeros(span, sketch.width, dtype=torch.float64, device=device)  # (documents, m)
     for _, ids, docs in _batches(packed, sequences, args.batch_size, device, "influence: positions", progress):
         hidden, active, weights, probs, valid = _forward(model, ids, docs)
@@ -241,7 +248,7 @@ def _positions(
     totals = self_influence.finish().numpy()
     inner = slice(first + 1, max(first + 1, first + span - 1))  # the documents wholly inside the shard
     arrays["self_influence"][inner] = totals[inner] / np.maximum(counts[inner], 1)
-    arrays["document_sketch"][inner] = sketches[1 : max(1, span - 1)].cpu().numpy()
+    arrays["document_sketch"][inner] += sketches[1 : max(1, span - 1)].cpu().numpy()  # the isotropic part
     ends_t = torch.from_numpy(ends).to(device)
     return (*self_influence.held_sums(), ends_t, sketches[ends_t - first])
 
@@ -252,6 +259,7 @@ def _finish_ends(
     counts: np.ndarray,
     arrays: dict[str, np.ndarray] | None,
     storage: str,
+    sketch: GradientSketch,
 ) -> None:
     """The shards' first and last documents, completed on rank 0 (alone: the pass's own two):
     every rank's parts of their block sums and sketches gathered and added up, then reduced
@@ -269,14 +277,17 @@ def _finish_ends(
     blocks = (arrays["document_blocks"], arrays["document_blocks_scale"]) if "document_blocks" in arrays else None
     pairs, where = torch.unique(keys, return_inverse=True)
     sums = sums.new_zeros(len(pairs), sums.shape[1]).index_add_(0, where, sums)  # (c, 2d) complete g_jD
-    self_influence = SelfInfluenceSums(U, w, inv_lam, len(counts), blocks=blocks, storage=storage)
+    sketch = sketch.to(sums.device, sums.dtype)
+    self_influence = SelfInfluenceSums(
+        U, w, inv_lam, len(counts), blocks=blocks, storage=storage, sketch=(sketch, arrays["document_sketch"])
+    )
     self_influence.add_sums(pairs, sums)
     totals = self_influence.finish().numpy()
     documents, where = torch.unique(documents, return_inverse=True)
     sketches = sketches.new_zeros(len(documents), sketches.shape[1]).index_add_(0, where, sketches)
     rows = documents.cpu().numpy()
     arrays["self_influence"][rows] = totals[rows] / np.maximum(counts[rows], 1)
-    arrays["document_sketch"][rows] = sketches.cpu().numpy()
+    arrays["document_sketch"][rows] += sketches.cpu().numpy()  # the isotropic part
 
 
 def _shared_arrays(out: TensorFileWriter | None) -> dict[str, np.ndarray]:
@@ -389,7 +400,8 @@ def build_influence(
     specs = {name: (a.shape, a.dtype) for name, a in arrays.items()}
     specs.update(store_specs(n_positions, d, k, P, args.storage))
     specs["self_influence"] = ((n_documents,), np.dtype(np.float64))  # sum_j g_jD^T A_j g_jD / positions
-    specs["document_sketch"] = ((n_documents, args.sketch_width), np.dtype(np.float32))  # (D, m) phi(g_D)
+    # (D, m) phi(A^{1/2} g_D), zero-filled: the isotropic and low-rank parts are added in
+    specs["document_sketch"] = ((n_documents, args.sketch_width), np.dtype(np.float32))
     # The per-document block sums g_jD score a query with one product over the query's blocks
     # (no pass over the positions); kept when they take no more room than the position store.
     blocks = block_specs(n_documents, P, d, args.storage)
@@ -431,7 +443,8 @@ def build_influence(
             for name, array in arrays.items():
                 out[name][...] = array
         store = _shared_arrays(out)
-        sketch = GradientSketch(torch.from_numpy(arrays["sketch_projection"]), sketch.signs)
+        # the sketch of A^{1/2} g (module core.attribution.influence.sketch), R as stored
+        sketch = GradientSketch(torch.from_numpy(arrays["sketch_projection"]), sketch.signs).whitened(*inverse)
         ends = _positions(
             model,
             packed,
@@ -450,7 +463,8 @@ def build_influence(
                 if isinstance(array, np.memmap):
                     array.flush()
             store = None
-        _finish_ends(ends, inverse, np.diff(layout["document_offsets"]), store, args.storage)  # waits for every rank
+        # waits for every rank
+        _finish_ends(ends, inverse, np.diff(layout["document_offsets"]), store, args.storage, sketch)
         if out is None:
             return None
         meta["curvature_seconds"] = round(t_curv, 3)

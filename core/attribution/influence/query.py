@@ -41,8 +41,9 @@ if TYPE_CHECKING:  # the engine imports this module
 
 # 1: (P, M) tables padded with -1; 2: per-prototype entry lists of the top documents, rank-r
 # whitening; 3: every position in a store, complement-preserving inverse; 4: the store written
-# in place and read memory-mapped, with each document's gradient sketch.
-FORMAT_VERSION = 4
+# in place and read memory-mapped, with each document's gradient sketch; 5: the sketch is of the
+# whitened gradient A^{1/2} g_D.
+FORMAT_VERSION = 5
 INFLUENCE_FILE = "influence.safetensors"
 MEASUREMENT = "loss"  # the summed loss -log p of the attributed tokens; + = the document lowers it
 # How documents are ranked: "relative" (the default) by I(q, D) / ||g_D||_A, the score of a
@@ -257,7 +258,8 @@ class InfluenceFactors:
         """(<= count,) store documents whose sketched score (relative or not, as ``ranking``)
         is largest (``harmful``: smallest)."""
         prototypes = torch.from_numpy(np.asarray(credit.prototypes, dtype=np.int64))
-        query = self.sketch.pairs(prototypes, credit.psi.to(self.dtype)).sum(0, keepdim=True)  # (1, m)
+        whitening = (self.eigenvectors, self.inverse_weights, self.inverse_damping)
+        query = self.sketch.pairs(prototypes, credit.psi.to(self.dtype), whitening).sum(0, keepdim=True)  # (1, m)
         rows, _ = self.searcher(ranking).search((-query if harmful else query).numpy(), count)
         return np.sort(rows[0][rows[0] >= 0])
 

@@ -1,24 +1,35 @@
-"""The retrieval tier: a sketch of every document's gradient, searched before the exact scores.
+"""The retrieval tier: a sketch of every document's whitened gradient, searched before the
+exact scores.
 
 A document D's influence on a query is an inner product over the prototype blocks,
-I(q, D) = sum_j <psi_j, g_jD> (notation: :mod:`core.attribution.influence`), in a space of
-P x 2d numbers in which a document fills most blocks. The sketch maps a block gradient g of
-prototype j to
+I(q, D) = sum_j <psi_j, g_jD> = sum_j <A_j^{1/2} g_qj, A_j^{1/2} g_jD> (notation:
+:mod:`core.attribution.influence`), in a space of P x 2d numbers in which a document fills
+most blocks. The sketch maps a block vector x of prototype j to
 
-    phi(j, g) = rho_j * (R g)        (m,)
+    phi(j, x) = rho_j * (R x)        (m,)
 
 with R (m x 2d) Gaussian with variance 1/m and rho_j (m,) random signs per prototype, and a
-document to the sum over its blocks. phi is linear and E[<phi(j, x), phi(i, y)>] = [i = j]
-<x, y>, so <phi(psi), phi(g_D)> is an unbiased estimate of I(q, D), with an error that shrinks
-as 1/sqrt(m). Because g_tj = [c_tj h_t ; a_tj r_t], a position's sketch needs no (k, 2d)
-gradient:
+document to the sum over its blocks of phi(j, A_j^{1/2} g_jD). phi is linear and
+E[<phi(j, x), phi(i, y)>] = [i = j] <x, y>, so <phi(q), phi(D)> with the query's
+phi(j, A_j^{1/2} g_qj) = phi(j, A_j^{-1/2} psi_j) is an unbiased estimate of I(q, D), and
+its error shrinks as |A^{1/2} g_q| |A^{1/2} g_D| / sqrt(m). Whitening is what makes it
+useful: in the raw gradient most of a document's norm lies in directions the inverse
+curvature weighs little, and an unwhitened sketch's error scales with that norm; divided by
+|A^{1/2} g_D| = ||g_D||_A (the relative ranking), every document's sketch has unit length
+and the estimate's error is the same for all of them (docs/benchmarks.md measures recall).
 
-    phi_t = (R_K h_t) * (sum_j c_tj rho_j) + (R_W r_t) * (sum_j a_tj rho_j),    R = [R_K  R_W],
+With A_j^{1/2} = U_j diag(s_j) U_j^T + mu_j I, s_j = sqrt(w_j + 1/lambda_j) - sqrt(1/lambda_j)
+and mu_j = sqrt(1/lambda_j), a document's sketch is two sums, and neither needs a position's
+(k, 2d) gradients:
 
-two (d x m) products and two sums of k sign rows, in the same forward pass that fills the
-position store. A query sketches its (token, prototype) pairs the same way, finds the
-documents with the largest (helpful) and smallest (harmful) estimates by an inner-product
-search (faiss), and only those candidates are scored exactly from the position store.
+- the isotropic part, sum over positions of phi(j, mu_j g_tj) with g_tj = [c_tj h_t ; a_tj r_t]:
+  (R_K h_t) * (sum_j mu_j c_tj rho_j) + (R_W r_t) * (sum_j mu_j a_tj rho_j), R = [R_K  R_W],
+  in the same forward pass that fills the position store;
+- the low-rank part, per (document, prototype) block sum: M_j (s_j * U_j^T g_jD) with
+  M_j = diag(rho_j) R U_j (m x r), where U_j^T g_jD is what the self-influence already computes.
+
+A query finds the documents with the largest (helpful) and smallest (harmful) estimates by an
+inner-product search (faiss), and only those candidates are scored exactly from the store.
 """
 
 from __future__ import annotations
@@ -29,13 +40,31 @@ import torch.nn.functional as F
 
 
 class GradientSketch:
-    """The projection R (m, 2d) and the signs rho (P, m); see the module docstring."""
+    """The projection R (m, 2d) and the signs rho (P, m), and, once :meth:`whitened`, the
+    square root of the inverse curvature it sketches through; see the module docstring."""
 
     def __init__(self, projection: torch.Tensor, signs: torch.Tensor):
         self.projection = projection  # (m, 2d)
         self.signs = signs  # (P, m), +-1
         self.width, two_d = projection.shape
         self.d = two_d // 2
+        self.scale: torch.Tensor | None = None  # (P,) mu_j
+        self.root: torch.Tensor | None = None  # (P, r) s_j
+        self.basis: torch.Tensor | None = None  # (P, m, r) M_j = diag(rho_j) R U_j
+
+    def whitened(
+        self, eigenvectors: torch.Tensor, weights: torch.Tensor, inverse_damping: torch.Tensor
+    ) -> GradientSketch:
+        """The same sketch of A^{1/2} g instead of g, for the build: A_j = U_j diag(w_j) U_j^T
+        + I / lambda_j from (P, 2d, r) U, (P, r) w and (P,) 1 / lambda (M_j takes P m r
+        numbers: 134 MB in float32 at P = 1,024, m = 1,024, r = 32)."""
+        out = GradientSketch(self.projection, self.signs)
+        dt = self.projection.dtype
+        inv_lam = inverse_damping.to(dt)
+        out.scale = inv_lam.sqrt()
+        out.root = (weights.to(dt) + inv_lam[:, None]).clamp_min(0).sqrt() - out.scale[:, None]
+        out.basis = self.signs.to(dt)[:, :, None] * torch.einsum("md,pdr->pmr", self.projection, eigenvectors.to(dt))
+        return out
 
     @classmethod
     def draw(cls, num_prototypes: int, d: int, width: int, seed: int, dtype: torch.dtype) -> GradientSketch:
@@ -46,7 +75,11 @@ class GradientSketch:
         return cls(projection.to(dtype), signs.to(dtype))
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> GradientSketch:
-        return GradientSketch(self.projection.to(device, dtype), self.signs.to(device, dtype))
+        out = GradientSketch(self.projection.to(device, dtype), self.signs.to(device, dtype))
+        for name in ("scale", "root", "basis"):
+            value = getattr(self, name)
+            setattr(out, name, None if value is None else value.to(device, dtype))
+        return out
 
     def _sign_sums(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """(n, m) sum_j w_j rho_j over each row's (n, k) ids and weights."""
@@ -59,14 +92,34 @@ class GradientSketch:
     def positions(
         self, hidden: torch.Tensor, r: torch.Tensor, ids: torch.Tensor, c: torch.Tensor, a: torch.Tensor
     ) -> torch.Tensor:
-        """(n, m) phi_t of positions given by (n, d) h and r and (n, k) ids, c and a."""
+        """(n, m) sketches of positions given by (n, d) h and r and (n, k) ids, c and a:
+        phi(j, g_tj) summed over their blocks, or, whitened, phi(j, mu_j g_tj) (the isotropic
+        part; :meth:`blocks` adds the low-rank part per document)."""
         d = self.d
         P = self.projection.to(hidden.dtype)
+        if self.scale is not None:
+            mu = self.scale.to(c.dtype)[ids]  # (n, k)
+            c, a = c * mu, a * mu
         keys = (hidden @ P[:, :d].T) * self._sign_sums(ids, c).to(hidden.dtype)
         return keys + (r @ P[:, d:].T) * self._sign_sums(ids, a).to(hidden.dtype)
 
-    def pairs(self, prototypes: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
-        """(R, m) phi(j, psi) of (R,) prototype ids and their (R, 2d) vectors."""
+    def blocks(self, prototype: int, coefficients: torch.Tensor) -> torch.Tensor:
+        """(n, m) the low-rank part M_j (s_j * U_j^T g) of whitened block sums of one
+        prototype, from their (n, r) coefficients U_j^T g."""
+        dt = coefficients.dtype
+        return (coefficients * self.root[prototype].to(dt)) @ self.basis[prototype].to(dt).T
+
+    def pairs(self, prototypes: torch.Tensor, psi: torch.Tensor, factors=None) -> torch.Tensor:
+        """(R, m) phi(j, x) of (R,) prototype ids and their (R, 2d) vectors psi_j = A_j g_qj:
+        x = psi_j unwhitened, x = A_j^{-1/2} psi_j = A_j^{1/2} g_qj given the ``factors``
+        ((P, 2d, r) U, (P, r) w, (P,) 1 / lambda) of a whitened store."""
+        if factors is not None:
+            U, w, inv_lam = (t.to(psi.dtype) for t in factors)
+            U, w, inv_lam = U[prototypes], w[prototypes], inv_lam[prototypes]
+            inv_mu = inv_lam.rsqrt()  # sqrt(lambda_j)
+            inv_root = (w + inv_lam[:, None]).clamp_min(1e-300).rsqrt() - inv_mu[:, None]  # (R, r)
+            coefficients = torch.einsum("rdk,rd->rk", U, psi)
+            psi = torch.einsum("rdk,rk->rd", U, coefficients * inv_root) + psi * inv_mu[:, None]
         return self.signs[prototypes].to(psi.dtype) * (psi @ self.projection.to(psi.dtype).T)
 
 

@@ -23,10 +23,15 @@ each position's active ids.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from core.attribution.influence.math import groups_by_prototype
+
+if TYPE_CHECKING:
+    from core.attribution.influence.sketch import GradientSketch
 
 ROW_ARRAYS = ("hidden", "output_grad", "score_grad", "weights")  # each with a (N,) ``*_scale``
 STORE_DTYPES = {"int8": np.int8, "float16": np.float16, "float32": np.float32, "float64": np.float64}
@@ -153,8 +158,11 @@ class SelfInfluenceSums:
         blocks: tuple[np.ndarray, np.ndarray] | None = None,
         storage: str = "int8",
         held: list[int] | None = None,
+        sketch: tuple[GradientSketch, np.ndarray] | None = None,
     ):
         self.U, self.w, self.inv_lam = eigenvectors, weights, inverse_damping  # (P, 2d, r), (P, r), (P,)
+        # a whitened sketch and the (D, m) document sketches its low-rank part is added to, or None
+        self.sketch = sketch
         self.held_documents = torch.tensor(sorted(set(held or [])), dtype=torch.long, device=eigenvectors.device)
         self.held: list[tuple[torch.Tensor, torch.Tensor]] = []
         # (D, P, 2d) values and (D, P) scales the finished sums g_jD are also written to, or None
@@ -239,11 +247,19 @@ class SelfInfluenceSums:
                 part = slice(lo, lo + (1 << 16))
                 self.blocks[0][d_np[part], p_np[part]] = values[part]
                 self.blocks[1][d_np[part], p_np[part]] = scales[part]
+        if self.sketch is not None:
+            documents, place = torch.unique(docs, return_inverse=True)
+            low_rank = torch.zeros(len(documents), self.sketch[0].width, dtype=torch.float64, device=docs.device)
         for j, rows in groups_by_prototype(protos):
             g = sums[rows]  # (n_j, 2d)
             coef = g @ self.U[j].to(g.dtype)  # (n_j, r) U_j^T g
             quad = (coef**2 * self.w[j].to(g.dtype)).sum(1) + (g**2).sum(1) * self.inv_lam[j].to(g.dtype)
             self.total.index_add_(0, docs[rows].cpu(), quad.double().cpu())
+            if self.sketch is not None:
+                low_rank.index_add_(0, place[rows], self.sketch[0].blocks(j, coef).double())
+        if self.sketch is not None and len(documents):
+            target, at = self.sketch[1], documents.cpu().numpy()
+            target[at] = target[at] + low_rank.cpu().numpy()  # the documents are distinct
 
     def finish(self) -> torch.Tensor:
         """(D,) the documents' summed self-influence (not yet length-normalised; 0 for the held
