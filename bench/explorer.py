@@ -8,10 +8,20 @@ Measures, with headless Chromium (Debian's, software WebGL) driving `streamlit r
 - slider -> 64 tokens: on Steer, a gain slider moved with the keyboard until the regenerated
   64-token steered text (and its perplexities) is on screen; new controls each time, so
   nothing comes from the cache;
+- lasso of 50: on the Atlas (default lasso drag mode) a lasso drawn with the mouse around
+  exactly 50 points (a circle with a gap of a few pixels between the 50th and 51st nearest
+  points) until "Selection: 50 prototypes", the first card and the selection table are on
+  screen; the count the page reports is kept with the time;
+- Steer with 1,000 gains: a controls file of 1,000 gains uploaded on Steer until the table and
+  the steered text are on screen; the page opened again from the Atlas (its texts cached); one
+  gain edited in the table (double-click, type, Enter) and one pinned slider moved, each until
+  the regenerated text is on screen;
 - atlas 16,384: a page drawing explorer.figures.atlas_figure with 16,384 synthetic prototypes,
   from navigation to the WebGL map drawn; plus the server-side figure build and JSON size.
-And in-process (no browser): generate_text of 64 tokens under a controls change, median; with
---audit-only, issue 17's figures (see ``audit``): `python bench/explorer.py --audit-only --results-tag audit`.
+And in-process (no browser): generate_text of 64 tokens under a controls change, median; issue
+17's server-side figures (see ``audit``: the map-structure scores, Steer with 1,000 gains and 50
+prototypes picked under Streamlit's AppTest), alone with
+`python bench/explorer.py --audit-only --results-tag audit`.
 
 Prints a table, then one JSON line, also written to bench/results/explorer.json
 (bench/_results.py). Without Chromium or playwright only the in-process figures are printed.
@@ -20,6 +30,8 @@ Prints a table, then one JSON line, also written to bench/results/explorer.json
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import re
 import shutil
@@ -57,6 +69,169 @@ def idle(page) -> None:
     page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=300_000)
 
 
+def thousand_gains(num_prototypes: int) -> dict[int, float]:
+    """1,000 gains (fewer on a smaller model), none of them 1 (a gain of 1 is no control)."""
+    values = (0.5, 0.75, 1.25, 1.5, 1.75, 2.0, 2.5)
+    return {j: values[j % len(values)] for j in range(min(1000, num_prototypes))}
+
+
+# Watches Streamlit's script state: window.__prismRuns gets [state, performance.now()] on each change.
+RUN_WATCH = """() => {
+  const app = document.querySelector('[data-testid=stApp]');
+  window.__prismRuns = [];
+  new MutationObserver(() => window.__prismRuns.push([app.dataset.testScriptState, performance.now()]))
+    .observe(app, {attributes: true, attributeFilter: ['data-test-script-state']});
+}"""
+# A lasso around exactly n points: the point whose n-th and (n+1)-th nearest neighbours (itself
+# first) are the farthest apart, away from the centres already used; a circle between the two.
+LASSO_CIRCLE = """([n, used]) => {
+  const gd = document.querySelector('.stPlotlyChart .js-plotly-plot');
+  const t = gd._fullData[0], L = gd._fullLayout;
+  const r = gd.querySelector('.nsewdrag').getBoundingClientRect();
+  const pts = Array.from(t.x, (x, i) => [r.left + L.xaxis.l2p(x), r.top + L.yaxis.l2p(t.y[i])]);
+  let best = null;
+  for (const [cx, cy] of pts) {
+    const d = pts.map(([x, y]) => Math.hypot(x - cx, y - cy)).sort((a, b) => a - b);
+    const gap = d[n] - d[n - 1], rad = (d[n] + d[n - 1]) / 2;
+    if (cx - rad < r.left + 4 || cx + rad > r.right - 4 || cy - rad < r.top + 4 || cy + rad > r.bottom - 4) continue;
+    if (used.some(([ux, uy, ur]) => Math.hypot(ux - cx, uy - cy) < ur + rad)) continue;
+    if (!best || gap > best.gap) best = {x: cx, y: cy, r: rad, gap: gap};
+  }
+  return best;
+}"""
+
+
+def script_run(page) -> float | None:
+    """Seconds of the last complete script run the page saw (running -> notRunning), if any."""
+    runs = page.evaluate("() => window.__prismRuns || []")
+    ends = [i for i, (s, _) in enumerate(runs) if s == "notRunning" and i > 0 and runs[i - 1][0] == "running"]
+    return round((runs[ends[-1]][1] - runs[ends[-1] - 1][1]) / 1000, 3) if ends else None
+
+
+def lasso_50(page, repeats: int) -> dict:
+    """On the Atlas: lasso 50 points with the mouse; seconds from the release to cards and table on screen."""
+    times, counts, runs, used = [], [], [], []
+    for _ in range(repeats):
+        circle = page.evaluate(LASSO_CIRCLE, [50, used])
+        if circle is None:
+            raise RuntimeError(f"no room on the map for lasso {len(used) + 1} around 50 points")
+        used.append([circle["x"], circle["y"], circle["r"]])
+        corners = 72  # inscribed polygon: within 0.1% of the circle
+        path = [
+            (circle["x"] + circle["r"] * math.cos(a), circle["y"] + circle["r"] * math.sin(a))
+            for a in (2 * math.pi * k / corners for k in range(corners + 1))
+        ]  # closed where it began, as a hand does
+        page.evaluate(RUN_WATCH)
+        page.mouse.move(*path[0])
+        page.mouse.down()
+        for x, y in path[1:]:
+            page.mouse.move(x, y, steps=2)
+        t0 = time.perf_counter()
+        page.mouse.up()
+        selection = page.get_by_text(re.compile(r"^Selection: [\d,]+ prototypes?$"))
+        selection.wait_for()
+        page.get_by_role("heading", name=re.compile(r"Prototype \d+")).first.wait_for()
+        page.locator("[data-testid=stDataFrame]:visible").first.wait_for()
+        times.append(time.perf_counter() - t0)
+        counts.append(int(re.sub(r"\D", "", selection.inner_text())))
+        idle(page)
+        runs.append(script_run(page))
+        page.get_by_role("button", name="Clear selection").click()
+        page.get_by_text("No prototype selected yet", exact=False).wait_for()
+        idle(page)
+    return {
+        "lasso_50_browser_s_median": round(statistics.median(times), 3),
+        "lasso_50_browser_s_max": round(max(times), 3),
+        "lasso_50_browser_counts": counts,
+        "lasso_50_browser_script_run_s_median": statistics.median(r for r in runs if r is not None)
+        if any(r is not None for r in runs)
+        else None,
+    }
+
+
+def steer_many_gains(page, folder: Path, num_prototypes: int, repeats: int) -> dict:
+    """Steer with 1,000 gains in the browser: upload, page open, table edits and a slider move."""
+    from core import Controls
+
+    gains = thousand_gains(num_prototypes)
+    file = folder / "gains-1000.json"
+    file.write_text(json.dumps(Controls(gains=gains).to_json()))
+    rows = re.compile(rf"^{len(gains):,} rows of {len(gains):,} ")
+    out: dict = {"steer_1000_gains_browser_count": len(gains)}
+    page.evaluate(RUN_WATCH)
+    t0 = time.perf_counter()
+    page.get_by_test_id("stFileUploader").locator("input[type=file]").set_input_files(file)
+    page.get_by_text(rows).wait_for()
+    page.get_by_text(re.compile(r"^First difference at token|^The controls did not change")).wait_for()
+    idle(page)
+    out["steer_1000_gains_browser_load_s"] = round(time.perf_counter() - t0, 3)
+
+    page.get_by_test_id("stTopNavLink").filter(has_text="Atlas").click()
+    page.locator(".js-plotly-plot .nsewdrag").first.wait_for()
+    idle(page)
+    page.evaluate(RUN_WATCH)
+    t0 = time.perf_counter()
+    page.get_by_test_id("stTopNavLink").filter(has_text="Steer").click()
+    page.get_by_text(rows).wait_for()
+    page.locator("[data-testid=stDataFrame]:visible").first.wait_for()
+    page.get_by_text(re.compile(r"^Original: .*\. Steered: ")).wait_for()
+    out["steer_1000_gains_browser_open_s"] = round(time.perf_counter() - t0, 3)
+    idle(page)
+    out["steer_1000_gains_browser_open_script_run_s"] = script_run(page)
+
+    edits, runs = [], []
+    for r in range(min(repeats, 3)):  # rows 0-2: the sidebar's summary names them
+        table = page.locator("[data-testid=stDataFrame]:visible").first
+        table.evaluate("e => e.scrollIntoView({block: 'center'})")  # below pinned slider rows, maybe
+        time.sleep(0.3)
+        grid = table.bounding_box()
+        # the gain column of row r, at the bench's 1,400 px viewport (checked: its editor opens on its value)
+        page.mouse.dblclick(grid["x"] + 651, grid["y"] + 35 * (r + 1) + 17)
+        editor = page.locator("input.gdg-input")
+        editor.wait_for(timeout=20_000)
+        if float(editor.input_value()) != gains[r]:
+            raise RuntimeError(f"the editor opened on {editor.input_value()!r}, not row {r}'s gain {gains[r]}")
+        value = f"{2.75 - 0.05 * r:g}"
+        page.evaluate(RUN_WATCH)
+        time.sleep(0.3)  # the grid's editor takes keys a moment after it shows
+        page.keyboard.type(value)
+        time.sleep(0.3)  # and commits on Enter what it has taken in by then
+        t0 = time.perf_counter()
+        page.keyboard.press("Enter")
+        page.get_by_test_id("stSidebar").get_by_text(f"#{r}×{value}").wait_for()
+        idle(page)  # the regenerated text (a run that commits the edit, then its rerun)
+        edits.append(time.perf_counter() - t0)
+        runs.append(script_run(page))
+    out["steer_1000_gains_browser_edit_s_median"] = round(statistics.median(edits), 3)
+    out["steer_1000_gains_browser_edit_s_max"] = round(max(edits), 3)
+    out["steer_1000_gains_browser_edit_script_run_s_median"] = statistics.median(r for r in runs if r is not None)
+
+    page.get_by_label("Prototype id").fill("5")
+    page.get_by_label("Prototype id").press("Enter")
+    idle(page)
+    page.get_by_role("button", name="Add a gain slider").click()
+    idle(page)
+    slider = page.get_by_role("slider", name="Gain").last
+    slider.focus()
+    moves = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        page.keyboard.press("ArrowLeft")  # new controls each time: nothing from the cache
+        wait_for_run(page)
+        moves.append(time.perf_counter() - t0)
+    out["steer_1000_gains_browser_slider_s_median"] = round(statistics.median(moves), 3)
+    return out
+
+
+def wait_for_run(page) -> None:
+    """Wait for the rerun a widget change has just triggered to start (if not over already) and end."""
+    try:
+        page.wait_for_selector("[data-testid='stApp'][data-test-script-state='running']", timeout=5_000)
+    except Exception:  # noqa: BLE001 - the run may already be over
+        pass
+    idle(page)
+
+
 def in_process(model: str, repeats: int) -> dict:
     import torch
 
@@ -76,10 +251,11 @@ def in_process(model: str, repeats: int) -> dict:
         "generate_64_ms_median": round(1000 * statistics.median(times), 1),
         "generate_64_ms_min": round(1000 * min(times), 1),
         "torch_threads": torch.get_num_threads(),
+        "num_prototypes": bundle.model.config.num_prototypes,
     }
 
 
-def in_browser(model: str, repeats: int) -> dict:
+def in_browser(model: str, repeats: int, num_prototypes: int) -> dict:
     from playwright.sync_api import sync_playwright
 
     results: dict = {}
@@ -97,6 +273,7 @@ def in_browser(model: str, repeats: int) -> dict:
             page.locator(".js-plotly-plot .nsewdrag").first.wait_for()
             results["cold_start_s"] = round(time.perf_counter() - t0, 2)
             idle(page)
+            results |= lasso_50(page, max(2, repeats // 2))
             page.get_by_test_id("stTopNavLink").filter(has_text="Steer").click()
             page.get_by_text("No controls in force").wait_for()
             idle(page)
@@ -124,6 +301,8 @@ def in_browser(model: str, repeats: int) -> dict:
             results["slider_to_64_tokens_s_median"] = round(statistics.median(times), 3)
             results["slider_to_64_tokens_s_min"] = round(min(times), 3)
             results["server_generation_ms"] = statistics.median(results["server_generation_ms"])
+            with tempfile.TemporaryDirectory() as tmp:
+                results |= steer_many_gains(page, Path(tmp), num_prototypes, repeats)
         finally:
             process.terminate()
             process.wait(timeout=30)
@@ -198,10 +377,10 @@ def audit(model: str) -> dict:
     at.run()  # loads the model and index once (not timed)
     at.switch_page("views/steer.py")
     at.run()  # the original text, generated once and cached (not timed)
-    P = bundle.model.config.num_prototypes
-    gains = {j: round(0.5 + (j % 7) * 0.25, 2) for j in range(0, P, max(1, P // 1000))[:1000]}
+    gains = thousand_gains(bundle.model.config.num_prototypes)
     history = at.session_state["controls"]
-    at.session_state["controls"] = history.commit(ControlSet.of(gains), "bench: 1,000 gains")
+    at.session_state["controls"] = history.commit(ControlSet.of(gains), f"bench: {len(gains):,} gains")
+    out["steer_1000_gains_count"] = len(gains)
     t0 = time.perf_counter()
     at.run()
     out["steer_1000_gains_open_s"] = round(time.perf_counter() - t0, 3)
@@ -248,13 +427,14 @@ def main() -> None:
         return
     figures |= in_process(args.model, args.repeats)
     figures |= figure_build()
+    figures |= audit(args.model)
     browser = Path(CHROMIUM).is_file()
     try:
         import playwright  # noqa: F401
     except ImportError:
         browser = False
     if browser:
-        figures |= in_browser(args.model, args.repeats)
+        figures |= in_browser(args.model, args.repeats, figures["num_prototypes"])
     figures["load_average_1min_after"] = round(os.getloadavg()[0], 2)
     rows = [
         ("cold start to first Atlas render (browser)", figures.get("cold_start_s"), "s"),
@@ -265,6 +445,27 @@ def main() -> None:
         ("atlas 16,384 prototypes: later renders, median", figures.get("atlas_16384_render_s_median"), "s"),
         ("atlas 16,384 prototypes: figure build + JSON (server)", figures["atlas_16384_build_ms"], "ms"),
         ("atlas 16,384 prototypes: figure JSON size", figures["atlas_16384_json_kb"], "KB"),
+        ("lasso of 50 -> cards and table on screen, median (browser)", figures.get("lasso_50_browser_s_median"), "s"),
+        ("  prototypes the lassos selected", figures.get("lasso_50_browser_counts"), ""),
+        ("Steer, 1,000 gains: file loaded -> table and text", figures.get("steer_1000_gains_browser_load_s"), "s"),
+        ("Steer, 1,000 gains: page open (browser)", figures.get("steer_1000_gains_browser_open_s"), "s"),
+        (
+            "Steer, 1,000 gains: one table edit, median (browser)",
+            figures.get("steer_1000_gains_browser_edit_s_median"),
+            "s",
+        ),
+        (
+            "Steer, 1,000 gains: slider move, median (browser)",
+            figures.get("steer_1000_gains_browser_slider_s_median"),
+            "s",
+        ),
+        ("Steer, 1,000 gains: page open (server-side)", figures["steer_1000_gains_open_s"], "s"),
+        ("Steer, 1,000 gains: one table edit (server-side)", figures["steer_1000_gains_edit_s"], "s"),
+        (
+            "map structure of the chosen layout / shuffled",
+            f"{figures['structure_by_layout'][figures['structure_chosen_layout']]} / {figures['structure_shuffled']}",
+            "",
+        ),
         (
             "load average (1 min) before / after",
             f"{figures['load_average_1min']} / {figures['load_average_1min_after']}",

@@ -7,9 +7,10 @@ charts). So the atlas's default lasso mode could not open a card with a click.
 
 There plotly.js answers a click with an empty ``plotly_selected`` event (and, not always, a
 ``plotly_click``). This script, our own constant text with nothing from the corpus or the
-analyst in it, watches every chart of the page: when a click (the pointer moved under 5 px) in
-box or lasso mode is made on a hovered point, it sends that point as a ``plotly_selected`` event
-after plotly's own, and Streamlit reports a one-point selection exactly as for a box around it.
+analyst in it, watches every chart of the page: when a click (the pointer never more than 5 px
+from where it was pressed, so a lasso closed where it began is not one) in box or lasso mode is
+made on a hovered point, it sends that point as a ``plotly_selected`` event after plotly's own,
+and Streamlit reports a one-point selection exactly as for a box around it.
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ CLICK_SELECT_JS = """<script>
     document.querySelectorAll('.stPlotlyChart .js-plotly-plot').forEach((gd) => {
       if (gd.__prismClick || typeof gd.on !== 'function') return;
       gd.__prismClick = true;
-      let hovered = null, pressing = false, atPress = null, down = null;
+      let hovered = null, pressing = false, atPress = null, down = null, travel = 0;
       gd.on('plotly_hover', (event) => { hovered = event && event.points; });
       gd.on('plotly_unhover', () => { if (!pressing) hovered = null; });
       gd.addEventListener('pointerdown', (e) => {
-        pressing = true; atPress = hovered; down = [e.clientX, e.clientY];
+        pressing = true; atPress = hovered; down = [e.clientX, e.clientY]; travel = 0;
+      }, true);
+      // the farthest the pointer got from the press: a lasso closed where it began is no click
+      document.addEventListener('pointermove', (e) => {
+        if (pressing && down) travel = Math.max(travel, Math.hypot(e.clientX - down[0], e.clientY - down[1]));
       }, true);
       // In box/lasso mode a click ends as an empty selection: select the point it was made on.
       // (The pointer is released over plotly's drag cover, outside the chart: listen on the document.)
@@ -35,7 +40,7 @@ CLICK_SELECT_JS = """<script>
         if (!pressing) return;
         pressing = false;
         const mode = gd._fullLayout && gd._fullLayout.dragmode;
-        const moved = down ? Math.hypot(e.clientX - down[0], e.clientY - down[1]) : 99;
+        const moved = down ? Math.max(travel, Math.hypot(e.clientX - down[0], e.clientY - down[1])) : 99;
         if (moved < 5 && atPress && atPress.length && (mode === 'lasso' || mode === 'select')) {
           // plain copies: plotly's point objects link to the whole figure (axes, traces)
           const points = atPress.map((p) => ({

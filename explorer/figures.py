@@ -180,6 +180,11 @@ def atlas_figure(
     return fig
 
 
+def clipped(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, an ellipsis marking the cut (a bar's label)."""
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
 def selected_ids(event: object) -> list[int]:
     """Prototype ids from a plotly_chart selection event (dict-style access, any trace)."""
     if not event:
@@ -225,7 +230,7 @@ def waterfall_figure(
         if rank >= shown:
             break
         label = labels[i] if labels is not None and labels[i] else ""
-        names.append(f"#{prototype_ids[i]} {html_text(label[:28])}".strip())
+        names.append(f"#{prototype_ids[i]} {html_text(clipped(label, 28))}".strip())
         values.append(float(slices[i]))
         custom.append(int(prototype_ids[i]))
     if len(order) > shown:
@@ -291,6 +296,6 @@ def grouped_slices(
 
 def grouped_waterfall_figure(rows: Sequence[tuple[str, float, list[int]]], logit: float) -> go.Figure:
     """A waterfall of grouped slices (``grouped_slices``) ending in the logit they sum to."""
-    names = [f"{html_text(name[:32])} ({len(ids)})" for name, _, ids in rows] + ["logit"]
+    names = [f"{html_text(clipped(name, 32))} ({len(ids)})" for name, _, ids in rows] + ["logit"]
     values = [value for _, value, _ in rows] + [float(logit)]
     return _waterfall(names, values, None, None, clickable=False)

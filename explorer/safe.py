@@ -57,8 +57,12 @@ def md_repr(text: object) -> str:
 
 
 def html_text(text: object) -> str:
-    """``text`` with HTML's special characters as entities (for st.html and every Plotly string)."""
-    return html.escape(str(text), quote=True)
+    """``text`` with HTML's special characters as entities (for st.html and every Plotly string).
+
+    A double quote becomes ``&#34;``, not ``&quot;``: Plotly decodes numeric entities but shows
+    ``&quot;`` as it is (a label like “"” drew as “&quot;”).
+    """
+    return html.escape(str(text), quote=True).replace("&quot;", "&#34;")
 
 
 def csv_cell(value: object) -> object:

@@ -17,6 +17,7 @@ from explorer.figures import atlas_figure, selected_ids
 from explorer.safe import csv_frame, md, md_repr
 
 MAP_KEY = "atlas_map"
+DRAWN_SERIAL = "atlas_drawn_serial"
 ID_QUERY = re.compile(r"^#?(\d+)$")
 
 
@@ -170,33 +171,43 @@ with map_col:
             st.session_state["atlas_card"] = int(chosen)
             st.rerun()
 
+
+@st.fragment
+def card_panel(picked: list[int], view: dict) -> None:
+    """The card column. Choosing another card reruns only this panel (not the map); a change of
+    the controls from the card's toggle or slider reruns the whole page, so the sidebar and the
+    map's marks show it."""
+    if state.history().serial != st.session_state.get(DRAWN_SERIAL):
+        st.rerun(scope="app")
+    if st.session_state.get("atlas_card") not in picked:
+        st.session_state["atlas_card"] = picked[0]
+    card = st.selectbox(
+        f"Card ({plural(len(picked), 'prototype')} selected)",
+        picked,
+        key="atlas_card",
+        format_func=lambda j: f"#{j} {data.labels[j] or data.dominant[j]}",
+    )
+    permalink.write(view | {"acard": int(card)}, controls)
+    render_card(loaded.index, data, loaded.bundle.tokenizer, int(card), "atlas", state.max_suppressed(loaded))
+
+
 picked = [j for j in st.session_state.get(state.PICKED, []) if 0 <= j < P]
-permalink.write(
-    {
-        "bundle": loaded.name,
-        "colour": colour_by,
-        "q": query.strip(),
-        "picked": ",".join(map(str, picked)) if len(picked) <= permalink.MAX_PICKED else None,
-        "acard": st.session_state.get("atlas_card") if picked else None,
-    },
-    controls,
-)
+view = {
+    "bundle": loaded.name,
+    "colour": colour_by,
+    "q": query.strip(),
+    "picked": ",".join(map(str, picked)) if len(picked) <= permalink.MAX_PICKED else None,
+}
+st.session_state[DRAWN_SERIAL] = state.history().serial  # the controls this run's sidebar and map show
 with card_col:
     if not picked:
+        permalink.write(view, controls)
         st.info(
             "No prototype selected yet: click a point on the map, drag a box or lasso around several, "
             "search, or open one by id. Its card opens here."
         )
     else:
-        if st.session_state.get("atlas_card") not in picked:
-            st.session_state["atlas_card"] = picked[0]
-        card = st.selectbox(
-            f"Card ({plural(len(picked), 'prototype')} selected)",
-            picked,
-            key="atlas_card",
-            format_func=lambda j: f"#{j} {data.labels[j] or data.dominant[j]}",
-        )
-        render_card(loaded.index, data, loaded.bundle.tokenizer, int(card), "atlas", state.max_suppressed(loaded))
+        card_panel(picked, view)
 
 if picked:
     table = pd.DataFrame(

@@ -290,10 +290,11 @@ else:
     st.caption(f"{plural(len(examples), 'example')} shown (Examples per token was {asked} for this trace).")
 for rank, e in enumerate(examples, start=1):
     a, b = st.columns([6, 1])
+    # an influence score is a signed change of the loss, shown with its sign like its relative score
+    score = f"score {e.score:.3f}" if e.relative is None else f"score {e.score:+.3f} (relative {e.relative:+.3f})"
     a.html(
         state.SNIPPET_CSS + f'<div class="prism-snip" title="{state.escape(e.doc_id)}"><b>{rank}.</b> '
-        f"score {e.score:.3f}{'' if e.relative is None else f' (relative {e.relative:+.3f})'} · "
-        f"{state.escape(e.source)} · {state.escape(e.doc_id)}<br>"
+        f"{score} · {state.escape(e.source)} · {state.escape(e.doc_id)}<br>"
         f"{state.marked_snippet(e.snippet, e.highlight_start, e.highlight_end)}</div>"
     )
     if e.prototype >= 0:  # verbatim-span examples come from no prototype

@@ -239,6 +239,8 @@ def test_waterfall_total_is_the_logit():
     x = np.asarray(fig.data[0].x, dtype=np.float64)
     assert x[-1] == pytest.approx(sum(slices)) and x[:-1].sum() == pytest.approx(x[-1])
     assert list(fig.data[0].customdata)[:3] == [12, 10, 11]
+    labelled = waterfall_figure([10, 11], [1.0, 0.5], 1.5, labels=["a label longer than the bar has room for", "short"])
+    assert list(labelled.data[0].y)[:2] == ["#10 a label longer than the bar…", "#11 short"]
 
 
 def test_sampled_generation_is_seeded_per_call_and_thread_safe(loaded):

@@ -418,3 +418,28 @@ def test_dark_theme_is_followed(page, server):
     idle(dark)
     shot(dark, "trace-dark", top=dark.get_by_test_id("stButtonGroup"))
     context.close()
+
+
+def test_atlas_card_panel_and_its_controls(page, server):
+    """Another card of the selection opens in the card panel (a fragment: it reruns alone, and
+    the permalink follows it); a control set from that card reruns the whole page, so the
+    sidebar shows it; undo takes it back."""
+    page.goto(server + "/?picked=16,43,63&acard=16")
+    page.get_by_role("heading", name="Prototype 16", exact=True).wait_for()
+    idle(page)
+    chooser = page.get_by_test_id("stSelectbox").filter(has_text=re.compile(r"Card \(\d+ prototypes selected\)"))
+    chooser.click()
+    option = page.get_by_role("option").nth(1)
+    chosen = option.inner_text().split()[0].lstrip("#")  # "#43 label"
+    option.click()
+    page.get_by_role("heading", name=f"Prototype {chosen}", exact=True).wait_for()
+    idle(page)
+    assert f"acard={chosen}" in page.url, page.url
+    sidebar = page.get_by_test_id("stSidebar")
+    page.get_by_text("Suppress", exact=True).first.click()  # the card's toggle
+    sidebar.get_by_text(f"1 suppressed prototype: #{chosen}").wait_for()
+    idle(page)
+    assert page.evaluate("""() => document.querySelector('.stPlotlyChart .js-plotly-plot')._fullData
+        .some(t => t.name === 'suppressed')""")  # the map marks it: the whole page ran
+    sidebar.get_by_role("button", name="Undo").click()
+    sidebar.get_by_text("none (the model as trained)").wait_for()

@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from core import build_atlas_tables, load_bundle, load_index  # noqa: E402
 from explorer import state  # noqa: E402
 from explorer.clickselect import CLICK_SELECT_JS  # noqa: E402
-from explorer.safe import csv_frame, md  # noqa: E402
+from explorer.safe import csv_frame, html_text, md  # noqa: E402
 from tests.explorer import hostile  # noqa: E402
 from tests.helpers import APP  # noqa: E402
 
@@ -122,6 +122,11 @@ def test_md_escapes_every_markdown_construct():
     for text in hostile.HOSTILE + hostile.SOURCES:
         assert not hostile.unescaped(md(text))
     assert md("a\nb") == "a b" and md("[x](y)") == "\\[x\\]\\(y\\)" and md("x" * 10, limit=4) == "xxx\u2026"
+
+
+def test_html_text_uses_entities_plotly_decodes():
+    # Plotly decodes numeric entities and &amp; &lt; &gt;, but draws &quot; as it is
+    assert html_text("say \"hi\" & 'bye' <b>") == "say &#34;hi&#34; &amp; &#x27;bye&#x27; &lt;b&gt;"
 
 
 def test_csv_export_guards_formula_cells():

@@ -1,0 +1,94 @@
+"""The table of bench/explorer.py for docs/benchmarks.md (registered in bench/_tables.py's RENDERERS)."""
+
+from __future__ import annotations
+
+
+def render_explorer(f: dict) -> list[str]:
+    """bench/explorer.py: the browser timings, the map-structure scores and issue 17's figures."""
+    from _tables import NONE, num, table  # here, not at the top: _tables imports this module
+
+    def s(key: str, decimals: int = 2, scale: float = 1.0) -> str:
+        return NONE if f.get(key) is None else num(f[key] * scale, decimals) + " s"
+
+    slider = s("slider_to_64_tokens_s_median", 3)
+    if f.get("slider_to_64_tokens_s_min") is not None:
+        slider += f" (min {s('slider_to_64_tokens_s_min', 3)})"
+    size = NONE if f.get("atlas_16384_json_kb") is None else num(f["atlas_16384_json_kb"]) + " KB"
+    rows = [
+        ["cold start (`streamlit run` to the Atlas drawn in the browser)", s("cold_start_s")],
+        ["gain slider moved to 64 regenerated tokens on screen (median)", slider],
+        ["of which the 64-token generation on the server", s("server_generation_ms", 3, 1e-3)],
+        ["64 tokens generated in-process (median)", s("generate_64_ms_median", 3, 1e-3)],
+        [
+            "Atlas with 16,384 synthetic prototypes drawn (first / later)",
+            f"{s('atlas_16384_render_s_first')} / {s('atlas_16384_render_s_median')}",
+        ],
+        ["its figure: build + JSON on the server, size", f"{s('atlas_16384_build_ms', 3, 1e-3)}, {size}"],
+    ]
+    for name, score in (f.get("structure_by_layout") or {}).items():  # issue 17: the map's structure
+        chosen = " (chosen)" if name == f.get("structure_chosen_layout") else ""
+        sources = (f.get("source_structure_by_layout") or {}).get(name)
+        rows.append(
+            [
+                f"map structure, {name}{chosen}: kNN purity (k=10) of {f.get('structure_of')} / of dominant sources",
+                f"{num(score, 3)} / {NONE if sources is None else num(sources, 3)}",
+            ]
+        )
+    if f.get("structure_shuffled") is not None:
+        rows.append(
+            [
+                "map structure, the same groups shuffled over the points (no structure)",
+                f"{num(f['structure_shuffled'], 3)} / {num(f.get('source_structure_shuffled', 0), 3)}",
+            ]
+        )
+    counts = f.get("lasso_50_browser_counts") or []
+    lasso = s("lasso_50_browser_s_median", 3)
+    if counts:
+        lasso += f", {s('lasso_50_browser_s_max', 3)} ({', '.join(map(str, counts))} selected)"
+    edit = s("steer_1000_gains_browser_edit_s_median", 3)
+    if f.get("steer_1000_gains_browser_edit_s_max") is not None:
+        edit += f", {s('steer_1000_gains_browser_edit_s_max', 3)}"
+    rows += [
+        [
+            f"lasso of 50 with the mouse on the Atlas to cards and table shown ({len(counts)} lassos: median, slowest)",
+            lasso,
+        ],
+        [
+            "of which the page's script run, from the browser's running to not-running state (median)",
+            s("lasso_50_browser_script_run_s_median", 3),
+        ],
+        [
+            "Steer with 1,000 gains: the controls file loaded to the table and the regenerated text on screen",
+            s("steer_1000_gains_browser_load_s", 3),
+        ],
+        [
+            "Steer with 1,000 gains: the page opened from the Atlas to the table and texts on screen (texts cached)",
+            s("steer_1000_gains_browser_open_s", 3),
+        ],
+        ["Steer with 1,000 gains: one gain edited in the table to the regenerated text (median, slowest)", edit],
+        [
+            "Steer with 1,000 gains: a pinned gain slider moved to the regenerated text (median)",
+            s("steer_1000_gains_browser_slider_s_median", 3),
+        ],
+        [
+            "Steer with 1,000 gains: page open (server-side script run under AppTest, with its regeneration)",
+            s("steer_1000_gains_open_s", 3),
+        ],
+        [
+            "Steer with 1,000 gains: one table edit (server-side under AppTest, with its regeneration)",
+            s("steer_1000_gains_edit_s", 3),
+        ],
+        [
+            "50 prototypes picked on the Atlas (as a lasso sets them) to table and card (server-side, AppTest)",
+            s("lasso_50_cards_s", 3),
+        ],
+    ]
+    rows = [r for r in rows if any(NONE not in cell for cell in r[1:])]
+    lines = table(["", "measured"], rows)
+    if f.get("load_average_1min") is not None:
+        lines += [
+            "",
+            f"Load average (1 min) before / after: {f['load_average_1min']} / "
+            f"{f.get('load_average_1min_after', NONE)}.",
+        ]
+    return lines
