@@ -12,6 +12,9 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
+from _tables_explorer import render_explorer
+from _tables_lds import render_lds
+
 REPO = Path(__file__).resolve().parent.parent
 BUNDLE = REPO / "assets" / "models" / "demo"
 TWIN = REPO / "assets" / "models" / "demo-dense"
@@ -179,63 +182,6 @@ def render_control(f: dict) -> list[str]:
     ]
     if settings:
         lines += ["", "Settings: " + ", ".join(settings) + "."]
-    return lines
-
-
-def render_explorer(f: dict) -> list[str]:
-    def s(key: str, decimals: int = 2, scale: float = 1.0) -> str:
-        return NONE if f.get(key) is None else num(f[key] * scale, decimals) + " s"
-
-    slider = s("slider_to_64_tokens_s_median", 3)
-    if f.get("slider_to_64_tokens_s_min") is not None:
-        slider += f" (min {s('slider_to_64_tokens_s_min', 3)})"
-    size = NONE if f.get("atlas_16384_json_kb") is None else num(f["atlas_16384_json_kb"]) + " KB"
-    rows = [
-        ["cold start (`streamlit run` to the Atlas drawn in the browser)", s("cold_start_s")],
-        ["gain slider moved to 64 regenerated tokens on screen (median)", slider],
-        ["of which the 64-token generation on the server", s("server_generation_ms", 3, 1e-3)],
-        ["64 tokens generated in-process (median)", s("generate_64_ms_median", 3, 1e-3)],
-        [
-            "Atlas with 16,384 synthetic prototypes drawn (first / later)",
-            f"{s('atlas_16384_render_s_first')} / {s('atlas_16384_render_s_median')}",
-        ],
-        ["its figure: build + JSON on the server, size", f"{s('atlas_16384_build_ms', 3, 1e-3)}, {size}"],
-    ]
-    for name, score in (f.get("structure_by_layout") or {}).items():  # issue 17: the map's structure
-        chosen = " (chosen)" if name == f.get("structure_chosen_layout") else ""
-        sources = (f.get("source_structure_by_layout") or {}).get(name)
-        rows.append(
-            [
-                f"map structure, {name}{chosen}: kNN purity (k=10) of {f.get('structure_of')} / of dominant sources",
-                f"{num(score, 3)} / {NONE if sources is None else num(sources, 3)}",
-            ]
-        )
-    if f.get("structure_shuffled") is not None:
-        rows.append(
-            [
-                "map structure, the same groups shuffled over the points (no structure)",
-                f"{num(f['structure_shuffled'], 3)} / {num(f.get('source_structure_shuffled', 0), 3)}",
-            ]
-        )
-    rows += [
-        [
-            "Steer with 1,000 gains: page open (server-side script run, with its regeneration)",
-            s("steer_1000_gains_open_s", 3),
-        ],
-        [
-            "Steer with 1,000 gains: one table edit (server-side, with its regeneration)",
-            s("steer_1000_gains_edit_s", 3),
-        ],
-        ["50 prototypes picked on the Atlas (a lasso) to their table and card (server-side)", s("lasso_50_cards_s", 3)],
-    ]
-    rows = [r for r in rows if any(NONE not in cell for cell in r[1:])]
-    lines = table(["", "measured"], rows)
-    if f.get("load_average_1min") is not None:
-        lines += [
-            "",
-            f"Load average (1 min) before / after: {f['load_average_1min']} / "
-            f"{f.get('load_average_1min_after', NONE)}.",
-        ]
     return lines
 
 
@@ -466,6 +412,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "attribution_speed": render_attribution_speed,
     "attribution_latency": render_attribution_latency,
     "attribution_quality": render_attribution_quality,
+    "lds": render_lds,
 }
 
 # ----------------------------------------------------------------------------- the demo bundle's records

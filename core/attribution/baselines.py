@@ -1,17 +1,27 @@
-"""Post-hoc training-data attribution on the dense twin, through existing libraries.
+"""Post-hoc training-data attribution through existing libraries, on a PRISM model or its twin.
 
-Thin adapters only: the libraries do the maths. Both attribute the summed next-token loss of a
+Thin adapters only: the libraries do the maths. They attribute the summed next-token loss of a
 query's completion to fixed-length training examples, with + = helpful (upweighting the
 example lowers the query loss), the sign convention of :mod:`core.attribution.influence`.
 
+- :func:`linear_head_copy`: the model with its head as ``nn.Linear`` modules (the keys K, the
+  values W fed the dense vector of the sparse weights, the unembedding E), so that libraries
+  that track only ``nn.Linear`` see the head as well as the backbone; the dense twin keeps its
+  output layer E as a module too. Its logits are the model's.
 - :func:`ekfac_scores`: EK-FAC influence through Kronfluence (``Analyzer.fit_all_factors``
-  then ``compute_pairwise_scores``). It tracks the backbone's ``nn.Linear`` layers (the tied
-  unembedding is a matrix product, not a module, so no shared-parameter handling is needed)
-  and recomputes every training gradient for each query batch.
+  then ``compute_pairwise_scores``), over the model's ``nn.Linear`` layers; it recomputes
+  every training gradient for each query batch.
 - :func:`logra_scores`: LoGra through dattri: a gradient store, each training example's
   gradient projected per layer (Kronecker-factored) once, then a dot product per query.
+- :func:`bm25_scores`: the lexical baseline (bm25s): no model at all.
+- :func:`document_windows` / :func:`sum_windows`: whole documents as windows of the model's
+  sequence length, and their scores summed back per document.
 
-Neither library is a runtime requirement: both come from ``requirements-bench.txt``. The
+Damping: one rule, :data:`DAMPING` x the mean eigenvalue of each block (a prototype block in
+PRISM influence, a module in EK-FAC: Kronfluence's ``damping_factor=None`` heuristic, a layer's
+projected Fisher in LoGra: dattri's ``damping`` is relative to trace / dimension).
+
+None of the libraries is a runtime requirement: they come from ``requirements-bench.txt``. The
 adapters deep-copy the model, so the caller's model is never modified.
 """
 
@@ -26,9 +36,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import Dataset
+from transformers.modeling_outputs import CausalLMOutput
 
 from core.errors import BaselineError
+from core.model.head import active_prototypes, prototype_weights
+
+# lambda = DAMPING x mean eigenvalue of each curvature block, the rule of core.attribution.influence
+# (InfluenceArguments.damping) and of Kronfluence's heuristic (its HEURISTIC_DAMPING_SCALE).
+DAMPING = 0.1
 
 
 class LMExamples(Dataset):
@@ -86,6 +103,56 @@ def summed_loss(model, batch: dict[str, torch.Tensor], sample: bool = False) -> 
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
 
 
+class LinearHeadLM(nn.Module):
+    """A PRISM model (or its dense twin) whose head is made of ``nn.Linear`` modules.
+
+    PRISM computes the head with a gather (``embedding_bag``) and a product with the tied
+    embedding, which libraries that track only ``nn.Linear`` do not see. Here the same maths
+    runs through modules: ``keys`` = Linear(d, P) on the normalised hidden state (s = K h),
+    ``values`` = Linear(P, d) fed the dense (P,) vector of the sparse weights (z = W^T a, a_j =
+    softplus(s_j) on the top k, 0 elsewhere), and ``unembedding`` = Linear(d, V) (logits = E z;
+    the twin: E h). The gradient of each weight is the model's (the top-k choice is piecewise
+    constant, as in PRISM influence); E is an untied copy, so its gradient is the output side
+    only (the input embedding is an ``nn.Embedding``, tracked by neither library). Controls
+    (gains, suppression) do not apply.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        source = copy.deepcopy(model).float()
+        self.backbone = source.model
+        E = source.unembedding.detach()  # (V, d)
+        self.top_k = None if source.prototypes is None else source.config.prototype_top_k
+        if source.prototypes is not None:
+            keys, values = source.prototypes.keys.detach(), source.prototypes.values.detach()  # (P, d) each
+            self.keys = nn.Linear(keys.shape[1], keys.shape[0], bias=False)
+            self.values = nn.Linear(values.shape[0], values.shape[1], bias=False)
+            self.keys.weight = nn.Parameter(keys.clone())  # (P, d): s = h K^T
+            self.values.weight = nn.Parameter(values.T.contiguous())  # (d, P): z = a W
+        self.unembedding = nn.Linear(E.shape[1], E.shape[0], bias=False)
+        self.unembedding.weight = nn.Parameter(E.clone())  # (V, d)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> CausalLMOutput:
+        """(B, T) token ids -> ``CausalLMOutput`` with (B, T, V) ``logits``."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, d)
+        if self.top_k is not None:
+            scores = self.keys(hidden)  # (B, T, P)
+            ids, top_scores = active_prototypes(scores, self.top_k)  # (B, T, k)
+            weights = torch.zeros_like(scores).scatter(-1, ids, prototype_weights(top_scores))  # (B, T, P)
+            hidden = self.values(weights)  # (B, T, d) z = sum_j a_j W_j
+        return CausalLMOutput(logits=self.unembedding(hidden))  # (B, T, V)
+
+
+def linear_head_copy(model) -> LinearHeadLM:
+    """A float32 copy of a PRISM model (or its dense twin) with the head as ``nn.Linear``
+    modules (:class:`LinearHeadLM`), in eval mode, every weight requiring gradients; the
+    logits equal the model's."""
+    copy_ = LinearHeadLM(model).eval()
+    for parameter in copy_.parameters():
+        parameter.requires_grad_(True)
+    return copy_
+
+
 def _trainable_copy(model) -> torch.nn.Module:
     twin = copy.deepcopy(model).float().eval()
     for parameter in twin.parameters():
@@ -96,12 +163,14 @@ def _trainable_copy(model) -> torch.nn.Module:
 @dataclass
 class BaselineResult:
     """Scores (Q, N) (+ = helpful) and timings in seconds: ``fit`` (one-time factors or
-    store), ``score`` (all queries), plus the bytes stored per training example."""
+    store), ``score`` (all queries together), ``single_query`` (one query against every
+    training example, when measured), plus the bytes stored per training example."""
 
     scores: np.ndarray
     fit_seconds: float
     score_seconds: float
     bytes_per_example: float
+    single_query_seconds: float | None = None
 
 
 def _kronfluence_analyzer(model, output_dir: str | Path):
@@ -166,11 +235,20 @@ def ekfac_pairwise(
     strategy: str = "ekfac",
     train_batch_size: int = 8,
     query_batch_size: int = 32,
+    damping_factor: float | None = None,
 ) -> tuple[np.ndarray, float]:
     """(Q, N) influence scores (+ = helpful) of every training example on every query, from the
-    factors :func:`ekfac_fit` wrote into ``output_dir``; and the seconds it took."""
+    factors :func:`ekfac_fit` wrote into ``output_dir``; and the seconds it took.
+
+    ``damping_factor``: None is Kronfluence's heuristic, 0.1 x the mean eigenvalue of each
+    module (:data:`DAMPING`, the rule of PRISM influence); a number is an absolute damping.
+    """
     analyzer = _kronfluence_analyzer(model, output_dir)  # raises BaselineError without kronfluence
     from kronfluence.arguments import ScoreArguments
+    from kronfluence.utils.constants import HEURISTIC_DAMPING_SCALE
+
+    if damping_factor is None and HEURISTIC_DAMPING_SCALE != DAMPING:
+        raise BaselineError(f"Kronfluence's damping heuristic is {HEURISTIC_DAMPING_SCALE} x mean, not {DAMPING}")
 
     t0 = time.perf_counter()
     analyzer.compute_pairwise_scores(
@@ -180,7 +258,7 @@ def ekfac_pairwise(
         train_dataset=train,
         per_device_query_batch_size=query_batch_size,
         per_device_train_batch_size=train_batch_size,
-        score_args=ScoreArguments(),
+        score_args=ScoreArguments(damping_factor=damping_factor),
         overwrite_output_dir=True,
     )
     seconds = time.perf_counter() - t0
@@ -197,26 +275,33 @@ def ekfac_scores(
     train_batch_size: int = 8,
     query_batch_size: int = 32,
     output_dir: str | Path | None = None,
+    damping_factor: float | None = None,
+    single_query: bool = False,
 ) -> BaselineResult:
     """EK-FAC (or ``identity``/``diagonal``/``kfac``) influence through Kronfluence: factors
-    fitted on ``train``, then pairwise scores.
+    fitted on ``train``, then pairwise scores (``damping_factor``: see :func:`ekfac_pairwise`).
+
+    ``single_query``: also time the first query alone against every training example (what an
+    analyst waits for: Kronfluence recomputes every training gradient for each query batch).
 
     Raises:
         BaselineError: kronfluence is not installed.
     """
+    options = dict(
+        strategy=strategy,
+        train_batch_size=train_batch_size,
+        query_batch_size=query_batch_size,
+        damping_factor=damping_factor,
+    )
     with tempfile.TemporaryDirectory(prefix="kronfluence-") as tmp:
         out = output_dir or tmp
         fit = ekfac_fit(model, train, out, strategy=strategy, train_batch_size=train_batch_size)
-        scores, seconds = ekfac_pairwise(
-            model,
-            train,
-            queries,
-            out,
-            strategy=strategy,
-            train_batch_size=train_batch_size,
-            query_batch_size=query_batch_size,
-        )
-    return BaselineResult(scores, fit, seconds, 0.0)
+        scores, seconds = ekfac_pairwise(model, train, queries, out, **options)
+        single = None
+        if single_query:
+            first = LMExamples(queries.input_ids[:1], queries.labels[:1])
+            single = ekfac_pairwise(model, train, first, out, **options)[1]
+    return BaselineResult(scores, fit, seconds, 0.0, single)
 
 
 class _SummedLoss(torch.nn.Module):
@@ -240,14 +325,19 @@ def logra_scores(
     proj_dim: int = 64,
     train_batch_size: int = 8,
     query_batch_size: int = 32,
+    damping: float = DAMPING,
+    single_query: bool = False,
 ) -> BaselineResult:
     """LoGra (a per-layer projected gradient store with an empirical-Fisher preconditioner)
-    through dattri, over the backbone's ``nn.Linear`` layers.
+    through dattri, over the model's ``nn.Linear`` layers.
 
     Args:
         proj_dim: projected dimension per layer (a perfect square: the input and output sides
             are projected to sqrt(proj_dim) each); the store holds proj_dim floats per layer
             per training example.
+        damping: lambda = damping x trace / dimension (the mean eigenvalue) of each layer's
+            projected Fisher (dattri's relative damping).
+        single_query: also time the first query alone against the store.
 
     Raises:
         BaselineError: dattri is not installed, or proj_dim is not a perfect square.
@@ -276,17 +366,76 @@ def logra_scores(
             layer_names=layers,
             device="cpu",
             hessian="eFIM",
-            damping=None,
+            damping=damping,
             proj_dim=proj_dim,
             offload="cpu",
             cache_dir=cache_dir,
         )
         t0 = time.perf_counter()
-        attributor.cache(train_loader)
+        attributor.cache(train_loader)  # the store, the preconditioners and the preconditioned store
         t1 = time.perf_counter()
         scores = attributor.attribute(train_loader, query_loader)  # (N, Q); computes query gradients itself
         t2 = time.perf_counter()
-    return BaselineResult(scores.T.double().cpu().numpy(), t1 - t0, t2 - t1, 4.0 * proj_dim * len(layers))
+        single = None
+        if single_query:
+            first = DataLoader(LMExamples(queries.input_ids[:1], queries.labels[:1]), batch_size=1)
+            attributor.attribute(train_loader, first)
+            single = time.perf_counter() - t2
+    stored = 4.0 * proj_dim * len(layers)
+    return BaselineResult(scores.T.double().cpu().numpy(), t1 - t0, t2 - t1, stored, single)
+
+
+def bm25_scores(documents: list[str], queries: list[str]) -> BaselineResult:
+    """BM25 (bm25s, Lucene variant, English stopwords) of every document for each query text:
+    the lexical baseline, + = more shared rare words. ``bytes_per_example``: the index's sparse
+    matrix per document.
+
+    Raises:
+        BaselineError: bm25s is not installed.
+    """
+    try:
+        import bm25s
+    except ImportError as err:
+        raise BaselineError(f"bm25s is not installed ({err}); `pip install -r requirements-bench.txt`") from None
+    t0 = time.perf_counter()
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(documents, stopwords="en", show_progress=False), show_progress=False)
+    t1 = time.perf_counter()
+    tokens = bm25s.tokenize(queries, stopwords="en", return_ids=False, show_progress=False)
+    scores = [retriever.get_scores(q) for q in tokens]  # (N,) each
+    t2 = time.perf_counter()
+    single = None
+    if queries:
+        retriever.get_scores(bm25s.tokenize(queries[:1], stopwords="en", return_ids=False, show_progress=False)[0])
+        single = time.perf_counter() - t2
+    stored = sum(v.nbytes for v in retriever.scores.values() if hasattr(v, "nbytes"))
+    result = np.array(scores, dtype=np.float64).reshape(len(queries), len(documents))
+    return BaselineResult(result, t1 - t0, t2 - t1, stored / max(1, len(documents)), single)
+
+
+def document_windows(token_ids: list[list[int]], length: int, pad_id: int) -> tuple[LMExamples, np.ndarray]:
+    """Whole documents as training examples of ``length`` tokens: windows that overlap by one
+    token, so that every token after a document's first is a target exactly once (as in
+    training, where the first token of a document is predicted from the previous one's end).
+
+    Returns:
+        the windows (right-padded, padding out of the loss) and (W,) the document of each.
+    """
+    if length < 2:
+        raise BaselineError(f"windows need length >= 2 tokens, got {length}")
+    windows, owner = [], []
+    for doc, tokens in enumerate(token_ids):
+        for start in range(0, max(1, len(tokens) - 1), length - 1):
+            windows.append(tokens[start : start + length])
+            owner.append(doc)
+    return padded_examples(windows, length, pad_id), np.asarray(owner, dtype=np.int64)
+
+
+def sum_windows(scores: np.ndarray, owner: np.ndarray, documents: int) -> np.ndarray:
+    """(Q, W) window scores -> (Q, documents) document scores, each the sum of its windows'."""
+    out = np.zeros((scores.shape[0], documents), dtype=np.float64)
+    np.add.at(out.T, owner, scores.T)
+    return out
 
 
 def padded_examples(token_ids: list[list[int]], length: int, pad_id: int) -> LMExamples:
