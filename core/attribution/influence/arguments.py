@@ -62,7 +62,7 @@ class InfluenceArguments:
     )
     seed: int = option(0, "seeds the sampled Fisher labels and the gradient sketch", cli=False)
     sketch_width: int = option(
-        1024,
+        2048,
         "coordinates of each document's gradient sketch, searched for a query's candidates before "
         "they are scored exactly (4 bytes each per document); wider sketches miss fewer of the exact top",
         minimum=8,
