@@ -193,7 +193,7 @@ def query_set(tokenizer, queries: list[Query]):
 def ekfac(model, tokenizer, token_ids: list[list[int]], queries: list[Query], name: str, label: str, kind: str):
     """EK-FAC (Kronfluence) on the model's linear copy: factors over every window, all queries
     scored in one batch, then the first query alone (its single-query latency)."""
-    from core.attribution.baselines import ekfac_scores, linear_head_copy, sum_windows
+    from core.attribution.baselines import ekfac_scores, linear_head_copy
 
     seq_len = model.config.sequence_length
     windows, owner = window_examples(token_ids, seq_len, tokenizer.eos_token_id)
@@ -207,24 +207,12 @@ def ekfac(model, tokenizer, token_ids: list[list[int]], queries: list[Query], na
             output_dir=tmp,
             single_query=True,
         )
-    scores = sum_windows(result.scores, owner, len(token_ids))
-    return Scored(
-        name,
-        label,
-        kind,
-        scores,
-        {"": by_score(scores)},
-        result.fit_seconds,
-        rss.mb,
-        1000 * result.single_query_seconds,
-        1000 * result.score_seconds / len(queries),
-        0.0,
-    )
+    return _windowed(name, label, kind, result, owner, len(token_ids), len(queries), rss.mb, 0.0)
 
 
 def logra(model, tokenizer, token_ids: list[list[int]], queries: list[Query], proj_dim: int) -> Scored:
     """LoGra (dattri) on the PRISM model's linear copy: a projected gradient store of every window."""
-    from core.attribution.baselines import linear_head_copy, logra_scores, sum_windows
+    from core.attribution.baselines import linear_head_copy, logra_scores
 
     windows, owner = window_examples(token_ids, model.config.sequence_length, tokenizer.eos_token_id)
     with PeakRSS() as rss:
@@ -237,18 +225,27 @@ def logra(model, tokenizer, token_ids: list[list[int]], queries: list[Query], pr
             query_batch_size=len(queries),
             single_query=True,
         )
-    scores = sum_windows(result.scores, owner, len(token_ids))
+    label = f"LoGra (dattri, {proj_dim} per layer)"
+    per_document = result.bytes_per_example * len(owner) / len(token_ids)
+    return _windowed("logra", label, "prism", result, owner, len(token_ids), len(queries), rss.mb, per_document)
+
+
+def _windowed(name, label, kind, result, owner, documents: int, queries: int, rss_mb: float, bytes_per_document):
+    """A library baseline's window scores summed per document, with its costs."""
+    from core.attribution.baselines import sum_windows
+
+    scores = sum_windows(result.scores, owner, documents)
     return Scored(
-        "logra",
-        f"LoGra (dattri, {proj_dim} per layer)",
-        "prism",
+        name,
+        label,
+        kind,
         scores,
         {"": by_score(scores)},
         result.fit_seconds,
-        rss.mb,
+        rss_mb,
         1000 * result.single_query_seconds,
-        1000 * result.score_seconds / len(queries),
-        result.bytes_per_example * len(owner) / len(token_ids),
+        1000 * result.score_seconds / queries,
+        bytes_per_document,
     )
 
 
