@@ -89,6 +89,7 @@ try:
             type=["jsonl", "json"],
             key="cal_upload",
             help=f"At most {MAX_UPLOAD_BYTES // 1_000_000} MB; the first {MAX_ITEMS_READ:,} rows are read",
+            max_upload_size=MAX_UPLOAD_BYTES // 1_000_000,  # the box states the same limit as the help
         )
         if upload is not None:
             items, task_name, ignored = parsed_upload(upload)

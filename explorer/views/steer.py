@@ -342,6 +342,7 @@ upload = s2.file_uploader(
     type=["json"],
     key="steer_upload",
     help=f"A controls file saved here or by `prism`; at most {MAX_CONTROLS_BYTES // 1_000_000} MB",
+    max_upload_size=MAX_CONTROLS_BYTES // 1_000_000,  # the box states the same limit as the help
 )
 if upload is not None and st.session_state.get("steer_uploaded") != upload.file_id:
     st.session_state["steer_uploaded"] = upload.file_id  # parsed once per file, not on every rerun
