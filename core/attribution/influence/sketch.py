@@ -109,12 +109,12 @@ class GradientSketch:
         dt = coefficients.dtype
         return (coefficients * self.root[prototype].to(dt)) @ self.basis[prototype].to(dt).T
 
-    def pairs(self, prototypes: torch.Tensor, psi: torch.Tensor, factors=None) -> torch.Tensor:
+    def pairs(self, prototypes: torch.Tensor, psi: torch.Tensor, whitening=None) -> torch.Tensor:
         """(R, m) phi(j, x) of (R,) prototype ids and their (R, 2d) vectors psi_j = A_j g_qj:
-        x = psi_j unwhitened, x = A_j^{-1/2} psi_j = A_j^{1/2} g_qj given the ``factors``
-        ((P, 2d, r) U, (P, r) w, (P,) 1 / lambda) of a whitened store."""
-        if factors is not None:
-            U, w, inv_lam = (t.to(psi.dtype) for t in factors)
+        x = psi_j unwhitened, x = A_j^{-1/2} psi_j = A_j^{1/2} g_qj given the ``whitening``
+        factors ((P, 2d, r) U, (P, r) w, (P,) 1 / lambda) of a whitened store."""
+        if whitening is not None:
+            U, w, inv_lam = (t.to(psi.dtype) for t in whitening)
             U, w, inv_lam = U[prototypes], w[prototypes], inv_lam[prototypes]
             inv_mu = inv_lam.rsqrt()  # sqrt(lambda_j)
             inv_root = (w + inv_lam[:, None]).clamp_min(1e-300).rsqrt() - inv_mu[:, None]  # (R, r)
