@@ -69,6 +69,17 @@ def idle(page) -> None:
     page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=300_000)
 
 
+def pin_slider(page, prototype: int) -> None:
+    """Pin a gain slider for ``prototype`` on the Steer page and focus it."""
+    page.get_by_label("Prototype id").fill(str(prototype))
+    page.get_by_label("Prototype id").press("Enter")
+    idle(page)
+    page.get_by_role("button", name="Add a gain slider").click()
+    idle(page)
+    slider = page.get_by_role("slider", name="Gain").last
+    slider.focus()
+
+
 def thousand_gains(num_prototypes: int) -> dict[int, float]:
     """1,000 gains (fewer on a smaller model), none of them 1 (a gain of 1 is no control)."""
     values = (0.5, 0.75, 1.25, 1.5, 1.75, 2.0, 2.5)
@@ -206,13 +217,7 @@ def steer_many_gains(page, folder: Path, num_prototypes: int, repeats: int) -> d
     out["steer_1000_gains_browser_edit_s_max"] = round(max(edits), 3)
     out["steer_1000_gains_browser_edit_script_run_s_median"] = statistics.median(r for r in runs if r is not None)
 
-    page.get_by_label("Prototype id").fill("5")
-    page.get_by_label("Prototype id").press("Enter")
-    idle(page)
-    page.get_by_role("button", name="Add a gain slider").click()
-    idle(page)
-    slider = page.get_by_role("slider", name="Gain").last
-    slider.focus()
+    pin_slider(page, 5)  # focused: the arrow keys below move it
     moves = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -279,13 +284,7 @@ def in_browser(model: str, repeats: int, num_prototypes: int) -> dict:
             idle(page)
             times = []
             for r in range(repeats):
-                page.get_by_label("Prototype id").fill(str(100 + r))
-                page.get_by_label("Prototype id").press("Enter")
-                idle(page)
-                page.get_by_role("button", name="Add a gain slider").click()
-                idle(page)
-                slider = page.get_by_role("slider", name="Gain").last
-                slider.focus()
+                pin_slider(page, 100 + r)  # focused: the arrow key below moves it
                 t1 = time.perf_counter()
                 page.keyboard.press("ArrowLeft")  # gain 1.0 -> 0.9: new controls, nothing cached
                 try:
