@@ -55,20 +55,21 @@ class Method:
             result.
         credit: (query) -> one credit per completion token.
         concat: credits of several tokens -> one credit, for a span.
-        examples: (query, credits, top) -> the ranked examples of each credit.
+        examples: (query, credits, top) -> the ranked examples of each credit; for a method
+            with ``harmful``, (query, credits, top, harmful=credit) -> the same lists and, last,
+            the examples whose scores oppose that credit most (influence: the documents whose
+            upweighting raises the loss), ranked in the same pass.
         check: (query) -> None, run before the forward pass; raises when the method cannot
             run on this bundle and index (influence factors missing or stale, say).
-        harmful: (query, credit, top) -> the examples whose scores oppose the credit most
-            (influence: the documents whose upweighting raises the loss), or None when the
-            method's scores are never negative.
+        harmful: whether the method's scores can be negative (it ranks harmful examples).
     """
 
     measurement: str
     credit: Callable[[Query], list[Any]]
     concat: Callable[[list[Any]], Any]
-    examples: Callable[[Query, list[Any], int], list[list[Example]]]
+    examples: Callable[..., list[list[Example]]]
     check: Callable[[Query], None] | None = None
-    harmful: Callable[[Query, Any, int], list[Example]] | None = None
+    harmful: bool = False
 
 
 REGISTRY: dict[str, Method] = {
@@ -81,7 +82,7 @@ REGISTRY: dict[str, Method] = {
         influence_method.InfluenceCredit.concat,
         influence_method.examples,
         influence_method.check,
-        influence_method.harmful_examples,
+        harmful=True,
     ),
     "spans": Method(spans.MEASUREMENT, spans.credit, spans.SpanCredit.concat, spans.examples, spans.check),
 }
@@ -270,8 +271,11 @@ def attribute(
     start, end = span if span is not None else (0, n)
     credits = chosen.credit(query)
     whole = chosen.concat(credits[start:end])
-    *token_examples, overall = chosen.examples(query, [*credits, whole], top)
-    harmful = chosen.harmful(query, whole, top) if chosen.harmful is not None else []
+    if chosen.harmful:
+        *token_examples, overall, harmful = chosen.examples(query, [*credits, whole], top, harmful=whole)
+    else:
+        *token_examples, overall = chosen.examples(query, [*credits, whole], top)
+        harmful = []
     return Attribution(
         model=str(bundle.path),
         model_fingerprint=bundle.fingerprint,

@@ -199,9 +199,9 @@ def test_float16_storage_keeps_the_ranking(small_bundle, short_corpus, tmp_path)
 
 
 def test_older_formats_are_refused_with_the_rebuild_command(small_bundle, short_corpus, tmp_path):
-    """Factors of formats 1 to 4 (per-prototype document lists, rank-r whitening; a store
-    without document sketches; sketches of the unwhitened gradient) cannot be read: they are
-    refused, naming the command that rebuilds them."""
+    """Factors of formats 1 to 5 (per-prototype document lists, rank-r whitening; a store
+    without document sketches; sketches of the unwhitened gradient; the complement weighted
+    1/lambda) cannot be read: they are refused, naming the command that rebuilds them."""
     from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
 
@@ -211,10 +211,10 @@ def test_older_formats_are_refused_with_the_rebuild_command(small_bundle, short_
     arrays = load_file(path)
     with safe_open(str(path), framework="numpy") as f:
         meta = json.loads(f.metadata()["meta"])
-    assert meta["format_version"] == influence_module.FORMAT_VERSION == 5
-    for version in (1, 2, 3, 4):
+    assert meta["format_version"] == influence_module.FORMAT_VERSION == 6
+    for version in (1, 2, 3, 4, 5):
         save_file(arrays, path, metadata={"meta": json.dumps({**meta, "format_version": version})})
-        with pytest.raises(InfluenceError, match=f"has format {version}, this version reads 5; rebuild.*prism index"):
+        with pytest.raises(InfluenceError, match=f"has format {version}, this version reads 6; rebuild.*prism index"):
             load_influence(bundle_dir)
         with pytest.raises(InfluenceError, match="prism index"):
             self_influence(bundle_dir)
@@ -320,16 +320,18 @@ def test_removed_pruning_options_are_refused():
         InfluenceArguments(top_documents=64)
     assert InfluenceArguments(top_documents=None).top_documents is None  # what older callers pass
     args = InfluenceArguments()
-    assert args.document_tokens is None and args.rank == 32 and args.storage == "int8"  # full coverage
+    assert args.document_tokens is None and args.rank == 64 and args.storage == "int8"  # full coverage
 
 
 # ---------------------------------------------------------------- the store and the inverse
 
 
 def test_complement_preserving_inverse():
-    """A_j = U diag(w) U^T + I/lambda: the dense (G + lambda I)^-1 at full rank, and at low rank
-    the truncated U (Sigma + lambda)^-1 U^T plus exactly the damped complement (I - U U^T)/lambda."""
-    from core.attribution.influence import apply_inverse, eigen_blocks, inverse_weights
+    """A_j = U diag(w) U^T + kappa I: the dense (G + lambda I)^-1 at full rank, and at low rank
+    the truncated U (Sigma + lambda)^-1 U^T plus exactly the complement (I - U U^T) / (rho +
+    lambda), rho the mean of the dropped eigenvalues; that complement is the exact inverse's
+    average over the dropped directions, closer to it than 1/lambda (which overweights them)."""
+    from core.attribution.influence import apply_inverse, complement_weights, eigen_blocks, inverse_weights
 
     c, D = 3, 12
     X = torch.randn(c, D, 40, dtype=torch.float64)
@@ -339,8 +341,11 @@ def test_complement_preserving_inverse():
     ids = torch.arange(c).repeat_interleave(D)  # (c D,) each block applied to the identity's columns
     basis = eye.repeat(c, 1)  # (c D, D)
 
-    def materialise(U, sigma):
-        A = apply_inverse(basis, ids, U, inverse_weights(sigma, lam), 1 / lam, chunk=5)  # (c D, D) rows A_j e_i
+    trace = torch.diagonal(G, dim1=1, dim2=2).sum(-1)
+
+    def materialise(U, sigma, kappa=None):
+        kappa = complement_weights(trace, sigma, lam, D) if kappa is None else kappa
+        A = apply_inverse(basis, ids, U, inverse_weights(sigma, lam, kappa), kappa, chunk=5)  # rows A_j e_i
         return A.reshape(c, D, D)
 
     start = torch.randn(D, D, dtype=torch.float64)
@@ -351,10 +356,18 @@ def test_complement_preserving_inverse():
     r = 4
     U, sigma = eigen_blocks(G, r, start[:, : r + 8])
     torch.testing.assert_close(U.transpose(1, 2) @ U, eye[:r, :r].expand(c, r, r), rtol=0, atol=1e-12)
-    truncated = U @ torch.diag_embed(1 / (sigma + lam[:, None])) @ U.transpose(1, 2)  # today's V V^T
-    complement = (eye - U @ U.transpose(1, 2)) / lam[:, None, None]
+    truncated = U @ torch.diag_embed(1 / (sigma + lam[:, None])) @ U.transpose(1, 2)  # the old V V^T
+    all_sigma = torch.linalg.eigvalsh(G).flip(-1)  # (c, D) largest first
+    rho = all_sigma[:, r:].mean(-1)  # the mean dropped eigenvalue, from the full spectrum
+    outside = eye - U @ U.transpose(1, 2)
+    complement = outside / (rho + lam)[:, None, None]
     kept = materialise(U, sigma)
-    torch.testing.assert_close(kept - truncated, complement, rtol=0, atol=1e-12 * float(complement.abs().max()))
+    torch.testing.assert_close(kept - truncated, complement, rtol=0, atol=1e-10 * float(complement.abs().max()))
+    # 1/lambda on the complement (the previous form) is further from the exact inverse
+    damped = materialise(U, sigma, 1 / lam)
+    torch.testing.assert_close(damped - truncated, outside / lam[:, None, None], rtol=0, atol=1e-10 / float(lam.min()))
+    for b in range(c):
+        assert torch.linalg.norm(kept[b] - exact[b]) < torch.linalg.norm(damped[b] - exact[b])
 
 
 STORE_SEQUENCES = 16  # sequences stored by the explicit-gradient tests (no dense solve there)
@@ -409,9 +422,9 @@ def stored(small_bundle, short_corpus, tmp_path_factory):
     args = {**EXACT, "rank": 8, "max_tokens": 64 * STORE_SEQUENCES, "batch_size": 3}
     build_influence(bundle_dir, short_corpus, InfluenceArguments(**args), show_progress=False)
     factors = load_influence(bundle_dir)
-    U, w, inv_lam = factors.eigenvectors, factors.inverse_weights, factors.inverse_damping
+    U, w, kappa = factors.eigenvectors, factors.inverse_weights, factors.complement
     eye = torch.eye(U.shape[1], dtype=torch.float64)
-    A = U @ torch.diag_embed(w) @ U.transpose(1, 2) + inv_lam[:, None, None] * eye  # (P, 2d, 2d) dense A_j
+    A = U @ torch.diag_embed(w) @ U.transpose(1, 2) + kappa[:, None, None] * eye  # (P, 2d, 2d) dense A_j
     return bundle_dir, factors, A, explicit_positions(bundle_dir, short_corpus), query_tensors(bundle_dir)
 
 
@@ -468,7 +481,7 @@ def test_block_sums_and_the_position_scan_give_the_same_scores(stored):
     credits = factors.credit(model, hidden, ids, weights, targets, None, probs)
     prototypes = torch.from_numpy(np.concatenate([c.prototypes for c in credits]))
     column = torch.arange(len(credits)).repeat_interleave(len(credits[0].prototypes))
-    lookup = pair_lookup(prototypes, column, len(factors.inverse_damping), len(credits))
+    lookup = pair_lookup(prototypes, column, len(factors.complement), len(credits))
     psi = torch.cat([c.psi for c in credits])
     scan, scan_terms = document_scores(factors.store, psi, lookup, 1 << 12)
     blocks, shared = factors._scores(psi, lookup, None)
@@ -505,7 +518,7 @@ def test_document_sketches_are_their_whitened_block_gradients_projected(stored):
     assert not torch.allclose(stored_sketch / stored_sketch.norm(), unwhitened / unwhitened.norm(), atol=1e-2)
 
     span = influence_module.InfluenceCredit.concat(factors.credit(model, hidden, ids, weights, targets, None, probs))
-    whitening = (factors.eigenvectors, factors.inverse_weights, factors.inverse_damping)
+    whitening = (factors.eigenvectors, factors.inverse_weights, factors.complement)
     query = factors.sketch.pairs(torch.from_numpy(span.prototypes), span.psi, whitening).sum(0)
     explicit = torch.zeros(R.shape[0], dtype=torch.float64)
     for i in range(len(ids)):
@@ -545,6 +558,24 @@ def test_retrieval_tier_scores_its_candidates_exactly(stored):
             )
             top3 = set(np.argsort(-sign * key, kind="stable")[:3].tolist())
             assert len(top3 & set(pool.tolist())) >= 2, (ranking, harmful, sorted(top3), pool.tolist())
+
+
+def test_batched_ranking_equals_each_request_alone(stored):
+    """``rank_many`` (one sketch search, one read of the ranked documents' positions for every
+    request, as ``attribute`` ranks the tokens, the span and its harmful documents) gives each
+    request exactly what ``rank`` gives it alone: documents, scores, carriers and spans."""
+    bundle_dir, factors, A, positions, (model, hidden, ids, weights, targets, probs, grads) = stored
+    tokens = factors.credit(model, hidden, ids, weights, targets, None, probs)
+    span = influence_module.InfluenceCredit.concat(tokens)
+    requests = [*tokens, span, span]
+    harmful = [False] * (len(tokens) + 1) + [True]
+    for candidates in (0, 4):
+        for ranking in ("relative", "loss"):
+            batched = factors.rank_many(requests, harmful, 3, candidates, ranking)
+            alone = [factors.rank(c, 3, h, candidates, ranking) for c, h in zip(requests, harmful, strict=True)]
+            assert batched == alone
+            assert sum(map(len, batched)) > len(requests)  # not vacuous: most requests rank documents
+            assert all(r.score < 0 for r in batched[-1])
 
 
 def test_outliers_command_lists_documents_by_self_influence(stored, capsys):
@@ -630,7 +661,7 @@ def test_highlight_is_the_token_that_carried_most_of_the_query(stored):
 
 
 def test_planted_canary_ranks_first_with_default_arguments(planted_bundle, planted_corpus, tmp_path):
-    """With the defaults (every document, rank 32 plus the damped complement, int8 storage) the
+    """With the defaults (every document, rank 64 plus the complement, int8 storage) the
     planted sentence ranks first, and int8 keeps the float32 ranking of every document."""
     from scipy.stats import spearmanr
 

@@ -21,17 +21,19 @@ the training split). Labels come from a generator seeded by (seed, sequence), so
 do not depend on the batch size.
 
 Inverse, once at index time: the complement-preserving inverse. With damping
-lambda_j = damping * mean eigenvalue of G_j (the mean over all blocks for an unused prototype)
-and the top r eigenpairs (U_j (2d x r), sigma_j) of G_j (subspace iteration; eigh at r = 2d),
+lambda_j = damping * mean eigenvalue of G_j (the mean over all blocks for an unused prototype),
+the top r eigenpairs (U_j (2d x r), sigma_j) of G_j (subspace iteration; eigh at r = 2d) and
+rho_j = (tr G_j - sum sigma_j) / (2d - r), the mean of the eigenvalues left out,
 
-    A_j = U_j diag(w_j) U_j^T + I / lambda_j,    w_j = 1/(sigma_j + lambda_j) - 1/lambda_j,
+    A_j = U_j diag(w_j) U_j^T + kappa_j I,    kappa_j = 1/(rho_j + lambda_j),
+    w_j = 1/(sigma_j + lambda_j) - kappa_j,
 
-applied as A_j g = U_j (w_j * (U_j^T g)) + g / lambda_j. It is (G_j + lambda_j I)^-1 on the kept
-eigenvectors and 1/lambda_j, the largest weight, on every other direction (a truncated
-U (Sigma + lambda)^-1 U^T would give those weight 0); at r = 2d it is the exact inverse. So a
-low rank no longer drops the directions the inverse weighs most: r trades build time and factor
-memory (2d x r per prototype) against agreement with the exact inverse, and the query's scan of
-the store does not depend on it.
+applied as A_j g = U_j (w_j * (U_j^T g)) + kappa_j g. It is (G_j + lambda_j I)^-1 on the kept
+eigenvectors and, on every other direction, the damped inverse of their mean eigenvalue (a
+truncated U (Sigma + lambda)^-1 U^T would give those directions weight 0, the largest weight
+1/lambda_j of format 5 overweighted them); at r = 2d it is the exact inverse. So r trades build
+time and factor memory (2d x r per prototype) against agreement with the exact inverse, and the
+query's scan of the store does not depend on it (docs/benchmarks.md measures LDS per rank).
 
 Store. Every attributable training position t (a document's token whose target is inside its
 packed sequence) is stored, in stream order so that a document's positions are one contiguous
@@ -67,6 +69,7 @@ from core.attribution.influence.fit import build_influence
 from core.attribution.influence.math import (
     active_set,
     apply_inverse,
+    complement_weights,
     eigen_blocks,
     gradient_parts,
     head_probabilities,
@@ -99,6 +102,7 @@ __all__ = [
     "active_set",
     "apply_inverse",
     "build_influence",
+    "complement_weights",
     "eigen_blocks",
     "gradient_parts",
     "head_probabilities",

@@ -21,10 +21,11 @@ class InfluenceArguments:
     """
 
     rank: int | None = option(
-        32,
-        "eigenvectors kept per prototype block, r <= 2d; every other direction keeps the damped 1/lambda, so "
-        "r trades build time and factor memory (2d x r per prototype) against agreement with the exact "
-        "inverse (the query's scan of the store does not depend on it); None keeps all 2d (exact)",
+        64,
+        "eigenvectors kept per prototype block, r <= 2d; every other direction is weighted by the damped mean "
+        "of the eigenvalues left out, so r trades build time and factor memory (2d x r per prototype) against "
+        "agreement with the exact inverse (the query's scan of the store does not depend on it); None keeps "
+        "all 2d (exact)",
         minimum=1,
         flag="--influence-rank",
     )

@@ -26,6 +26,7 @@ from core import distributed
 from core.attribution.influence.arguments import InfluenceArguments
 from core.attribution.influence.math import (
     active_set,
+    complement_weights,
     eigen_blocks,
     gradient_parts,
     groups_by_prototype,
@@ -104,12 +105,12 @@ def _fit_curvature(
     curvature sample, scaled to the whole split, eigendecomposed (:func:`.math.eigen_blocks`)
     and dropped, so the build holds one chunk of (2d x 2d) blocks at a time, never all P of
     them. Unused prototypes (no sampled position) keep U = 0 (A_j = I / lambda_j) with the
-    damping of the mean used block. Under several ranks each rank passes over its shard of
+    damping of the mean used block (and trace 0). Under several ranks each rank passes over its shard of
     ``sequences`` and the blocks are summed over ranks before they are decomposed.
 
     Returns:
-        ((P, 2d, r) eigenvectors U, float64; (P, r) eigenvalues; (P,) damping; (P,) sampled
-        positions per block; positions sampled).
+        ((P, 2d, r) eigenvectors U, float64; (P, r) eigenvalues; (P,) damping; (P,) traces
+        tr G_j; (P,) sampled positions per block; positions sampled).
     """
     head, E = model.prototypes, model.unembedding
     P, d = head.keys.shape
@@ -162,7 +163,7 @@ def _fit_curvature(
     unused = mean_eig <= 0
     if bool(unused.any()):
         lam[unused] = args.damping * (float(mean_eig[~unused].mean()) if not bool(unused.all()) else 1.0)
-    return vectors, spectrum, lam, counts, n_positions
+    return vectors, spectrum, lam, mean_eig * D, counts, n_positions
 
 
 def _layout(packed, sequences: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -221,13 +222,13 @@ def _positions(
     first, span = (int(ends[0]), int(ends[-1] - ends[0]) + 1) if len(ends) else (0, 0)  # documents of the shard
     owner = torch.from_numpy(owner)
     writer = StoreWriter(arrays, args.storage, cursor=rows.start)
-    U, w, inv_lam = (x.to(device=device, dtype=head.keys.dtype) for x in inverse)
+    U, w, kappa = (x.to(device=device, dtype=head.keys.dtype) for x in inverse)
     blocks = (arrays["document_blocks"], arrays["document_blocks_scale"]) if "document_blocks" in arrays else None
     sketch = sketch.to(device, head.keys.dtype)
     self_influence = SelfInfluenceSums(
         U,
         w,
-        inv_lam,
+        kappa,
         len(counts),
         blocks=blocks,
         storage=args.storage,
@@ -273,13 +274,13 @@ def _finish_ends(
     keys, sums, documents, sketches = (distributed.all_gather_rows(t) for t in ends)
     if arrays is None:
         return
-    U, w, inv_lam = (x.to(device=sums.device, dtype=sums.dtype) for x in inverse)
+    U, w, kappa = (x.to(device=sums.device, dtype=sums.dtype) for x in inverse)
     blocks = (arrays["document_blocks"], arrays["document_blocks_scale"]) if "document_blocks" in arrays else None
     pairs, where = torch.unique(keys, return_inverse=True)
     sums = sums.new_zeros(len(pairs), sums.shape[1]).index_add_(0, where, sums)  # (c, 2d) complete g_jD
     sketch = sketch.to(sums.device, sums.dtype)
     self_influence = SelfInfluenceSums(
-        U, w, inv_lam, len(counts), blocks=blocks, storage=storage, sketch=(sketch, arrays["document_sketch"])
+        U, w, kappa, len(counts), blocks=blocks, storage=storage, sketch=(sketch, arrays["document_sketch"])
     )
     self_influence.add_sums(pairs, sums)
     totals = self_influence.finish().numpy()
@@ -376,10 +377,11 @@ def build_influence(
     document_sample = _spread(n_sequences, args.document_tokens, seq_len)
     dev = torch.device(device)
 
-    vectors, values, lam, counts, sampled = _fit_curvature(
+    vectors, values, lam, trace, counts, sampled = _fit_curvature(
         model, packed, sample, n_sequences, rank, args, dev, show_progress
     )
-    weights = inverse_weights(values, lam)  # (P, r)
+    complement = complement_weights(trace, values, lam, 2 * d)  # (P,)
+    weights = inverse_weights(values, lam, complement)  # (P, r)
     t_curv = time.time() - t0
     t1 = time.time()
     layout, per_sequence = _layout(packed, document_sample)
@@ -388,9 +390,9 @@ def build_influence(
     arrays = {
         "eigenvectors": vectors.numpy().astype(factor),  # (P, 2d, r) U
         "eigenvalues": values.numpy(),  # (P, r) sigma
-        "inverse_weights": weights.numpy(),  # (P, r) w = 1/(sigma + lambda) - 1/lambda
+        "inverse_weights": weights.numpy(),  # (P, r) w = 1/(sigma + lambda) - kappa
         "damping": lam.numpy(),  # (P,) lambda
-        "inverse_damping": (1 / lam).numpy(),  # (P,) 1 / lambda
+        "complement": complement.numpy(),  # (P,) kappa = 1 / (mean dropped eigenvalue + lambda)
         "curvature_count": counts.numpy().astype(np.int64),  # (P,)
         **layout,
     }
@@ -436,7 +438,7 @@ def build_influence(
     path = folder / INFLUENCE_FILE
     shard = distributed.shard_range(len(document_sample))  # every sequence when alone
     rows = range(int(per_sequence[: shard.start].sum()), int(per_sequence[: shard.stop].sum()))  # its store rows
-    inverse = (vectors, weights, 1 / lam)
+    inverse = (vectors, weights, complement)
     out = TensorFileWriter(path, specs, {"meta": json.dumps(meta)}) if main else None
     try:
         if out is not None:

@@ -140,15 +140,32 @@ def eigen_blocks(
     return vectors, values
 
 
-def inverse_weights(eigenvalues: torch.Tensor, damping: torch.Tensor) -> torch.Tensor:
-    """(c, r) w_j = 1/(sigma_j + lambda_j) - 1/lambda_j of (c, r) eigenvalues and (c,) damping.
+def complement_weights(trace: torch.Tensor, eigenvalues: torch.Tensor, damping: torch.Tensor, dim: int) -> torch.Tensor:
+    """(c,) kappa_j = 1/(rho_j + lambda_j), the inverse's weight on the directions outside the
+    kept eigenvectors: rho_j = (tr G_j - sum of the kept sigma_j) / (2d - r) is the mean of the
+    block's dropped eigenvalues (the trace says how much curvature they hold even when they are
+    not computed), 0 at full rank (no direction is left out).
 
-    Written -sigma / (lambda (sigma + lambda)), which does not cancel when sigma << lambda.
-    With them A_j = U_j diag(w_j) U_j^T + I / lambda_j: (G_j + lambda_j I)^-1 along the kept
-    eigenvectors, and the damped complement 1/lambda_j on every other direction.
+    Args:
+        trace: (c,) tr G_j; eigenvalues: (c, r) kept sigma_j; damping: (c,) lambda_j; dim: 2d.
+    """
+    rank = eigenvalues.shape[-1]
+    rest = (trace - eigenvalues.sum(-1)).clamp_min(0) / (dim - rank) if rank < dim else torch.zeros_like(trace)
+    return 1 / (rest + damping)
+
+
+def inverse_weights(eigenvalues: torch.Tensor, damping: torch.Tensor, complement: torch.Tensor) -> torch.Tensor:
+    """(c, r) w_j = 1/(sigma_j + lambda_j) - kappa_j of (c, r) eigenvalues, (c,) damping and
+    (c,) complement weights kappa_j = 1/(rho_j + lambda_j) (:func:`complement_weights`).
+
+    Written (rho - sigma) / ((sigma + lambda)(rho + lambda)), which does not cancel when sigma
+    and rho are close. With them A_j = U_j diag(w_j) U_j^T + kappa_j I: (G_j + lambda_j I)^-1
+    along the kept eigenvectors, and the damped mean of the dropped eigenvalues on every other
+    direction (exact at full rank, where no direction is left).
     """
     lam = damping.unsqueeze(-1)  # (c, 1)
-    return -eigenvalues / (lam * (eigenvalues + lam))
+    rest = 1 / complement.unsqueeze(-1) - lam  # (c, 1) rho
+    return (rest - eigenvalues) / ((eigenvalues + lam) * (rest + lam))
 
 
 def apply_inverse(
@@ -156,20 +173,20 @@ def apply_inverse(
     ids: torch.Tensor,
     eigenvectors: torch.Tensor,
     weights: torch.Tensor,
-    inverse_damping: torch.Tensor,
+    complement: torch.Tensor,
     chunk: int = 256,
 ) -> torch.Tensor:
-    """psi = A_j g = U_j (w_j * (U_j^T g)) + g / lambda_j for (R, 2d) block gradients.
+    """psi = A_j g = U_j (w_j * (U_j^T g)) + kappa_j g for (R, 2d) block gradients.
 
     Args:
         grads: (R, 2d) gradients of the (R,) prototype ``ids``.
-        eigenvectors: (P, 2d, r) U; weights: (P, r) w; inverse_damping: (P,) 1/lambda.
+        eigenvectors: (P, 2d, r) U; weights: (P, r) w; complement: (P,) kappa.
         chunk: rows whose (2d, r) factors are gathered at once (memory).
 
     Returns:
         (R, 2d), in the gradients' dtype.
     """
-    out = grads * inverse_damping.to(grads.dtype)[ids].unsqueeze(-1)  # (R, 2d) the complement
+    out = grads * complement.to(grads.dtype)[ids].unsqueeze(-1)  # (R, 2d) the complement
     for lo in range(0, len(ids), chunk):
         U = eigenvectors[ids[lo : lo + chunk]].to(grads.dtype)  # (c, 2d, r)
         coef = torch.einsum("cd,cdr->cr", grads[lo : lo + chunk], U)  # (c, r) U^T g

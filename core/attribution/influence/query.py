@@ -42,8 +42,9 @@ if TYPE_CHECKING:  # the engine imports this module
 # 1: (P, M) tables padded with -1; 2: per-prototype entry lists of the top documents, rank-r
 # whitening; 3: every position in a store, complement-preserving inverse; 4: the store written
 # in place and read memory-mapped, with each document's gradient sketch; 5: the sketch is of the
-# whitened gradient A^{1/2} g_D.
-FORMAT_VERSION = 5
+# whitened gradient A^{1/2} g_D; 6: the complement weight is 1/(mean dropped eigenvalue + lambda),
+# not 1/lambda.
+FORMAT_VERSION = 6
 INFLUENCE_FILE = "influence.safetensors"
 MEASUREMENT = "loss"  # the summed loss -log p of the attributed tokens; + = the document lowers it
 # How documents are ranked: "relative" (the default) by I(q, D) / ||g_D||_A, the score of a
@@ -138,7 +139,7 @@ class InfluenceFactors:
         self.dtype = dtype
         self.eigenvectors = torch.from_numpy(np.array(arrays["eigenvectors"])).to(dtype)  # (P, 2d, r) U
         self.inverse_weights = torch.from_numpy(np.array(arrays["inverse_weights"])).to(dtype)  # (P, r) w
-        self.inverse_damping = torch.from_numpy(np.array(arrays["inverse_damping"])).to(dtype)  # (P,) 1 / lambda
+        self.complement = torch.from_numpy(np.array(arrays["complement"])).to(dtype)  # (P,) kappa
         self.eigenvalues, self.damping = np.array(arrays["eigenvalues"]), np.array(arrays["damping"])
         self.store = PositionStore(arrays, dtype)
         self.documents = self.store.documents  # (D,) training-split rows
@@ -202,7 +203,7 @@ class InfluenceFactors:
         grads = prototype_gradients(h, ids, weights.to(dt), probs, targets, K, W, Em, gains)  # (n, k, 2d)
         flat = ids.reshape(-1).cpu()  # (n k,) the (token, active prototype) pairs
         psi = apply_inverse(
-            grads.reshape(n * k, -1).cpu(), flat, self.eigenvectors, self.inverse_weights, self.inverse_damping
+            grads.reshape(n * k, -1).cpu(), flat, self.eigenvectors, self.inverse_weights, self.complement
         )  # (n k, 2d) A_j g_qj
         return [InfluenceCredit(flat[i * k : (i + 1) * k].numpy(), psi[i * k : (i + 1) * k], self) for i in range(n)]
 
@@ -214,7 +215,7 @@ class InfluenceFactors:
             return
         prototypes = torch.from_numpy(np.concatenate([c.prototypes for c in todo]).astype(np.int64))
         column = torch.cat([torch.full((len(c.prototypes),), i, dtype=torch.long) for i, c in enumerate(todo)])
-        lookup = pair_lookup(prototypes, column, len(self.inverse_damping), len(todo))
+        lookup = pair_lookup(prototypes, column, len(self.complement), len(todo))
         psi = torch.cat([c.psi.to(self.dtype) for c in todo])
         scores, terms = self._scores(psi, lookup, None)  # (D, n)
         for i, c in enumerate(todo):
@@ -223,7 +224,7 @@ class InfluenceFactors:
     def exact_scores(self, credit: InfluenceCredit, documents: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
         """((C,) scores, (C,) terms met) of some store documents (None: every one), exactly."""
         prototypes = torch.from_numpy(np.asarray(credit.prototypes, dtype=np.int64))
-        lookup = pair_lookup(prototypes, torch.zeros(len(prototypes), dtype=torch.long), len(self.inverse_damping), 1)
+        lookup = pair_lookup(prototypes, torch.zeros(len(prototypes), dtype=torch.long), len(self.complement), 1)
         scores, terms = self._scores(credit.psi.to(self.dtype), lookup, documents)
         return scores[:, 0], terms[:, 0]
 
@@ -257,11 +258,24 @@ class InfluenceFactors:
     ) -> np.ndarray:
         """(<= count,) store documents whose sketched score (relative or not, as ``ranking``)
         is largest (``harmful``: smallest)."""
-        prototypes = torch.from_numpy(np.asarray(credit.prototypes, dtype=np.int64))
-        whitening = (self.eigenvectors, self.inverse_weights, self.inverse_damping)
-        query = self.sketch.pairs(prototypes, credit.psi.to(self.dtype), whitening).sum(0, keepdim=True)  # (1, m)
-        rows, _ = self.searcher(ranking).search((-query if harmful else query).numpy(), count)
-        return np.sort(rows[0][rows[0] >= 0])
+        return self._candidate_pools([credit], [harmful], count, ranking)[0]
+
+    def _candidate_pools(
+        self, credits: list[InfluenceCredit], harmful: list[bool], count: int, ranking: str
+    ) -> list[np.ndarray]:
+        """Per credit, the (<= count,) store documents whose sketched scores are best in the
+        direction ``harmful`` asks for (ascending), all found in one search. The query sketch
+        of a credit is the sum of its pairs' sketches, computed for every credit's pairs at once."""
+        sizes = [len(c.prototypes) for c in credits]
+        prototypes = torch.from_numpy(np.concatenate([c.prototypes for c in credits]).astype(np.int64))
+        psi = torch.cat([c.psi.to(self.dtype) for c in credits])
+        whitening = (self.eigenvectors, self.inverse_weights, self.complement)
+        phi = self.sketch.pairs(prototypes, psi, whitening)  # (sum of pairs, m)
+        column = torch.repeat_interleave(torch.arange(len(credits)), torch.tensor(sizes))
+        queries = torch.zeros(len(credits), phi.shape[1], dtype=phi.dtype).index_add_(0, column, phi)
+        queries[torch.tensor(harmful, dtype=torch.bool)] *= -1
+        rows, _ = self.searcher(ranking).search(queries.numpy(), count)
+        return [np.sort(r[r >= 0]) for r in rows]
 
     def rank(
         self,
@@ -281,69 +295,109 @@ class InfluenceFactors:
         best sketched scores are (faster on large stores, but it can miss documents of the
         exact top: docs/benchmarks.md measures how often).
         """
+        return self.rank_many([credit], [harmful], top, candidates, ranking)[0]
+
+    def rank_many(
+        self,
+        credits: list[InfluenceCredit],
+        harmful: list[bool],
+        top: int,
+        candidates: int | None = None,
+        ranking: str = "relative",
+    ) -> list[list[RankedDocument]]:
+        """:meth:`rank` for several (credit, harmful) requests at once, each ranked as if alone:
+        the retrieval tier searches once for all of them, the exact scores of all their
+        candidates come from one pass over the store, and the stored positions of all the
+        ranked documents are read once. A credit may appear in several requests."""
         if ranking not in RANKINGS:
             raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
-        if not candidates:
-            pool = np.arange(len(self.documents))
-            scores, terms = credit.scores, credit.terms
-        else:
-            pool = self.candidates_for(credit, max(candidates, top), harmful, ranking)
-            scores, terms = self.exact_scores(credit, pool)
-        relative = self.relative(scores, pool)
-        key = relative if ranking == "relative" else scores
-        # places in the pool of documents sharing a block (harmful: and raising the loss)
-        met = np.flatnonzero((terms > 0) & (scores < 0)) if harmful else np.flatnonzero(terms > 0)
-        sign = -1.0 if harmful else 1.0
-        order = rank_groups(pool[met], sign * key[met], top, size=len(self.documents))
-        if not len(order):
+        if not credits:
             return []
-        chosen = order.groups  # (n,) store document numbers, best first
-        place = dict(zip(pool[met].tolist(), met.tolist(), strict=True))
-        at = np.array([place[c] for c in chosen.tolist()])
-        chosen_scores = scores[at]
-        prototype, shared, start, end = self._carriers(credit, chosen, chosen_scores)
+        if not candidates:
+            self.score_every_document(list({id(c): c for c in credits}.values()))
+            pools = [np.arange(len(self.documents))] * len(credits)
+            exact = [(c.scores, c.terms) for c in credits]
+        else:
+            pools = self._candidate_pools(credits, harmful, max(candidates, top), ranking)
+            # each pool scored apart: its documents' blocks meet only its own credit's prototypes
+            exact = [self.exact_scores(c, pool) for c, pool in zip(credits, pools, strict=True)]
+        chosen = []
+        for pool, (scores, terms), bad in zip(pools, exact, harmful, strict=True):
+            relative = self.relative(scores, pool)
+            key = relative if ranking == "relative" else scores
+            # places in the pool of documents sharing a block (harmful: and raising the loss)
+            met = np.flatnonzero((terms > 0) & (scores < 0)) if bad else np.flatnonzero(terms > 0)
+            order = rank_groups(pool[met], (-1.0 if bad else 1.0) * key[met], top, size=len(self.documents))
+            at = met[np.searchsorted(pool[met], order.groups)] if len(order) else met[:0]
+            chosen.append((pool[at], scores[at], relative[at]))
+        carriers = self._carriers([(c, docs, s) for c, (docs, s, _) in zip(credits, chosen, strict=True)])
         return [
-            RankedDocument(
-                int(self.documents[doc]),
-                float(chosen_scores[r]),
-                float(relative[at[r]]),
-                int(prototype[r]),
-                int(start[r]),
-                int(end[r]),
-                int(shared[r]),
-            )
-            for r, doc in enumerate(chosen.tolist())
+            [
+                RankedDocument(int(self.documents[doc]), float(s), float(rel), int(p), int(a), int(b), int(n))
+                for doc, s, rel, p, n, a, b in zip(docs, scores, relative, *carried, strict=True)
+            ]
+            for (docs, scores, relative), carried in zip(chosen, carriers, strict=True)
         ]
 
-    def _carriers(self, credit: InfluenceCredit, chosen: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Per chosen document: the prototype with the largest summed terms, the number of
-        the query's prototypes it meets, and the char span of the position whose terms sum
-        to the most, both signed by the document's score (ties: the smaller id, the earlier
-        position)."""
+    def _carriers(self, jobs: list[tuple[InfluenceCredit, np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, ...]]:
+        """Per (credit, chosen store documents, their scores) job and chosen document: the
+        prototype with the largest summed terms, the number of the credit's prototypes it
+        meets, and the char span of the position whose terms sum to the most, both signed by
+        the document's score (ties: the smaller id, the earlier position). The positions of
+        every job's documents are read once, in chunks of documents."""
         store = self.store
-        positions, owner = store.positions_of(chosen)  # (L,) the chosen documents' positions, and their place
-        sign = np.where(scores < 0, -1.0, 1.0)
-        prototypes = torch.from_numpy(credit.prototypes)
-        lookup = pair_lookup(prototypes, torch.zeros(len(prototypes), dtype=torch.long), len(self.inverse_damping), 1)
-        psi = credit.psi.to(self.dtype)
-        totals, parts = [], []
-        step = max(1, CREDIT_CHUNK_ENTRIES // store.k)
-        for lo in range(0, len(positions), step):
-            rows = store.read(positions[lo : lo + step])
-            terms, met = pair_terms(rows, psi, lookup)  # (L, k, 1)
-            terms, met = terms[..., 0].double().numpy(), met[..., 0].numpy()
-            totals.append(terms.sum(1))
-            mine = np.repeat(owner[lo : lo + step], rows[2].shape[1]).reshape(terms.shape)[met]
-            parts.append((mine, rows[2].numpy()[met], terms[met] * sign[mine]))
-        totals = np.concatenate(totals) * sign[owner]  # (L,) signed contribution of each position
-        order = np.lexsort((-totals, owner))  # by document, largest first (stable: earliest)
-        best = order[np.unique(owner[order], return_index=True)[1]]  # (n,) best position per document
-        mine, ids, values = (np.concatenate([p[i] for p in parts]) for i in range(3))
-        if len(mine):
-            prototype, shared = best_per_group(mine, ids, values, len(chosen))
-        else:
-            prototype, shared = np.zeros(len(chosen), dtype=np.int64), np.zeros(len(chosen), dtype=np.int64)
-        return prototype, shared, store.char_start[positions[best]], store.char_end[positions[best]]
+        every = np.unique(np.concatenate([docs for _, docs, _ in jobs]))
+        counts = store.offsets[every + 1] - store.offsets[every]
+        budget = max(1, CREDIT_CHUNK_ENTRIES // store.k)
+        parts = [{"totals": [], "positions": [], "owner": [], "mine": [], "ids": [], "values": []} for _ in jobs]
+        lookups = [
+            pair_lookup(
+                torch.from_numpy(c.prototypes),
+                torch.zeros(len(c.prototypes), dtype=torch.long),
+                len(self.complement),
+                1,
+            )
+            for c, _, _ in jobs
+        ]
+        lo = 0
+        while lo < len(every):  # chunks of whole documents of about ``budget`` positions
+            hi = lo + max(1, int(np.searchsorted(np.cumsum(counts[lo:]), budget, side="right")))
+            block = every[lo:hi]
+            positions, owner = store.positions_of(block)
+            rows = store.read(positions)
+            for job, (credit, docs, scores), lookup in zip(parts, jobs, lookups, strict=True):
+                keep = np.flatnonzero(np.isin(block[owner], docs))  # the positions of this job's documents
+                if not len(keep):
+                    continue
+                sorter = np.argsort(docs)
+                place = sorter[np.searchsorted(docs, block[owner[keep]], sorter=sorter)]  # (L,) place in the job
+                sign = np.where(scores[place] < 0, -1.0, 1.0)
+                subset = tuple(t.index_select(0, torch.from_numpy(keep)) for t in rows)
+                terms, met = pair_terms(subset, credit.psi.to(self.dtype), lookup)
+                terms, met = terms[..., 0].double().numpy(), met[..., 0].numpy()
+                job["totals"].append(terms.sum(1) * sign)
+                job["positions"].append(positions[keep])
+                job["owner"].append(place)
+                where = np.repeat(place, terms.shape[1]).reshape(terms.shape)[met]
+                job["mine"].append(where)
+                job["ids"].append(subset[2].numpy()[met])
+                job["values"].append(terms[met] * np.where(scores[where] < 0, -1.0, 1.0))
+            lo = hi
+        out = []
+        for job, (_, docs, _) in zip(parts, jobs, strict=True):
+            if not job["positions"]:
+                empty = np.zeros(0, dtype=np.int64)
+                out.append((empty, empty, empty, empty))
+                continue
+            totals, positions, owner, mine, ids, values = (np.concatenate(job[key]) for key in job)
+            order = np.lexsort((positions, -totals, owner))  # by document, largest first, then earliest
+            best = order[np.unique(owner[order], return_index=True)[1]]  # (n,) best position per document
+            if len(mine):
+                prototype, shared = best_per_group(mine, ids, values, len(docs))
+            else:
+                prototype, shared = np.zeros(len(docs), dtype=np.int64), np.zeros(len(docs), dtype=np.int64)
+            out.append((prototype, shared, store.char_start[positions[best]], store.char_end[positions[best]]))
+        return out
 
     def corpus(self):
         """The training corpus the factors were built from (loaded once), checked unchanged.
@@ -518,28 +572,21 @@ def credit(query: Query) -> list[InfluenceCredit]:
     return query.influence().credit(query.bundle.model, t.hidden, t.ids, t.weights, t.targets, t.gains, t.probs)
 
 
-def examples(query: Query, credits: list[InfluenceCredit], top: int) -> list[list[Example]]:
+def examples(
+    query: Query, credits: list[InfluenceCredit], top: int, harmful: InfluenceCredit | None = None
+) -> list[list[Example]]:
     """Ranked documents of each influence credit as examples, with the training token that
-    carried most of the credit marked (the documents' texts are read from the corpus in one
-    pass for all the credits)."""
+    carried most of the credit marked, and, given a ``harmful`` credit, last, the documents
+    with the most negative influence on its loss, lowest first. All the rankings share one
+    search, one pass over the store and one read of the corpus."""
     factors = query.influence()
     candidates, ranking = query.options.get("candidates"), query.options.get("ranking", "relative")
-    if not candidates:
-        factors.score_every_document(credits)  # one scan of the store for every credit
-    ranked = [factors.rank(c, top, candidates=candidates, ranking=ranking) for c in credits]
+    requests = [*credits, *([harmful] if harmful is not None else [])]
+    signs = [False] * len(credits) + [True] * (harmful is not None)
+    ranked = factors.rank_many(requests, signs, top, candidates, ranking)
     records = iter(factors.describe([r for documents in ranked for r in documents]))
     return [[_example(next(records), r) for r in documents] for documents in ranked]
 
 
 def _example(record: dict, r: RankedDocument) -> Example:
     return Example(**record, score=r.score, relative=r.relative, prototype=r.prototype, positions=r.entries)
-
-
-def harmful_examples(query: Query, credit: InfluenceCredit, top: int) -> list[Example]:
-    """The documents with the most negative influence on the credit's loss, lowest first."""
-    factors = query.influence()
-    candidates, ranking = query.options.get("candidates"), query.options.get("ranking", "relative")
-    if not candidates:
-        factors.score_every_document([credit])
-    ranked = factors.rank(credit, top, harmful=True, candidates=candidates, ranking=ranking)
-    return [_example(record, r) for record, r in zip(factors.describe(ranked), ranked, strict=True)]

@@ -18,8 +18,8 @@ curvature weighs little, and an unwhitened sketch's error scales with that norm;
 |A^{1/2} g_D| = ||g_D||_A (the relative ranking), every document's sketch has unit length
 and the estimate's error is the same for all of them (docs/benchmarks.md measures recall).
 
-With A_j^{1/2} = U_j diag(s_j) U_j^T + mu_j I, s_j = sqrt(w_j + 1/lambda_j) - sqrt(1/lambda_j)
-and mu_j = sqrt(1/lambda_j), a document's sketch is two sums, and neither needs a position's
+With A_j^{1/2} = U_j diag(s_j) U_j^T + mu_j I, s_j = sqrt(w_j + kappa_j) - sqrt(kappa_j)
+and mu_j = sqrt(kappa_j), a document's sketch is two sums, and neither needs a position's
 (k, 2d) gradients:
 
 - the isotropic part, sum over positions of phi(j, mu_j g_tj) with g_tj = [c_tj h_t ; a_tj r_t]:
@@ -52,17 +52,15 @@ class GradientSketch:
         self.root: torch.Tensor | None = None  # (P, r) s_j
         self.basis: torch.Tensor | None = None  # (P, m, r) M_j = diag(rho_j) R U_j
 
-    def whitened(
-        self, eigenvectors: torch.Tensor, weights: torch.Tensor, inverse_damping: torch.Tensor
-    ) -> GradientSketch:
+    def whitened(self, eigenvectors: torch.Tensor, weights: torch.Tensor, complement: torch.Tensor) -> GradientSketch:
         """The same sketch of A^{1/2} g instead of g, for the build: A_j = U_j diag(w_j) U_j^T
-        + I / lambda_j from (P, 2d, r) U, (P, r) w and (P,) 1 / lambda (M_j takes P m r
+        + kappa_j I from (P, 2d, r) U, (P, r) w and (P,) kappa (M_j takes P m r
         numbers: 268 MB in float32 at P = 1,024, m = 2,048, r = 32)."""
         out = GradientSketch(self.projection, self.signs)
         dt = self.projection.dtype
-        inv_lam = inverse_damping.to(dt)
-        out.scale = inv_lam.sqrt()
-        out.root = (weights.to(dt) + inv_lam[:, None]).clamp_min(0).sqrt() - out.scale[:, None]
+        kappa = complement.to(dt)
+        out.scale = kappa.sqrt()
+        out.root = (weights.to(dt) + kappa[:, None]).clamp_min(0).sqrt() - out.scale[:, None]
         out.basis = self.signs.to(dt)[:, :, None] * torch.einsum("md,pdr->pmr", self.projection, eigenvectors.to(dt))
         return out
 
@@ -112,12 +110,12 @@ class GradientSketch:
     def pairs(self, prototypes: torch.Tensor, psi: torch.Tensor, whitening=None) -> torch.Tensor:
         """(R, m) phi(j, x) of (R,) prototype ids and their (R, 2d) vectors psi_j = A_j g_qj:
         x = psi_j unwhitened, x = A_j^{-1/2} psi_j = A_j^{1/2} g_qj given the ``whitening``
-        factors ((P, 2d, r) U, (P, r) w, (P,) 1 / lambda) of a whitened store."""
+        factors ((P, 2d, r) U, (P, r) w, (P,) kappa) of a whitened store."""
         if whitening is not None:
-            U, w, inv_lam = (t.to(psi.dtype) for t in whitening)
-            U, w, inv_lam = U[prototypes], w[prototypes], inv_lam[prototypes]
-            inv_mu = inv_lam.rsqrt()  # sqrt(lambda_j)
-            inv_root = (w + inv_lam[:, None]).clamp_min(1e-300).rsqrt() - inv_mu[:, None]  # (R, r)
+            U, w, kappa = (t.to(psi.dtype) for t in whitening)
+            U, w, kappa = U[prototypes], w[prototypes], kappa[prototypes]
+            inv_mu = kappa.rsqrt()  # 1 / mu_j
+            inv_root = (w + kappa[:, None]).clamp_min(1e-300).rsqrt() - inv_mu[:, None]  # (R, r)
             coefficients = torch.einsum("rdk,rd->rk", U, psi)
             psi = torch.einsum("rdk,rk->rd", U, coefficients * inv_root) + psi * inv_mu[:, None]
         return self.signs[prototypes].to(psi.dtype) * (psi @ self.projection.to(psi.dtype).T)

@@ -152,7 +152,7 @@ class SelfInfluenceSums:
         self,
         eigenvectors: torch.Tensor,
         weights: torch.Tensor,
-        inverse_damping: torch.Tensor,
+        complement: torch.Tensor,
         n_documents: int,
         buffer_mb: int = 128,
         blocks: tuple[np.ndarray, np.ndarray] | None = None,
@@ -160,7 +160,7 @@ class SelfInfluenceSums:
         held: list[int] | None = None,
         sketch: tuple[GradientSketch, np.ndarray] | None = None,
     ):
-        self.U, self.w, self.inv_lam = eigenvectors, weights, inverse_damping  # (P, 2d, r), (P, r), (P,)
+        self.U, self.w, self.kappa = eigenvectors, weights, complement  # (P, 2d, r), (P, r), (P,)
         # a whitened sketch and the (D, m) document sketches its low-rank part is added to, or None
         self.sketch = sketch
         self.held_documents = torch.tensor(sorted(set(held or [])), dtype=torch.long, device=eigenvectors.device)
@@ -253,7 +253,7 @@ class SelfInfluenceSums:
         for j, rows in groups_by_prototype(protos):
             g = sums[rows]  # (n_j, 2d)
             coef = g @ self.U[j].to(g.dtype)  # (n_j, r) U_j^T g
-            quad = (coef**2 * self.w[j].to(g.dtype)).sum(1) + (g**2).sum(1) * self.inv_lam[j].to(g.dtype)
+            quad = (coef**2 * self.w[j].to(g.dtype)).sum(1) + (g**2).sum(1) * self.kappa[j].to(g.dtype)
             self.total.index_add_(0, docs[rows].cpu(), quad.double().cpu())
             if self.sketch is not None:
                 low_rank.index_add_(0, place[rows], self.sketch[0].blocks(j, coef).double())
