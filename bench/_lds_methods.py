@@ -137,7 +137,7 @@ def prism_methods(bundle_dir: Path, corpus: Path, queries: list[Query], document
     index_files = [p.name for p in index_dir(bundle_dir).iterdir() if p.is_file()]
     with PeakRSS() as rss:
         t0 = time.perf_counter()
-        arguments = InfluenceArguments(rank=rank, curvature_tokens=None)
+        arguments = InfluenceArguments(rank=rank) if rank else InfluenceArguments()  # as shipped
         build_influence(bundle_dir, corpus, arguments, show_progress=False)
         influence_s = time.perf_counter() - t0
     influence_rss = rss.mb

@@ -54,8 +54,14 @@ def render_lds(f: dict) -> list[str]:
         f"removing {f.get('cf_k', NONE)} random ones (retrained, averaged over the seeds), mean ± SE over "
         f"{f.get('cf_queries', NONE)} queries; positive: the removed documents helped.",
         f"- Recall@10 of PRISM influence ranked by loss instead of its default relative score: {by_loss}.",
-        f"- Damping: {f.get('damping', NONE)}. PRISM influence rank {f.get('influence_rank', NONE)} (the damped "
-        "complement kept); the baselines score whole documents as windows of 64 tokens, summed.",
+        f"- Damping: {f.get('damping', NONE)}. PRISM influence rank {f.get('influence_rank', NONE)} "
+        + (
+            f"with the complement weighted by the damped mean of the dropped eigenvalues, curvature from "
+            f"{num(f['influence_curvature_tokens'])} training tokens (as shipped)"
+            if "influence_curvature_tokens" in f
+            else "with the damped complement 1/lambda (influence format 5), curvature from every training token"
+        )
+        + "; the baselines score whole documents as windows of 64 tokens, summed.",
         f"- 1-query ms: one query against every document (EK-FAC recomputes every training gradient); "
         f"build s: index, factors or store; peak RSS: the bench process (it held "
         f"{num(f.get('baseline_rss_mb'))} MB before the first method), {f.get('threads', NONE)} torch thread(s).",

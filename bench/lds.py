@@ -50,6 +50,7 @@ import shutil
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -282,7 +283,8 @@ def score_all(args, work: Path, full: Path, steps: int, rows: list[dict], querie
     return out
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The bench's options (bench/lds_ranks.py adds its own to them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--workdir", type=Path, default=Path("/tmp/prism-lds"), help="models, corpora and cached retrains")
@@ -301,24 +303,40 @@ def parse_args() -> argparse.Namespace:
     add("--cf-k", type=int, default=10, help="documents removed per counterfactual")
     add("--twin", action="store_true", help="also the dense twin: EK-FAC on it, scored against dense retrains")
     add("--logra-proj-dim", type=int, default=64, help="LoGra's projection per layer (a square; 0: no LoGra)")
-    add("--influence-rank", type=int, default=32, help="PRISM influence's --influence-rank (the shipped default)")
+    add("--influence-rank", type=int, default=None, help="PRISM influence's --influence-rank (default: as shipped)")
     add("--threads", type=int, default=1, help="torch threads")
     _results.add_arguments(parser)
-    return parser.parse_args()
+    return parser
 
 
-def main() -> None:
-    args = parse_args()
+@dataclass
+class Setup:
+    """The bench's corpus, models and queries (what every run over the same --workdir shares)."""
+
+    work: Path
+    full: Path  # the models of this corpus
+    tokenizer: Path
+    rows: list[dict]
+    validation: list[dict]
+    facts: list
+    tokens: np.ndarray  # (D,) tokens per document, EOS included
+    steps: int
+    queries: list[Query]  # the LDS queries, then the facts' verbatim and paraphrased prompts
+    lds_queries: int
+
+
+def prepare(args, twin: bool) -> Setup:
+    """Environment, corpus, the full models (trained once per corpus) and the queries."""
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     os.environ["HF_DATASETS_CACHE"] = str(work / "datasets-cache")  # before datasets is imported
     os.environ["TQDM_DISABLE"] = "1"  # the libraries' bars; this bench logs one line per step
     warnings.filterwarnings("ignore", message=".*(GradScaler|pin_memory|autocast).*")
     import datasets
-    import psutil
     import torch
     from transformers.utils import logging as hf_logging
 
+    from core.bundle import load_bundle
     from core.train.presets import PRESETS
 
     torch.set_num_threads(args.threads)
@@ -327,8 +345,6 @@ def main() -> None:
     hf_logging.set_verbosity_error()  # "sequence longer than the context" when documents are tokenised whole
     rows, validation, held, facts = build_corpus(args, work)
     log(f"corpus: {len(rows)} training documents ({args.facts} facts x {args.copies} copies planted)")
-    from core.bundle import load_bundle
-
     # Models of this corpus live under full/<its hash>: a rerun reuses them, another corpus does not.
     corpus_hash = hashlib.sha256((work / "corpus" / "train.jsonl").read_bytes()).hexdigest()[:12]
     full = work / "full" / corpus_hash
@@ -339,7 +355,7 @@ def main() -> None:
     tokens = np.array([len(tok(r["text"], add_special_tokens=False)["input_ids"]) + 1 for r in rows])  # + EOS
     preset = PRESETS["tiny"]
     steps = args.lds_steps or math.ceil(tokens.sum() / preset.seq_len / preset.batch_size)  # one epoch
-    for kind in ("prism", "dense") if args.twin else ("prism",):
+    for kind in ("prism", "dense") if twin else ("prism",):
         out = full / f"{kind}-{steps}"
         if not (out / "training.json").is_file():
             log(f"training the full {kind} model: {steps} steps ({tokens.sum():,} tokens, one epoch)")
@@ -347,22 +363,41 @@ def main() -> None:
     lds_queries = cut_queries(tok, held, args.queries, args.prompt_tokens, args.completion_tokens)
     fact_queries = [Query(f.prompt, f.completion, "verbatim", f.fact) for f in facts]
     fact_queries += [Query(f.paraphrase, f.completion, "paraphrased", f.fact) for f in facts]
-    queries = lds_queries + fact_queries
+    return Setup(
+        work, full, tokenizer, rows, validation, facts, tokens, steps, lds_queries + fact_queries, len(lds_queries)
+    )
+
+
+def ground_truth(setup: Setup, kinds: list[str], halves: int, seeds: int) -> tuple[Retrainer, np.ndarray, dict]:
+    """The retrainer, the (H, D) halves and per model kind the (H, S, Q) actual losses of every
+    query after retraining on each half with each seed (cached in the workdir)."""
+    retrain = Retrainer(setup.work, setup.tokenizer, setup.rows, setup.validation, setup.tokens, setup.steps)
+    retrain.configure(setup.queries)
+    D = len(setup.rows)
+    masks = np.stack([np.random.default_rng(h).permutation(D) < D // 2 for h in range(halves)])
+    actual = {kind: np.zeros((halves, seeds, len(setup.queries))) for kind in kinds}
+    for h in range(halves):
+        for s in range(seeds):
+            for kind in kinds:
+                actual[kind][h, s] = retrain.losses(kind, masks[h], s, f"LDS half {h + 1}/{halves} seed {s}")
+    return retrain, masks, actual
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    setup = prepare(args, args.twin)
+    import psutil
+
+    from core.attribution.influence import InfluenceArguments
+
+    rows, facts, tokens, steps, queries = setup.rows, setup.facts, setup.tokens, setup.steps, setup.queries
     baseline_rss_mb = psutil.Process().memory_info().rss / methods.MB
-    scored = score_all(args, work, full, steps, rows, queries)
+    scored = score_all(args, setup.work, setup.full, steps, rows, queries)
     influence = next(s for s in scored if s.name == "influence")  # its recall by loss: a row of its own
     log("scored; retraining for the LDS")
-
-    retrain = Retrainer(work, tokenizer, rows, validation, tokens, steps)
-    retrain.configure(queries)
     D, kinds = len(rows), sorted({s.kind for s in scored})
-    masks = np.stack([np.random.default_rng(h).permutation(D) < D // 2 for h in range(args.halves)])
-    actual = {kind: np.zeros((args.halves, args.seeds, len(queries))) for kind in kinds}
-    for h in range(args.halves):
-        for s in range(args.seeds):
-            for kind in kinds:
-                actual[kind][h, s] = retrain.losses(kind, masks[h], s, f"LDS half {h + 1}/{args.halves} seed {s}")
-    lds_index = np.arange(len(lds_queries))
+    retrain, masks, actual = ground_truth(setup, kinds, args.halves, args.seeds)
+    lds_index = np.arange(setup.lds_queries)
     rhos = {s.name: lds(s, masks, actual[s.kind], lds_index) for s in scored}
     cf = counterfactual(scored, retrain, list(range(args.cf_queries)), args.seeds, args.cf_k, D)
 
@@ -375,14 +410,15 @@ def main() -> None:
         steps=steps,
         halves=args.halves,
         seeds=args.seeds,
-        lds_queries=len(lds_queries),
+        lds_queries=setup.lds_queries,
         facts=args.facts,
         copies=args.copies,
         cf_queries=args.cf_queries,
         cf_k=args.cf_k,
         prompt_tokens=args.prompt_tokens,
         completion_tokens=args.completion_tokens,
-        influence_rank=args.influence_rank,
+        influence_rank=args.influence_rank or InfluenceArguments().rank,
+        influence_curvature_tokens=InfluenceArguments().curvature_tokens,
         logra_proj_dim=args.logra_proj_dim,
         threads=args.threads,
         retrains=retrain.trained,
