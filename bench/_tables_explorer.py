@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+STRUCTURE_GROUPS = ("categories", "dominant sources")
+
 
 def render_explorer(f: dict) -> list[str]:
     """bench/explorer.py: the browser timings, the map-structure scores and issue 17's figures."""
@@ -25,22 +27,27 @@ def render_explorer(f: dict) -> list[str]:
         ],
         ["its figure: build + JSON on the server, size", f"{s('atlas_16384_build_ms', 3, 1e-3)}, {size}"],
     ]
-    for name, score in (f.get("structure_by_layout") or {}).items():  # issue 17: the map's structure
-        chosen = " (chosen)" if name == f.get("structure_chosen_layout") else ""
-        sources = (f.get("source_structure_by_layout") or {}).get(name)
-        rows.append(
+
+    def purity(scores: dict | None) -> str:  # categories / dominant sources
+        if not scores:
+            return NONE
+        return " / ".join(NONE if scores.get(g) is None else num(scores[g], 3) for g in STRUCTURE_GROUPS)
+
+    of = "kNN purity (k=10) of categories / of dominant sources"
+    if f.get("structure_shipped"):  # issue 17: the map's structure
+        rows += [
             [
-                f"map structure, {name}{chosen}: kNN purity (k=10) of {f.get('structure_of')} / of dominant sources",
-                f"{num(score, 3)} / {NONE if sources is None else num(sources, 3)}",
-            ]
-        )
-    if f.get("structure_shuffled") is not None:
-        rows.append(
+                f"map structure, the shipped layout ({f['structure_shipped_layout']}): {of}",
+                purity(f["structure_shipped"]),
+            ],
+            [f"map structure, the keys-UMAP baseline (the map before): {of}", purity(f.get("structure_keys_umap"))],
             [
-                "map structure, the same groups shuffled over the points (no structure)",
-                f"{num(f['structure_shuffled'], 3)} / {num(f.get('source_structure_shuffled', 0), 3)}",
-            ]
-        )
+                f"map structure, the same groups shuffled over the points (no structure): {of}",
+                purity(f.get("structure_shuffled")),
+            ],
+        ]
+    for c in f.get("structure_candidates") or []:
+        rows.append([f"map structure, candidate: {c['layout']}: {of}", purity(c)])
     counts = f.get("lasso_50_browser_counts") or []
     lasso = s("lasso_50_browser_s_median", 3)
     if counts:
@@ -48,6 +55,8 @@ def render_explorer(f: dict) -> list[str]:
     edit = s("steer_1000_gains_browser_edit_s_median", 3)
     if f.get("steer_1000_gains_browser_edit_s_max") is not None:
         edit += f", {s('steer_1000_gains_browser_edit_s_max', 3)}"
+    if f.get("steer_1000_gains_browser_edit_script_runs"):
+        edit += f" ({', '.join(map(str, f['steer_1000_gains_browser_edit_script_runs']))} script runs)"
     rows += [
         [
             f"lasso of 50 with the mouse on the Atlas to cards and table shown ({len(counts)} lassos: median, slowest)",
@@ -66,6 +75,10 @@ def render_explorer(f: dict) -> list[str]:
             s("steer_1000_gains_browser_open_s", 3),
         ],
         ["Steer with 1,000 gains: one gain edited in the table to the regenerated text (median, slowest)", edit],
+        [
+            "of which the edit's script run, from the browser's running to not-running state (median)",
+            s("steer_1000_gains_browser_edit_script_run_s_median", 3),
+        ],
         [
             "Steer with 1,000 gains: a pinned gain slider moved to the regenerated text (median)",
             s("steer_1000_gains_browser_slider_s_median", 3),

@@ -19,8 +19,9 @@ Measures, with headless Chromium (Debian's, software WebGL) driving `streamlit r
 - atlas 16,384: a page drawing explorer.figures.atlas_figure with 16,384 synthetic prototypes,
   from navigation to the WebGL map drawn; plus the server-side figure build and JSON size.
 And in-process (no browser): generate_text of 64 tokens under a controls change, median; issue
-17's server-side figures (see ``audit``: the map-structure scores, Steer with 1,000 gains and 50
-prototypes picked under Streamlit's AppTest), alone with
+17's server-side figures (see ``audit``: the map-structure scores of the shipped layout, of the
+keys-UMAP baseline, of a shuffled baseline and of every candidate layout; Steer with 1,000 gains
+and 50 prototypes picked under Streamlit's AppTest), alone with
 `python bench/explorer.py --audit-only --results-tag audit`.
 
 Prints a table, then one JSON line, also written to bench/results/explorer.json
@@ -112,11 +113,21 @@ LASSO_CIRCLE = """([n, used]) => {
 }"""
 
 
-def script_run(page) -> float | None:
-    """Seconds of the last complete script run the page saw (running -> notRunning), if any."""
+def _run_ends(page) -> tuple[list, list[int]]:
+    """The script-state changes the page saw since RUN_WATCH, and where its runs ended (running -> notRunning)."""
     runs = page.evaluate("() => window.__prismRuns || []")
-    ends = [i for i, (s, _) in enumerate(runs) if s == "notRunning" and i > 0 and runs[i - 1][0] == "running"]
+    return runs, [i for i, (s, _) in enumerate(runs) if s == "notRunning" and i > 0 and runs[i - 1][0] == "running"]
+
+
+def script_run(page) -> float | None:
+    """Seconds of the last complete script run the page saw, if any."""
+    runs, ends = _run_ends(page)
     return round((runs[ends[-1]][1] - runs[ends[-1] - 1][1]) / 1000, 3) if ends else None
+
+
+def script_runs(page) -> int:
+    """How many script runs the page saw complete since RUN_WATCH."""
+    return len(_run_ends(page)[1])
 
 
 def lasso_50(page, repeats: int) -> dict:
@@ -190,7 +201,7 @@ def steer_many_gains(page, folder: Path, num_prototypes: int, repeats: int) -> d
     idle(page)
     out["steer_1000_gains_browser_open_script_run_s"] = script_run(page)
 
-    edits, runs = [], []
+    edits, runs, counts = [], [], []
     for r in range(min(repeats, 3)):  # rows 0-2: the sidebar's summary names them
         table = page.locator("[data-testid=stDataFrame]:visible").first
         table.evaluate("e => e.scrollIntoView({block: 'center'})")  # below pinned slider rows, maybe
@@ -210,10 +221,12 @@ def steer_many_gains(page, folder: Path, num_prototypes: int, repeats: int) -> d
         t0 = time.perf_counter()
         page.keyboard.press("Enter")
         page.get_by_test_id("stSidebar").get_by_text(f"#{r}×{value}").wait_for()
-        idle(page)  # the regenerated text (a run that commits the edit, then its rerun)
+        idle(page)  # the regenerated text (one run: the table's on_change commits the edit first)
         edits.append(time.perf_counter() - t0)
         runs.append(script_run(page))
+        counts.append(script_runs(page))
     out["steer_1000_gains_browser_edit_s_median"] = round(statistics.median(edits), 3)
+    out["steer_1000_gains_browser_edit_script_runs"] = counts  # per edit: 1 since the on_change commit
     out["steer_1000_gains_browser_edit_s_max"] = round(max(edits), 3)
     out["steer_1000_gains_browser_edit_script_run_s_median"] = statistics.median(r for r in runs if r is not None)
 
@@ -354,25 +367,30 @@ def audit(model: str) -> dict:
     the map-structure score of the shipped layout against the other layouts and a shuffled
     baseline; Steer with 1,000 gains: page open and one table edit; 50 prototypes picked on the
     Atlas (a lasso) to the page with their table and card."""
-    import numpy as np
     from streamlit.testing.v1 import AppTest
 
     from core import build_atlas_tables, load_bundle, load_index
-    from core.atlas.layout import knn_purity, shuffled_purity
+    from core.atlas.layout import compare_layouts, knn_purity, shuffled_purity
     from explorer.controls import ControlSet
+    from tests.explorer.browser_model import Browser
 
     bundle, index = load_bundle(model), load_index(model)
     tables = build_atlas_tables(bundle, index)
-    out: dict = {"structure_of": tables.structure_of, "structure_shuffled": round(tables.shuffled_score, 4)}
-    out["structure_by_layout"] = {name: round(v, 4) for name, v in tables.layout_scores.items()}
-    out["structure_chosen_layout"] = tables.layout
-    sources = np.asarray(tables.dominant, dtype=object)
-    out["source_structure_by_layout"] = {name: round(knn_purity(xy, sources), 4) for name, xy in tables.layouts.items()}
-    out["source_structure_shuffled"] = round(shuffled_purity(sources), 4)
+    groups = {"categories": tables.categories, "dominant sources": tables.dominant}
+    candidates = compare_layouts(bundle, index, groups)  # every input x n_neighbors, several s each
+    keys = next(c for c in candidates if c["input"] == "keys" and c["n_neighbors"] == 15)  # the old map
+    out: dict = {
+        "structure_shipped_layout": tables.layout,
+        "structure_shipped": {name: round(knn_purity(tables.xy, g), 4) for name, g in groups.items()},
+        "structure_keys_umap": {name: keys[name] for name in groups},
+        "structure_shuffled": {name: round(shuffled_purity(g), 4) for name, g in groups.items()},
+        "structure_candidates": candidates,
+    }
 
     os.environ.setdefault("PRISM_EXPLORER_BUNDLES", str(Path(model).resolve().parent))
     at = AppTest.from_file(str(REPO / "explorer" / "app.py"), default_timeout=900)
     at.session_state["bundle_path"] = model
+    browser = Browser(at)  # sends a table edit as Streamlit's browser does, so its on_change runs
     at.run()  # loads the model and index once (not timed)
     at.switch_page("views/steer.py")
     at.run()  # the original text, generated once and cached (not timed)
@@ -385,10 +403,9 @@ def audit(model: str) -> dict:
     out["steer_1000_gains_open_s"] = round(time.perf_counter() - t0, 3)
     assert not at.exception, [e.value for e in at.exception]
     serial = at.session_state["controls"].serial
-    edit = {"edited_rows": {0: {"gain": 2.75}}, "added_rows": [], "deleted_rows": []}
-    at.session_state[f"steer_table_{serial}"] = edit  # one gain edited in the table
+    edit = {"edited_rows": {0: {"gain": 2.75}}, "added_rows": [], "deleted_rows": []}  # one gain edited
     t0 = time.perf_counter()
-    at.run()
+    browser.edit_table(at.data_editor(key=f"steer_table_{serial}"), edit)
     out["steer_1000_gains_edit_s"] = round(time.perf_counter() - t0, 3)
     out["steer_1000_gains_sliders"] = len([s for s in at.slider if (s.key or "").startswith("steer_gain_")])
     assert at.session_state["controls"].present.gain(min(gains)) == 2.75
@@ -461,15 +478,18 @@ def main() -> None:
         ("Steer, 1,000 gains: page open (server-side)", figures["steer_1000_gains_open_s"], "s"),
         ("Steer, 1,000 gains: one table edit (server-side)", figures["steer_1000_gains_edit_s"], "s"),
         (
-            "map structure of the chosen layout / shuffled",
-            f"{figures['structure_by_layout'][figures['structure_chosen_layout']]} / {figures['structure_shuffled']}",
-            "",
-        ),
-        (
             "load average (1 min) before / after",
             f"{figures['load_average_1min']} / {figures['load_average_1min_after']}",
             "",
         ),
+    ]
+    rows += [
+        (
+            f"map structure ({name}): shipped / keys-UMAP / shuffled",
+            " / ".join(str(figures[f"structure_{which}"][name]) for which in ("shipped", "keys_umap", "shuffled")),
+            "",
+        )
+        for name in figures["structure_shipped"]
     ]
     print(f"{'measure':<58} {'value':>12}")
     for name, value, unit in rows:

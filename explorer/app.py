@@ -3,7 +3,8 @@
 A router: the sidebar (bundle field, the session's controls with undo and redo) and
 st.navigation over the pages in explorer/views/. Each page is a short script: widgets, calls
 into core, rendering. Controls change only in widget callbacks (or before an st.rerun), so the
-sidebar, drawn before the page, always shows the controls the page applies.
+sidebar, drawn before the page, always shows the controls the page applies; a fragment whose
+widget changed them reruns the whole app (``state.rerun_app_if_controls_changed``).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ with st.sidebar:
     controls = history.present
     st.markdown("**Session controls**")
     st.caption(controls.describe(), help="Every page generates and traces with exactly these controls")
+    state.drew_controls()
     if controls.conflicts:
         st.caption(f"{plural(len(controls.conflicts), 'prototype')} both suppressed and gained. {SUPPRESSION_WINS}")
     u, r = st.columns(2)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -198,6 +198,21 @@ def table_rows(value: ControlSet, labels: Mapping[int, str] | None = None) -> li
             }
         )
     return rows
+
+
+def edited_table(rows: Sequence[Mapping], edit: Mapping) -> list[dict]:
+    """The table's rows after an edit of ``st.data_editor``, from its editing state.
+
+    Args:
+        rows: the rows as the table was drawn (their order is the one the positions refer to,
+            whatever column the analyst sorted the view by).
+        edit: the editor's state: "edited_rows" {position: {column: value}}, "deleted_rows"
+            [position, ...] and "added_rows" [{column: value}, ...].
+    """
+    changed = edit.get("edited_rows") or {}
+    deleted = set(edit.get("deleted_rows") or [])
+    kept = [dict(row) | dict(changed.get(i, {})) for i, row in enumerate(rows) if i not in deleted]
+    return kept + [dict(row) for row in edit.get("added_rows") or []]
 
 
 def apply_table(value: ControlSet, shown: Iterable[int], rows: Iterable[Mapping]) -> ControlSet:

@@ -35,6 +35,7 @@ TRACE = "trace"  # core.Attribution of the Trace page
 TRACE_CONTROLS = "trace_controls"  # Controls in force when the trace was computed
 PICKED = "atlas_picked"  # list[int] prototypes picked on the atlas
 CARD = "card_prototype"  # prototype whose card the Trace page shows
+DRAWN = "controls_drawn"  # serial of the controls the last whole-app run drew (the sidebar's)
 
 
 def default_bundle_path() -> str:
@@ -256,6 +257,19 @@ def undo() -> None:
 
 def redo() -> None:
     st.session_state[CONTROLS] = history().redo()
+
+
+def drew_controls() -> None:
+    """Record that this whole-app run draws the present controls (the router calls it with the sidebar)."""
+    st.session_state[DRAWN] = history().serial
+
+
+def rerun_app_if_controls_changed() -> None:
+    """The first line of a fragment that holds control widgets: when a widget in it has just changed
+    the controls (its callback ran before this fragment rerun), rerun the whole app instead, so
+    that the sidebar and every page show the controls applied."""
+    if history().serial != st.session_state.get(DRAWN):
+        st.rerun(scope="app")
 
 
 def sync_widget(key: str, value: object) -> None:

@@ -1,11 +1,17 @@
 """Prototype geometry: the atlas (a 2-D UMAP map of the prototypes, cached in
 ``BUNDLE/index/atlas.json``) and the hidden states of their neighbourhoods (coherence).
 
-The input is the L2-normalised prototype keys K_j / |K_j| under the cosine metric (the
-head scores tokens by cos(h, K_j) up to a norm, so keys close on the map fire on similar
-hidden states). The file stores the coordinates with the arguments that produced them and
-the model fingerprint; :func:`build_atlas` reuses it when both match and recomputes it
-otherwise. UMAP runs seeded (single-threaded, hence deterministic) and offline.
+The map's input is one vector per prototype describing it (``LAYOUT_INPUTS``): what it reads
+(its keys), what it writes (its values W), the tokens it promotes, the tokens it fires on, or
+the prototypes it fires with (co-activation, from the index). UMAP runs on them under the cosine
+metric. :func:`compare_layouts` scores every input by the map's structure (``knn_purity`` of
+the label categories and of the dominant sources); the default input is the one that scored
+best on the demo bundle (co-activation: 0.73 against 0.31 for the keys, 0.22 shuffled; see
+docs/explorer.md), so that neighbourhoods on the map are prototypes that work together.
+
+The file stores the coordinates with the arguments that produced them and the model
+fingerprint; :func:`build_atlas` reuses it when both match and recomputes it otherwise. UMAP
+runs seeded (single-threaded, hence deterministic) and offline.
 
 The index keeps no hidden states; :func:`neighbour_hidden_states` re-reads every neighbour
 position's snippet in one batched forward pass, for coherence and context fidelity.
@@ -21,9 +27,9 @@ import numpy as np
 import torch
 
 from core import store
-from core.bundle import model_fingerprint
+from core.bundle import Bundle, load_bundle, model_fingerprint
 from core.errors import AtlasError, PrototypeIndexError
-from core.index.format import PrototypeIndex, index_dir, register_index_file
+from core.index.format import PrototypeIndex, index_dir, load_index, register_index_file
 from core.model.head import active_prototypes, prototype_scores
 
 logger = logging.getLogger(__name__)
@@ -35,31 +41,85 @@ CONTEXT_TOKENS = 64  # at most this many tokens re-read before each neighbour's 
 FORWARD_BATCH = 128
 
 
-def _arguments(n_neighbors: int, min_dist: float, seed: int) -> dict:
+def _coactivation(bundle: Bundle, index: PrototypeIndex) -> np.ndarray:
+    """(P, P): for each prototype, how often each other prototype is active at its neighbourhood's positions."""
+    P = index.num_prototypes
+    rows = index.neighbour_row  # (P, M), -1 where empty
+    codes = index.positions["code_ids"][np.where(rows >= 0, rows, 0)]  # (P, M, k) active prototypes there
+    owner = np.broadcast_to(np.arange(P)[:, None, None], codes.shape)  # (P, M, k)
+    keep = np.broadcast_to((rows >= 0)[:, :, None], codes.shape) & (codes != owner)  # itself excluded
+    counts = np.zeros((P, P))
+    np.add.at(counts, (owner[keep], codes[keep]), 1.0)
+    return counts
+
+
+def _trigger_tokens(bundle: Bundle, index: PrototypeIndex) -> np.ndarray:
+    """(P, V): how often each token is the trigger at the prototype's neighbourhood positions."""
+    rows = index.neighbour_row  # (P, M)
+    tokens = index.positions["token_id"][np.where(rows >= 0, rows, 0)]  # (P, M)
+    counts = np.zeros((index.num_prototypes, bundle.model.config.get_text_config().vocab_size))
+    owner = np.broadcast_to(np.arange(index.num_prototypes)[:, None], rows.shape)
+    np.add.at(counts, (owner[rows >= 0], tokens[rows >= 0]), 1.0)
+    return counts
+
+
+def _promoted_tokens(bundle: Bundle, index: PrototypeIndex) -> np.ndarray:
+    """(P, V): softmax over the vocabulary of W_j E^T, the tokens each prototype's value promotes."""
+    values = bundle.model.prototypes.values.detach().double().cpu()  # (P, d)
+    embedding = bundle.model.unembedding.detach().double().cpu()  # (V, d)
+    return torch.softmax(values @ embedding.T, dim=-1).numpy()  # (P, V)
+
+
+# name -> (what the map then shows, in words; (bundle, index) -> (P, F) vectors, any scale: UMAP
+# compares them by cosine). The first entry is the default: the best by the structure measure.
+LAYOUT_INPUTS = {
+    "co-activation": ("co-activation (which prototypes fire together)", _coactivation),
+    "keys": ("the keys (what prototypes read)", lambda bundle, index: _prototype_keys(bundle)),
+    "values": ("the values W (what prototypes write)", lambda bundle, index: _prototype_values(bundle)),
+    "promoted tokens": ("promoted tokens (softmax of W E^T)", _promoted_tokens),
+    "trigger tokens": ("trigger tokens (what prototypes fire on)", _trigger_tokens),
+}
+DEFAULT_INPUT = next(iter(LAYOUT_INPUTS))
+
+
+def _arguments(n_neighbors: int, min_dist: float, seed: int, layout_input: str) -> dict:
     return {
         "n_neighbors": n_neighbors,
         "min_dist": min_dist,
         "seed": seed,
         "metric": METRIC,
-        "input": "L2-normalised prototype keys",
+        "input": layout_input,
     }
 
 
-def _prototype_keys(bundle_dir: Path) -> np.ndarray:
-    """(P, d) float64 prototype keys, read from the bundle's weights."""
-    from core.bundle import load_bundle
+def layout_name(arguments: dict) -> str:
+    """How the app names a map made with ``arguments`` (an atlas record's), in words."""
+    what = LAYOUT_INPUTS.get(arguments.get("input"), (str(arguments.get("input")), None))[0]
+    return f"UMAP of {what}, n_neighbors {arguments.get('n_neighbors')}"
 
+
+def _prism_bundle(bundle_dir: Path) -> Bundle:
     bundle = load_bundle(bundle_dir)
     if not bundle.is_prism:
         raise AtlasError(f"{bundle_dir} is a dense twin: only PRISM models have prototypes to map")
+    return bundle
+
+
+def _prototype_keys(bundle: Bundle) -> np.ndarray:
+    """(P, d) float64 prototype keys."""
     return bundle.model.prototypes.keys.detach().double().cpu().numpy()
 
 
-def umap_coordinates(keys: np.ndarray, n_neighbors: int, min_dist: float, seed: int) -> np.ndarray:
-    """(P, 2) float32 UMAP coordinates of the normalised (P, d) keys (cosine metric)."""
+def _prototype_values(bundle: Bundle) -> np.ndarray:
+    """(P, d) float64 prototype values W."""
+    return bundle.model.prototypes.values.detach().double().cpu().numpy()
+
+
+def umap_coordinates(vectors: np.ndarray, n_neighbors: int, min_dist: float, seed: int) -> np.ndarray:
+    """(P, 2) float32 UMAP coordinates of the normalised (P, F) vectors (cosine metric)."""
     import umap  # imported here: numba compiles on first use, and core does no work at import
 
-    unit = keys / np.clip(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12, None)  # (P, d)
+    unit = vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)  # (P, F)
     reducer = umap.UMAP(
         n_neighbors=n_neighbors, min_dist=min_dist, metric=METRIC, random_state=seed, n_jobs=1, n_components=2
     )
@@ -87,7 +147,33 @@ def _valid(record: dict | None, arguments: dict | None, fingerprint: str, num_pr
     return isinstance(coords, list) and (num_prototypes is None or len(coords) == num_prototypes)
 
 
-def build_atlas(bundle_dir: str | Path, *, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0) -> np.ndarray:
+def _check_umap_arguments(n_neighbors: int, min_dist: float, seed: int, layout_input: str) -> None:
+    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int) or n_neighbors < 2:
+        raise AtlasError(f"n_neighbors must be an integer >= 2, got {n_neighbors!r}")
+    if not 0.0 <= float(min_dist) <= 1.0:
+        raise AtlasError(f"min_dist must lie in [0, 1], got {min_dist!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise AtlasError(f"seed must be a non-negative integer, got {seed!r}")
+    if layout_input not in LAYOUT_INPUTS:
+        raise AtlasError(f"layout_input must be one of {', '.join(LAYOUT_INPUTS)}, got {layout_input!r}")
+
+
+def _indexed(bundle_dir: Path) -> Path:
+    """The bundle's index folder; PrototypeIndexError when it has no index."""
+    folder = index_dir(bundle_dir)
+    if not (folder / "meta.json").is_file():
+        raise PrototypeIndexError(f"{bundle_dir} has no index; build it with {store.rebuild_hint(bundle_dir)}")
+    return folder
+
+
+def build_atlas(
+    bundle_dir: str | Path,
+    *,
+    n_neighbors: int = 15,
+    min_dist: float = 0.1,
+    seed: int = 0,
+    layout_input: str = DEFAULT_INPUT,
+) -> np.ndarray:
     """UMAP coordinates of every prototype, from the cache when its arguments and model match.
 
     Args:
@@ -95,6 +181,7 @@ def build_atlas(bundle_dir: str | Path, *, n_neighbors: int = 15, min_dist: floa
         n_neighbors: UMAP's neighbourhood size (2 .. P - 1).
         min_dist: UMAP's minimum distance between points on the map (0 .. 1).
         seed: UMAP's random state.
+        layout_input: what each prototype is described by, a key of ``LAYOUT_INPUTS``.
 
     Returns:
         (P, 2) float32 coordinates, row j for prototype j.
@@ -103,27 +190,20 @@ def build_atlas(bundle_dir: str | Path, *, n_neighbors: int = 15, min_dist: floa
         AtlasError: bad arguments or a dense bundle.
         PrototypeIndexError: the bundle has no index folder to keep the atlas in.
     """
-    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int) or n_neighbors < 2:
-        raise AtlasError(f"n_neighbors must be an integer >= 2, got {n_neighbors!r}")
-    if not 0.0 <= float(min_dist) <= 1.0:
-        raise AtlasError(f"min_dist must lie in [0, 1], got {min_dist!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise AtlasError(f"seed must be a non-negative integer, got {seed!r}")
+    _check_umap_arguments(n_neighbors, min_dist, seed, layout_input)
     bundle_dir = Path(bundle_dir)
-    folder = index_dir(bundle_dir)
-    if not (folder / "meta.json").is_file():
-        raise PrototypeIndexError(f"{bundle_dir} has no index; build it with {store.rebuild_hint(bundle_dir)}")
+    folder = _indexed(bundle_dir)
     fingerprint = model_fingerprint(bundle_dir)
-    arguments = _arguments(n_neighbors, float(min_dist), seed)
+    arguments = _arguments(n_neighbors, float(min_dist), seed, layout_input)
     path = folder / ATLAS_FILE
     record = _read_atlas(path)
     if _valid(record, arguments, fingerprint, None):
         logger.info("atlas: reusing %s", path)
         return np.asarray(record["coordinates"], dtype=np.float32)
-    keys = _prototype_keys(bundle_dir)  # (P, d)
-    if n_neighbors >= len(keys):
-        raise AtlasError(f"n_neighbors must be below the number of prototypes ({len(keys)}), got {n_neighbors}")
-    coords = umap_coordinates(keys, n_neighbors, float(min_dist), seed)
+    vectors = LAYOUT_INPUTS[layout_input][1](_prism_bundle(bundle_dir), load_index(bundle_dir))  # (P, F)
+    if n_neighbors >= len(vectors):
+        raise AtlasError(f"n_neighbors must be below the number of prototypes ({len(vectors)}), got {n_neighbors}")
+    coords = umap_coordinates(vectors, n_neighbors, float(min_dist), seed)
     payload = {
         "format_version": ATLAS_FORMAT,
         "model_fingerprint": fingerprint,
@@ -135,8 +215,9 @@ def build_atlas(bundle_dir: str | Path, *, n_neighbors: int = 15, min_dist: floa
     return np.asarray(payload["coordinates"], dtype=np.float32)
 
 
-def load_atlas(bundle_dir: str | Path) -> np.ndarray | None:
-    """The cached (P, 2) coordinates, or None when absent or made for other weights."""
+def load_atlas_layout(bundle_dir: str | Path) -> tuple[np.ndarray, str] | None:
+    """The cached (P, 2) coordinates and the layout's name in words (:func:`layout_name`), or None
+    when absent or made for other weights."""
     bundle_dir = Path(bundle_dir)
     record = _read_atlas(index_dir(bundle_dir) / ATLAS_FILE)
     if record is None:
@@ -144,7 +225,47 @@ def load_atlas(bundle_dir: str | Path) -> np.ndarray | None:
     if not _valid(record, None, model_fingerprint(bundle_dir), None):
         logger.warning("atlas in %s belongs to other weights; run `prism label --model %s`", bundle_dir, bundle_dir)
         return None
-    return np.asarray(record["coordinates"], dtype=np.float32)
+    return np.asarray(record["coordinates"], dtype=np.float32), layout_name(record.get("arguments") or {})
+
+
+def load_atlas(bundle_dir: str | Path) -> np.ndarray | None:
+    """The cached (P, 2) coordinates, or None when absent or made for other weights."""
+    found = load_atlas_layout(bundle_dir)
+    return None if found is None else found[0]
+
+
+def compare_layouts(
+    bundle: Bundle,
+    index: PrototypeIndex,
+    groups: dict[str, list[str]],
+    *,
+    n_neighbors: tuple[int, ...] = (15, 30),
+    min_dist: float = 0.1,
+    seed: int = 0,
+) -> list[dict]:
+    """Every candidate map (each of ``LAYOUT_INPUTS`` under each ``n_neighbors``) with its
+    structure: the kNN purity (k=10) of each grouping in ``groups`` on it.
+
+    Args:
+        bundle: a loaded PRISM bundle; index: its prototype index.
+        groups: name -> P group names (e.g. "categories" -> the label categories).
+        n_neighbors: the UMAP neighbourhood sizes tried.
+        min_dist: UMAP's minimum distance between points on the map.
+        seed: UMAP's random state.
+
+    Returns:
+        One row per map: {"input", "n_neighbors", "layout" (its name in words), and one purity
+        per grouping}, in the order computed (several seconds per map on a CPU).
+    """
+    rows = []
+    for layout_input, (_, describe) in LAYOUT_INPUTS.items():
+        vectors = describe(bundle, index)  # (P, F)
+        for n in n_neighbors:
+            arguments = _arguments(n, min_dist, seed, layout_input)
+            xy = umap_coordinates(vectors, n, min_dist, seed)
+            purity = {name: round(knn_purity(xy, g), 4) for name, g in groups.items()}
+            rows.append({"input": layout_input, "n_neighbors": n, "layout": layout_name(arguments), **purity})
+    return rows
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 """Per-prototype tables behind the explorer's atlas and prototype cards, computed once per bundle.
 
 Labels and the UMAP layout come from the bundle's label and atlas files when they exist
-(``prism label``); otherwise prototypes are laid out by a PCA of their normalised keys and carry
-the index's label, if any (``AtlasTables.layout`` says which layout it is).
+(``prism label``); otherwise prototypes carry the index's label, if any. The map opens on the
+layout with the most structure among the atlas's and PCA maps of the keys and values
+(``AtlasTables.layout`` says which it is, ``layout_scores`` how each scores).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from core.atlas.labels import PrototypeLabel, load_labels
-from core.atlas.layout import knn_purity, load_atlas, shuffled_purity
+from core.atlas.layout import knn_purity, load_atlas_layout, shuffled_purity
 
 if TYPE_CHECKING:  # pragma: no cover
     from core.bundle import Bundle
@@ -96,9 +97,9 @@ def _layout(bundle: Bundle, num_prototypes: int) -> tuple[np.ndarray, str, dict[
     xy, layout = None, ""
     try:
         records = {int(r.id): r for r in (load_labels(bundle.path) or [])}
-        atlas = load_atlas(bundle.path)
-        if atlas is not None and len(atlas) == num_prototypes:
-            xy, layout = np.asarray(atlas, dtype=np.float32), "UMAP of the normalised prototype keys"
+        atlas = load_atlas_layout(bundle.path)
+        if atlas is not None and len(atlas[0]) == num_prototypes:
+            xy, layout = atlas
     except (OSError, ValueError, KeyError) as err:  # LabelsError and AtlasError are ValueErrors
         layout = f"(labels or atlas could not be read: {err}) "
     if xy is None:

@@ -17,7 +17,6 @@ from explorer.figures import atlas_figure, selected_ids
 from explorer.safe import csv_frame, md, md_repr
 
 MAP_KEY = "atlas_map"
-DRAWN_SERIAL = "atlas_drawn_serial"
 ID_QUERY = re.compile(r"^#?(\d+)$")
 
 
@@ -177,8 +176,7 @@ def card_panel(picked: list[int], view: dict) -> None:
     """The card column. Choosing another card reruns only this panel (not the map); a change of
     the controls from the card's toggle or slider reruns the whole page, so the sidebar and the
     map's marks show it."""
-    if state.history().serial != st.session_state.get(DRAWN_SERIAL):
-        st.rerun(scope="app")
+    state.rerun_app_if_controls_changed()
     if st.session_state.get("atlas_card") not in picked:
         st.session_state["atlas_card"] = picked[0]
     card = st.selectbox(
@@ -198,7 +196,6 @@ view = {
     "q": query.strip(),
     "picked": ",".join(map(str, picked)) if len(picked) <= permalink.MAX_PICKED else None,
 }
-st.session_state[DRAWN_SERIAL] = state.history().serial  # the controls this run's sidebar and map show
 with card_col:
     if not picked:
         permalink.write(view, controls)

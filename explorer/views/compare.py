@@ -12,6 +12,7 @@ import streamlit as st
 import core
 from core import Controls, ControlsError, Decomposition
 from explorer import permalink, state
+from explorer.comparison import differing_positions, token_rows, token_spans
 from explorer.controls import plural
 from explorer.safe import md, md_repr
 
@@ -28,15 +29,6 @@ def decomposed(
     return core.decompose(
         bundle, prompt=prompt, completion=completion, controls=controls, max_new_tokens=max_new_tokens
     )
-
-
-def token_spans(dec: Decomposition, other: Decomposition) -> str:
-    """The completion as escaped token spans; tokens that differ from ``other`` at the same position marked."""
-    spans = []
-    for t in dec.tokens:
-        same = t.position < len(other.tokens) and other.tokens[t.position].token == t.token
-        spans.append(f'<span class="prism-tok{"" if same else " diff"}">{state.escape(t.token)}</span>')
-    return state.SNIPPET_CSS + '<div class="prism-snip">' + "".join(spans) + "</div>"
 
 
 def control_note(j: int) -> str:
@@ -82,25 +74,14 @@ for column, (title, prompt, _), dec, other in zip(st.columns(2), sides, results,
         st.caption(f"Prompt: {md_repr(prompt)}")
         st.html(token_spans(dec, other))
 left, right = results
-rows = []
-for position in range(max(len(left.tokens), len(right.tokens))):
-    a = left.tokens[position] if position < len(left.tokens) else None
-    b = right.tokens[position] if position < len(right.tokens) else None
-    rows.append(
-        {
-            "token": position + 1,
-            f"{sides[0][0]}: token": repr(a.token) if a else "",
-            f"{sides[0][0]}: probability": a.probability if a else None,
-            f"{sides[1][0]}: token": repr(b.token) if b else "",
-            f"{sides[1][0]}: probability": b.probability if b else None,
-        }
-    )
 st.markdown("**Each token's probability**")
-st.dataframe(pd.DataFrame(rows), hide_index=True, key="cmp_table")
+st.dataframe(pd.DataFrame(token_rows((sides[0][0], sides[1][0]), left, right)), hide_index=True, key="cmp_table")
 
-differs = [i for i, r in enumerate(rows) if r[f"{sides[0][0]}: token"] != r[f"{sides[1][0]}: token"]]
+differs = differing_positions(left, right)
 if not differs:
     st.caption("The two texts are the same token for token.")
+elif mode == MODES[0] and differs[0] >= len(left.tokens):
+    st.caption(f"The text as trained ends after token {len(left.tokens)}; the controlled text goes on.")
 elif mode == MODES[0]:
     d = differs[0]
     token = left.tokens[d]

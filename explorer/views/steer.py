@@ -1,6 +1,7 @@
-"""Steer: the session's gains and suppressions (a searchable, sortable table, and sliders for the
-few prototypes the analyst pins), live regeneration with a fixed seed, the steered text beside the
-original with differing tokens marked, perplexities, targeting, save/load."""
+"""Steer: the steered text beside the original with differing tokens marked, perplexities, live
+regeneration with a fixed seed (prompt, settings and texts: a fragment that reruns alone); below,
+the session's gains and suppressions (a searchable, sortable table that commits an edit in its
+on_change, and sliders for the few prototypes the analyst pins), targeting, save/load."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ import core
 from core import BehaviourError, Controls, ControlsError
 from explorer import permalink, state
 from explorer.cards import SUPPRESSION_WINS, control_widgets
-from explorer.controls import ControlSet, apply_table, plural, table_rows
+from explorer.controls import ControlSet, apply_table, edited_table, plural, table_rows
 from explorer.safe import md
 
 DEFAULT_PROMPT = "KING."
 BEHAVIOURS = state.REPO / "assets" / "behaviours"
 MAX_CONTROLS_BYTES = 5_000_000  # a controls file of every prototype of a 16k model is well under this
+TABLE_REFUSAL = "steer_table_refusal"  # (controls serial, reason): the table's last edit, refused
 TABLE_TYPES = {"prototype": "int64", "label": "str", "gain": "float64", "suppressed": "bool", "note": "str"}
 
 
@@ -108,6 +110,96 @@ def _suppress_targets() -> None:
     state.commit(value, f"suppressed {plural(len(targets), 'targeted prototype')}")
 
 
+def _on_table_edit(key: str, serial: int, rows: list[dict], model: tuple[int, int, str]) -> None:
+    """The table's on_change: commit its edit before the run, so that one run draws the new controls
+    everywhere (the sidebar included); a refused edit stays in the table with the reason below it."""
+    st.session_state.pop(TABLE_REFUSAL, None)
+    if state.history().serial != serial:  # another widget's change in the same rerun came first
+        st.session_state[TABLE_REFUSAL] = (state.history().serial, "the controls changed meanwhile: edit again")
+        return
+    P, K, fingerprint = model
+    try:
+        new = apply_table(
+            state.current_controls(), [r["prototype"] for r in rows], edited_table(rows, st.session_state[key])
+        )
+        if len(new.suppressed) > P - K:
+            raise ControlsError(f"at most {P - K} prototypes can be suppressed")
+        new.to_core(fingerprint).validate(P, K, fingerprint)
+    except ControlsError as err:
+        st.session_state[TABLE_REFUSAL] = (serial, str(err))
+    else:
+        state.commit(new, "table edit")
+
+
+@st.fragment
+def regeneration(current: ControlSet, controls: Controls, problem: str | None) -> None:
+    """Prompt, generation settings and the two texts with their perplexities. A change of the
+    prompt or a setting reruns only this part, not the controls table; it holds no control widget,
+    so the controls (``current``, as core ``controls``; ``problem`` when they cannot be applied)
+    change only in a whole-app run, which draws the sidebar too."""
+    prompt = st.text_area("Prompt", DEFAULT_PROMPT, key="steer_prompt", height=70)
+    c1, c2, c3, c4 = st.columns(4)
+    context = bundle.model.config.get_text_config().max_position_embeddings
+    most = max(8, min(128, context // 2 // 8 * 8))
+    max_new = c1.slider("Tokens", 8, most, min(64, most), step=8, key="steer_max_new")
+    seed = c2.number_input("Seed", 0, 2**31 - 1, 0, key="steer_seed")
+    sample = c3.toggle("Sample", key="steer_sample", help="Sample instead of greedy decoding (same seed both sides)")
+    temperature = c4.slider("Temperature", 0.1, 2.0, 0.8, step=0.1, key="steer_temperature", disabled=not sample)
+
+    permalink.write({"bundle": loaded.name, "sprompt": prompt, "sn": int(max_new), "seed": int(seed)}, current)
+    if problem is not None:
+        st.error(f"These controls cannot be applied: {md(problem)}")
+        return
+    key_args = (loaded.path, bundle.fingerprint, prompt, int(max_new), int(seed), bool(sample), float(temperature))
+    run_started = time.time()
+    with st.spinner("Regenerating…"):
+        try:
+            original = generated(*key_args, json.dumps(Controls().to_json(), sort_keys=True))
+            steered = generated(*key_args, json.dumps(controls.to_json(), sort_keys=True))
+        except (ValueError, ControlsError) as err:
+            st.error(f"Cannot generate: {md(err)}")
+            return
+    if original["notice"]:
+        st.warning(md(original["notice"]))
+    diff = core.compare_tokens(original["ids"], steered["ids"])
+    if controls.is_empty:
+        st.caption("No controls in force: the steered text is the original.")
+    elif diff.first_difference is None:
+        st.caption("The controls did not change any generated token.")
+    else:
+        changed = len(diff.steered_unaligned)
+        st.caption(
+            f"First difference at token {diff.first_difference + 1}; {changed:,} of "
+            f"{plural(len(steered['ids']), 'steered token')} are not in the original (marked, after aligning "
+            "the two texts)."
+        )
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**Original** (the model as trained)")
+        st.html(token_html(original["tokens"], diff.original_unaligned))
+    with right:
+        st.markdown("**Steered** (with the session's controls)")
+        st.html(token_html(steered["tokens"], diff.steered_unaligned))
+    st.markdown("**Perplexity of each text** (lower: more natural to the scoring model)")
+    m1, m2, m3 = st.columns(3)
+    m1.metric(
+        "Original text, scored by the original model",
+        f"{original['ppl_base']:.2f}",
+        help="The unsteered continuation under the model as trained",
+    )
+    m2.metric(
+        "Steered text, scored by the original model",
+        f"{steered['ppl_base']:.2f}",
+        help="How natural the steered text is to the unsteered model",
+    )
+    m3.metric(
+        "Steered text, scored under the controls",
+        f"{steered['ppl_own']:.2f}",
+        help="The steered continuation under the model with the session's controls",
+    )
+    st.caption(f"Original: {timing(original, run_started)}. Steered: {timing(steered, run_started)}.")
+
+
 def label_of(j: int) -> str:
     if data is None:
         return ""
@@ -126,20 +218,14 @@ history = state.history()
 current = history.present
 
 st.subheader("Steer")
-prompt = st.text_area("Prompt", DEFAULT_PROMPT, key="steer_prompt", height=70)
-c1, c2, c3, c4 = st.columns(4)
-context = bundle.model.config.get_text_config().max_position_embeddings
-most = max(8, min(128, context // 2 // 8 * 8))
-max_new = c1.slider("Tokens", 8, most, min(64, most), step=8, key="steer_max_new")
-seed = c2.number_input("Seed", 0, 2**31 - 1, 0, key="steer_seed")
-sample = c3.toggle("Sample", key="steer_sample", help="Sample instead of greedy decoding (same seed both sides)")
-temperature = c4.slider("Temperature", 0.1, 2.0, 0.8, step=0.1, key="steer_temperature", disabled=not sample)
-
-permalink.write(
-    {"bundle": loaded.name, "sprompt": prompt, "sn": int(max_new), "seed": int(seed)},
-    current,
-)
-
+controls = current.to_core(bundle.fingerprint)
+try:
+    controls.validate(P, K, bundle.fingerprint)
+    problem = None
+except ControlsError as err:
+    problem = str(err)
+regeneration(current, controls, problem)
+st.divider()
 st.markdown("**Controls of this session** (from any page; every change regenerates; undo and redo in the sidebar)")
 if current.is_empty:
     st.caption(
@@ -177,9 +263,12 @@ needle = query.strip().lower().lstrip("#")
 if needle:
     rows = [r for r in rows if needle == str(r["prototype"]) or needle in r["label"].lower()]
 shown = [r["prototype"] for r in rows]
-edited = st.data_editor(
+table_key = f"steer_table_{history.serial}"  # a fresh table after every change of the controls
+st.data_editor(
     pd.DataFrame(rows, columns=list(TABLE_TYPES)).astype(TABLE_TYPES),
-    key=f"steer_table_{history.serial}",  # a fresh table after every change of the controls
+    key=table_key,
+    on_change=_on_table_edit,
+    args=(table_key, history.serial, rows, (P, K, bundle.fingerprint)),
     num_rows="dynamic",
     hide_index=True,
     width="stretch",
@@ -198,17 +287,9 @@ st.caption(
     f"{plural(len(shown), 'row')} of {len(current.ids):,} · click a column header to sort · edit a gain or "
     "the suppressed box · delete a row to reset that prototype · add a row to control another"
 )
-try:
-    new = apply_table(current, shown, edited.to_dict("records"))
-    if len(new.suppressed) > P - K:
-        raise ControlsError(f"at most {P - K} prototypes can be suppressed")
-    new.to_core(bundle.fingerprint).validate(P, K, bundle.fingerprint)
-except ControlsError as err:
-    st.error(f"That edit was not applied: {md(err)}")
-else:
-    if new != current:
-        state.commit(new, "table edit")
-        st.rerun()
+refused = st.session_state.get(TABLE_REFUSAL)
+if refused is not None and refused[0] == history.serial:
+    st.error(f"That edit was not applied: {md(refused[1])}")
 r1, r2 = st.columns(2)
 r1.button(
     f"Reset the {plural(len(shown), 'prototype')} shown" if needle else "Reset all controls",
@@ -269,63 +350,6 @@ with st.expander("Find prototypes to steer: by text query or by contrast"):
         if st.session_state.get("steer_target_rows"):
             st.dataframe(st.session_state["steer_target_rows"], hide_index=True, key="steer_target_table")
             st.button("Suppress all of these", key="steer_suppress_targets", on_click=_suppress_targets)
-
-controls = current.to_core(bundle.fingerprint)
-try:
-    controls.validate(P, K, bundle.fingerprint)
-except ControlsError as err:
-    st.error(f"These controls cannot be applied: {md(err)}")
-    st.stop()
-
-st.divider()
-key_args = (loaded.path, bundle.fingerprint, prompt, int(max_new), int(seed), bool(sample), float(temperature))
-run_started = time.time()
-with st.spinner("Regenerating…"):
-    try:
-        original = generated(*key_args, json.dumps(Controls().to_json(), sort_keys=True))
-        steered = generated(*key_args, json.dumps(controls.to_json(), sort_keys=True))
-    except (ValueError, ControlsError) as err:
-        st.error(f"Cannot generate: {md(err)}")
-        st.stop()
-if original["notice"]:
-    st.warning(md(original["notice"]))
-diff = core.compare_tokens(original["ids"], steered["ids"])
-if controls.is_empty:
-    st.caption("No controls in force: the steered text is the original.")
-elif diff.first_difference is None:
-    st.caption("The controls did not change any generated token.")
-else:
-    changed = len(diff.steered_unaligned)
-    st.caption(
-        f"First difference at token {diff.first_difference + 1}; {changed:,} of "
-        f"{plural(len(steered['ids']), 'steered token')} are not in the original (marked, after aligning "
-        "the two texts)."
-    )
-left, right = st.columns(2)
-with left:
-    st.markdown("**Original** (the model as trained)")
-    st.html(token_html(original["tokens"], diff.original_unaligned))
-with right:
-    st.markdown("**Steered** (with the session's controls)")
-    st.html(token_html(steered["tokens"], diff.steered_unaligned))
-st.markdown("**Perplexity of each text** (lower: more natural to the scoring model)")
-m1, m2, m3 = st.columns(3)
-m1.metric(
-    "Original text, scored by the original model",
-    f"{original['ppl_base']:.2f}",
-    help="The unsteered continuation under the model as trained",
-)
-m2.metric(
-    "Steered text, scored by the original model",
-    f"{steered['ppl_base']:.2f}",
-    help="How natural the steered text is to the unsteered model",
-)
-m3.metric(
-    "Steered text, scored under the controls",
-    f"{steered['ppl_own']:.2f}",
-    help="The steered continuation under the model with the session's controls",
-)
-st.caption(f"Original: {timing(original, run_started)}. Steered: {timing(steered, run_started)}.")
 
 st.divider()
 s1, s2 = st.columns(2)

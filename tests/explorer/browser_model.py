@@ -11,6 +11,9 @@ then set gain 0 on its own. ``Browser`` keeps the shown values and makes AppTest
 
 from __future__ import annotations
 
+import json
+
+from streamlit.proto.WidgetStates_pb2 import WidgetStates
 from streamlit.testing.v1 import AppTest
 
 KINDS = ("slider", "toggle", "checkbox", "number_input")
@@ -40,9 +43,13 @@ class Browser:
     def shown_value(self, widget) -> object:
         return self.shown[widget.id]
 
-    def run(self) -> AppTest:
-        """Rerun the app, then take the values the browser shows as what it sends next."""
-        self.at.run()
+    def run(self, states: WidgetStates | None = None) -> AppTest:
+        """Rerun the app (with ``states`` instead of AppTest's own widget states when given), then
+        take the values the browser shows as what it sends next."""
+        if states is None:
+            self.at.run()
+        else:
+            self.at._run(states)
         shown = {}
         for w in self.widgets():
             if w.proto.set_value:
@@ -62,6 +69,16 @@ class Browser:
         widget.set_value(value)
         self.shown[widget.id] = value
         return self.run()
+
+    def edit_table(self, table, edit: dict) -> AppTest:
+        """The analyst edits a ``st.data_editor``: the browser sends its editing state as JSON with
+        the widget's id, so its on_change runs before the script, as in Streamlit's server.
+        AppTest has no setter for it (its ``session_state`` route skips the callback)."""
+        states = self.at._tree.get_widget_states()
+        state = states.widgets.add()
+        state.id = table.proto.id
+        state.string_value = json.dumps(edit)
+        return self.run(states)
 
     def click(self, button) -> AppTest:
         button.click()

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -25,6 +26,7 @@ from core import (  # noqa: E402
     load_index,
 )
 from explorer.clickselect import CLICK_SELECT_JS  # noqa: E402
+from explorer.comparison import ENDED, differing_positions, token_rows, token_spans  # noqa: E402
 from explorer.controls import ControlSet  # noqa: E402
 from explorer.figures import atlas_figure, selected_ids, waterfall_figure  # noqa: E402
 from tests.helpers import APP, EVIL, EVIL_ESCAPED
@@ -274,3 +276,21 @@ def test_steer_targets_by_query_and_suppresses_them(explorer_bundle):
     at.button(key="steer_suppress_targets").click().run()
     no_errors(at)
     assert sorted(applied(at).suppressed) == sorted(targets)
+
+
+def test_compare_table_shows_no_none_where_one_text_ended(explorer_bundle):
+    """Prompt B's text shorter than A's: its cells say the text ended, never "None" (issue 17)."""
+    bundle = load_bundle(explorer_bundle)
+    long = decompose(bundle, prompt="KING.", completion=" Good morrow, my lord")
+    short = decompose(bundle, prompt="QUEEN.", completion=" Good")
+    assert len(short.tokens) < len(long.tokens)
+    rows = token_rows(("A", "B"), long, short)
+    assert len(rows) == len(long.tokens)
+    ended = rows[len(short.tokens) :]
+    assert all(r["B: token"] == ENDED and r["B: probability"] == "" for r in ended)
+    assert all(r["A: probability"] == f"{t.probability:.3f}" for r, t in zip(rows, long.tokens, strict=True))
+    shown = pd.DataFrame(rows).astype(str).to_numpy().ravel().tolist()
+    assert not any(cell in ("None", "nan", "<NA>") for cell in shown)
+    assert differing_positions(long, short)[-1] == len(long.tokens) - 1  # the ended positions differ
+    assert differing_positions(long, long) == []
+    assert token_spans(short, long).count('<span class="prism-tok') == len(short.tokens)

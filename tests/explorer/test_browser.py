@@ -263,6 +263,15 @@ def test_atlas_trace_steer_report(page, server, tmp_path):
         assert gain_shown(page) == 1.0
         assert page.get_by_test_id("stSidebar").get_by_text("none (the model as trained)").is_visible()
         assert page.get_by_text(re.compile(r"Completion.*no controls")).is_visible()
+    # the card is in the token view's fragment: a gain set on it reruns the whole app (the sidebar shows it)
+    card = page.get_by_role("heading", name=re.compile(r"Prototype \d+")).first.inner_text().split()[-1]
+    gain.focus()
+    page.keyboard.press("ArrowLeft")  # 1.00 -> 0.95
+    page.get_by_test_id("stSidebar").get_by_text(f"1 gain: #{card}×0.95", exact=False).wait_for()
+    idle(page)
+    page.get_by_test_id("stSidebar").get_by_role("button", name="Undo").click()
+    page.get_by_test_id("stSidebar").get_by_text("none (the model as trained)").wait_for()
+    idle(page)
 
     # Steer: add a gain slider for the target prototype, move it to 0, see the text change
     nav(page, "Steer")
@@ -280,7 +289,7 @@ def test_atlas_trace_steer_report(page, server, tmp_path):
     idle(page)
     steered = page.get_by_test_id("stHtml").nth(1).inner_text()
     assert steered != original
-    shot(page, "steer", top=page.get_by_text("Controls of this session"))
+    shot(page, "steer", top=page.get_by_role("heading", name="Steer"))  # the texts, then the controls
     # undo (sidebar) restores the previous controls: none, and the original text
     page.get_by_test_id("stSidebar").get_by_role("button", name="Undo").click()
     page.get_by_text("No controls in force").wait_for()

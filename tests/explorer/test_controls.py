@@ -22,7 +22,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from core import ControlsError, decompose, load_bundle  # noqa: E402
 from explorer import state  # noqa: E402
-from explorer.controls import ControlHistory, ControlSet, apply_table, plural, table_rows  # noqa: E402
+from explorer.controls import ControlHistory, ControlSet, apply_table, edited_table, plural, table_rows  # noqa: E402
 from explorer.safe import md  # noqa: E402
 from tests.explorer.browser_model import Browser  # noqa: E402
 from tests.helpers import APP  # noqa: E402
@@ -222,8 +222,7 @@ class Walk:
             else:
                 edit = {"edited_rows": {}, "added_rows": [], "deleted_rows": [row]}
                 after = self.expected.without([j])
-        self.at.session_state[f"steer_table_{serial}"] = edit
-        self.browser.run()
+        self.browser.edit_table(self.at.data_editor(key=f"steer_table_{serial}"), edit)
         self.expect(after)
         return True
 
@@ -399,6 +398,41 @@ def test_control_values_and_history():
     with pytest.raises(ControlsError, match="twice"):
         apply_table(both, [3, 7], [{"prototype": 3, "gain": 1.0}, {"prototype": 3, "gain": 2.0}])
     assert plural(1, "prototype") == "1 prototype" and plural(1024, "prototype") == "1,024 prototypes"
+
+
+def test_edited_table_applies_the_editors_state_by_drawn_position():
+    rows = [{"prototype": 3, "gain": 2.0}, {"prototype": 7, "gain": 0.5}, {"prototype": 9, "gain": 4.0}]
+    edit = {"edited_rows": {2: {"gain": 1.5}}, "deleted_rows": [0], "added_rows": [{"prototype": 11}]}
+    assert edited_table(rows, edit) == [
+        {"prototype": 7, "gain": 0.5},
+        {"prototype": 9, "gain": 1.5},
+        {"prototype": 11},
+    ]
+    assert rows[2]["gain"] == 4.0  # the drawn rows are left as they were
+    assert edited_table(rows, {}) == rows
+
+
+def test_a_table_edit_commits_in_its_callback_and_a_refused_one_says_why(explorer_bundle):
+    browser = session(explorer_bundle)
+    at = browser.switch_page("steer")
+    at.slider(key="steer_max_new").set_value(8)
+    browser.run()
+
+    def edit(change: dict) -> None:
+        serial = at.session_state[state.CONTROLS].serial
+        browser.edit_table(at.data_editor(key=f"steer_table_{serial}"), change)
+
+    edit({"added_rows": [{"prototype": 5, "gain": 2.5}]})
+    check(browser, ControlSet.of({5: 2.5}), "added")
+    assert not at.error
+    edit({"edited_rows": {0: {"gain": -1.0}}})
+    check(browser, ControlSet.of({5: 2.5}), "refused")
+    assert any("not applied" in e.value and "gain of prototype 5" in e.value for e in at.error)
+    edit({"edited_rows": {0: {"gain": 0.25, "suppressed": True}}})
+    check(browser, ControlSet.of({5: 0.25}, [5]), "edited")
+    assert not at.error  # the refusal belonged to the table before this change
+    browser.click(at.sidebar.button(key="sidebar_undo"))
+    check(browser, ControlSet.of({5: 2.5}), "undone")
 
 
 def test_bundle_folder_opens_only_allowed_bundles(explorer_bundle, tmp_path, monkeypatch):

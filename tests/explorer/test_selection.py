@@ -13,8 +13,8 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from core import build_atlas_tables, load_bundle, load_index  # noqa: E402
-from core.atlas.layout import knn_purity, shuffled_purity  # noqa: E402
+from core import AtlasError, build_atlas_tables, load_bundle, load_index  # noqa: E402
+from core.atlas.layout import LAYOUT_INPUTS, build_atlas, knn_purity, layout_name, shuffled_purity  # noqa: E402
 from explorer import state  # noqa: E402
 from explorer.controls import ControlSet  # noqa: E402
 from explorer.figures import atlas_figure, group_colours, grouped_slices, grouped_waterfall_figure  # noqa: E402
@@ -49,6 +49,26 @@ def test_map_structure_score_against_its_shuffled_baseline():
     assert shuffled_purity(groups) == pytest.approx(expected)
     shuffled = [knn_purity(xy, rng.permutation(groups)) for _ in range(5)]
     assert np.mean(shuffled) == pytest.approx(expected, abs=0.03)
+
+
+def test_layout_inputs_describe_every_prototype_and_bad_choices_are_refused(explorer_bundle, tmp_path):
+    bundle, index = load_bundle(explorer_bundle), load_index(explorer_bundle)
+    P = index.num_prototypes
+    for name, (_, describe) in LAYOUT_INPUTS.items():
+        vectors = describe(bundle, index)
+        assert vectors.shape[0] == P and np.isfinite(vectors).all(), name
+    # co-activation: per prototype, the other prototypes active at its neighbourhood's positions
+    expected = np.zeros((P, P))
+    for j in range(P):
+        for r in index.neighbour_row[j]:
+            for other in index.positions["code_ids"][r] if r >= 0 else []:
+                expected[j, other] += other != j
+    np.testing.assert_array_equal(LAYOUT_INPUTS["co-activation"][1](bundle, index), expected)
+    with pytest.raises(AtlasError, match="layout_input must be one of co-activation, keys"):
+        build_atlas(explorer_bundle, layout_input="hidden states")
+    assert (
+        layout_name({"input": "keys", "n_neighbors": 30}) == "UMAP of the keys (what prototypes read), n_neighbors 30"
+    )
 
 
 def test_grouped_slices_are_exact_sums():
