@@ -67,3 +67,34 @@ def render_lds(f: dict) -> list[str]:
         f"{num(f.get('baseline_rss_mb'))} MB before the first method), {f.get('threads', NONE)} torch thread(s).",
     ]
     return lines
+
+
+def render_lds_ranks(f: dict) -> list[str]:
+    """bench/lds_ranks.py: PRISM influence's LDS per inverse rank and complement weight."""
+    from _tables import NONE, num, table
+
+    def pm(key: str, sign: bool = False) -> str:
+        return NONE if f.get(key) is None else f"{num(f[key], 3, sign)} ± {num(f.get(key + '_se'), 3)}"
+
+    ranks = f.get("ranks", [])
+    top = max(ranks) if ranks else None
+    rows = [
+        [
+            num(r) + (" (= 2d: exact)" if r == f.get("two_d") else ""),
+            pm(f"rank{r}_mean_lds"),
+            pm(f"rank{r}_damping_lds"),
+            pm(f"rank{r}_mean_minus_damping", sign=True),
+            NONE if r == top else pm(f"rank{r}_minus_rank{top}", sign=True),
+            num(f.get(f"rank{r}_build_s"), 1),
+        ]
+        for r in ranks
+    ]
+    header = ["rank", "LDS, complement 1/(rho + lambda) (format 6)", "LDS, complement 1/lambda (format 5)"]
+    header += ["format 6 − format 5 (paired)", f"− rank {num(top)} (paired, format 6)", "build s"]
+    return table(header, rows) + [
+        "",
+        f"{num(f.get('documents'))} documents, {f.get('lds_queries', NONE)} LDS queries, {f.get('halves', NONE)} "
+        f"halves x {f.get('seeds', NONE)} seeds (bench/lds.py's retrains); curvature from "
+        f"{num(f.get('curvature_tokens'))} training tokens (as shipped); 2d = {num(f.get('two_d'))}; mean ± "
+        "standard error over queries.",
+    ]
