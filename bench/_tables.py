@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from _tables_explorer import render_explorer
-from _tables_lds import render_lds
+from _tables_lds import render_lds, render_lds_ranks
+from _tables_probes import render_probes
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLE = REPO / "assets" / "models" / "demo"
@@ -413,6 +414,8 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "attribution_latency": render_attribution_latency,
     "attribution_quality": render_attribution_quality,
     "lds": render_lds,
+    "lds_ranks": render_lds_ranks,
+    "probes": render_probes,
 }
 
 # ----------------------------------------------------------------------------- the demo bundle's records

@@ -16,7 +16,6 @@ bench/results/sparsity[.TAG].json.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -27,6 +26,18 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import _results  # noqa: E402
+
+
+def training_batches(corpus, tokenizer, seq_len: int, batch_size: int, count: int) -> list[torch.Tensor]:
+    """``count`` (batch_size, seq_len) batches of training sequences in a fixed (seeded) order."""
+    from core.data.corpus import pack
+
+    train_seq = pack(corpus.train.select(range(min(len(corpus.train), 2000))), tokenizer, seq_len)
+    order = torch.randperm(len(train_seq), generator=torch.Generator().manual_seed(0))
+    return [
+        torch.tensor(train_seq[order[i * batch_size : (i + 1) * batch_size].tolist()]["input_ids"])
+        for i in range(count)
+    ]
 
 
 def main() -> None:
@@ -43,7 +54,7 @@ def main() -> None:
 
     from core import PRESETS, load_bundle, load_corpus
     from core.data.corpus import pack
-    from core.model.sparsity import distinct_prototypes, slice_concentration, target_slices
+    from core.model.sparsity import sparsity_figures
     from core.train.trainer import evaluate_loss
 
     torch.manual_seed(0)
@@ -57,20 +68,7 @@ def main() -> None:
     val = pack(corpus.validation, bundle.tokenizer, seq_len)
     n = min(args.sequences, len(val))
     ids = torch.tensor(val[:n]["input_ids"])  # (n, T)
-    with torch.no_grad():
-        hidden = model.model(input_ids=ids).last_hidden_state  # (n, T, d)
-        slices = target_slices(model, hidden[:, :-1].reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1))
-        window = 64 if seq_len % 64 == 0 else seq_len
-        distinct = distinct_prototypes(model, hidden, window)
-    summary = slice_concentration(slices)
-    figures: dict[str, float | int | str | None] = {
-        **{f"slices_{k}": v for k, v in summary.to_json().items()},
-        "num_prototypes": model.config.num_prototypes,
-        "distinct_prototypes_per_window_median": float(statistics.median(distinct.tolist())),
-        "distinct_prototypes_per_window_mean": float(distinct.mean()),
-        "window_tokens": window,
-        "probe_sequences": n,
-    }
+    figures: dict[str, float | int | str | None] = sparsity_figures(model, ids)
 
     n_eval = args.eval_sequences or preset.eval_sequences
     val_eval = pack(corpus.validation, bundle.tokenizer, preset.seq_len)
@@ -83,26 +81,19 @@ def main() -> None:
         if not args.no_throughput:
             from quality import train_throughput
 
-            train_seq = pack(corpus.train.select(range(min(len(corpus.train), 2000))), bundle.tokenizer, seq_len)
-            order = torch.randperm(len(train_seq), generator=torch.Generator().manual_seed(0))
-            size = preset.batch_size
-            batches = [
-                torch.tensor(train_seq[order[i * size : (i + 1) * size].tolist()]["input_ids"])
-                for i in range(args.steps + 1)
-            ]
+            batches = training_batches(corpus, bundle.tokenizer, seq_len, preset.batch_size, args.steps + 1)
             figures["prism_train_tokens_per_s"] = train_throughput(model, batches, preset.learning_rate)
             figures["dense_train_tokens_per_s"] = train_throughput(twin.model, batches, preset.learning_rate)
             figures["throughput_ratio"] = figures["prism_train_tokens_per_s"] / figures["dense_train_tokens_per_s"]
 
-    print(f"{args.model}: P = {model.config.num_prototypes}, k = {summary.top_k}; {summary.positions:,} positions")
-    print(
-        f"  largest 1 / 4 / 8 slices hold {summary.top1_share:.1%} / {summary.top4_share:.1%} / "
-        f"{summary.top8_share:.1%} of the target's absolute slice mass"
-    )
-    median, mean = summary.effective_k_median, summary.effective_k_mean
+    f = figures
+    print(f"{args.model}: P = {f['num_prototypes']}, k = {f['slices_top_k']}; {f['slices_positions']:,} positions")
+    shares = " / ".join(f"{f[f'slices_top{n}_share']:.1%}" for n in (1, 4, 8))
+    print(f"  largest 1 / 4 / 8 slices hold {shares} of the target's absolute slice mass")
+    median, mean = f["slices_effective_k_median"], f["slices_effective_k_mean"]
     print(f"  effective k (80% of the mass): median {median:.0f}, mean {mean:.1f}")
-    distinct_median = figures["distinct_prototypes_per_window_median"]
-    print(f"  distinct prototypes per {window}-token window: median {distinct_median:.0f}")
+    distinct_median = f["distinct_prototypes_per_window_median"]
+    print(f"  distinct prototypes per {f['window_tokens']}-token window: median {distinct_median:.0f}")
     loss = f"  validation loss {figures['prism_val_loss']:.4f}"
     if "val_loss_ratio" in figures:
         loss += f" (dense twin {figures['dense_val_loss']:.4f}, ratio {figures['val_loss_ratio']:.3f})"

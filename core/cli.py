@@ -106,6 +106,33 @@ def _add_train(sub) -> None:
         help="all: straight-through gradient through every prototype's score while training "
         "(forward unchanged); active: the exact top-k gradient; default: the preset's",
     )
+    train.add_argument(
+        "--top-k-start",
+        type=_positive_int,
+        help="anneal k linearly from this many active prototypes down to --top-k while training "
+        "(default: no annealing)",
+    )
+    train.add_argument(
+        "--anneal-fraction",
+        type=number_parser(float, exclusive_minimum=0.0),
+        help="with --top-k-start: the share of the steps over which k is annealed, in (0, 1] (default: 0.5)",
+    )
+    train.add_argument(
+        "--concentration-weight",
+        type=number_parser(float, minimum=0.0),
+        help="weight of the loss on the entropy of each token's active weights (default: 0, off)",
+    )
+    train.add_argument(
+        "--weight-power",
+        type=number_parser(float, exclusive_minimum=0.0),
+        help="weights softplus(score)^p; p > 1 sharpens them (default: 1)",
+    )
+    train.add_argument(
+        "--learn-weight-power",
+        action="store_true",
+        default=None,
+        help="train the weight power, starting from --weight-power",
+    )
     train.set_defaults(func=cmd_train)
 
 

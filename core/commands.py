@@ -43,6 +43,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             ("prototype_top_k", args.top_k),
             ("num_prototypes", args.num_prototypes),
             ("reseed_interval", args.reseed_interval),
+            ("prototype_top_k_start", args.top_k_start),
+            ("top_k_anneal_fraction", args.anneal_fraction),
+            ("concentration_weight", args.concentration_weight),
+            ("weight_power", args.weight_power),
+            ("learn_weight_power", args.learn_weight_power),
         )
         if value is not None
     }

@@ -12,6 +12,7 @@ most of the logit, so the measures are about the absolute slice mass |slice_j| o
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -40,7 +41,7 @@ class SliceConcentration:
 def target_slices(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(N, k) slices of each position's target token, from (N, d) head inputs."""
     head = model.prototypes
-    ids, weights, _ = route(hidden, head.keys, model.config.prototype_top_k)
+    ids, weights, _ = route(hidden, head.keys, model.config.prototype_top_k, power=head.weight_power)
     return prototype_slices(ids, weights, head.values, model.unembedding, targets.unsqueeze(-1))[..., 0, :]
 
 
@@ -77,3 +78,30 @@ def distinct_prototypes(model, hidden: torch.Tensor, window: int = 64) -> np.nda
     ids, _, _ = route(hidden.reshape(-1, d), model.prototypes.keys, model.config.prototype_top_k)
     ids = ids.reshape(B * T // window, window * ids.shape[-1])
     return np.array([len(torch.unique(row)) for row in ids])
+
+
+@torch.no_grad()
+def sparsity_figures(model, input_ids: torch.Tensor, window: int = 64) -> dict[str, float | int]:
+    """The sparsity measures of a PRISM model on (n, T) token sequences, as flat figures.
+
+    Slices are those of every next token (n * (T - 1) positions); distinct prototypes are
+    counted per ``window`` tokens (the whole sequence when T is not a multiple of it).
+
+    Returns:
+        ``slices_*`` (:class:`SliceConcentration`'s fields), ``num_prototypes``,
+        ``distinct_prototypes_per_window_median`` / ``_mean``, ``window_tokens`` and
+        ``probe_sequences``.
+    """
+    hidden = model.model(input_ids=input_ids).last_hidden_state  # (n, T, d)
+    d = hidden.shape[-1]
+    slices = target_slices(model, hidden[:, :-1].reshape(-1, d), input_ids[:, 1:].reshape(-1))  # (n (T-1), k)
+    window = window if input_ids.shape[1] % window == 0 else input_ids.shape[1]
+    distinct = distinct_prototypes(model, hidden, window)
+    return {
+        **{f"slices_{name}": value for name, value in slice_concentration(slices).to_json().items()},
+        "num_prototypes": model.config.num_prototypes,
+        "distinct_prototypes_per_window_median": float(statistics.median(distinct.tolist())),
+        "distinct_prototypes_per_window_mean": float(distinct.mean()),
+        "window_tokens": window,
+        "probe_sequences": int(input_ids.shape[0]),
+    }

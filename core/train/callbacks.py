@@ -1,5 +1,5 @@
 """The training callbacks PRISM adds to the transformers Trainer: dead-prototype re-seeding
-(consistent across ranks), a frozen-backbone start, and a stop for resume tests."""
+(consistent across ranks), k annealing, a frozen-backbone start, and a stop for resume tests."""
 
 from __future__ import annotations
 
@@ -81,9 +81,45 @@ class ReseedCallback(TrainerCallback):
         top_ids, top_scores = active_prototypes(scores[far], head.top_k)  # (n, k)
         kth = top_scores[:, -1:].clamp_min(1e-3)  # (n, 1)
         head.keys[dead] = h * (kth / h.pow(2).sum(-1, keepdim=True).clamp_min(1e-8))
-        weights = prototype_weights(top_scores)  # (n, k)
+        weights = prototype_weights(top_scores, head.weight_power)  # (n, k)
         mean_value = (weights.unsqueeze(-1) * head.values[top_ids]).sum(1) / weights.sum(1, keepdim=True)
         head.values[dead] = mean_value
+
+
+def annealed_top_k(start: int, end: int, fraction: float, step: int, max_steps: int) -> int:
+    """k at optimiser step ``step``: linear from ``start`` to ``end`` over the first
+    ``fraction`` of ``max_steps`` steps (rounded to the nearest integer), then ``end``."""
+    span = max(1, round(fraction * max_steps))
+    progress = min(1.0, step / span)
+    return round(start + (end - start) * progress)
+
+
+class AnnealTopK(TrainerCallback):
+    """Train with k annealed from ``prototype_top_k_start`` down to ``prototype_top_k``.
+
+    The head's ``top_k`` is set before every optimiser step from the step number alone, so a
+    resumed run and every rank follow the same schedule; at the end of training it is the
+    config's k again, which is what the saved model routes with.
+    """
+
+    def __init__(self, trainer: PrismTrainer):
+        self.trainer = trainer
+
+    def _model(self):
+        return self.trainer.accelerator.unwrap_model(self.trainer.model)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        config = self._model().config
+        self._model().prototypes.top_k = annealed_top_k(
+            config.prototype_top_k_start,
+            config.prototype_top_k,
+            config.top_k_anneal_fraction,
+            state.global_step,
+            state.max_steps,
+        )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._model().prototypes.top_k = self._model().config.prototype_top_k
 
 
 class FreezeBackbone(TrainerCallback):

@@ -40,7 +40,7 @@ from core.model.config import PrismConfig
 from core.model.modeling import PrismForCausalLM
 from core.options import check_fields, option
 from core.train.backbone import load_backbone_weights, read_backbone_config
-from core.train.callbacks import FreezeBackbone, ReseedCallback, StopAfter
+from core.train.callbacks import AnnealTopK, FreezeBackbone, ReseedCallback, StopAfter
 from core.train.checkpoints import (  # noqa: F401 (latest_checkpoint, remove_checkpoints: public here too)
     COMPLETE_MARKER,
     check_output_folder,
@@ -406,6 +406,8 @@ def train(opts: TrainOptions) -> dict:
         trainer.remove_callback(PrinterCallback)  # with the bars off it prints every log step instead
     reseed = ReseedCallback(trainer)
     trainer.add_callback(reseed)
+    if model.prototypes is not None and model.config.prototype_top_k_start is not None:
+        trainer.add_callback(AnnealTopK(trainer))
     if opts.freeze_backbone:
         trainer.add_callback(FreezeBackbone(trainer, opts.freeze_backbone))
     if opts.stop_after:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from core.bundle import load_bundle
 from core.data.corpus import CorpusError, load_corpus
 from core.train.trainer import TrainingError, TrainOptions, latest_checkpoint, train
-from tests.helpers import demo_rows, write_jsonl
+from tests.helpers import assert_one_line_error, demo_rows, run, write_jsonl
 
 
 def weights(bundle_dir) -> dict[str, torch.Tensor]:
@@ -153,3 +153,15 @@ def test_completion_marker_is_removed_before_a_checkpoint_is_rewritten(tmp_path,
     trainer._save_checkpoint(None, None)
     assert marked_while_writing == [False]
     assert (folder / COMPLETE_MARKER).exists()
+
+
+def test_sparsity_flags_reach_the_config(tmp_path, capsys, small_corpus):
+    common = ["train", "--corpus", small_corpus, "--max-steps", "2", "--quiet", "--top-k", "4"]
+    flags = ["--top-k-start", "8", "--anneal-fraction", "0.25", "--concentration-weight", "0.2", "--weight-power", "2"]
+    code, _, err = run([*common, "--out", tmp_path / "m", *flags, "--learn-weight-power"], capsys)
+    assert code == 0, err
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (config["prototype_top_k_start"], config["top_k_anneal_fraction"]) == (8, 0.25)
+    assert (config["concentration_weight"], config["weight_power"], config["learn_weight_power"]) == (0.2, 2.0, True)
+    code, _, err = run([*common, "--out", tmp_path / "bad", "--top-k-start", "2"], capsys)
+    assert_one_line_error(code, err, "prototype_top_k_start", "2")
