@@ -123,6 +123,7 @@ class LinearHeadLM(nn.Module):
         self.backbone = source.model
         E = source.unembedding.detach()  # (V, d)
         self.top_k = None if source.prototypes is None else source.config.prototype_top_k
+        self.power = 1.0 if source.prototypes is None else float(source.prototypes.weight_power)
         if source.prototypes is not None:
             keys, values = source.prototypes.keys.detach(), source.prototypes.values.detach()  # (P, d) each
             self.keys = nn.Linear(keys.shape[1], keys.shape[0], bias=False)
@@ -138,7 +139,7 @@ class LinearHeadLM(nn.Module):
         if self.top_k is not None:
             scores = self.keys(hidden)  # (B, T, P)
             ids, top_scores = active_prototypes(scores, self.top_k)  # (B, T, k)
-            weights = torch.zeros_like(scores).scatter(-1, ids, prototype_weights(top_scores))  # (B, T, P)
+            weights = torch.zeros_like(scores).scatter(-1, ids, prototype_weights(top_scores, self.power))  # (B, T, P)
             hidden = self.values(weights)  # (B, T, d) z = sum_j a_j W_j
         return CausalLMOutput(logits=self.unembedding(hidden))  # (B, T, V)
 

@@ -386,7 +386,7 @@ def _scan(
         valid = valid.reshape(-1)  # (N,)
         active = torch.zeros_like(cosine, dtype=torch.bool).scatter_(1, act.ids, True) & valid[:, None]  # (N, P)
         key = torch.where(active, cosine, cosine - 3.0).masked_fill(~valid[:, None], float("-inf"))  # (N, P)
-        weight = torch.where(active, prototype_weights(act.scores), 0.0)  # (N, P)
+        weight = torch.where(active, prototype_weights(act.scores, head.weight_power), 0.0)  # (N, P)
         position = torch.arange(start * T, start * T + B * T, device=dev)  # (N,) global position
         running.update(key, cosine, weight, position, docs.reshape(-1), act.ids, cosine.gather(1, act.ids))
         usage += torch.bincount(act.ids[valid].flatten(), minlength=P)

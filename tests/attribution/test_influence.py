@@ -220,6 +220,17 @@ def test_older_formats_are_refused_with_the_rebuild_command(small_bundle, short_
             self_influence(bundle_dir)
 
 
+def test_influence_refuses_a_model_with_sharpened_weights(small_bundle, short_corpus, tmp_path):
+    """Influence is derived for weights softplus(s); a model trained with --weight-power p != 1
+    is refused with what to do instead, not indexed with the wrong gradients."""
+    bundle_dir = copy_bundle(small_bundle, tmp_path / "power")
+    config = json.loads((bundle_dir / "config.json").read_text())
+    (bundle_dir / "config.json").write_text(json.dumps({**config, "weight_power": 2.0}))
+    assert float(load_bundle(bundle_dir).model.prototypes.weight_power) == 2.0
+    with pytest.raises(InfluenceError, match="p = 2.*--no-influence"):
+        build_influence(bundle_dir, short_corpus, InfluenceArguments(**{**EXACT, "rank": 8}), show_progress=False)
+
+
 def test_factors_load_once_per_index(small_bundle, short_corpus, tmp_path, monkeypatch):
     """A report of several influence traces reads the factors (and the corpus) once, not per item."""
     import core.attribution.influence

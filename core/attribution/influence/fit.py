@@ -362,6 +362,13 @@ def build_influence(
     bundle = load_bundle(bundle_dir, device=device)
     if not bundle.is_prism:
         raise InfluenceError(f"{bundle_dir} is a dense twin: only PRISM models have prototype blocks")
+    power = float(bundle.model.prototypes.weight_power)
+    if power != 1.0:
+        raise InfluenceError(
+            f"{bundle_dir} weighs its prototypes softplus(s)^p with p = {power:g} "
+            "(--weight-power): prototype-block influence is derived for p = 1 only; build the index with "
+            "--no-influence and attribute with --method spans or neighbourhood"
+        )
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     model = bundle.model.to(dtype)
     P, d = model.prototypes.keys.shape
