@@ -60,8 +60,9 @@ model and corpus fingerprints in the header; a mismatch or an older format is re
 command to rebuild.
 
 Modules: :mod:`.math` (the formulas above, on tensors), :mod:`.arguments` (the build's
-options), :mod:`.store` (the position store and its bulk scan), :mod:`.fit` (the build) and
-:mod:`.query` (loading the factors and answering queries).
+options), :mod:`.store` (the position store and its bulk scan), :mod:`.fit` (the build),
+:mod:`.query` (loading the factors and answering queries) and :mod:`.method` (influence as an
+attribution method of the engine).
 """
 
 from core.attribution.influence.arguments import InfluenceArguments

@@ -13,7 +13,6 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,16 +27,12 @@ from core.attribution.influence.store import (
     pair_terms,
 )
 from core.attribution.ranking import best_per_group, rank_groups
-from core.attribution.records import Example
 from core.bundle import model_fingerprint
 from core.data.corpus import CorpusError, load_corpus
-from core.errors import InfluenceError, PrototypeIndexError
+from core.errors import InfluenceError
 from core.index.format import META_FILE, index_dir, snippet_window
 from core.store import read_json, rebuild_hint
 from core.tensorfile import map_tensors
-
-if TYPE_CHECKING:  # the engine imports this module
-    from core.attribution.engine import Query
 
 # 1: (P, M) tables padded with -1; 2: per-prototype entry lists of the top documents, rank-r
 # whitening; 3: every position in a store, complement-preserving inverse; 4: the store written
@@ -546,47 +541,3 @@ def _header(path: Path, fix: str) -> dict:
             return json.loads((f.metadata() or {}).get("meta", "{}"))
     except (SafetensorError, OSError, ValueError) as err:  # JSONDecodeError is a ValueError
         raise InfluenceError(f"the influence factors {path} are not readable ({err}); {fix}") from None
-
-
-# ------------------------------------------------------------------ the engine's method
-
-
-def check(query: Query) -> None:
-    """Refuse factors built for other weights, before the forward pass.
-
-    Raises:
-        InfluenceError: the index's factors are missing or stale.
-        PrototypeIndexError: the factors given belong to another model.
-    """
-    factors, bundle = query.influence(), query.bundle
-    if factors.model_fingerprint != bundle.fingerprint:
-        raise PrototypeIndexError(
-            f"the influence factors were built for model {factors.model_fingerprint}, not this "
-            f"model ({bundle.fingerprint}); rebuild it with {rebuild_hint(bundle.path)}"
-        )
-
-
-def credit(query: Query) -> list[InfluenceCredit]:
-    """One credit per completion token: every stored document's influence on its loss."""
-    t = query.tensors
-    return query.influence().credit(query.bundle.model, t.hidden, t.ids, t.weights, t.targets, t.gains, t.probs)
-
-
-def examples(
-    query: Query, credits: list[InfluenceCredit], top: int, harmful: InfluenceCredit | None = None
-) -> list[list[Example]]:
-    """Ranked documents of each influence credit as examples, with the training token that
-    carried most of the credit marked, and, given a ``harmful`` credit, last, the documents
-    with the most negative influence on its loss, lowest first. All the rankings share one
-    search, one pass over the store and one read of the corpus."""
-    factors = query.influence()
-    candidates, ranking = query.options.get("candidates"), query.options.get("ranking", "relative")
-    requests = [*credits, *([harmful] if harmful is not None else [])]
-    signs = [False] * len(credits) + [True] * (harmful is not None)
-    ranked = factors.rank_many(requests, signs, top, candidates, ranking)
-    records = iter(factors.describe([r for documents in ranked for r in documents]))
-    return [[_example(next(records), r) for r in documents] for documents in ranked]
-
-
-def _example(record: dict, r: RankedDocument) -> Example:
-    return Example(**record, score=r.score, relative=r.relative, prototype=r.prototype, positions=r.entries)
