@@ -301,9 +301,10 @@ class InfluenceFactors:
         ranking: str = "relative",
     ) -> list[list[RankedDocument]]:
         """:meth:`rank` for several (credit, harmful) requests at once, each ranked as if alone:
-        the retrieval tier searches once for all of them, the exact scores of all their
-        candidates come from one pass over the store, and the stored positions of all the
-        ranked documents are read once. A credit may appear in several requests."""
+        every document scored exactly in one scan for all the credits (the default), or the
+        retrieval tier's one search for all of them and each request's candidates scored for
+        its own credit; then the stored positions of all the ranked documents read once. A
+        credit may appear in several requests."""
         if ranking not in RANKINGS:
             raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
         if not credits:
@@ -354,17 +355,17 @@ class InfluenceFactors:
             )
             for c, _, _ in jobs
         ]
+        sorters = [np.argsort(docs) for _, docs, _ in jobs]  # to find a position's place in its job
         lo = 0
         while lo < len(every):  # chunks of whole documents of about ``budget`` positions
             hi = lo + max(1, int(np.searchsorted(np.cumsum(counts[lo:]), budget, side="right")))
             block = every[lo:hi]
             positions, owner = store.positions_of(block)
             rows = store.read(positions)
-            for job, (credit, docs, scores), lookup in zip(parts, jobs, lookups, strict=True):
+            for job, (credit, docs, scores), lookup, sorter in zip(parts, jobs, lookups, sorters, strict=True):
                 keep = np.flatnonzero(np.isin(block[owner], docs))  # the positions of this job's documents
                 if not len(keep):
                     continue
-                sorter = np.argsort(docs)
                 place = sorter[np.searchsorted(docs, block[owner[keep]], sorter=sorter)]  # (L,) place in the job
                 sign = np.where(scores[place] < 0, -1.0, 1.0)
                 subset = tuple(t.index_select(0, torch.from_numpy(keep)) for t in rows)
