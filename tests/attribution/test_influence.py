@@ -89,6 +89,7 @@ def brute_force_scores(bundle_dir: Path, corpus_path: Path, damping: float) -> d
     head, E = model.prototypes, model.unembedding.detach()
     P, d = head.keys.shape
     k = model.config.prototype_top_k
+    power = float(head.weight_power)  # a_j = softplus(s_j)^p
     corpus = load_corpus(corpus_path)
     packed = pack(corpus.train, bundle.tokenizer, 64).with_format("numpy")[:SEQUENCES]
 
@@ -96,7 +97,7 @@ def brute_force_scores(bundle_dir: Path, corpus_path: Path, damping: float) -> d
         keys = head.keys.detach().clone().requires_grad_(True)
         values = head.values.detach().clone().requires_grad_(True)
         top, ids = (hidden @ keys.T).topk(k)
-        z = (F.softplus(top).unsqueeze(-1) * values[ids]).sum(0)
+        z = (F.softplus(top).pow(power).unsqueeze(-1) * values[ids]).sum(0)
         logits = E @ z
         loss = F.cross_entropy(logits.unsqueeze(0), torch.tensor([target]))
         gk, gv = torch.autograd.grad(loss, (keys, values))
@@ -142,8 +143,16 @@ def brute_force_scores(bundle_dir: Path, corpus_path: Path, damping: float) -> d
     return dict(zip(names, values.tolist(), strict=True))
 
 
-def test_engine_matches_brute_force(small_bundle, short_corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_engine_matches_brute_force(small_bundle, short_corpus, tmp_path, monkeypatch, power):
+    """Exact influence equals one dense solve over autograd gradients, also for a head whose
+    weights are softplus(s)^p with p = 2 (--weight-power): its own gradients, not p = 1's."""
     bundle_dir = copy_bundle(small_bundle, tmp_path / "exact")
+    if power != 1.0:
+        config = json.loads((bundle_dir / "config.json").read_text())
+        (bundle_dir / "config.json").write_text(json.dumps({**config, "weight_power": power}))
+        assert float(load_bundle(bundle_dir).model.prototypes.weight_power) == power
+        build_index(bundle_dir, short_corpus, max_tokens=64 * SEQUENCES, dtype="float64", show_progress=False)
     summary = build_influence(bundle_dir, short_corpus, InfluenceArguments(**EXACT, batch_size=4), show_progress=False)
     assert summary["rank"] == 2 * 64 and summary["curvature_positions"] > 300
     engine = scores_of(bundle_dir)
@@ -218,17 +227,6 @@ def test_older_formats_are_refused_with_the_rebuild_command(small_bundle, short_
             load_influence(bundle_dir)
         with pytest.raises(InfluenceError, match="prism index"):
             self_influence(bundle_dir)
-
-
-def test_influence_refuses_a_model_with_sharpened_weights(small_bundle, short_corpus, tmp_path):
-    """Influence is derived for weights softplus(s); a model trained with --weight-power p != 1
-    is refused with what to do instead, not indexed with the wrong gradients."""
-    bundle_dir = copy_bundle(small_bundle, tmp_path / "power")
-    config = json.loads((bundle_dir / "config.json").read_text())
-    (bundle_dir / "config.json").write_text(json.dumps({**config, "weight_power": 2.0}))
-    assert float(load_bundle(bundle_dir).model.prototypes.weight_power) == 2.0
-    with pytest.raises(InfluenceError, match="p = 2.*--no-influence"):
-        build_influence(bundle_dir, short_corpus, InfluenceArguments(**{**EXACT, "rank": 8}), show_progress=False)
 
 
 def test_factors_load_once_per_index(small_bundle, short_corpus, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ out with exp/log, not with the library's functions) and compares it with what a 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from core.model.head import PrototypeHead
@@ -13,13 +14,13 @@ from core.model.head import PrototypeHead
 P, D, K, V, N = 12, 6, 3, 9, 20
 
 
-def definition(hidden, keys, values, top_k, gains=None, suppressed=None):
-    """s = h K^T; S = top-k of s outside the suppressed; a_j = log(1 + exp(s_j)) g_j; z = sum a_j W_j."""
+def definition(hidden, keys, values, top_k, gains=None, suppressed=None, power=1.0):
+    """s = h K^T; S = top-k of s outside the suppressed; a_j = log(1 + exp(s_j))^p g_j; z = sum a_j W_j."""
     scores = hidden @ keys.T  # (N, P)
     if suppressed is not None:
         scores = scores.masked_fill(suppressed, float("-inf"))
     top, ids = scores.topk(top_k, dim=-1)  # (N, k)
-    weights = torch.log1p(torch.exp(top))
+    weights = torch.log1p(torch.exp(top)) ** power
     if gains is not None:
         weights = weights * gains[ids]
     mixed = (weights.unsqueeze(-1) * values[ids]).sum(1)  # (N, d)
@@ -63,19 +64,20 @@ def test_influence_active_set_and_probabilities_match_the_definition():
     torch.testing.assert_close(probs, (ref_mixed @ embedding.T).softmax(-1), rtol=1e-12, atol=1e-12)
 
 
-def test_influence_gradients_match_autograd_of_the_definition():
+@pytest.mark.parametrize("power", [1.0, 2.0, 2.5])
+def test_influence_gradients_match_autograd_of_the_definition(power):
     from core.attribution.influence import active_set, head_probabilities, prototype_gradients
 
     hidden, keys, values, embedding, gains, _ = _tensors(2)
     targets = torch.arange(N) % V
-    ids, weights = active_set(hidden, keys, K)
+    ids, weights = active_set(hidden, keys, K, power)
     weights = weights * gains[ids]
     probs = head_probabilities(ids, weights, values, embedding)
-    grads = prototype_gradients(hidden, ids, weights, probs, targets, keys, values, embedding, gains)  # (N, k, 2d)
+    grads = prototype_gradients(hidden, ids, weights, probs, targets, keys, values, embedding, gains, power)
     for t in range(3):
         K_ = keys.clone().requires_grad_(True)
         W_ = values.clone().requires_grad_(True)
-        _, _, mixed = definition(hidden[t : t + 1], K_, W_, K, gains)
+        _, _, mixed = definition(hidden[t : t + 1], K_, W_, K, gains, power=power)
         loss = torch.nn.functional.cross_entropy(mixed @ embedding.T, targets[t : t + 1])
         gK, gW = torch.autograd.grad(loss, (K_, W_))
         expected = torch.cat([gK[ids[t]], gW[ids[t]]], dim=-1)  # (k, 2d)

@@ -2,10 +2,12 @@
 
 Notation (see core/model/head.py). Prototype j owns theta_j = (K_j, W_j), 2d numbers. A position
 with final hidden state h has scores s_j = h . K_j, active set S = top k of s, weights
-a_j = g_j softplus(s_j) (g: controller gains), z = sum_{j in S} a_j W_j, logits = E z and
-p = softmax(logits). Its loss L = -log p_y has, for j in S,
+a_j = g_j softplus(s_j)^q (g: controller gains; q the head's weight power, 1 unless trained with
+another), z = sum_{j in S} a_j W_j, logits = E z and p = softmax(logits). Its loss L = -log p_y
+has, for j in S,
 
-    dL/dW_j = a_j r,    dL/dK_j = c_j h,    c_j = g_j sigmoid(s_j) (W_j . r),    r = E^T (p - e_y)   (d,)
+    dL/dW_j = a_j r,    dL/dK_j = c_j h,    c_j = g_j q softplus(s_j)^(q-1) sigmoid(s_j) (W_j . r),
+    r = E^T (p - e_y)   (d,)
 
 and zero for every other prototype (the top-k choice is piecewise constant). A token's
 gradient therefore touches only its k active blocks, and all k are built from the same two

@@ -73,7 +73,7 @@ def _forward(model, ids: torch.Tensor, docs: torch.Tensor):
     B, T = ids.shape
     head, E = model.prototypes, model.unembedding
     hidden = model.model(input_ids=ids).last_hidden_state.reshape(B * T, -1)  # (N, d)
-    active, weights = active_set(hidden, head.keys, model.config.prototype_top_k)  # (N, k)
+    active, weights = active_set(hidden, head.keys, model.config.prototype_top_k, head.weight_power)  # (N, k)
     probs = head_probabilities(active, weights, head.values, E)  # (N, V)
     return hidden, active, weights, probs, _attributable(docs).reshape(-1)
 
@@ -136,7 +136,15 @@ def _fit_curvature(
             hidden, active, weights, probs, valid = _forward(model, ids, docs)
             labels = sampled_targets(probs.view(B, T, -1), seqs, args.seed).reshape(-1)
             grads = prototype_gradients(
-                hidden[valid], active[valid], weights[valid], probs[valid], labels[valid], head.keys, head.values, E
+                hidden[valid],
+                active[valid],
+                weights[valid],
+                probs[valid],
+                labels[valid],
+                head.keys,
+                head.values,
+                E,
+                power=head.weight_power,
             )  # (n, k, 2d)
             flat_ids = active[valid].reshape(-1)
             flat = grads.reshape(-1, D)  # (n k, 2d)
@@ -240,7 +248,7 @@ def _positions(
         hidden, active, weights, probs, valid = _forward(model, ids, docs)
         targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).reshape(-1)[valid]  # next token
         h, ids_v, a = hidden[valid], active[valid], weights[valid]  # (n, d), (n, k), (n, k)
-        r, c = gradient_parts(h, ids_v, probs[valid], targets, head.keys, head.values, E)
+        r, c = gradient_parts(h, ids_v, probs[valid], targets, head.keys, head.values, E, power=head.weight_power)
         document = owner[writer.cursor : writer.cursor + len(h)].to(device)
         writer.add(h, r, ids_v, c, a)
         self_influence.add(document, h, r, ids_v, c, a)
@@ -362,13 +370,6 @@ def build_influence(
     bundle = load_bundle(bundle_dir, device=device)
     if not bundle.is_prism:
         raise InfluenceError(f"{bundle_dir} is a dense twin: only PRISM models have prototype blocks")
-    power = float(bundle.model.prototypes.weight_power)
-    if power != 1.0:
-        raise InfluenceError(
-            f"{bundle_dir} weighs its prototypes softplus(s)^p with p = {power:g} "
-            "(--weight-power): prototype-block influence is derived for p = 1 only; build the index with "
-            "--no-influence and attribute with --method spans or neighbourhood"
-        )
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     model = bundle.model.to(dtype)
     P, d = model.prototypes.keys.shape

@@ -12,9 +12,11 @@ import torch
 from core.model.head import gained, mix_values, prototype_weights_grad, route
 
 
-def active_set(hidden: torch.Tensor, keys: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, k) active prototype ids and weights a_j (no gains) of (N, d) hidden states."""
-    ids, weights, _ = route(hidden, keys, top_k)  # (N, k)
+def active_set(
+    hidden: torch.Tensor, keys: torch.Tensor, top_k: int, power: float | torch.Tensor = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, k) active prototype ids and weights a_j (no gains) of (N, d) hidden states; ``power`` is p."""
+    ids, weights, _ = route(hidden, keys, top_k, power=power)  # (N, k)
     return ids, weights
 
 
@@ -34,20 +36,22 @@ def gradient_parts(
     values: torch.Tensor,
     embedding: torch.Tensor,
     gains: torch.Tensor | None = None,
+    power: float | torch.Tensor = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two per-position factors of the block gradients, from the forward pass alone.
 
     Args:
         hidden: (N, d); ids: (N, k) active set; probs: (N, V); targets: (N,) token ids;
-        keys, values: (P, d); embedding: (V, d); gains: (P,) or None.
+        keys, values: (P, d); embedding: (V, d); gains: (P,) or None; power: the weight power p.
 
     Returns:
-        r = E^T (p - e_y) (N, d) and c_j = dL/ds_j = g_j sigmoid(s_j) (W_j . r) (N, k), so that
-        block j's gradient is [c_j h ; a_j r].
+        r = E^T (p - e_y) (N, d) and c_j = dL/ds_j = g_j (da_j/ds_j) (W_j . r) (N, k), with
+        da_j/ds_j = sigmoid(s_j) for p = 1 (p softplus(s_j)^(p-1) sigmoid(s_j) in general), so
+        that block j's gradient is [c_j h ; a_j r].
     """
     r = probs @ embedding - embedding[targets]  # (N, d)
     scores = (keys[ids] * hidden.unsqueeze(1)).sum(-1)  # (N, k) s_j
-    gate = gained(prototype_weights_grad(scores), ids, gains)  # (N, k) da_j/ds_j
+    gate = gained(prototype_weights_grad(scores, power), ids, gains)  # (N, k) da_j/ds_j
     c = gate * (values[ids] @ r.unsqueeze(-1)).squeeze(-1)  # (N, k)
     return r, c
 
@@ -67,18 +71,19 @@ def prototype_gradients(
     values: torch.Tensor,
     embedding: torch.Tensor,
     gains: torch.Tensor | None = None,
+    power: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
     """Gradients of -log p(target) with respect to each active prototype's (K_j, W_j).
 
     Args:
         hidden: (N, d); ids, weights: (N, k) active set and weights (gains applied);
         probs: (N, V) the model's next-token distribution; targets: (N,) token ids;
-        keys, values: (P, d); embedding: (V, d); gains: (P,) or None.
+        keys, values: (P, d); embedding: (V, d); gains: (P,) or None; power: the weight power p.
 
     Returns:
         (N, k, 2d): [dL/dK_j, dL/dW_j] for the k active prototypes of each position.
     """
-    r, c = gradient_parts(hidden, ids, probs, targets, keys, values, embedding, gains)
+    r, c = gradient_parts(hidden, ids, probs, targets, keys, values, embedding, gains, power)
     return block_gradients(hidden, r, c, weights)
 
 

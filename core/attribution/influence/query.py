@@ -195,7 +195,8 @@ class InfluenceFactors:
         n, k = ids.shape
         if n == 0:
             return []
-        grads = prototype_gradients(h, ids, weights.to(dt), probs, targets, K, W, Em, gains)  # (n, k, 2d)
+        power = head.weight_power
+        grads = prototype_gradients(h, ids, weights.to(dt), probs, targets, K, W, Em, gains, power)  # (n, k, 2d)
         flat = ids.reshape(-1).cpu()  # (n k,) the (token, active prototype) pairs
         psi = apply_inverse(
             grads.reshape(n * k, -1).cpu(), flat, self.eigenvectors, self.inverse_weights, self.complement
