@@ -139,6 +139,7 @@ def build_backbone_config(backbone: PreTrainedConfig, preset: Preset, dense: boo
         prototype_top_k=preset.top_k,
         dense=dense,
         router_gradient=preset.router_gradient,
+        weight_power=preset.weight_power,
         sequence_length=sequence_length(preset, backbone),
         tie_word_embeddings=bool(getattr(backbone, "tie_word_embeddings", True)),
     )
@@ -166,6 +167,7 @@ def build_config(preset: Preset, vocab_size: int, eos_id: int, dense: bool, **ov
         prototype_top_k=preset.top_k,
         dense=dense,
         router_gradient=preset.router_gradient,
+        weight_power=preset.weight_power,
         sequence_length=preset.seq_len,
     )
     return PrismConfig(text_config=text_config, **{**fields, **overrides})

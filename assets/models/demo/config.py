@@ -39,6 +39,17 @@ class PrismConfig(PreTrainedConfig):
         diversity_margin: cosine above which two prototype keys are penalised.
         balance_weight: weight of the load-balance loss (no dead prototypes).
         reseed_interval: training steps between checks for dead prototypes (0 disables).
+        prototype_top_k_start: k at the start of training, annealed linearly down to
+            ``prototype_top_k`` over the first ``top_k_anneal_fraction`` of the steps (a wide
+            active set while the prototypes are still unspecialised); None: k throughout.
+            Training only: the saved model always routes to ``prototype_top_k``.
+        top_k_anneal_fraction: the share of the training steps over which k is annealed.
+        concentration_weight: weight of the concentration loss (the normalised entropy of
+            each token's k active weights: a few prototypes carry each prediction); 0: off.
+        weight_power: the power p of the weights a_j = softplus(s_j)^p; p > 1 sharpens them
+            (the ratio of two weights is raised to p). Slices stay exact for any p > 0.
+        learn_weight_power: p is a trained parameter (``log_weight_power``, started at
+            ``weight_power``) instead of a constant.
         router_gradient: ``active``: training follows the exact gradient of the top-k head, so
             a token's loss reaches only its k active prototypes; ``all``: a straight-through
             estimator also passes the gradient through the softplus mixture of all P
@@ -69,6 +80,11 @@ class PrismConfig(PreTrainedConfig):
     diversity_margin: float = 0.5
     balance_weight: float = 0.1
     reseed_interval: int = 100
+    prototype_top_k_start: int | None = None
+    top_k_anneal_fraction: float = 0.5
+    concentration_weight: float = 0.0
+    weight_power: float = 1.0
+    learn_weight_power: bool = False
     router_gradient: str = "active"
     sequence_length: int | None = None
     tie_word_embeddings: bool = True
@@ -97,7 +113,17 @@ class PrismConfig(PreTrainedConfig):
             raise ArgumentError(
                 f"prototype_top_k must be in [1, num_prototypes={self.num_prototypes}], got {self.prototype_top_k}"
             )
-        for name in ("cluster_weight", "anchor_weight", "diversity_weight", "balance_weight"):
+        start = self.prototype_top_k_start
+        if start is not None and not self.prototype_top_k <= start <= self.num_prototypes:
+            raise ArgumentError(
+                f"prototype_top_k_start must be in [prototype_top_k={self.prototype_top_k}, "
+                f"num_prototypes={self.num_prototypes}], got {start}"
+            )
+        if not 0.0 < self.top_k_anneal_fraction <= 1.0:
+            raise ArgumentError(f"top_k_anneal_fraction must be in (0, 1], got {self.top_k_anneal_fraction}")
+        if not self.weight_power > 0:
+            raise ArgumentError(f"weight_power must be > 0, got {self.weight_power}")
+        for name in ("cluster_weight", "anchor_weight", "diversity_weight", "balance_weight", "concentration_weight"):
             if getattr(self, name) < 0:
                 raise ArgumentError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not -1.0 <= self.diversity_margin <= 1.0:

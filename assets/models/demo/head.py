@@ -2,8 +2,9 @@
 
 For a token with final normalised hidden state h (dimension d), the head scores every
 prototype by s_j = h . K_j, keeps the top k (suppressed prototypes are masked out first),
-gives each active prototype the weight a_j = softplus(s_j) times its controller gain g_j,
-and returns z = sum_j a_j W_j. The logits are E z with E the tied token embedding and no
+gives each active prototype the weight a_j = softplus(s_j)^p times its controller gain g_j
+(the weight power p is 1 unless the model was trained with another, see PrismConfig), and
+returns z = sum_j a_j W_j. The logits are E z with E the tied token embedding and no
 bias, so the logit of any token y splits exactly into per-prototype slices
 
     logit(y) = sum_j a_j (E_y . W_j) = sum_j slice_j(y).
@@ -15,6 +16,7 @@ hold every caller to these definitions.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,14 +29,24 @@ def prototype_scores(hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return hidden @ keys.T
 
 
-def prototype_weights(scores: torch.Tensor) -> torch.Tensor:
-    """The weight of a prototype with score s before gains: softplus(s) > 0 (elementwise)."""
-    return F.softplus(scores)
+def prototype_weights(scores: torch.Tensor, power: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """The weight of a prototype with score s before gains: softplus(s)^p > 0 (elementwise).
+
+    A power p > 1 sharpens the weights: the ratio of two active weights is raised to p.
+    """
+    weights = F.softplus(scores)
+    return weights if _is_one(power) else weights.pow(power)
 
 
-def prototype_weights_grad(scores: torch.Tensor) -> torch.Tensor:
-    """d prototype_weights / d s, elementwise: sigmoid(s)."""
-    return torch.sigmoid(scores)
+def prototype_weights_grad(scores: torch.Tensor, power: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """d prototype_weights / d s, elementwise: p softplus(s)^(p - 1) sigmoid(s)."""
+    gate = torch.sigmoid(scores)
+    return gate if _is_one(power) else power * F.softplus(scores).pow(power - 1) * gate
+
+
+def _is_one(power: float | torch.Tensor) -> bool:
+    """True for the plain float 1 (a learned power is a tensor and always applied)."""
+    return not isinstance(power, torch.Tensor) and power == 1.0
 
 
 def active_prototypes(
@@ -61,15 +73,18 @@ def route(
     top_k: int,
     gains: torch.Tensor | None = None,
     suppressed: torch.Tensor | None = None,
+    power: float | torch.Tensor = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Active ids, their weights a_j (gains applied) and all scores for (N, d) hidden states.
+
+    ``power`` is the head's weight power p (:attr:`PrototypeHead.weight_power`).
 
     Returns:
         ids (N, k), weights (N, k), scores (N, P).
     """
     scores = prototype_scores(hidden, keys)  # (N, P)
     ids, top_scores = active_prototypes(scores, top_k, suppressed)  # (N, k)
-    return ids, gained(prototype_weights(top_scores), ids, gains), scores
+    return ids, gained(prototype_weights(top_scores, power), ids, gains), scores
 
 
 def mix_values(ids: torch.Tensor, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -153,22 +168,43 @@ class PrototypeHead(nn.Module):
     """P prototypes with keys K (P, d) and values W (P, d).
 
     A token's active set is the top k of s_j = h . K_j; each active prototype gets the weight
-    a_j = softplus(s_j) * g_j, so exactly k weights are positive (for positive gains) and the
+    a_j = softplus(s_j)^p * g_j, so exactly k weights are positive (for positive gains) and the
     rest are zero. softplus rather than a softmax over the active set: a convex combination
     of k values cannot reach the output scale and directions a dense head reaches, and cost
     the tiny preset 0.5-1.4 nats of validation loss against its dense twin in our probes.
+
+    ``top_k`` is an attribute that training may change between steps (k annealing,
+    core/train/callbacks.py); outside training it is the config's ``prototype_top_k``.
+    With ``learn_weight_power`` the power p = exp(``log_weight_power``) is a parameter.
     """
 
-    def __init__(self, num_prototypes: int, hidden_size: int, top_k: int, router_gradient: str = "active"):
+    def __init__(
+        self,
+        num_prototypes: int,
+        hidden_size: int,
+        top_k: int,
+        router_gradient: str = "active",
+        weight_power: float = 1.0,
+        learn_weight_power: bool = False,
+    ):
         super().__init__()
         self.num_prototypes = num_prototypes
         self.top_k = top_k
         self.router_gradient = router_gradient
         self.keys = nn.Parameter(torch.empty(num_prototypes, hidden_size))
         self.values = nn.Parameter(torch.empty(num_prototypes, hidden_size))
+        self.initial_weight_power = weight_power
+        self.log_weight_power = nn.Parameter(torch.tensor(math.log(weight_power))) if learn_weight_power else None
         # How often each prototype was active since the last dead-prototype check. Updated in
         # training mode only; persistent so that a resumed run continues the same window.
         self.register_buffer("usage_window", torch.zeros(num_prototypes), persistent=True)
+
+    @property
+    def weight_power(self) -> float | torch.Tensor:
+        """The power p of the weights softplus(s)^p: a float, or a scalar tensor when learned."""
+        if self.log_weight_power is None:
+            return self.initial_weight_power
+        return self.log_weight_power.exp()
 
     def forward(
         self,
@@ -184,11 +220,12 @@ class PrototypeHead(nn.Module):
             suppressed: (P,) bool mask of prototypes that may not be active, or None.
         """
         hidden = hidden.to(self.keys.dtype)  # a bfloat16 backbone feeds a float32 head (see PrismPreTrainedModel)
-        ids, weights, scores = route(hidden, self.keys, self.top_k, gains, suppressed)  # (N, k), (N, k), (N, P)
+        power = self.weight_power
+        ids, weights, scores = route(hidden, self.keys, self.top_k, gains, suppressed, power)  # (N, k), (N, k), (N, P)
         if self.training and self.router_gradient == "all" and torch.is_grad_enabled():
             # Straight-through: the value of `mixed` is the sparse mixture, its gradient is
             # that of the weighted mixture of every (unsuppressed) prototype as well.
-            every = prototype_weights(scores)  # (N, P)
+            every = prototype_weights(scores, power)  # (N, P)
             if suppressed is not None:
                 every = every.masked_fill(suppressed, 0.0)
             if gains is not None:

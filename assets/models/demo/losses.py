@@ -1,16 +1,19 @@
 """The clustering objectives that tie prototypes to neighbourhoods of training tokens.
 
-L = CE + l_clst * L_clst + l_anc * L_anchor + l_div * L_div + l_bal * L_bal, where
+L = CE + l_clst * L_clst + l_anc * L_anchor + l_div * L_div + l_bal * L_bal [+ l_conc * L_conc], where
 - L_clst = mean_t (1 - max_j cos(h_t, K_j)): every token sits near some prototype;
 - L_anchor = mean_j (1 - max_t cos(K_j, h_t)) over a bank of this batch's (detached)
   hidden states: every prototype sits on real training data;
 - L_div = mean over pairs j != l of relu(cos(K_j, K_l) - margin)^2: distinct neighbourhoods;
 - L_bal = P * sum_j f_j * p_j with f_j the share of active slots held by prototype j and p_j
-  its mean full-softmax probability (minimum 1 when usage is uniform): no dead prototypes.
+  its mean full-softmax probability (minimum 1 when usage is uniform): no dead prototypes;
+- L_conc = mean_t H(a_t / sum_j a_tj) / log k, the entropy of each token's k active weights
+  normalised to [0, 1] (only when ``concentration_weight`` > 0): a few prototypes per prediction.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -62,15 +65,29 @@ def balance_loss(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return P * (share * mean_prob).sum()
 
 
+def concentration_loss(weights: torch.Tensor) -> torch.Tensor:
+    """(N, k) non-negative active weights -> mean normalised entropy of each row's distribution.
+
+    0 when one prototype holds all of a token's weight, 1 when the k share it equally.
+    """
+    k = weights.shape[-1]
+    if k < 2:
+        return weights.sum() * 0.0
+    share = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)  # (N, k)
+    entropy = -(share * share.clamp_min(1e-12).log()).sum(-1)  # (N,)
+    return entropy.mean() / math.log(k)
+
+
 def prototype_losses(
     hidden: torch.Tensor,
     scores: torch.Tensor,
     cosine: torch.Tensor,
     ids: torch.Tensor,
+    weights: torch.Tensor,
     head: PrototypeHead,
     config: PrismConfig,
 ) -> dict[str, torch.Tensor]:
-    """The four prototype terms for one batch (or a strided token subset of it), unweighted.
+    """The prototype terms for one batch (or a strided token subset of it), unweighted.
 
     The model passes every (N / TOKEN_SAMPLE)-th token: the terms' cost stays small next to
     the backbone's, and bench/quality.py measures the throughput ratio to the dense twin.
@@ -80,14 +97,21 @@ def prototype_losses(
         scores: (N, P) their prototype scores h . K_j.
         cosine: (N, P) their cosines to every prototype key.
         ids: (N, k) active prototype ids.
+        weights: (N, k) their weights.
+
+    Returns:
+        cluster, anchor, diversity and balance; concentration too when its weight is > 0.
     """
     bank = hidden[:: max(1, hidden.shape[0] // ANCHOR_BANK_SIZE)]
-    return {
+    terms = {
         "cluster": cluster_loss(cosine),
         "anchor": anchor_loss(head.keys, bank),
         "diversity": diversity_loss(head.keys, config.diversity_margin, DIVERSITY_SAMPLE),
         "balance": balance_loss(scores, ids),
     }
+    if config.concentration_weight > 0:
+        terms["concentration"] = concentration_loss(weights)
+    return terms
 
 
 def total_loss(ce: torch.Tensor, aux: dict[str, torch.Tensor], config: PrismConfig) -> torch.Tensor:
@@ -97,5 +121,6 @@ def total_loss(ce: torch.Tensor, aux: dict[str, torch.Tensor], config: PrismConf
         "anchor": config.anchor_weight,
         "diversity": config.diversity_weight,
         "balance": config.balance_weight,
+        "concentration": config.concentration_weight,
     }
     return ce + sum(weights[name] * value for name, value in aux.items())

@@ -14,6 +14,7 @@ it imports only torch, transformers and its neighbours, by relative imports.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -74,8 +75,11 @@ class PrismPreTrainedModel(PreTrainedModel):
             d = module.keys.shape[1]
             # Keys: h . K_j ~ N(0, 1) for RMS-normalised h. Values: z starts at the scale of h.
             init.normal_(module.keys, mean=0.0, std=d**-0.5)
-            init.normal_(module.values, mean=0.0, std=module.top_k**-0.5)
+            k = self.config.prototype_top_k_start or module.top_k  # the k that training starts with
+            init.normal_(module.values, mean=0.0, std=k**-0.5)
             init.zeros_(module.usage_window)
+            if module.log_weight_power is not None:
+                init.constant_(module.log_weight_power, math.log(module.initial_weight_power))
         else:
             super()._init_weights(module)
 
@@ -93,7 +97,14 @@ class PrismForCausalLM(PrismPreTrainedModel, GenerationMixin):
         self.prototypes = (
             None
             if config.dense
-            else PrototypeHead(config.num_prototypes, hidden, config.prototype_top_k, config.router_gradient)
+            else PrototypeHead(
+                config.num_prototypes,
+                hidden,
+                config.prototype_top_k,
+                config.router_gradient,
+                config.weight_power,
+                config.learn_weight_power,
+            )
         )
         # An untied pretrained decoder keeps its own output matrix; it is E, still without bias.
         vocab = config.text_config.vocab_size
@@ -204,7 +215,13 @@ class PrismForCausalLM(PrismPreTrainedModel, GenerationMixin):
                 every = max(1, flat.shape[0] // TOKEN_SAMPLE)
                 cosine = self.prototypes.cosine(flat[::every], act.scores[::every])  # (N / every, P)
                 result.aux_losses = prototype_losses(
-                    flat[::every], act.scores[::every], cosine, act.ids[::every], self.prototypes, self.config
+                    flat[::every],
+                    act.scores[::every],
+                    cosine,
+                    act.ids[::every],
+                    act.weights[::every],
+                    self.prototypes,
+                    self.config,
                 )
         if labels is not None:
             result.loss = F.cross_entropy(
