@@ -80,6 +80,12 @@ def render_explorer(f: dict) -> list[str]:
             s("steer_1000_gains_browser_edit_script_run_s_median", 3),
         ],
         [
+            "the edit in the page's clock: Enter to the start of its run (the data editor sends an edit 150 ms "
+            "after it) / to the end of the run (medians)",
+            f"{s('steer_1000_gains_browser_edit_to_run_start_s_median', 3)} / "
+            f"{s('steer_1000_gains_browser_edit_to_run_end_s_median', 3)}",
+        ],
+        [
             "Steer with 1,000 gains: a pinned gain slider moved to the regenerated text (median)",
             s("steer_1000_gains_browser_slider_s_median", 3),
         ],

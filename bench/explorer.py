@@ -22,7 +22,13 @@ And in-process (no browser): generate_text of 64 tokens under a controls change,
 17's server-side figures (see ``audit``: the map-structure scores of the shipped layout, of the
 keys-UMAP baseline, of a shuffled baseline and of every candidate layout; Steer with 1,000 gains
 and 50 prototypes picked under Streamlit's AppTest), alone with
-`python bench/explorer.py --audit-only --results-tag audit`.
+`python bench/explorer.py --audit-only --results-tag audit`. Steer with 1,000 gains alone,
+server-side and in the browser (no results file written): `python bench/explorer.py --steer-only`.
+
+Every wait for the end of a script run checks on each animation frame (``idle``): Playwright's
+own waits check every 500 ms after the first few, which added up to 0.5 s to the timings before.
+A table edit is also split in the page's clock: Enter to the start of its run (Streamlit's data
+editor sends an edit 150 ms after it) and to the end of the run.
 
 Prints a table, then one JSON line, also written to bench/results/explorer.json
 (bench/_results.py). Without Chromium or playwright only the in-process figures are printed.
@@ -66,8 +72,19 @@ st.write("drawn")
 
 
 def idle(page) -> None:
+    """Wait for the end of the script run in progress, checked on every animation frame.
+
+    Playwright's own waits (``wait_for_selector``, ``locator.wait_for``) check again after 20,
+    50, 100, 100 and then every 500 ms: a run that ended just after a check was seen up to
+    0.5 s late, which the edit timings before this change included (1.197 s measured for a
+    Steer table edit whose run ended 0.85 s after the key press).
+    """
     time.sleep(0.05)
-    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=300_000)
+    page.wait_for_function(
+        "() => document.querySelector('[data-testid=stApp]')?.dataset.testScriptState === 'notRunning'",
+        polling="raf",
+        timeout=300_000,
+    )
 
 
 def pin_slider(page, prototype: int) -> None:
@@ -88,9 +105,12 @@ def thousand_gains(num_prototypes: int) -> dict[int, float]:
 
 
 # Watches Streamlit's script state: window.__prismRuns gets [state, performance.now()] on each change.
+# One observer per app element: another call only empties the list.
 RUN_WATCH = """() => {
   const app = document.querySelector('[data-testid=stApp]');
   window.__prismRuns = [];
+  if (window.__prismWatched === app) return;
+  window.__prismWatched = app;
   new MutationObserver(() => window.__prismRuns.push([app.dataset.testScriptState, performance.now()]))
     .observe(app, {attributes: true, attributeFilter: ['data-test-script-state']});
 }"""
@@ -111,6 +131,28 @@ LASSO_CIRCLE = """([n, used]) => {
   }
   return best;
 }"""
+
+
+# The page's clock at the analyst's Enter key (before the grid's editor takes it).
+KEY_WATCH = """() => {
+  window.__prismEnter = null;
+  if (window.__prismKeys) return;
+  window.__prismKeys = true;
+  document.addEventListener('keydown', e => {
+    if (e.key === 'Enter' && window.__prismEnter === null) window.__prismEnter = performance.now();
+  }, {capture: true});
+}"""
+
+
+def edit_phases(page) -> tuple[float, float] | None:
+    """In the page's clock, seconds from the Enter key (KEY_WATCH) to the start of the run it
+    caused and to the end of that run (RUN_WATCH); None when the page saw no complete run."""
+    enter = page.evaluate("() => window.__prismEnter")
+    runs, ends = _run_ends(page)
+    if enter is None or not ends:
+        return None
+    start, end = runs[ends[-1] - 1][1], runs[ends[-1]][1]
+    return round((start - enter) / 1000, 3), round((end - enter) / 1000, 3)
 
 
 def _run_ends(page) -> tuple[list, list[int]]:
@@ -201,8 +243,8 @@ def steer_many_gains(page, folder: Path, num_prototypes: int, repeats: int) -> d
     idle(page)
     out["steer_1000_gains_browser_open_script_run_s"] = script_run(page)
 
-    edits, runs, counts = [], [], []
-    for r in range(min(repeats, 3)):  # rows 0-2: the sidebar's summary names them
+    edits, runs, counts, phases = [], [], [], []
+    for r in range(min(repeats, 6)):  # rows 0-5: the sidebar's summary names them
         table = page.locator("[data-testid=stDataFrame]:visible").first
         table.evaluate("e => e.scrollIntoView({block: 'center'})")  # below pinned slider rows, maybe
         time.sleep(0.3)
@@ -215,6 +257,7 @@ def steer_many_gains(page, folder: Path, num_prototypes: int, repeats: int) -> d
             raise RuntimeError(f"the editor opened on {editor.input_value()!r}, not row {r}'s gain {gains[r]}")
         value = f"{2.75 - 0.05 * r:g}"
         page.evaluate(RUN_WATCH)
+        page.evaluate(KEY_WATCH)
         time.sleep(0.3)  # the grid's editor takes keys a moment after it shows
         page.keyboard.type(value)
         time.sleep(0.3)  # and commits on Enter what it has taken in by then
@@ -225,10 +268,15 @@ def steer_many_gains(page, folder: Path, num_prototypes: int, repeats: int) -> d
         edits.append(time.perf_counter() - t0)
         runs.append(script_run(page))
         counts.append(script_runs(page))
+        phases.append(edit_phases(page))
     out["steer_1000_gains_browser_edit_s_median"] = round(statistics.median(edits), 3)
     out["steer_1000_gains_browser_edit_script_runs"] = counts  # per edit: 1 since the on_change commit
     out["steer_1000_gains_browser_edit_s_max"] = round(max(edits), 3)
     out["steer_1000_gains_browser_edit_script_run_s_median"] = statistics.median(r for r in runs if r is not None)
+    seen = [p for p in phases if p is not None]
+    if seen:  # in the page's clock: Enter to the run's start (the editor sends an edit 150 ms after it) and end
+        out["steer_1000_gains_browser_edit_to_run_start_s_median"] = statistics.median(p[0] for p in seen)
+        out["steer_1000_gains_browser_edit_to_run_end_s_median"] = statistics.median(p[1] for p in seen)
 
     pin_slider(page, 5)  # focused: the arrow keys below move it
     moves = []
@@ -255,15 +303,15 @@ def in_process(model: str, repeats: int) -> dict:
 
     from core.bundle import load_bundle
     from core.control.controls import Controls
-    from core.generation import generate_text
+    from core.generation import GREEDY, generate_text
 
     torch.set_num_threads(int(os.environ.get("PRISM_EXPLORER_THREADS", "1")))  # as the app does
     bundle = load_bundle(model)
-    generate_text(bundle, "KING.", max_new_tokens=64)  # warm up
+    generate_text(bundle, "KING.", max_new_tokens=64, settings=GREEDY)  # warm up
     times = []
     for r in range(repeats):
         t0 = time.perf_counter()
-        generate_text(bundle, "KING.", max_new_tokens=64, controls=Controls(gains={r: 0.5}))
+        generate_text(bundle, "KING.", max_new_tokens=64, controls=Controls(gains={r: 0.5}), settings=GREEDY)
         times.append(time.perf_counter() - t0)
     return {
         "generate_64_ms_median": round(1000 * statistics.median(times), 1),
@@ -273,7 +321,8 @@ def in_process(model: str, repeats: int) -> dict:
     }
 
 
-def in_browser(model: str, repeats: int, num_prototypes: int) -> dict:
+def in_browser(model: str, repeats: int, num_prototypes: int, steer_only: bool = False) -> dict:
+    """The browser timings; with ``steer_only`` only the cold start and Steer with 1,000 gains."""
     from playwright.sync_api import sync_playwright
 
     results: dict = {}
@@ -291,12 +340,13 @@ def in_browser(model: str, repeats: int, num_prototypes: int) -> dict:
             page.locator(".js-plotly-plot .nsewdrag").first.wait_for()
             results["cold_start_s"] = round(time.perf_counter() - t0, 2)
             idle(page)
-            results |= lasso_50(page, max(2, repeats // 2))
+            if not steer_only:
+                results |= lasso_50(page, max(2, repeats // 2))
             page.get_by_test_id("stTopNavLink").filter(has_text="Steer").click()
             page.get_by_text("No controls in force").wait_for()
             idle(page)
             times = []
-            for r in range(repeats):
+            for r in range(0 if steer_only else repeats):
                 pin_slider(page, 100 + r)  # focused: the arrow key below moves it
                 t1 = time.perf_counter()
                 page.keyboard.press("ArrowLeft")  # gain 1.0 -> 0.9: new controls, nothing cached
@@ -310,14 +360,18 @@ def in_browser(model: str, repeats: int, num_prototypes: int) -> dict:
                 caption = page.get_by_text(fresh).last.inner_text()
                 took = re.search(r"in ([\d,]+) ms", caption)[1].replace(",", "")
                 results.setdefault("server_generation_ms", []).append(int(took))
-            results["slider_to_64_tokens_s_median"] = round(statistics.median(times), 3)
-            results["slider_to_64_tokens_s_min"] = round(min(times), 3)
-            results["server_generation_ms"] = statistics.median(results["server_generation_ms"])
+            if times:
+                results["slider_to_64_tokens_s_median"] = round(statistics.median(times), 3)
+                results["slider_to_64_tokens_s_min"] = round(min(times), 3)
+                results["server_generation_ms"] = statistics.median(results["server_generation_ms"])
             with tempfile.TemporaryDirectory() as tmp:
                 results |= steer_many_gains(page, Path(tmp), num_prototypes, repeats)
         finally:
             process.terminate()
             process.wait(timeout=30)
+        if steer_only:
+            browser.close()
+            return results
 
         with tempfile.TemporaryDirectory() as tmp:
             script = Path(tmp) / "atlas16k.py"
@@ -362,17 +416,50 @@ def figure_build() -> dict:
     }
 
 
+def steer_app_test(model: str, num_prototypes: int):
+    """Steer with 1,000 gains under Streamlit's AppTest (server-side, no browser): page open and
+    one table edit, each a script run with its regeneration. Returns the figures and the AppTest
+    (the model loaded, on the Steer page) for more."""
+    from streamlit.testing.v1 import AppTest
+
+    from explorer.controls import ControlSet
+    from tests.explorer.browser_model import Browser
+
+    os.environ.setdefault("PRISM_EXPLORER_BUNDLES", str(Path(model).resolve().parent))
+    at = AppTest.from_file(str(REPO / "explorer" / "app.py"), default_timeout=900)
+    at.session_state["bundle_path"] = model
+    browser = Browser(at)  # sends a table edit as Streamlit's browser does, so its on_change runs
+    at.run()  # loads the model and index once (not timed)
+    at.switch_page("views/steer.py")
+    at.run()  # the original text, generated once and cached (not timed)
+    gains = thousand_gains(num_prototypes)
+    history = at.session_state["controls"]
+    at.session_state["controls"] = history.commit(ControlSet.of(gains), f"bench: {len(gains):,} gains")
+    out: dict = {"steer_1000_gains_count": len(gains)}
+    t0 = time.perf_counter()
+    at.run()
+    out["steer_1000_gains_open_s"] = round(time.perf_counter() - t0, 3)
+    assert not at.exception, [e.value for e in at.exception]
+    serial = at.session_state["controls"].serial
+    edit = {"edited_rows": {0: {"gain": 2.75}}, "added_rows": [], "deleted_rows": []}  # one gain edited
+    t0 = time.perf_counter()
+    browser.edit_table(at.data_editor(key=f"steer_table_{serial}"), edit)
+    out["steer_1000_gains_edit_s"] = round(time.perf_counter() - t0, 3)
+    assert not at.exception, [e.value for e in at.exception]
+    out["steer_1000_gains_sliders"] = len([s for s in at.slider if (s.key or "").startswith("steer_gain_")])
+    assert at.session_state["controls"].present.gain(min(gains)) == 2.75
+    generated = [c.value for c in at.caption if c.value.startswith("Original:")]
+    out["steer_generation_note"] = generated[0] if generated else ""
+    return out, at
+
+
 def audit(model: str) -> dict:
     """Issue 17's figures, in-process (the page scripts under Streamlit's AppTest, no browser):
     the map-structure score of the shipped layout against the other layouts and a shuffled
     baseline; Steer with 1,000 gains: page open and one table edit; 50 prototypes picked on the
     Atlas (a lasso) to the page with their table and card."""
-    from streamlit.testing.v1 import AppTest
-
     from core import build_atlas_tables, load_bundle, load_index
     from core.atlas.layout import compare_layouts, knn_purity, shuffled_purity
-    from explorer.controls import ControlSet
-    from tests.explorer.browser_model import Browser
 
     bundle, index = load_bundle(model), load_index(model)
     tables = build_atlas_tables(bundle, index)
@@ -387,31 +474,8 @@ def audit(model: str) -> dict:
         "structure_candidates": candidates,
     }
 
-    os.environ.setdefault("PRISM_EXPLORER_BUNDLES", str(Path(model).resolve().parent))
-    at = AppTest.from_file(str(REPO / "explorer" / "app.py"), default_timeout=900)
-    at.session_state["bundle_path"] = model
-    browser = Browser(at)  # sends a table edit as Streamlit's browser does, so its on_change runs
-    at.run()  # loads the model and index once (not timed)
-    at.switch_page("views/steer.py")
-    at.run()  # the original text, generated once and cached (not timed)
-    gains = thousand_gains(bundle.model.config.num_prototypes)
-    history = at.session_state["controls"]
-    at.session_state["controls"] = history.commit(ControlSet.of(gains), f"bench: {len(gains):,} gains")
-    out["steer_1000_gains_count"] = len(gains)
-    t0 = time.perf_counter()
-    at.run()
-    out["steer_1000_gains_open_s"] = round(time.perf_counter() - t0, 3)
-    assert not at.exception, [e.value for e in at.exception]
-    serial = at.session_state["controls"].serial
-    edit = {"edited_rows": {0: {"gain": 2.75}}, "added_rows": [], "deleted_rows": []}  # one gain edited
-    t0 = time.perf_counter()
-    browser.edit_table(at.data_editor(key=f"steer_table_{serial}"), edit)
-    out["steer_1000_gains_edit_s"] = round(time.perf_counter() - t0, 3)
-    out["steer_1000_gains_sliders"] = len([s for s in at.slider if (s.key or "").startswith("steer_gain_")])
-    assert at.session_state["controls"].present.gain(min(gains)) == 2.75
-    generated = [c.value for c in at.caption if c.value.startswith("Original:")]
-    out["steer_generation_note"] = generated[0] if generated else ""
-
+    steer, at = steer_app_test(model, bundle.model.config.num_prototypes)
+    out |= steer
     at.switch_page("views/atlas.py")
     at.run()
     at.session_state["atlas_picked"] = list(range(0, 50 * 7, 7))  # what a lasso around 50 points sets
@@ -420,6 +484,15 @@ def audit(model: str) -> dict:
     out["lasso_50_cards_s"] = round(time.perf_counter() - t0, 3)
     out["lasso_50_rows"] = len(at.dataframe[0].value) if at.dataframe else 0
     return out
+
+
+def has_browser() -> bool:
+    """Whether Chromium and the playwright package are here."""
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return False
+    return Path(CHROMIUM).is_file()
 
 
 def main() -> None:
@@ -431,6 +504,12 @@ def main() -> None:
         action="store_true",
         help="only issue 17's in-process figures (map structure, 1,000 gains, 50 cards); use with --results-tag audit",
     )
+    parser.add_argument(
+        "--steer-only",
+        action="store_true",
+        help="only Steer with 1,000 gains (server-side under AppTest, then in the browser); writes no results "
+        "file unless --results-tag is given",
+    )
     _results.add_arguments(parser)
     args = parser.parse_args()
     figures = {"cpu_cores": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2)}
@@ -441,15 +520,23 @@ def main() -> None:
             print(f"{key:<34} {value}")
         _results.emit(figures, args, __file__)
         return
+    if args.steer_only:
+        from core import load_bundle
+
+        args.no_results = args.no_results or args.results_tag is None  # never a partial explorer.json
+        num_prototypes = load_bundle(args.model).model.config.num_prototypes
+        figures |= steer_app_test(args.model, num_prototypes)[0]
+        if has_browser():
+            figures |= in_browser(args.model, args.repeats, num_prototypes, steer_only=True)
+        figures["load_average_1min_after"] = round(os.getloadavg()[0], 2)
+        for key, value in figures.items():
+            print(f"{key:<52} {value}")
+        _results.emit(figures, args, __file__)
+        return
     figures |= in_process(args.model, args.repeats)
     figures |= figure_build()
     figures |= audit(args.model)
-    browser = Path(CHROMIUM).is_file()
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
-        browser = False
-    if browser:
+    if has_browser():
         figures |= in_browser(args.model, args.repeats, figures["num_prototypes"])
     figures["load_average_1min_after"] = round(os.getloadavg()[0], 2)
     rows = [

@@ -72,13 +72,13 @@ def generation_speed(bundle, tokens: int, controls=None) -> float:
     """Greedy tokens per second (after one warm-up call), generation stopped only by ``tokens``."""
     import torch
 
-    from core.generation import generate_text
+    from core.generation import GREEDY, generate_text
 
-    generate_text(bundle, PROMPT, max_new_tokens=4, controls=controls)
+    generate_text(bundle, PROMPT, max_new_tokens=4, controls=controls, settings=GREEDY)
     if bundle.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    result = generate_text(bundle, PROMPT, max_new_tokens=tokens, controls=controls)
+    result = generate_text(bundle, PROMPT, max_new_tokens=tokens, controls=controls, settings=GREEDY)
     if bundle.device.type == "cuda":
         torch.cuda.synchronize()
     return len(result.new_ids) / (time.perf_counter() - t0)

@@ -19,6 +19,7 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -77,10 +78,16 @@ class ControlSet:
         """A fresh core.Controls (what generation and attribution take)."""
         return Controls(gains=self.gains, suppressed=sorted(self.suppressed), model_fingerprint=fingerprint)
 
+    @cached_property
+    def _gain_of(self) -> dict[int, float]:
+        # built once per value: a table of 1,000 rows asks ``gain`` per row, and a dict per call
+        # made a run of the Steer page with 1,000 gains spend 0.07-0.15 s in ``gain`` alone
+        return dict(self.gain_items)
+
     @property
     def gains(self) -> dict[int, float]:
         """A copy of {prototype id: gain} (ids with gain 1 absent)."""
-        return dict(self.gain_items)
+        return dict(self._gain_of)
 
     @property
     def is_empty(self) -> bool:
@@ -97,7 +104,8 @@ class ControlSet:
         return sorted(j for j, _ in self.gain_items if j in self.suppressed)
 
     def gain(self, prototype: int) -> float:
-        return dict(self.gain_items).get(int(prototype), 1.0)
+        """The gain of ``prototype`` (1 when it has none), in constant time."""
+        return self._gain_of.get(int(prototype), 1.0)
 
     def with_gain(self, prototype: int, gain: float) -> ControlSet:
         return ControlSet.of(self.gains | {int(prototype): gain}, self.suppressed)

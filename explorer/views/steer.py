@@ -32,13 +32,13 @@ def generated(
     prompt: str,
     max_new_tokens: int,
     seed: int,
-    sample: bool,
-    temperature: float,
+    settings_json: str,
     controls_json: str,
 ) -> dict:
     """One generation with its per-token strings and perplexities (cached per request)."""
     bundle = state.cached_bundle(path)
     controls = Controls.from_json(json.loads(controls_json))
+    settings = core.GenerationSettings.from_json(json.loads(settings_json))
     t0 = time.perf_counter()
     result = core.generate_text(
         bundle,
@@ -46,8 +46,7 @@ def generated(
         max_new_tokens=max_new_tokens,
         controls=controls,
         seed=seed,
-        do_sample=sample,
-        temperature=temperature,
+        settings=settings,
     )
     seconds = time.perf_counter() - t0
     return {
@@ -60,6 +59,69 @@ def generated(
         "notice": result.notice,
         "seconds": seconds,
     }
+
+
+def generation_widgets(greedy_column, sample_column) -> core.GenerationSettings:
+    """The generation settings' widgets and the settings they make. Defaults: core.DEFAULT_GENERATION
+    (chosen by bench/generation.py); "Greedy" is plain greedy decoding."""
+    default = core.DEFAULT_GENERATION
+    sampling = default if default.do_sample else core.GenerationSettings(do_sample=True)  # what Sample starts from
+    greedy = greedy_column.toggle(
+        "Greedy",
+        False,
+        key="steer_greedy",
+        help="Plain greedy decoding: the likeliest token every time, no repetition penalty or n-gram ban",
+    )
+    sample = sample_column.toggle(
+        "Sample",
+        default.do_sample,
+        key="steer_sample",
+        disabled=greedy,
+        help="Sample each token (the same seed on both sides), or take the likeliest",
+    )
+    t, p, r, n = st.columns(4)
+    sampled = sample and not greedy
+    temperature = t.slider(
+        "Temperature", 0.1, 2.0, sampling.temperature, step=0.05, key="steer_temperature", disabled=not sampled
+    )
+    top_p = p.slider(
+        "Top-p",
+        0.05,
+        1.0,
+        sampling.top_p,
+        step=0.05,
+        key="steer_top_p",
+        disabled=not sampled,
+        help="Sample only from the likeliest tokens holding this probability mass",
+    )
+    penalty = r.slider(
+        "Repetition penalty",
+        1.0,
+        2.0,
+        default.repetition_penalty,
+        step=0.05,
+        key="steer_repetition_penalty",
+        disabled=greedy,
+        help="Divide the logits of tokens already in the text by this (greedy or sampled); 1 is off",
+    )
+    ngram = n.number_input(
+        "No-repeat n-gram",
+        0,
+        10,
+        default.no_repeat_ngram_size,
+        key="steer_no_repeat_ngram",
+        disabled=greedy,
+        help="Never repeat an n-gram of this many tokens of the text (greedy or sampled); 0 is off",
+    )
+    if greedy:
+        return core.GREEDY
+    return core.GenerationSettings(
+        do_sample=bool(sample),
+        temperature=round(float(temperature), 2) if sample else 1.0,
+        top_p=round(float(top_p), 2) if sample else 1.0,
+        repetition_penalty=round(float(penalty), 2),
+        no_repeat_ngram_size=int(ngram),
+    )
 
 
 def token_html(tokens: list[str], different: frozenset[int]) -> str:
@@ -143,14 +205,15 @@ def regeneration(current: ControlSet, controls: Controls, problem: str | None) -
     most = max(8, min(128, context // 2 // 8 * 8))
     max_new = c1.slider("Tokens", 8, most, min(64, most), step=8, key="steer_max_new")
     seed = c2.number_input("Seed", 0, 2**31 - 1, 0, key="steer_seed")
-    sample = c3.toggle("Sample", key="steer_sample", help="Sample instead of greedy decoding (same seed both sides)")
-    temperature = c4.slider("Temperature", 0.1, 2.0, 0.8, step=0.1, key="steer_temperature", disabled=not sample)
+    settings = generation_widgets(c3, c4)
 
     permalink.write({"bundle": loaded.name, "sprompt": prompt, "sn": int(max_new), "seed": int(seed)}, current)
     if problem is not None:
         st.error(f"These controls cannot be applied: {md(problem)}")
         return
-    key_args = (loaded.path, bundle.fingerprint, prompt, int(max_new), int(seed), bool(sample), float(temperature))
+    st.caption(f"Both texts {settings.describe(int(seed))}.")
+    settings_json = json.dumps(settings.to_json(), sort_keys=True)
+    key_args = (loaded.path, bundle.fingerprint, prompt, int(max_new), int(seed), settings_json)
     run_started = time.time()
     with st.spinner("Regenerating…"):
         try:
@@ -224,7 +287,10 @@ try:
     problem = None
 except ControlsError as err:
     problem = str(err)
-regeneration(current, controls, problem)
+# The texts stay on top but are drawn last: the run of a control change (a table edit, a slider)
+# shows the table and the controls first and regenerates after them, so that the browser draws
+# the table while the server generates, and the last thing a run sends is the texts.
+texts = st.container()
 st.divider()
 st.markdown("**Controls of this session** (from any page; every change regenerates; undo and redo in the sidebar)")
 if current.is_empty:
@@ -391,3 +457,5 @@ st.caption(
     "A gain is any number from 0 up to the library's limit, shown as it is: a pinned slider widens to show a "
     "gain above 3, and a loaded or calibrated gain keeps its value."
 )
+with texts:
+    regeneration(current, controls, problem)

@@ -379,6 +379,8 @@ def test_control_values_and_history():
     both = value.with_gain(7, 0.5)
     assert both.conflicts == [7]
     assert both.to_core("fp").gains == {3: 2.0, 7: 0.5} and both.to_core().suppressed == [7]
+    both.gains[3] = 9.0  # a copy: the value's own gains (which ``gain`` reads) stay as they are
+    assert both.gain(3) == 2.0 and both.gain(4) == 1.0 and both.gains == {3: 2.0, 7: 0.5}
     with pytest.raises(ControlsError, match="finite number >= 0"):
         ControlSet.of({1: -1.0})
     with pytest.raises(ControlsError, match="whole number"):
@@ -433,6 +435,44 @@ def test_a_table_edit_commits_in_its_callback_and_a_refused_one_says_why(explore
     assert not at.error  # the refusal belonged to the table before this change
     browser.click(at.sidebar.button(key="sidebar_undo"))
     check(browser, ControlSet.of({5: 2.5}), "undone")
+
+
+def test_a_table_edit_changes_that_gain_and_nothing_else(explorer_bundle):
+    """With every prototype controlled, one cell edited in the table (as drawn, and filtered by the
+    search) changes that prototype's control only: the controls applied, the sidebar and the table
+    drawn after it differ from before in that one place; undo gives back the value before."""
+    browser = session(explorer_bundle)
+    at = browser.switch_page("steer")
+    at.slider(key="steer_max_new").set_value(8)
+    P = load_bundle(explorer_bundle).model.config.num_prototypes
+    gains = {j: round(0.1 + 0.05 * j, 2) for j in range(P)}  # distinct, and #18 at 1.0 is no gain
+    loaded = ControlSet.of(gains, [2, 7])
+    document = loaded.to_core(at.session_state[state.CONTROLS_FOR]).to_json()
+    at.file_uploader(key="steer_upload").set_value(("all.json", json.dumps(document).encode(), "application/json"))
+    browser.run()
+    check(browser, loaded, "loaded")
+
+    def table():
+        return at.data_editor(key=f"steer_table_{at.session_state[state.CONTROLS].serial}")
+
+    before = table().value
+    row = 10
+    j = int(before["prototype"][row])
+    browser.edit_table(table(), {"edited_rows": {row: {"gain": 3.3}}, "added_rows": [], "deleted_rows": []})
+    edited = loaded.with_gain(j, 3.3)
+    check(browser, edited, "one gain edited")
+    assert edited.gains == loaded.gains | {j: 3.3} and edited.suppressed == loaded.suppressed
+    after = table().value
+    assert after["gain"][row] == 3.3
+    changed = (after != before).any(axis=1)
+    assert list(after.index[changed]) == [row]  # every other row drawn as before
+
+    at.text_input(key="steer_table_query").set_value("3").run()  # the search leaves one row
+    assert list(table().value["prototype"]) == [3]
+    browser.edit_table(table(), {"edited_rows": {0: {"suppressed": True}}, "added_rows": [], "deleted_rows": []})
+    check(browser, edited.with_suppressed(3, True), "one row of the search suppressed")
+    browser.click(at.sidebar.button(key="sidebar_undo"))
+    check(browser, edited, "undone")
 
 
 def test_bundle_folder_opens_only_allowed_bundles(explorer_bundle, tmp_path, monkeypatch):
