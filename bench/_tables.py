@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from _tables_explorer import render_explorer
+from _tables_generation import render_generation
 from _tables_lds import render_lds, render_lds_ranks
 from _tables_probes import render_probes
 
@@ -416,6 +417,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "lds": render_lds,
     "lds_ranks": render_lds_ranks,
     "probes": render_probes,
+    "generation": render_generation,
 }
 
 # ----------------------------------------------------------------------------- the demo bundle's records

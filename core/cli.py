@@ -80,6 +80,55 @@ def _add_trace(parser: argparse.ArgumentParser, max_new_help: str | None = None)
     parser.add_argument("--max-new-tokens", type=_positive_int, default=16, help=max_new_help)
 
 
+def _add_generation(parser: argparse.ArgumentParser, when: str = "") -> None:
+    """How new tokens are chosen; unset options take core.generation.DEFAULT_GENERATION's values
+    (resolved by :func:`core.commands.generation_from_args`)."""
+    from core.generation import DEFAULT_GENERATION, GenerationSettings
+    from core.options import help_of
+
+    default = DEFAULT_GENERATION
+    sampling = default if default.do_sample else GenerationSettings(do_sample=True)  # what --sample starts from
+    group = parser.add_argument_group(
+        "generation" + when,
+        "how each new token is chosen. The defaults were chosen by measurement (bench/generation.py, "
+        f"docs/benchmarks.md): {default.describe()}",
+    )
+    group.add_argument(
+        "--greedy",
+        action="store_true",
+        help="plain greedy decoding: the likeliest token every time, no repetition penalty or n-gram ban",
+    )
+    group.add_argument(
+        "--sample",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"sample each token, or take the likeliest (--no-sample: greedy, keeping the repetition options) "
+        f"(default: {'--sample' if default.do_sample else '--no-sample'})",
+    )
+    for name, kind, metavar, bounds in (
+        ("temperature", float, "T", {"exclusive_minimum": 0.0}),
+        ("top_p", float, "P", {"exclusive_minimum": 0.0}),
+        ("repetition_penalty", float, "R", {"exclusive_minimum": 0.0}),
+        ("no_repeat_ngram_size", int, "N", {"minimum": 0}),
+    ):
+        sampling_only = name in ("temperature", "top_p")
+        value = getattr(sampling if sampling_only else default, name)
+        note = "; sampling only" if sampling_only else ""
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            type=number_parser(kind, **bounds),
+            default=None,
+            metavar=metavar,
+            help=f"{help_of(GenerationSettings, name)}{note} (default: {value:g})",
+        )
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="sampling seed: the same seed and options give the same text (default: 0)",
+    )
+
+
 def _add_train(sub) -> None:
     from core.model.config import ROUTER_GRADIENTS
     from core.train.trainer import TrainOptions
@@ -175,9 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     _add_controls(gen)
     gen.add_argument("--max-new-tokens", type=_positive_int, default=48)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (with --sample)")
+    _add_generation(gen)
     add_device_options(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -192,9 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     attr = sub.add_parser("attribute", help="split a completion into prototype slices and link them to training data")
     _add_model(attr, "indexed bundle folder")
     attr.add_argument("--prompt", required=True)
-    attr.add_argument("--completion", help="text to attribute (default: generate --max-new-tokens greedily)")
+    attr.add_argument(
+        "--completion", help="text to attribute (default: generate --max-new-tokens with the generation options)"
+    )
     _add_trace(attr)
     _add_controls(attr)
+    _add_generation(attr, " (without --completion)")
     attr.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     attr.add_argument(
         "--candidates",

@@ -11,9 +11,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.errors import CliError
 from core.options import from_namespace
+
+if TYPE_CHECKING:
+    from core.generation import GenerationSettings
 
 REPO = Path(__file__).resolve().parent.parent  # the source checkout, when core runs from one
 DEMO_BUNDLE = REPO / "assets" / "models" / "demo"
@@ -93,10 +97,53 @@ def _controls_from_args(args: argparse.Namespace, bundle):
     return controls
 
 
+_GENERATION_OPTIONS = ("sample", "temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def generation_from_args(args: argparse.Namespace) -> GenerationSettings:
+    """The GenerationSettings of --greedy, --sample/--no-sample, --temperature, --top-p,
+    --repetition-penalty and --no-repeat-ngram-size; options not given take DEFAULT_GENERATION's
+    values (--sample without the others: its temperature and top-p)."""
+    from core.generation import DEFAULT_GENERATION, GREEDY, GenerationSettings
+
+    given = [name for name in _GENERATION_OPTIONS if getattr(args, name) is not None]
+    if args.greedy:
+        if given:
+            raise CliError(
+                f"--greedy is plain greedy decoding; drop {', '.join(_flag(n) for n in given)} "
+                "(or use --no-sample with the repetition options for greedy decoding with them)"
+            )
+        return GREEDY
+    default = DEFAULT_GENERATION
+    sample = default.do_sample if args.sample is None else args.sample
+    sampling = default if default.do_sample else GenerationSettings(do_sample=True)
+    if not sample:
+        wrong = [_flag(n) for n in ("temperature", "top_p") if getattr(args, n) is not None]
+        if wrong:
+            raise CliError(f"{' and '.join(wrong)} apply only when sampling: add --sample, or drop them")
+
+    def value(name: str, source: GenerationSettings) -> float:
+        given_value = getattr(args, name)
+        return getattr(source, name) if given_value is None else given_value
+
+    return GenerationSettings(
+        do_sample=sample,
+        temperature=value("temperature", sampling) if sample else 1.0,
+        top_p=value("top_p", sampling) if sample else 1.0,
+        repetition_penalty=value("repetition_penalty", default),
+        no_repeat_ngram_size=value("no_repeat_ngram_size", default),
+    )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from core.bundle import load_bundle
     from core.generation import generate_text
 
+    settings = generation_from_args(args)  # bad options fail before the model loads
     bundle = load_bundle(args.model, device=args.device, dtype=args.dtype)
     controls = _controls_from_args(args, bundle)
     result = generate_text(
@@ -104,9 +151,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.prompt,
         max_new_tokens=args.max_new_tokens,
         controls=controls,
-        seed=args.seed,
-        do_sample=args.sample,
-        temperature=args.temperature,
+        seed=0 if args.seed is None else args.seed,
+        settings=settings,
     )
     if result.notice:
         print(f"prism: note: {result.notice}", file=sys.stderr)
@@ -211,6 +257,14 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
     if not args.prompt:
         raise CliError("the prompt is empty: give the text that the completion follows")
+    if args.completion is not None:
+        given = ["greedy"] * args.greedy + [n for n in (*_GENERATION_OPTIONS, "seed") if getattr(args, n) is not None]
+        if given:
+            raise CliError(
+                f"{', '.join(_flag(n) for n in given)} choose how a completion is generated; "
+                "with --completion nothing is generated: drop them"
+            )
+    settings = generation_from_args(args)
     bundle = load_bundle(args.model, device=args.device, dtype=args.dtype)
     if not bundle.is_prism:
         raise CliError("attribution needs a PRISM model; this bundle is a dense twin")
@@ -227,6 +281,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         candidates=args.candidates,
         ranking=args.rank_by,
+        generation=settings,
+        seed=0 if args.seed is None else args.seed,
     )
     notice = truncation_notice(result.decomposition.truncated_tokens)
     if notice:

@@ -1,9 +1,15 @@
-"""Text generation from a bundle, with per-request controls and prompt truncation.
+"""Text generation from a bundle, with per-request controls, settings and prompt truncation.
+
+How each new token is chosen is a :class:`GenerationSettings`: greedy or sampled (temperature,
+top-p), with an optional repetition penalty and no-repeat n-gram size, which apply to greedy
+decoding too. :data:`DEFAULT_GENERATION` is the setting chosen by bench/generation.py (the one
+whose text is nearest the corpus's own in distinct bigrams and perplexity under the dense
+twin); :data:`GREEDY` is plain greedy decoding. Attribution explains whatever tokens came out.
 
 Safe for concurrent callers (the explorer serves several sessions from one loaded model):
-controls are per-call arguments, and a sampled call draws from its own seeded generator
-state inside ``torch.random.fork_rng`` under a process-wide lock, so one session's seed
-neither changes nor is changed by another's, and the caller's global RNG state is untouched.
+controls and settings are per-call arguments, and a sampled call draws from its own seeded
+generator state inside ``torch.random.fork_rng`` under a process-wide lock, so one session's
+seed neither changes nor is changed by another's, and the caller's global RNG state is untouched.
 """
 
 from __future__ import annotations
@@ -13,17 +19,118 @@ import logging
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
 from core.bundle import Bundle
 from core.control.controls import Controls, control_kwargs
+from core.errors import ArgumentError
+from core.options import check_fields, option
 
 logger = logging.getLogger(__name__)
 
 # torch's default generator is process-global: a sampled generation forks it under this lock.
 _RNG_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How each new token is chosen: greedy or sampled, and what repetition is discouraged.
+
+    The sampling fields (temperature, top-p) must stay at 1.0 for greedy decoding, so that a
+    setting says exactly what it does; the repetition penalty and the no-repeat n-gram size
+    apply to greedy decoding and sampling alike (transformers' logits processors). Top-k is
+    always off: transformers would otherwise keep only the 50 likeliest tokens.
+
+    Raises:
+        ArgumentError (a ValueError): a value out of range, or a sampling field set for greedy decoding.
+    """
+
+    do_sample: bool = option(False, "sample each token from the (tempered, top-p) distribution instead of the argmax")
+    temperature: float = option(1.0, "divide the logits by this before sampling; < 1 sharpens", exclusive_minimum=0.0)
+    top_p: float = option(
+        1.0, "sample only from the likeliest tokens holding this probability mass", exclusive_minimum=0.0
+    )
+    repetition_penalty: float = option(
+        1.0,
+        "divide (multiply, if negative) the logits of tokens already in the text by this; 1 is off",
+        exclusive_minimum=0.0,
+    )
+    no_repeat_ngram_size: int = option(0, "never repeat an n-gram of this many tokens of the text; 0 is off", minimum=0)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.do_sample, bool):
+            raise ArgumentError(f"do_sample must be True or False, got {self.do_sample!r}")
+        check_fields(self)
+        for name in ("temperature", "repetition_penalty"):
+            if getattr(self, name) == math.inf:
+                raise ArgumentError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if self.top_p > 1:
+            raise ArgumentError(f"top_p must be in (0, 1], got {self.top_p!r}; 1 keeps every token")
+        if not self.do_sample:
+            for name in ("temperature", "top_p"):
+                if getattr(self, name) != 1.0:
+                    raise ArgumentError(
+                        f"{name} {getattr(self, name)!r} applies only when sampling: set do_sample=True, "
+                        f"or leave {name} at 1.0 for greedy decoding"
+                    )
+
+    def generate_kwargs(self) -> dict:
+        """The keyword arguments of ``model.generate`` that apply these settings (and nothing else)."""
+        kwargs: dict = {"do_sample": self.do_sample}
+        if self.do_sample:
+            # top_k=0 disables transformers' default top-k of 50 (None would be filled with it).
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
+        if self.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        if self.no_repeat_ngram_size:
+            kwargs["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        return kwargs
+
+    def describe(self, seed: int | None = None) -> str:
+        """How a text was generated, in words: "generated greedily", "sampled with seed 0,
+        temperature 0.8, top-p 0.95, repetition penalty 1.2"."""
+        extras = []
+        if self.do_sample:
+            extras += [f"temperature {self.temperature:g}", f"top-p {self.top_p:g}"]
+        if self.repetition_penalty != 1.0:
+            extras.append(f"repetition penalty {self.repetition_penalty:g}")
+        if self.no_repeat_ngram_size:
+            extras.append(f"no repeated {self.no_repeat_ngram_size}-grams")
+        how = "generated greedily"
+        if self.do_sample:
+            how = "sampled" + (f" with seed {seed}" if seed is not None else "")
+        return ", ".join([how, *extras])
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> GenerationSettings:
+        """Settings from :meth:`to_json`'s object; keys that are not fields (a seed) are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+GREEDY = GenerationSettings()
+"""Plain greedy decoding: the argmax token at every step."""
+
+# Measured, not guessed: bench/generation.py on the demo bundle (assets/models/demo, scored by
+# its twin assets/models/demo-dense; docs/benchmarks.md, "Generation settings") chose the setting
+# whose text is nearest the corpus's own continuations in distinct-2 and log twin perplexity.
+# On a new bundle, rerun `python bench/generation.py --model DIR --twin DIR` and paste the line
+# it prints here.
+DEFAULT_GENERATION = GenerationSettings(do_sample=True, temperature=0.8, top_p=0.95, repetition_penalty=1.2)
+"""The default of generate_text, ``prism generate``/``attribute`` and the explorer."""
+
+
+def describe_generation(record: dict | None) -> str:
+    """The words for a recorded generation (:meth:`GenerationSettings.to_json` plus ``seed``);
+    "generated" when the record is missing (a trace written before settings were recorded)."""
+    if not record:
+        return "generated"
+    return GenerationSettings.from_json(record).describe(record.get("seed"))
 
 
 @dataclass
@@ -83,32 +190,41 @@ def generate_text(
     max_new_tokens: int = 48,
     controls: Controls | None = None,
     seed: int = 0,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float | None = None,
+    settings: GenerationSettings | None = None,
 ) -> GenerationResult:
-    """Generate a continuation of ``prompt``; greedy unless ``do_sample``.
+    """Generate a continuation of ``prompt``.
 
-    Controls apply to this call only; the bundle's model is not modified.
+    Args:
+        bundle: a PRISM bundle or a dense twin.
+        prompt: the text to continue (its start is dropped if it and the new tokens overflow the context).
+        max_new_tokens: tokens to generate at most (fewer when the model ends the text).
+        controls: gains and suppression for this call only; the bundle's model is not modified.
+        seed: the sampling seed (the same seed, prompt and settings give the same text).
+        settings: how tokens are chosen; None for :data:`DEFAULT_GENERATION`, :data:`GREEDY`
+            for plain greedy decoding.
+
+    Raises:
+        ValueError: an empty prompt, a bad ``max_new_tokens``, or ``settings`` that are not
+            a :class:`GenerationSettings`.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    settings = DEFAULT_GENERATION if settings is None else settings
+    if not isinstance(settings, GenerationSettings):
+        raise ArgumentError(f"settings must be a GenerationSettings, got {type(settings).__name__}")
     model = bundle.model
     ids, dropped = encode_prompt(bundle, prompt, max_new_tokens)
     device = next(model.parameters()).device
     kwargs = control_kwargs(controls, model, bundle.fingerprint, device)
-    sampling: dict = {"do_sample": do_sample}
-    if do_sample:
-        sampling.update(temperature=temperature, top_p=top_p, top_k=None)
     input_ids = torch.tensor([ids], device=device)
     arguments = dict(
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=max_new_tokens,
         pad_token_id=bundle.tokenizer.eos_token_id,
-        **sampling,
+        **settings.generate_kwargs(),
         **kwargs,
     )
-    if do_sample:
+    if settings.do_sample:
         cuda = device.type == "cuda"
         with _RNG_LOCK, torch.random.fork_rng(devices=[device] if cuda else []):
             torch.random.default_generator.manual_seed(seed)

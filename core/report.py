@@ -33,6 +33,7 @@ from core.attribution.records import Attribution
 from core.bundle import Bundle
 from core.control.controls import Controls
 from core.errors import ReportError
+from core.generation import describe_generation
 from core.index.format import PrototypeIndex
 
 REPORT_FORMAT = "prism-report"
@@ -358,11 +359,11 @@ def _grouped_table(token: dict) -> str:
 
 
 def _trace_html(number: int, trace: dict, examples_per_token: int) -> str:
+    how = f" ({_esc(describe_generation(trace.get('generation')))})" if trace.get("generated") else ""
     out = [
         f'<h2 id="t{number + 1}">Trace {number + 1}</h2>',
         f"<p><b>Prompt</b></p><pre>{_esc(trace['prompt'])}</pre>",
-        f"<p><b>Completion</b>{' (generated greedily)' if trace.get('generated') else ''}</p>"
-        f"<pre>{_esc(trace['completion'])}</pre>",
+        f"<p><b>Completion</b>{how}</p><pre>{_esc(trace['completion'])}</pre>",
         f"<p>Tokens: {_token_strip(trace)}</p>",
     ]
     for t in trace["tokens"]:

@@ -9,6 +9,7 @@ tokens with their own slices.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from core.bundle import Bundle
 from core.control.controls import Controls, control_kwargs
 from core.errors import ArgumentError
 from core.model.head import at_least_float32, prototype_scores, prototype_slices, token_logits
+
+if TYPE_CHECKING:
+    from core.generation import GenerationSettings
 
 
 def _check_text(name: str, text: str | None) -> None:
@@ -43,9 +47,11 @@ def _split_input(
     completion: str | None,
     controls: Controls | None,
     max_new_tokens: int,
-) -> tuple[list[int], list[int], bool, int]:
-    """(prompt ids, completion ids, generated?, truncated prompt tokens), validated."""
-    from core.generation import encode_prompt, generate_text
+    generation: GenerationSettings | None = None,
+    seed: int = 0,
+) -> tuple[list[int], list[int], dict | None, int]:
+    """(prompt ids, completion ids, how it was generated (None: given), truncated prompt tokens), validated."""
+    from core.generation import DEFAULT_GENERATION, encode_prompt, generate_text
 
     context = bundle.model.config.get_text_config().max_position_embeddings
     for name, value in (("text", text), ("prompt", prompt), ("completion", completion)):
@@ -58,14 +64,18 @@ def _split_input(
             raise ValueError("the text needs at least two tokens: each token is predicted from the ones before it")
         if len(ids) > context:
             raise ValueError(f"the text has {len(ids)} tokens; the model's context holds {context}")
-        return ids[:1], ids[1:], False, 0
+        return ids[:1], ids[1:], None, 0
     if prompt is None or not prompt:
         raise ValueError("the prompt is empty: give the text that the completion follows")
     if completion is None:
-        result = generate_text(bundle, prompt, max_new_tokens=max_new_tokens, controls=controls)
+        settings = DEFAULT_GENERATION if generation is None else generation
+        result = generate_text(
+            bundle, prompt, max_new_tokens=max_new_tokens, controls=controls, seed=seed, settings=settings
+        )
         if not result.new_ids:
             raise ValueError("the model generated no tokens for this prompt (it ended the text); give a completion")
-        return result.prompt_ids, result.new_ids, True, result.truncated_tokens
+        # the ids themselves are decomposed (not their text re-encoded): exactly the tokens produced
+        return result.prompt_ids, result.new_ids, {**settings.to_json(), "seed": seed}, result.truncated_tokens
     completion_ids = _encode(bundle, completion)
     if not completion_ids:
         raise ValueError("the completion has no tokens: give the text to attribute after the prompt")
@@ -80,7 +90,7 @@ def _split_input(
             f"context of {context} after the prompt"
         )
     prompt_ids, dropped = encode_prompt(bundle, prompt, reserve=len(completion_ids))
-    return prompt_ids, completion_ids, False, dropped
+    return prompt_ids, completion_ids, None, dropped
 
 
 @torch.no_grad()
@@ -93,6 +103,8 @@ def decompose(
     *,
     controls: Controls | None = None,
     max_new_tokens: int = 16,
+    generation: GenerationSettings | None = None,
+    seed: int = 0,
 ) -> Decomposition:
     """Split each completion token's logit into prototype slices, in one forward pass.
 
@@ -101,17 +113,23 @@ def decompose(
         text: decompose every token of this text after the first; or else
         prompt: the context, and
         completion: the tokens to decompose (tokenised on their own, so they are exactly the
-            completion's tokens). Without one, ``max_new_tokens`` are generated greedily.
+            completion's tokens). Without one, ``max_new_tokens`` are generated with
+            ``generation`` and ``seed``, and exactly the tokens generated are decomposed.
         top_alternatives: other tokens, by logit, to split as well.
         controls: per-call gains and suppression, applied to generation and decomposition.
         max_new_tokens: tokens generated when no completion is given.
+        generation: how they are generated (None: :data:`core.generation.DEFAULT_GENERATION`;
+            :data:`core.generation.GREEDY` for plain greedy decoding).
+        seed: the sampling seed of that generation.
 
     Raises:
         ValueError: an empty prompt, a completion without tokens, input too long for the
             context, or a dense bundle.
         ArgumentError: a negative ``top_alternatives``.
     """
-    return decompose_with_tensors(bundle, text, prompt, completion, top_alternatives, controls, max_new_tokens)[0]
+    return decompose_with_tensors(
+        bundle, text, prompt, completion, top_alternatives, controls, max_new_tokens, generation, seed
+    )[0]
 
 
 @torch.no_grad()
@@ -123,6 +141,8 @@ def decompose_with_tensors(
     top_alternatives: int,
     controls: Controls | None,
     max_new_tokens: int,
+    generation: GenerationSettings | None = None,
+    seed: int = 0,
 ) -> tuple[Decomposition, QueryTensors]:
     """:func:`decompose`, also returning the tensors of its forward pass (for the attribution
     methods)."""
@@ -133,8 +153,8 @@ def decompose_with_tensors(
     model, tok = bundle.model, bundle.tokenizer
     device = next(model.parameters()).device
     kwargs = control_kwargs(controls, bundle.model, bundle.fingerprint, device)
-    prompt_ids, completion_ids, generated, dropped = _split_input(
-        bundle, text, prompt, completion, controls, max_new_tokens
+    prompt_ids, completion_ids, how, dropped = _split_input(
+        bundle, text, prompt, completion, controls, max_new_tokens, generation, seed
     )
     ids = torch.tensor([prompt_ids + completion_ids], device=device)  # (1, T)
     # The last token predicts nothing here; the head and the unembedding run only on the n
@@ -201,8 +221,9 @@ def decompose_with_tensors(
         prompt_ids=prompt_ids,
         completion_ids=completion_ids,
         tokens=records,
-        generated=generated,
+        generated=how is not None,
         truncated_tokens=dropped,
+        generation=how,
     )
     return decomposition, QueryTensors(hidden, active, weights, targets, kwargs.get("prototype_gains"), probs)
 

@@ -40,6 +40,7 @@ from core.attribution.records import Attribution, Decomposition, Example
 from core.bundle import Bundle
 from core.control.controls import Controls
 from core.errors import ArgumentError, PrototypeIndexError
+from core.generation import GenerationSettings
 from core.index.format import PrototypeIndex
 from core.store import rebuild_hint
 
@@ -192,6 +193,8 @@ def attribute(
     min_span: int = spans.MIN_SPAN,
     candidates: int | None = None,
     ranking: Literal["relative", "loss"] = "relative",
+    generation: GenerationSettings | None = None,
+    seed: int = 0,
 ) -> Attribution:
     """Attribute each completion token, and the completion as a whole, to training documents.
 
@@ -199,7 +202,8 @@ def attribute(
         bundle: a PRISM bundle.
         index: its index (:func:`core.index.format.load_index`).
         prompt, completion: as in :func:`decompose`; without a completion, ``max_new_tokens``
-            are generated greedily first.
+            are generated first (with ``generation`` and ``seed``), and exactly those tokens
+            are attributed.
         top: examples kept per token and overall.
         method: ``neighbourhood`` (slices shared among neighbourhoods), ``influence``
             (prototype-block influence functions, :mod:`core.attribution.influence`),
@@ -220,6 +224,9 @@ def attribute(
         ranking: influence method only: ``relative`` (the default) ranks documents by their
             score over the norm of their gradient, ``loss`` by the score itself (the predicted
             loss change; see :data:`core.attribution.influence.query.RANKINGS`).
+        generation: how a missing completion is generated (None:
+            :data:`core.generation.DEFAULT_GENERATION`; :data:`core.generation.GREEDY`: plain greedy).
+        seed: the sampling seed of that generation.
 
     Raises:
         ValueError: bad input (see :func:`decompose`).
@@ -259,7 +266,7 @@ def attribute(
     if chosen.check is not None:
         chosen.check(query)
     query.decomposition, query.tensors = decompose_with_tensors(
-        bundle, None, prompt, completion, top_alternatives, controls, max_new_tokens
+        bundle, None, prompt, completion, top_alternatives, controls, max_new_tokens, generation, seed
     )
     n = len(query.decomposition.tokens)
     if span is not None:

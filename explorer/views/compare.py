@@ -27,7 +27,12 @@ def decomposed(
     bundle = state.cached_bundle(path)
     controls = Controls.from_json(json.loads(controls_json))
     return core.decompose(
-        bundle, prompt=prompt, completion=completion, controls=controls, max_new_tokens=max_new_tokens
+        bundle,
+        prompt=prompt,
+        completion=completion,
+        controls=controls,
+        max_new_tokens=max_new_tokens,
+        generation=core.GREEDY,  # both sides greedy: a difference is the controls', not the draw's
     )
 
 

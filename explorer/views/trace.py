@@ -243,7 +243,8 @@ mode = c1.radio(
     ["generate", "score my own"],
     key="trace_mode",
     horizontal=True,
-    help="Generate greedily with the session's controls, or paste a completion to score",
+    help="Generate with the session's controls and the default settings, chosen by bench/generation.py: "
+    f"{core.DEFAULT_GENERATION.describe(0)}; or paste a completion to score",
 )
 most = max(1, min(64, bundle.model.config.get_text_config().max_position_embeddings // 2))
 wanted_method = st.session_state.pop("_permalink_method", None)
@@ -311,7 +312,7 @@ dec = result.decomposition
 used = st.session_state.get(state.TRACE_CONTROLS)
 st.markdown("**Prompt**")
 st.text(dec.prompt)
-how = "generated greedily" if dec.generated else "scored"
+how = core.describe_generation(dec.generation) if dec.generated else "scored"
 traced_with = ControlSet() if used is None else ControlSet.from_core(used)
 if traced_with.is_empty:
     st.markdown(f"**Completion** ({how}, no controls)")

@@ -20,6 +20,7 @@ pytest.importorskip("plotly")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from core import (  # noqa: E402
+    GenerationSettings,
     decompose,
     generate_text,
     load_bundle,
@@ -136,6 +137,7 @@ def test_gain_change_changes_regenerated_text(explorer_bundle):
     at = open_page(app(explorer_bundle).run(), "steer")
     at.text_area(key="steer_prompt").set_value(prompt)
     at.slider(key="steer_max_new").set_value(16)
+    at.toggle(key="steer_greedy").set_value(True)  # the first token's prototypes decide the greedy text
     at.run()
     set_controls(at, ControlSet.of({j: 0.0 for j in active[1:]} | {active[0]: 1.0}))
     at.session_state["steer_pinned"] = [active[0]]  # its gain slider on the page (Add a gain slider)
@@ -247,14 +249,15 @@ def test_waterfall_total_is_the_logit():
 
 def test_sampled_generation_is_seeded_per_call_and_thread_safe(loaded):
     prompt, n = "HAMLET.", 12
-    expected = {seed: generate_text(loaded, prompt, n, seed=seed, do_sample=True).text for seed in range(4)}
+    sampled = GenerationSettings(do_sample=True)
+    expected = {seed: generate_text(loaded, prompt, n, seed=seed, settings=sampled).text for seed in range(4)}
     torch.manual_seed(123)
     state_before = torch.random.get_rng_state()
     results: dict[int, list[str]] = {seed: [] for seed in range(4)}
 
     def worker(seed: int) -> None:
         for _ in range(3):
-            results[seed].append(generate_text(loaded, prompt, n, seed=seed, do_sample=True).text)
+            results[seed].append(generate_text(loaded, prompt, n, seed=seed, settings=sampled).text)
 
     threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
     for t in threads:

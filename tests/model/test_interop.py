@@ -15,7 +15,7 @@ import pytest
 from transformers import LlamaConfig
 
 import core.store
-from core import PrismConfig, PrismForCausalLM, generate_text, load_bundle
+from core import GREEDY, PrismConfig, PrismForCausalLM, generate_text, load_bundle
 from core.bundle import AUTO_MAP, CODE_FILES, add_remote_code, definition_hashes, model_fingerprint
 from core.errors import ArgumentError, BundleError
 from tests.helpers import REPO
@@ -65,7 +65,7 @@ def test_bundles_load_with_trust_remote_code_without_core(tiny_bundle, tmp_path)
     assert result["core_loaded"] == []
     for path in paths:
         assert result[path]["module"].startswith("transformers_modules."), result[path]
-        expected = generate_text(load_bundle(path), PROMPT, max_new_tokens=8)  # greedy, the same decoding
+        expected = generate_text(load_bundle(path), PROMPT, max_new_tokens=8, settings=GREEDY)  # the same decoding
         assert result[path]["text"] == expected.text, path
 
 
