@@ -64,6 +64,8 @@ PROBES: dict[str, Probe] = {
     ),
     "power2-k16": Probe("P=1,024, k=16, weights softplus(s)^2", {"prototype_top_k": 16, "weight_power": 2.0}),
     "power3-k16": Probe("P=1,024, k=16, weights softplus(s)^3", {"prototype_top_k": 16, "weight_power": 3.0}),
+    "power2-k12": Probe("P=1,024, k=12, weights softplus(s)^2", {"prototype_top_k": 12, "weight_power": 2.0}),
+    "power2-k8": Probe("P=1,024, k=8, weights softplus(s)^2", {"prototype_top_k": 8, "weight_power": 2.0}),
     "anneal-power2-k16": Probe(
         "P=1,024, k annealed 64 -> 16, weights softplus(s)^2",
         {"prototype_top_k": 16, "prototype_top_k_start": 64, "weight_power": 2.0},
