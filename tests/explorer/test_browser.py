@@ -154,14 +154,16 @@ def gain_shown(page) -> float:
 
 
 def steering_target() -> int:
-    """A prototype whose gain 0 changes the Steer page's default greedy text (checked in core)."""
-    from core import Controls, decompose, generate_text, load_bundle
+    """A prototype whose gain 0 changes the Steer page's greedy text (its Greedy toggle on; checked in
+    core): a sampled text keeps its seed's draws through a small change of the distribution."""
+    from core import GREEDY, Controls, decompose, generate_text, load_bundle
 
     bundle = load_bundle(DEMO)
-    original = generate_text(bundle, STEER_PROMPT, max_new_tokens=64).text
-    first = decompose(bundle, prompt=STEER_PROMPT, max_new_tokens=1).tokens[0]
-    for p in first.prototypes[:5]:
-        steered = generate_text(bundle, STEER_PROMPT, max_new_tokens=64, controls=Controls(gains={p.id: 0.0}))
+    original = generate_text(bundle, STEER_PROMPT, max_new_tokens=64, settings=GREEDY).text
+    first = decompose(bundle, prompt=STEER_PROMPT, max_new_tokens=1, generation=GREEDY).tokens[0]
+    for p in first.prototypes:
+        gain0 = Controls(gains={p.id: 0.0})
+        steered = generate_text(bundle, STEER_PROMPT, max_new_tokens=64, controls=gain0, settings=GREEDY)
         if steered.text != original:
             return p.id
     pytest.fail("no single prototype of the first token changes the demo text when switched off")
@@ -276,6 +278,9 @@ def test_atlas_trace_steer_report(page, server, tmp_path):
     # Steer: add a gain slider for the target prototype, move it to 0, see the text change
     nav(page, "Steer")
     page.get_by_text("No controls in force").wait_for()
+    page.get_by_text("Greedy", exact=True).click()  # the texts steering_target checked
+    page.get_by_text("Both texts generated greedily.").wait_for()
+    idle(page)
     original = page.get_by_test_id("stHtml").nth(1).inner_text()
     page.get_by_label("Prototype id").fill(str(target))
     page.get_by_label("Prototype id").press("Enter")
