@@ -227,7 +227,13 @@ def _remember_digest(key: str, value: str, persist: bool = True) -> None:
 
 
 def write_bundle(
-    out: str | Path, model: PrismForCausalLM, tokenizer, training: dict, *, keep_index: bool = True
+    out: str | Path,
+    model: PrismForCausalLM,
+    tokenizer,
+    training: dict,
+    *,
+    keep_index: bool = True,
+    max_shard_size: str | int = MAX_SHARD_SIZE,
 ) -> None:
     """Write model, tokenizer and training.json as the bundle ``out``.
 
@@ -250,7 +256,7 @@ def write_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
-        model.save_pretrained(staging, max_shard_size=MAX_SHARD_SIZE)  # with the code files and auto_map
+        model.save_pretrained(staging, max_shard_size=max_shard_size)  # with the code files and auto_map
         # A tokenizer loaded from a folder carries that load's options (transformers 5); a bundle
         # keeps only the tokenizer's own settings.
         for option in ("is_local", "local_files_only"):

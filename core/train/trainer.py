@@ -29,9 +29,10 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.utils.hub import convert_file_size_to_int
 
 from core import distributed, store
-from core.bundle import write_bundle
+from core.bundle import MAX_SHARD_SIZE, write_bundle
 from core.data.corpus import Corpus, datasets_progress, load_corpus, pack, token_counts_by_source, train_tokenizer
 from core.device import Dtype, dtype_name, resolve_dtype
 from core.errors import BundleError, TrainingError
@@ -87,6 +88,9 @@ class TrainOptions:
         "a CUDA device that supports it, else float32), float32, bfloat16 or float16 (CUDA only)",
     )
     seed: int = option(0, "seeds model init and data order")
+    max_shard_size: str = option(
+        MAX_SHARD_SIZE, "largest weight file the bundle is written in, e.g. 10MB (a repository's file-size limit)"
+    )
     tokenizer: str | None = option(None, "reuse the tokenizer of this bundle")
     resume: bool = option(False, "continue from the newest complete checkpoint in OUT/checkpoints")
     overwrite: bool = option(False, "replace the bundle already in OUT (its index and checkpoints are removed with it)")
@@ -113,6 +117,12 @@ class TrainOptions:
         check_fields(self, TrainingError)
         if self.dtype == "float16" and resolve_device(self.device) == "cpu":
             raise TrainingError("--dtype float16 trains on CUDA only; on the CPU use bfloat16 or float32")
+        try:
+            convert_file_size_to_int(self.max_shard_size)
+        except ValueError:
+            raise TrainingError(
+                f"--max-shard-size {self.max_shard_size!r} is not a size; write it like 10MB or 5GB"
+            ) from None
         if self.freeze_backbone and not self.backbone:
             raise TrainingError("--freeze-backbone needs --backbone (a pretrained decoder to keep frozen)")
         if self.freeze_backbone and self.dense:
@@ -471,7 +481,8 @@ def train(opts: TrainOptions) -> dict:
         if not opts.dense:
             record["corpus_tokens_by_source"] = token_counts_by_source(corpus.train, tokenizer)
         model.to("cpu")
-        write_bundle(out, model, tokenizer, record, keep_index=False)  # an index of the old weights goes with them
+        # keep_index=False: an index of the old weights goes with them
+        write_bundle(out, model, tokenizer, record, keep_index=False, max_shard_size=opts.max_shard_size)
     return distributed.broadcast_object(record)  # after rank 0 wrote the bundle
 
 

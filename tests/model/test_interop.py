@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 from transformers import LlamaConfig
 
 import core.store
@@ -109,6 +111,22 @@ def test_one_normal_shard_and_the_weights_hashed_once(tiny_bundle, tmp_path, mon
     core.bundle._digests.clear()
     load_bundle(tmp_path / "new")
     assert hashed.count("model.safetensors") == saved == 1
+
+
+def test_a_shard_size_splits_the_weights_and_they_load_equal(tiny_bundle, tmp_path):
+    """--max-shard-size: a repository with a file-size limit gets several smaller weight files."""
+    from core.bundle import write_bundle
+
+    bundle = load_bundle(tiny_bundle)
+    write_bundle(tmp_path / "sharded", bundle.model, bundle.tokenizer, {"kind": "prism"}, max_shard_size="200KB")
+    shards = sorted((tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    for shard in shards:  # a shard over the size holds one tensor larger than the size by itself
+        with safe_open(shard, "pt") as f:
+            assert shard.stat().st_size <= 200_000 or len(list(f.keys())) == 1, shard.name
+    reloaded = load_bundle(tmp_path / "sharded").model.state_dict()
+    for name, tensor in bundle.model.state_dict().items():
+        assert torch.equal(reloaded[name], tensor), name
 
 
 def test_add_remote_code_keeps_weights_and_fingerprint(tiny_bundle, tmp_path):
