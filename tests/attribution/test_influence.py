@@ -498,6 +498,11 @@ def test_block_sums_and_the_position_scan_give_the_same_scores(stored):
     assert ((shared > 0) == (scan_terms > 0)).all()
     subset = np.array([3, 0, 2])
     np.testing.assert_allclose(factors._scores(psi, lookup, subset)[0], scan[subset], rtol=1e-9, atol=1e-12)
+    # the positions of a subset read in many small chunks: the same sums and terms as one scan
+    few = max(1, 3 * factors.store.k * len(credits))  # about 3 positions per chunk
+    chunked, chunked_terms = document_scores(factors.store, psi, lookup, few, subset)
+    np.testing.assert_allclose(chunked, scan[subset], rtol=1e-12, atol=1e-15)
+    assert (chunked_terms == scan_terms[subset]).all() and chunked_terms.sum() > 0
 
 
 def test_document_sketches_are_their_whitened_block_gradients_projected(stored):
@@ -582,7 +587,13 @@ def test_batched_ranking_equals_each_request_alone(stored):
         for ranking in ("relative", "loss"):
             batched = factors.rank_many(requests, harmful, 3, candidates, ranking)
             alone = [factors.rank(c, 3, h, candidates, ranking) for c, h in zip(requests, harmful, strict=True)]
-            assert batched == alone
+            # the same documents, carriers and spans; the scores up to the order of the sums
+            # (the batch reads every pool's documents once, in other chunks)
+            key = [[(r.doc_index, r.prototype, r.start, r.end, r.entries) for r in rs] for rs in batched]
+            assert key == [[(r.doc_index, r.prototype, r.start, r.end, r.entries) for r in rs] for rs in alone]
+            for b, a in zip(batched, alone, strict=True):
+                assert [r.score for r in b] == pytest.approx([r.score for r in a], rel=1e-12, abs=1e-15)
+                assert [r.relative for r in b] == pytest.approx([r.relative for r in a], rel=1e-12, abs=1e-15)
             assert sum(map(len, batched)) > len(requests)  # not vacuous: most requests rank documents
             assert all(r.score < 0 for r in batched[-1])
 

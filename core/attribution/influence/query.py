@@ -23,8 +23,8 @@ from core.attribution.influence.store import (
     PositionStore,
     block_scores,
     document_scores,
+    pair_entries,
     pair_lookup,
-    pair_terms,
 )
 from core.attribution.ranking import best_per_group, rank_groups
 from core.bundle import model_fingerprint
@@ -209,13 +209,16 @@ class InfluenceFactors:
         todo = [c for c in credits if c._exact is None]
         if not todo:
             return
-        prototypes = torch.from_numpy(np.concatenate([c.prototypes for c in todo]).astype(np.int64))
-        column = torch.cat([torch.full((len(c.prototypes),), i, dtype=torch.long) for i, c in enumerate(todo)])
-        lookup = pair_lookup(prototypes, column, len(self.complement), len(todo))
-        psi = torch.cat([c.psi.to(self.dtype) for c in todo])
-        scores, terms = self._scores(psi, lookup, None)  # (D, n)
+        scores, terms = self._scores(*self._columns(todo), None)  # (D, n)
         for i, c in enumerate(todo):
             c._exact = (scores[:, i], terms[:, i])
+
+    def _columns(self, credits: list[InfluenceCredit]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pairs, 2d) psi of several credits and their (P, n) lookup, one column per credit."""
+        prototypes = torch.from_numpy(np.concatenate([c.prototypes for c in credits]).astype(np.int64))
+        column = torch.cat([torch.full((len(c.prototypes),), i, dtype=torch.long) for i, c in enumerate(credits)])
+        lookup = pair_lookup(prototypes, column, len(self.complement), len(credits))
+        return torch.cat([c.psi.to(self.dtype) for c in credits]), lookup
 
     def exact_scores(self, credit: InfluenceCredit, documents: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
         """((C,) scores, (C,) terms met) of some store documents (None: every one), exactly."""
@@ -316,8 +319,16 @@ class InfluenceFactors:
             exact = [(c.scores, c.terms) for c in credits]
         else:
             pools = self._candidate_pools(credits, harmful, max(candidates, top), ranking)
-            # each pool scored apart: its documents' blocks meet only its own credit's prototypes
-            exact = [self.exact_scores(c, pool) for c, pool in zip(credits, pools, strict=True)]
+            # The pools' documents are read once and scored for every distinct credit (one
+            # column each); a pool keeps its own credit's column.
+            distinct = list({id(c): c for c in credits}.values())
+            column = {id(c): i for i, c in enumerate(distinct)}
+            union = np.unique(np.concatenate(pools))
+            scores, terms = self._scores(*self._columns(distinct), union)  # (U, n)
+            exact = []
+            for c, pool in zip(credits, pools, strict=True):
+                rows, i = np.searchsorted(union, pool), column[id(c)]
+                exact.append((scores[rows, i], terms[rows, i]))
         chosen = []
         for pool, (scores, terms), bad in zip(pools, exact, harmful, strict=True):
             relative = self.relative(scores, pool)
@@ -370,15 +381,15 @@ class InfluenceFactors:
                 place = sorter[np.searchsorted(docs, block[owner[keep]], sorter=sorter)]  # (L,) place in the job
                 sign = np.where(scores[place] < 0, -1.0, 1.0)
                 subset = tuple(t.index_select(0, torch.from_numpy(keep)) for t in rows)
-                terms, met = pair_terms(subset, credit.psi.to(self.dtype), lookup)
-                terms, met = terms[..., 0].double().numpy(), met[..., 0].numpy()
-                job["totals"].append(terms.sum(1) * sign)
+                pos, slot, _, terms = pair_entries(subset, credit.psi.to(self.dtype), lookup)
+                pos, terms = pos.numpy(), terms.double().numpy()
+                job["totals"].append(np.bincount(pos, terms, minlength=len(keep)) * sign)
                 job["positions"].append(positions[keep])
                 job["owner"].append(place)
-                where = np.repeat(place, terms.shape[1]).reshape(terms.shape)[met]
+                where = place[pos]
                 job["mine"].append(where)
-                job["ids"].append(subset[2].numpy()[met])
-                job["values"].append(terms[met] * np.where(scores[where] < 0, -1.0, 1.0))
+                job["ids"].append(subset[2][torch.from_numpy(pos), slot].numpy())
+                job["values"].append(terms * np.where(scores[where] < 0, -1.0, 1.0))
             lo = hi
         out = []
         for job, (_, docs, _) in zip(parts, jobs, strict=True):

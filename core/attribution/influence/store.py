@@ -16,9 +16,9 @@ its range that way). At d = 256, k = 64 a position takes 2 x 256 + 2 x 64 + 128 
 + 16 (scales) + 8 (span) = 792 bytes in int8, 1,432 in float16.
 
 A query's scores are read from it in bulk (:func:`document_scores`): for the query's (token,
-prototype) pairs with psi = A_j g_qj, I(q, D) = sum_{t in D} sum_{j in S_t} c_tj <psi_j^K, h_t>
-+ a_tj <psi_j^W, r_t>, two (chunk, d) x (d, pairs) products per chunk of positions, gathered at
-each position's active ids.
+prototype) pairs with psi = A_j g_qj, I(q, D) = sum_{t in D} sum_{j in S_t and Q} c_tj
+<psi_j^K, h_t> + a_tj <psi_j^W, r_t>, computed only at the (position, slot) entries whose
+active prototype the query has (:func:`pair_entries`).
 """
 
 from __future__ import annotations
@@ -323,10 +323,18 @@ def pair_lookup(prototypes: torch.Tensor, columns: torch.Tensor, P: int, width: 
     return lookup
 
 
-def pair_terms(
+# (entry, d) rows gathered at once when the terms of a chunk's entries are computed (memory).
+ENTRY_BATCH = 1 << 15
+
+
+def pair_entries(
     rows: tuple[torch.Tensor, ...], psi: torch.Tensor, lookup: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each position's terms c_tj <psi^K, h_t> + a_tj <psi^W, r_t> for every pair at its ids.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (position, slot, column) entries whose active prototype is one of the column's
+    pairs, and their terms c_tj <psi_j^K, h_t> + a_tj <psi_j^W, r_t>.
+
+    Only these entries are computed: a position meets a query's prototypes at about
+    k |Q| / P of its k slots, so a dense (positions x pairs) product would be mostly wasted.
 
     Args:
         rows: (h, r, ids, c, a) of L positions (:meth:`PositionStore.read`).
@@ -334,20 +342,24 @@ def pair_terms(
         lookup: (P, n) pair of (prototype, column), m where the column lacks the prototype.
 
     Returns:
-        ((L, k, n) terms, zero where a position's prototype has no pair; (L, k, n) bool hits).
+        (E,) position in ``rows``, (E,) slot in its k, (E,) column, (E,) term, in (position,
+        slot, column) order.
     """
     h, r, ids, c, a = rows
-    L, k = ids.shape
-    d = h.shape[1]
-    n = lookup.shape[1]
-    padded = torch.cat([psi, psi.new_zeros(1, psi.shape[1])])  # (m + 1, 2d): row m is the "no pair" zero
-    hk = h @ padded[:, :d].T  # (L, m + 1) <psi^K, h_t>, 0 in column m
-    rw = r @ padded[:, d:].T  # (L, m + 1) <psi^W, r_t>
-    cols = lookup[ids].reshape(L, k * n)  # (L, k n) pair at each (active prototype, column)
-    terms = c.unsqueeze(-1) * hk.gather(1, cols).reshape(L, k, n) + a.unsqueeze(-1) * rw.gather(1, cols).reshape(
-        L, k, n
-    )
-    return terms, (cols < len(psi)).reshape(L, k, n)
+    m, d = len(psi), h.shape[1]
+    member = (lookup < m).any(1)  # (P,) prototypes some column has
+    pos, slot = torch.nonzero(member[ids], as_tuple=True)  # (E0,) active slots any column has
+    cols = lookup[ids[pos, slot]]  # (E0, n)
+    entry, column = torch.nonzero(cols < m, as_tuple=True)
+    pair, pos, slot = cols[entry, column], pos[entry], slot[entry]
+    terms = torch.empty(len(pair), dtype=psi.dtype)
+    for lo in range(0, len(pair), ENTRY_BATCH):
+        t, j, s = pos[lo : lo + ENTRY_BATCH], pair[lo : lo + ENTRY_BATCH], slot[lo : lo + ENTRY_BATCH]
+        q = psi[j]
+        terms[lo : lo + len(t)] = c[t, s] * torch.einsum("ed,ed->e", h[t], q[:, :d]) + a[t, s] * torch.einsum(
+            "ed,ed->e", r[t], q[:, d:]
+        )
+    return pos, slot, column, terms
 
 
 def document_scores(
@@ -384,10 +396,11 @@ def document_scores(
             (positions[lo : lo + step], torch.from_numpy(owner[lo : lo + step]))
             for lo in range(0, len(positions), step)
         )
-    scores = torch.zeros(size, n, dtype=torch.float64)
-    hits = torch.zeros(size, n, dtype=torch.float64)
-    for where, owner in chunks:
-        terms, met = pair_terms(store.read(where), psi, lookup)  # (L, k, n)
-        scores.index_add_(0, owner, terms.sum(1).double())
-        hits.index_add_(0, owner, met.sum(1).double())
-    return scores.numpy(), hits.numpy().astype(np.int64)
+    scores = torch.zeros(size * n, dtype=torch.float64)
+    hits = torch.zeros(size * n, dtype=torch.int64)
+    for where, documents_of in chunks:  # (not ``owner``: the generator above reads that name)
+        pos, _, column, terms = pair_entries(store.read(where), psi, lookup)
+        cell = documents_of[pos] * n + column  # (E,) (document, column) of each entry
+        scores.index_add_(0, cell, terms.double())
+        hits.index_add_(0, cell, torch.ones_like(cell))
+    return scores.reshape(size, n).numpy(), hits.reshape(size, n).numpy()
