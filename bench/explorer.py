@@ -25,7 +25,7 @@ and 50 prototypes picked under Streamlit's AppTest), alone with
 `python bench/explorer.py --audit-only --results-tag audit`. Steer with 1,000 gains alone,
 server-side and in the browser (no results file written): `python bench/explorer.py --steer-only`.
 
-Every wait for the end of a script run checks on each animation frame (``idle``): Playwright's
+Every wait for the end of a script run checks on each animation frame (``_browser.idle``): Playwright's
 own waits check every 500 ms after the first few, which added up to 0.5 s to the timings before.
 A table edit is also split in the page's clock: Enter to the start of its run (Streamlit's data
 editor sends an edit 150 ms after it) and to the end of the run.
@@ -41,7 +41,6 @@ import json
 import math
 import os
 import re
-import shutil
 import statistics
 import sys
 import tempfile
@@ -52,9 +51,20 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import _results  # noqa: E402
+from _browser import (  # noqa: E402
+    KEY_WATCH,
+    RUN_WATCH,
+    edit_phases,
+    has_browser,
+    idle,
+    launch,
+    pin_slider,
+    script_run,
+    script_runs,
+    wait_for_run,
+)
 from _streamlit import start_streamlit  # noqa: E402
 
-CHROMIUM = os.environ.get("PRISM_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 ATLAS_SCRIPT = """
 import sys
 sys.path.insert(0, {repo!r})
@@ -71,49 +81,12 @@ st.write("drawn")
 """
 
 
-def idle(page) -> None:
-    """Wait for the end of the script run in progress, checked on every animation frame.
-
-    Playwright's own waits (``wait_for_selector``, ``locator.wait_for``) check again after 20,
-    50, 100, 100 and then every 500 ms: a run that ended just after a check was seen up to
-    0.5 s late, which the edit timings before this change included (1.197 s measured for a
-    Steer table edit whose run ended 0.85 s after the key press).
-    """
-    time.sleep(0.05)
-    page.wait_for_function(
-        "() => document.querySelector('[data-testid=stApp]')?.dataset.testScriptState === 'notRunning'",
-        polling="raf",
-        timeout=300_000,
-    )
-
-
-def pin_slider(page, prototype: int) -> None:
-    """Pin a gain slider for ``prototype`` on the Steer page and focus it."""
-    page.get_by_label("Prototype id").fill(str(prototype))
-    page.get_by_label("Prototype id").press("Enter")
-    idle(page)
-    page.get_by_role("button", name="Add a gain slider").click()
-    idle(page)
-    slider = page.get_by_role("slider", name="Gain").last
-    slider.focus()
-
-
 def thousand_gains(num_prototypes: int) -> dict[int, float]:
     """1,000 gains (fewer on a smaller model), none of them 1 (a gain of 1 is no control)."""
     values = (0.5, 0.75, 1.25, 1.5, 1.75, 2.0, 2.5)
     return {j: values[j % len(values)] for j in range(min(1000, num_prototypes))}
 
 
-# Watches Streamlit's script state: window.__prismRuns gets [state, performance.now()] on each change.
-# One observer per app element: another call only empties the list.
-RUN_WATCH = """() => {
-  const app = document.querySelector('[data-testid=stApp]');
-  window.__prismRuns = [];
-  if (window.__prismWatched === app) return;
-  window.__prismWatched = app;
-  new MutationObserver(() => window.__prismRuns.push([app.dataset.testScriptState, performance.now()]))
-    .observe(app, {attributes: true, attributeFilter: ['data-test-script-state']});
-}"""
 # A lasso around exactly n points: the point whose n-th and (n+1)-th nearest neighbours (itself
 # first) are the farthest apart, away from the centres already used; a circle between the two.
 LASSO_CIRCLE = """([n, used]) => {
@@ -131,45 +104,6 @@ LASSO_CIRCLE = """([n, used]) => {
   }
   return best;
 }"""
-
-
-# The page's clock at the analyst's Enter key (before the grid's editor takes it).
-KEY_WATCH = """() => {
-  window.__prismEnter = null;
-  if (window.__prismKeys) return;
-  window.__prismKeys = true;
-  document.addEventListener('keydown', e => {
-    if (e.key === 'Enter' && window.__prismEnter === null) window.__prismEnter = performance.now();
-  }, {capture: true});
-}"""
-
-
-def edit_phases(page) -> tuple[float, float] | None:
-    """In the page's clock, seconds from the Enter key (KEY_WATCH) to the start of the run it
-    caused and to the end of that run (RUN_WATCH); None when the page saw no complete run."""
-    enter = page.evaluate("() => window.__prismEnter")
-    runs, ends = _run_ends(page)
-    if enter is None or not ends:
-        return None
-    start, end = runs[ends[-1] - 1][1], runs[ends[-1]][1]
-    return round((start - enter) / 1000, 3), round((end - enter) / 1000, 3)
-
-
-def _run_ends(page) -> tuple[list, list[int]]:
-    """The script-state changes the page saw since RUN_WATCH, and where its runs ended (running -> notRunning)."""
-    runs = page.evaluate("() => window.__prismRuns || []")
-    return runs, [i for i, (s, _) in enumerate(runs) if s == "notRunning" and i > 0 and runs[i - 1][0] == "running"]
-
-
-def script_run(page) -> float | None:
-    """Seconds of the last complete script run the page saw, if any."""
-    runs, ends = _run_ends(page)
-    return round((runs[ends[-1]][1] - runs[ends[-1] - 1][1]) / 1000, 3) if ends else None
-
-
-def script_runs(page) -> int:
-    """How many script runs the page saw complete since RUN_WATCH."""
-    return len(_run_ends(page)[1])
 
 
 def lasso_50(page, repeats: int) -> dict:
@@ -289,15 +223,6 @@ def steer_many_gains(page, folder: Path, num_prototypes: int, repeats: int) -> d
     return out
 
 
-def wait_for_run(page) -> None:
-    """Wait for the rerun a widget change has just triggered to start (if not over already) and end."""
-    try:
-        page.wait_for_selector("[data-testid='stApp'][data-test-script-state='running']", timeout=5_000)
-    except Exception:  # noqa: BLE001 - the run may already be over
-        pass
-    idle(page)
-
-
 def in_process(model: str, repeats: int) -> dict:
     import torch
 
@@ -327,9 +252,7 @@ def in_browser(model: str, repeats: int, num_prototypes: int, steer_only: bool =
 
     results: dict = {}
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM, args=["--use-gl=swiftshader", "--enable-unsafe-swiftshader"]
-        )
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(300_000)
 
@@ -350,11 +273,7 @@ def in_browser(model: str, repeats: int, num_prototypes: int, steer_only: bool =
                 pin_slider(page, 100 + r)  # focused: the arrow key below moves it
                 t1 = time.perf_counter()
                 page.keyboard.press("ArrowLeft")  # gain 1.0 -> 0.9: new controls, nothing cached
-                try:
-                    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='running']", timeout=5_000)
-                except Exception:  # noqa: BLE001 - the run may already be over
-                    pass
-                idle(page)
+                wait_for_run(page)
                 times.append(time.perf_counter() - t1)
                 fresh = re.compile(r"generated just now in [\d,]+ ms for 64 tokens")  # the steered column's run
                 caption = page.get_by_text(fresh).last.inner_text()
@@ -484,15 +403,6 @@ def audit(model: str) -> dict:
     out["lasso_50_cards_s"] = round(time.perf_counter() - t0, 3)
     out["lasso_50_rows"] = len(at.dataframe[0].value) if at.dataframe else 0
     return out
-
-
-def has_browser() -> bool:
-    """Whether Chromium and the playwright package are here."""
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
-        return False
-    return Path(CHROMIUM).is_file()
 
 
 def main() -> None:

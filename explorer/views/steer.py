@@ -63,7 +63,8 @@ def generated(
 
 def generation_widgets(greedy_column, sample_column) -> core.GenerationSettings:
     """The generation settings' widgets and the settings they make. Defaults: core.DEFAULT_GENERATION
-    (chosen by bench/generation.py); "Greedy" is plain greedy decoding."""
+    (chosen by bench/generation.py); "Greedy" is plain greedy decoding. Their ranges are the
+    permalink's, which checks a link's settings against them."""
     default = core.DEFAULT_GENERATION
     sampling = default if default.do_sample else core.GenerationSettings(do_sample=True)  # what Sample starts from
     greedy = greedy_column.toggle(
@@ -82,12 +83,16 @@ def generation_widgets(greedy_column, sample_column) -> core.GenerationSettings:
     t, p, r, n = st.columns(4)
     sampled = sample and not greedy
     temperature = t.slider(
-        "Temperature", 0.1, 2.0, sampling.temperature, step=0.05, key="steer_temperature", disabled=not sampled
+        "Temperature",
+        *permalink.TEMPERATURE,
+        sampling.temperature,
+        step=0.05,
+        key="steer_temperature",
+        disabled=not sampled,
     )
     top_p = p.slider(
         "Top-p",
-        0.05,
-        1.0,
+        *permalink.TOP_P,
         sampling.top_p,
         step=0.05,
         key="steer_top_p",
@@ -96,8 +101,7 @@ def generation_widgets(greedy_column, sample_column) -> core.GenerationSettings:
     )
     penalty = r.slider(
         "Repetition penalty",
-        1.0,
-        2.0,
+        *permalink.REPETITION_PENALTY,
         default.repetition_penalty,
         step=0.05,
         key="steer_repetition_penalty",
@@ -106,8 +110,7 @@ def generation_widgets(greedy_column, sample_column) -> core.GenerationSettings:
     )
     ngram = n.number_input(
         "No-repeat n-gram",
-        0,
-        10,
+        *permalink.NO_REPEAT_NGRAM,
         default.no_repeat_ngram_size,
         key="steer_no_repeat_ngram",
         disabled=greedy,
@@ -207,7 +210,8 @@ def regeneration(current: ControlSet, controls: Controls, problem: str | None) -
     seed = c2.number_input("Seed", 0, 2**31 - 1, 0, key="steer_seed")
     settings = generation_widgets(c3, c4)
 
-    permalink.write({"bundle": loaded.name, "sprompt": prompt, "sn": int(max_new), "seed": int(seed)}, current)
+    page = {"bundle": loaded.name, "sprompt": prompt, "sn": int(max_new), "seed": int(seed)}
+    permalink.write(page | permalink.encode_generation(settings), current)
     if problem is not None:
         st.error(f"These controls cannot be applied: {md(problem)}")
         return
