@@ -279,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True, help="report file: .html (self-contained), .json or .csv")
     _add_trace(rep, "tokens generated without a completion")
     _add_controls(rep)
+    _add_generation(rep, " (for prompts without a completion)")
     _add_quiet(rep, "no progress bar")
     add_device_options(rep)
     rep.set_defaults(func=cmd_report)

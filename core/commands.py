@@ -335,6 +335,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     format_of(args.out)  # a bad extension or folder fails before the model loads
     check_output(args.out, "--out", ReportError)
+    settings = generation_from_args(args)  # so do bad generation options
     items = read_prompts(args.prompts)
     bundle = load_bundle(args.model, device=args.device, dtype=args.dtype)
     if not bundle.is_prism:
@@ -350,6 +351,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             method=args.method,
             top=args.top,
             max_new_tokens=args.max_new_tokens,
+            generation=settings,
+            seed=0 if args.seed is None else args.seed,
             progress=lambda done, total: bar.update(1),
         )
     path = write_report(report, args.out)

@@ -9,7 +9,12 @@ page carries its own data.
 JSON layout (``format`` "prism-report", ``version`` 1)::
 
     {"format", "version", "created", "model", "model_fingerprint", "method",
-     "controls": {controls JSON}, "traces": [one `prism attribute --json` object per prompt]}
+     "controls": {controls JSON}, "generation": {settings JSON and "seed"} or null,
+     "traces": [one `prism attribute --json` object per prompt]}
+
+``generation`` is how :func:`build_report` generates the completions a prompts file does not
+give (:meth:`~core.generation.GenerationSettings.to_json` plus ``seed``, as each generated
+trace records its own); null for a report of attributions computed elsewhere.
 
 CSV layout: long format, one row per (token, prototype slice) with ``kind`` "slice" and one
 row per (token, ranked example) with ``kind`` "example"; text cells that a spreadsheet would
@@ -32,8 +37,8 @@ from core.attribution.engine import attribute
 from core.attribution.records import Attribution
 from core.bundle import Bundle
 from core.control.controls import Controls
-from core.errors import ReportError
-from core.generation import describe_generation
+from core.errors import ArgumentError, ReportError
+from core.generation import DEFAULT_GENERATION, GenerationSettings, describe_generation
 from core.index.format import PrototypeIndex
 
 REPORT_FORMAT = "prism-report"
@@ -105,9 +110,16 @@ def read_prompts(path: str | Path) -> list[dict]:
 
 
 def report_from_attributions(
-    attributions: list[Attribution], controls: Controls | None = None, created: str | None = None
+    attributions: list[Attribution],
+    controls: Controls | None = None,
+    created: str | None = None,
+    generation: dict | None = None,
 ) -> dict:
-    """The report object for already computed attributions (all of one model)."""
+    """The report object for already computed attributions (all of one model).
+
+    Args:
+        generation: how missing completions were generated (settings JSON plus ``seed``), if known.
+    """
     if not attributions:
         raise ReportError("a report needs at least one trace")
     first = attributions[0]
@@ -119,6 +131,7 @@ def report_from_attributions(
         "model_fingerprint": first.model_fingerprint,
         "method": first.method,
         "controls": (controls or Controls(model_fingerprint=first.model_fingerprint)).to_json(),
+        "generation": generation,
         "traces": [a.to_json() for a in attributions],
     }
 
@@ -132,13 +145,24 @@ def build_report(
     method: Literal["auto", "neighbourhood", "influence", "spans"] = "auto",
     top: int = 10,
     max_new_tokens: int = 16,
+    generation: GenerationSettings | None = None,
+    seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Trace every ``{"prompt", "completion"}`` item and collect the report object.
 
     Args:
+        generation: how an item without a completion has it generated (None:
+            :data:`core.generation.DEFAULT_GENERATION`; :data:`core.generation.GREEDY`: plain greedy).
+        seed: the sampling seed of those generations (each item's generation starts from it).
         progress: called as ``progress(done, total)`` after each item.
+
+    Raises:
+        ArgumentError: ``generation`` that is not a :class:`~core.generation.GenerationSettings`.
     """
+    settings = DEFAULT_GENERATION if generation is None else generation
+    if not isinstance(settings, GenerationSettings):
+        raise ArgumentError(f"generation must be a GenerationSettings, got {type(settings).__name__}")
     results = []
     for done, item in enumerate(items, start=1):
         results.append(
@@ -151,13 +175,15 @@ def build_report(
                 method=method,
                 controls=controls,
                 max_new_tokens=max_new_tokens,
+                generation=settings,
+                seed=seed,
             )
         )
         if progress is not None:
             progress(done, len(items))
     if controls is not None and not controls.model_fingerprint:
         controls = Controls(controls.gains, controls.suppressed, bundle.fingerprint, controls.note)
-    return report_from_attributions(results, controls)
+    return report_from_attributions(results, controls, generation={**settings.to_json(), "seed": seed})
 
 
 def to_json(report: dict) -> str:
@@ -412,6 +438,9 @@ def to_html(report: dict, examples_per_token: int = 5) -> str:
     """A self-contained HTML page: inline CSS and SVG charts, no scripts to run, no network."""
     data = json.dumps(report, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e")
     controls = report.get("controls") or {}
+    generation = ""
+    if report.get("generation"):
+        generation = f"; completions not given {_esc(describe_generation(report['generation']))}"
     body = [
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -420,7 +449,7 @@ def to_html(report: dict, examples_per_token: int = 5) -> str:
         "<h1>PRISM attribution report</h1>",
         f'<p class="meta">Model <code>{_esc(report["model"])}</code>, fingerprint '
         f"<code>{_esc(report['model_fingerprint'])}</code>; attribution method {_esc(report['method'])}; "
-        f"created {_esc(report['created'])}; {len(report['traces'])} trace(s).</p>",
+        f"created {_esc(report['created'])}; {len(report['traces'])} trace(s){generation}.</p>",
         _contents(report),
         "<h2>Controls in force</h2>",
         f"<pre>{_esc(json.dumps(controls, indent=2))}</pre>" if controls else "<p>none</p>",

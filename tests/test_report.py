@@ -11,14 +11,18 @@ import pytest
 pytest.importorskip("streamlit")
 pytest.importorskip("plotly")
 from core import (  # noqa: E402
+    DEFAULT_GENERATION,
+    GREEDY,
     Controls,
+    GenerationSettings,
     attribute,
     load_bundle,
     load_index,
     read_prompts,
     report_from_attributions,
 )
-from core.cli import main  # noqa: E402
+from core.cli import build_parser, main  # noqa: E402
+from core.commands import generation_from_args  # noqa: E402
 from core.report import to_csv, to_html, to_json  # noqa: E402
 from tests.helpers import EVIL, EVIL_ESCAPED
 
@@ -76,3 +80,42 @@ def test_report_formats(explorer_bundle, tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("prism: error: ") and ".html, .json or .csv" in err[0]
+
+
+SAMPLED = ["--sample", "--temperature", "1.3", "--top-p", "0.95", "--seed", "3"]
+
+
+@pytest.mark.parametrize("flags", [["--greedy"], SAMPLED], ids=["greedy", "sampled"])
+def test_report_generates_with_the_generation_options(explorer_bundle, tmp_path, capsys, flags):
+    settings = generation_from_args(build_parser().parse_args(["report", "--prompts", "p", "--out", "o", *flags]))
+    recorded = {**settings.to_json(), "seed": 3 if "--seed" in flags else 0}
+    sampled = GenerationSettings(
+        do_sample=True,
+        temperature=1.3,
+        top_p=0.95,
+        repetition_penalty=DEFAULT_GENERATION.repetition_penalty,
+        no_repeat_ngram_size=DEFAULT_GENERATION.no_repeat_ngram_size,
+    )
+    assert settings == (GREEDY if flags == ["--greedy"] else sampled)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("KING.\nNote 2:\n", encoding="utf-8")
+    out = tmp_path / "r.json"
+    common = ["--model", str(explorer_bundle), "--max-new-tokens", "6"]
+    assert main(["report", *common, "--prompts", str(prompts), "--out", str(out), "--quiet", *flags]) == 0
+    written = json.loads(out.read_text(encoding="utf-8"))
+    assert written["generation"] == recorded
+    assert [t["generation"] for t in written["traces"]] == [recorded, recorded]
+    assert ("generated greedily" if settings == GREEDY else "sampled with seed 3, temperature 1.3") in to_html(written)
+    capsys.readouterr()
+    for prompt, trace in zip(("KING.", "Note 2:"), written["traces"], strict=True):
+        assert main(["generate", *common, "--prompt", prompt, *flags]) == 0  # the same text as `prism generate`
+        assert capsys.readouterr().out == trace["prompt"] + trace["completion"] + "\n"
+
+
+def test_report_refuses_contradictory_generation_options(explorer_bundle, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("KING.\n", encoding="utf-8")
+    command = ["report", "--model", str(explorer_bundle), "--prompts", str(prompts), "--out", str(tmp_path / "r.json")]
+    assert main([*command, "--greedy", "--temperature", "0.5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--greedy is plain greedy decoding" in err[0] and not (tmp_path / "r.json").exists()
