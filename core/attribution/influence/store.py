@@ -323,18 +323,15 @@ def pair_lookup(prototypes: torch.Tensor, columns: torch.Tensor, P: int, width: 
     return lookup
 
 
-# (entry, d) rows gathered at once when the terms of a chunk's entries are computed (memory).
-ENTRY_BATCH = 1 << 15
-
-
 def pair_entries(
     rows: tuple[torch.Tensor, ...], psi: torch.Tensor, lookup: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The (position, slot, column) entries whose active prototype is one of the column's
     pairs, and their terms c_tj <psi_j^K, h_t> + a_tj <psi_j^W, r_t>.
 
-    Only these entries are computed: a position meets a query's prototypes at about
-    k |Q| / P of its k slots, so a dense (positions x pairs) product would be mostly wasted.
+    The inner products of every position with every pair are two dense products (BLAS), then
+    read only at the entries: a position meets a query's prototypes at about k |Q| / P of its
+    k slots, and gathering (entry, d) rows instead costs more than the products (measured).
 
     Args:
         rows: (h, r, ids, c, a) of L positions (:meth:`PositionStore.read`).
@@ -352,13 +349,9 @@ def pair_entries(
     cols = lookup[ids[pos, slot]]  # (E0, n)
     entry, column = torch.nonzero(cols < m, as_tuple=True)
     pair, pos, slot = cols[entry, column], pos[entry], slot[entry]
-    terms = torch.empty(len(pair), dtype=psi.dtype)
-    for lo in range(0, len(pair), ENTRY_BATCH):
-        t, j, s = pos[lo : lo + ENTRY_BATCH], pair[lo : lo + ENTRY_BATCH], slot[lo : lo + ENTRY_BATCH]
-        q = psi[j]
-        terms[lo : lo + len(t)] = c[t, s] * torch.einsum("ed,ed->e", h[t], q[:, :d]) + a[t, s] * torch.einsum(
-            "ed,ed->e", r[t], q[:, d:]
-        )
+    hk = h @ psi[:, :d].T  # (L, m) <psi_j^K, h_t>
+    rw = r @ psi[:, d:].T  # (L, m) <psi_j^W, r_t>
+    terms = c[pos, slot] * hk[pos, pair] + a[pos, slot] * rw[pos, pair]
     return pos, slot, column, terms
 
 
