@@ -287,7 +287,8 @@ def attribute(
         model=str(bundle.path),
         model_fingerprint=bundle.fingerprint,
         method=method,
-        measurement=chosen.measurement,
+        measurement=chosen.measurement
+        + (" (estimated from gradient sketches)" if method == "influence" and not query.influence().exact else ""),
         decomposition=query.decomposition,
         token_examples=token_examples,
         examples=overall,

@@ -121,7 +121,8 @@ class Attribution:
         method: the attribution method (one of :data:`core.attribution.engine.METHODS`).
         measurement: what was attributed: ``logit slice`` (neighbourhood: each example's
             share of the tokens' logit slices) or ``loss`` (influence: the change of the
-            attributed tokens' summed loss -log p it explains, + = helpful).
+            attributed tokens' summed loss -log p it explains, + = helpful; with "(estimated
+            from gradient sketches)" from a sketch-only influence store).
         decomposition: the per-token decomposition.
         token_examples: examples of each completion token; examples: over the ``span``.
         harmful: influence only: the documents over the ``span`` whose upweighting would raise

@@ -505,6 +505,35 @@ def test_block_sums_and_the_position_scan_give_the_same_scores(stored):
     assert (chunked_terms == scan_terms[subset]).all() and chunked_terms.sum() > 0
 
 
+def test_a_sketch_only_store_scores_every_document_by_its_sketch(stored, short_corpus, tmp_path):
+    """--influence-store sketch: the same factors and document sketches as the position store,
+    no position arrays (a smaller file), and every document scored by <phi(q), phi(D)>: the
+    estimate the retrieval tier searches, ranked the same way; no token is marked."""
+    bundle_dir, factors, A, positions, (model, hidden, ids, weights, targets, probs, grads) = stored
+    sketch_dir = copy_bundle(bundle_dir, tmp_path / "sketch")
+    args = {**EXACT, "rank": 8, "max_tokens": 64 * STORE_SEQUENCES, "batch_size": 3, "store": "sketch"}
+    build_influence(sketch_dir, short_corpus, InfluenceArguments(**args), show_progress=False)
+    only = load_influence(sketch_dir)
+    assert not only.exact and factors.exact and only.store is None
+    assert only.stored_bytes() < factors.stored_bytes()
+    np.testing.assert_array_equal(np.asarray(only._sketches), np.asarray(factors._sketches))
+    np.testing.assert_array_equal(only.self_influence, factors.self_influence)
+    credits = only.credit(model, hidden, ids, weights, targets, None, probs)
+    span = influence_module.InfluenceCredit.concat(credits)
+    estimate = factors.sketch_matrix().double().numpy() @ factors.query_sketches([span])[0].double().numpy()
+    np.testing.assert_allclose(span.scores, estimate, rtol=1e-5, atol=1e-6 * np.abs(estimate).max())
+    ranked = only.rank(span, top=3, ranking="loss")
+    assert [r.doc_index for r in ranked] == [int(only.documents[d]) for d in np.argsort(-estimate, kind="stable")[:3]]
+    assert all(r.prototype == -1 and r.start == r.end == 0 and r.entries == 0 for r in ranked)  # unknown
+    # the estimate follows the exact scores of the same documents
+    exact = factors.exact_scores(span)[0]
+    assert np.corrcoef(exact, estimate)[0, 1] > 0.5
+    bundle = load_bundle(sketch_dir)
+    bundle.model.double()
+    result = attribute(bundle, load_index(sketch_dir), PROMPT, COMPLETION, method="influence", influence=only)
+    assert result.measurement == "loss (estimated from gradient sketches)" and result.examples
+
+
 def test_document_sketches_are_their_whitened_block_gradients_projected(stored):
     """Each stored document sketch is sum over its blocks of rho_j * (R A_j^{1/2} g_jD), with
     A_j^{1/2} the dense square root of the inverse curvature, computed here from materialised

@@ -11,6 +11,7 @@ from core.errors import ArgumentError
 from core.options import check_fields, option
 
 STORAGES = ("int8", "float16", "float32", "float64")
+STORES = ("positions", "sketch")
 
 
 @dataclass
@@ -61,6 +62,13 @@ class InfluenceArguments:
         "ranking (Spearman > 0.999) in about half the bytes of float16",
         flag="--influence-storage",
     )
+    store: Literal["positions", "sketch"] = option(
+        "positions",
+        "what is kept per training document: positions (every position's block gradient parts, about "
+        "0.6 kB each at the demo's size: exact scores) or sketch (only the document's gradient sketch, "
+        "4 bytes x --influence-sketch per document: every document scored by an unbiased estimate)",
+        flag="--influence-store",
+    )
     seed: int = option(0, "seeds the sampled Fisher labels and the gradient sketch", cli=False)
     sketch_width: int = option(
         2048,
@@ -93,6 +101,8 @@ class InfluenceArguments:
             raise ArgumentError(f"damping must be > 0, got {self.damping}")
         if self.dtype not in ("float32", "float64"):
             raise ArgumentError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.store not in STORES:
+            raise ArgumentError(f"store must be one of {', '.join(STORES)}, got {self.store!r}")
         if self.storage not in STORAGES:
             raise ArgumentError(f"storage must be one of {', '.join(STORAGES)}, got {self.storage!r}")
         check_fields(self, ArgumentError)

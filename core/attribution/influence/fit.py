@@ -394,6 +394,9 @@ def build_influence(
     t1 = time.time()
     layout, per_sequence = _layout(packed, document_sample)
     n_positions, n_documents = len(layout["char_start"]), len(layout["documents"])
+    positions = args.store == "positions"
+    if not positions:  # a sketch-only store keeps no per-position arrays
+        layout = {key: layout[key] for key in ("documents", "document_offsets")}
     factor = np.float64 if args.storage == "float64" else np.float32
     arrays = {
         "eigenvectors": vectors.numpy().astype(factor),  # (P, 2d, r) U
@@ -408,7 +411,8 @@ def build_influence(
     arrays["sketch_projection"] = sketch.projection.numpy().astype(np.float32)  # (m, 2d) R
     arrays["sketch_signs"] = sketch.signs.numpy().astype(np.int8)  # (P, m) rho
     specs = {name: (a.shape, a.dtype) for name, a in arrays.items()}
-    specs.update(store_specs(n_positions, d, k, P, args.storage))
+    if positions:
+        specs.update(store_specs(n_positions, d, k, P, args.storage))
     specs["self_influence"] = ((n_documents,), np.dtype(np.float64))  # sum_j g_jD^T A_j g_jD / positions
     # (D, m) phi(A^{1/2} g_D), zero-filled: the isotropic and low-rank parts are added in
     specs["document_sketch"] = ((n_documents, args.sketch_width), np.dtype(np.float32))
@@ -416,7 +420,7 @@ def build_influence(
     # (no pass over the positions); kept when they take no more room than the position store.
     blocks = block_specs(n_documents, P, d, args.storage)
     blocks_bytes = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in blocks.values())
-    with_blocks = blocks_bytes <= n_positions * position_bytes(d, k, args.storage, P)
+    with_blocks = positions and blocks_bytes <= n_positions * position_bytes(d, k, args.storage, P)
     if with_blocks:
         specs.update(blocks)
     meta = {
@@ -438,7 +442,8 @@ def build_influence(
         "positions": n_positions,
         "entries": n_positions,
         "storage": args.storage,
-        "position_bytes": position_bytes(d, k, args.storage, P),
+        "store": args.store,
+        "position_bytes": position_bytes(d, k, args.storage, P) if positions else 0,
         "sketch_width": args.sketch_width,
         "document_blocks": with_blocks,
         "ranks": distributed.world_size(),
@@ -486,8 +491,8 @@ def build_influence(
             out.abort()
         raise
     size = path.stat().st_size
-    summary = {k: meta[k] for k in ("arguments", "rank", "build_seconds", "documents", "positions", "storage")}
+    summary = {k: meta[k] for k in ("arguments", "rank", "build_seconds", "documents", "positions", "storage", "store")}
     register_index_file(folder, INFLUENCE_FILE, influence=summary)
     keys = ("rank", "num_prototypes", "sequences", "curvature_positions", "documents", "positions", "entries")
-    keys += ("storage", "position_bytes", "curvature_seconds", "documents_seconds", "build_seconds")
+    keys += ("storage", "store", "position_bytes", "curvature_seconds", "documents_seconds", "build_seconds")
     return {**{key: meta[key] for key in keys}, "influence_bytes": size, "influence_mb": round(size / 2**20, 3)}

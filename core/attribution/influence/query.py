@@ -136,10 +136,12 @@ class InfluenceFactors:
         self.inverse_weights = torch.from_numpy(np.array(arrays["inverse_weights"])).to(dtype)  # (P, r) w
         self.complement = torch.from_numpy(np.array(arrays["complement"])).to(dtype)  # (P,) kappa
         self.eigenvalues, self.damping = np.array(arrays["eigenvalues"]), np.array(arrays["damping"])
-        self.store = PositionStore(arrays, dtype)
-        self.documents = self.store.documents  # (D,) training-split rows
+        # None for a sketch-only store (``--influence-store sketch``): every document is scored by
+        # its sketch's estimate, and no training token is marked
+        self.store = PositionStore(arrays, dtype) if meta.get("store", "positions") == "positions" else None
+        self.documents = np.asarray(arrays["documents"])  # (D,) training-split rows
         self.self_influence = np.array(arrays["self_influence"])  # (D,) g_D^T A g_D / positions
-        positions = np.diff(np.asarray(self.store.offsets)).astype(np.float64)
+        positions = np.diff(np.asarray(arrays["document_offsets"])).astype(np.float64)
         # (D,) ||g_D||_A = sqrt(g_D^T A g_D), the divisor of the relative scores (0: no gradient)
         self.gradient_norm = np.sqrt(np.maximum(self.self_influence * positions, 0.0))
         self.sketch = GradientSketch(
@@ -152,6 +154,7 @@ class InfluenceFactors:
             (arrays["document_blocks"], arrays["document_blocks_scale"]) if "document_blocks" in arrays else None
         )
         self._search: dict[str, CandidateSearch] = {}
+        self._sketch_rows: torch.Tensor | None = None
         self._search_lock = threading.Lock()
         self._corpus = None
 
@@ -227,12 +230,41 @@ class InfluenceFactors:
         scores, terms = self._scores(credit.psi.to(self.dtype), lookup, documents)
         return scores[:, 0], terms[:, 0]
 
+    @property
+    def exact(self) -> bool:
+        """True when scores are exact (a position store); False for a sketch-only store, whose
+        scores are the sketches' unbiased estimates."""
+        return self.store is not None
+
     def _scores(self, psi: torch.Tensor, lookup: torch.Tensor, documents: np.ndarray | None) -> tuple[np.ndarray, ...]:
-        """Exact (C, n) scores and shared terms: from the per-document block sums when the build
-        kept them (one product over the query's blocks), else by a scan of the positions."""
+        """(C, n) scores and shared terms: exact from the per-document block sums when the build
+        kept them (one product over the query's blocks), else by a scan of the positions; for a
+        sketch-only store, the sketches' estimates (terms: 1 for a document with a gradient)."""
+        if self.store is None:
+            return self._sketch_scores(psi, lookup, documents)
         if self.blocks is not None:
             return block_scores(*self.blocks, psi, lookup, documents)
         return document_scores(self.store, psi, lookup, CREDIT_CHUNK_ENTRIES, documents)
+
+    def _sketch_scores(
+        self, psi: torch.Tensor, lookup: torch.Tensor, documents: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """<phi(q), phi(D)> per document and column: the estimate of I(q, D) (:mod:`.sketch`)."""
+        prototypes, column = torch.nonzero(lookup < len(psi), as_tuple=True)
+        whitening = (self.eigenvectors, self.inverse_weights, self.complement)
+        phi = self.sketch.pairs(prototypes, psi[lookup[prototypes, column]], whitening)  # (pairs, m)
+        queries = torch.zeros(lookup.shape[1], phi.shape[1], dtype=phi.dtype).index_add_(0, column, phi)
+        sketches = self.sketch_matrix() if documents is None else self.sketch_matrix()[torch.from_numpy(documents)]
+        scores = (sketches.to(queries.dtype) @ queries.T).double().numpy()  # (C, n)
+        norm = self.gradient_norm if documents is None else self.gradient_norm[documents]
+        return scores, np.repeat((norm > 0).astype(np.int64)[:, None], lookup.shape[1], axis=1)
+
+    def sketch_matrix(self) -> torch.Tensor:
+        """(D, m) the documents' sketches in memory (read from the file once)."""
+        with self._search_lock:
+            if self._sketch_rows is None:
+                self._sketch_rows = torch.from_numpy(np.array(self._sketches, dtype=np.float32))
+            return self._sketch_rows
 
     def relative(self, scores: np.ndarray, documents: np.ndarray | None = None) -> np.ndarray:
         """Scores of store ``documents`` (None: every one) divided by their ||g_D||_A (0 where
@@ -252,6 +284,17 @@ class InfluenceFactors:
                 self._search[ranking] = CandidateSearch(sketches)
             return self._search[ranking]
 
+    def query_sketches(self, credits: list[InfluenceCredit]) -> torch.Tensor:
+        """(n, m) each credit's sketch, sum_j phi(j, A_j^{1/2} g_qj): its inner product with a
+        document's stored sketch is an unbiased estimate of I(q, D) (:mod:`.sketch`)."""
+        sizes = [len(c.prototypes) for c in credits]
+        prototypes = torch.from_numpy(np.concatenate([c.prototypes for c in credits]).astype(np.int64))
+        psi = torch.cat([c.psi.to(self.dtype) for c in credits])
+        whitening = (self.eigenvectors, self.inverse_weights, self.complement)
+        phi = self.sketch.pairs(prototypes, psi, whitening)  # (sum of pairs, m)
+        column = torch.repeat_interleave(torch.arange(len(credits)), torch.tensor(sizes))
+        return torch.zeros(len(credits), phi.shape[1], dtype=phi.dtype).index_add_(0, column, phi)
+
     def candidates_for(
         self, credit: InfluenceCredit, count: int, harmful: bool = False, ranking: str = "relative"
     ) -> np.ndarray:
@@ -265,13 +308,7 @@ class InfluenceFactors:
         """Per credit, the (<= count,) store documents whose sketched scores are best in the
         direction ``harmful`` asks for (ascending), all found in one search. The query sketch
         of a credit is the sum of its pairs' sketches, computed for every credit's pairs at once."""
-        sizes = [len(c.prototypes) for c in credits]
-        prototypes = torch.from_numpy(np.concatenate([c.prototypes for c in credits]).astype(np.int64))
-        psi = torch.cat([c.psi.to(self.dtype) for c in credits])
-        whitening = (self.eigenvectors, self.inverse_weights, self.complement)
-        phi = self.sketch.pairs(prototypes, psi, whitening)  # (sum of pairs, m)
-        column = torch.repeat_interleave(torch.arange(len(credits)), torch.tensor(sizes))
-        queries = torch.zeros(len(credits), phi.shape[1], dtype=phi.dtype).index_add_(0, column, phi)
+        queries = self.query_sketches(credits)
         queries[torch.tensor(harmful, dtype=torch.bool)] *= -1
         rows, _ = self.searcher(ranking).search(queries.numpy(), count)
         return [np.sort(r[r >= 0]) for r in rows]
@@ -313,7 +350,7 @@ class InfluenceFactors:
             raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
         if not credits:
             return []
-        if not candidates:
+        if not candidates or self.store is None:  # a sketch-only store estimates every document
             self.score_every_document(list({id(c): c for c in credits}.values()))
             pools = [np.arange(len(self.documents))] * len(credits)
             exact = [(c.scores, c.terms) for c in credits]
@@ -354,6 +391,11 @@ class InfluenceFactors:
         the document's score (ties: the smaller id, the earlier position). The positions of
         every job's documents are read once, in chunks of documents."""
         store = self.store
+        if store is None:  # no positions: no carrier prototype (-1) and no marked token
+            return [
+                (np.full(len(docs), -1), np.zeros(len(docs), dtype=np.int64), *[np.zeros(len(docs))] * 2)
+                for _, docs, _ in jobs
+            ]
         every = np.unique(np.concatenate([docs for _, docs, _ in jobs]))
         counts = store.offsets[every + 1] - store.offsets[every]
         budget = max(1, CREDIT_CHUNK_ENTRIES // store.k)

@@ -127,8 +127,12 @@ class StoreWriter:
         self.cursor = cursor
 
     def add(self, hidden: torch.Tensor, r: torch.Tensor, ids: torch.Tensor, c: torch.Tensor, a: torch.Tensor) -> None:
-        """Append (n, d) h and r and (n, k) ids, c and a of the next positions in stream order."""
+        """Append (n, d) h and r and (n, k) ids, c and a of the next positions in stream order
+        (a sketch-only store has no position arrays: the cursor alone moves on)."""
         lo, hi = self.cursor, self.cursor + len(ids)
+        if "active" not in self.arrays:
+            self.cursor = hi
+            return
         for name, rows in zip(ROW_ARRAYS, (hidden, r, c, a), strict=True):
             self.arrays[name][lo:hi], self.arrays[f"{name}_scale"][lo:hi] = quantise(rows, self.storage)
         self.arrays["active"][lo:hi] = ids.cpu().numpy()
