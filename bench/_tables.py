@@ -14,7 +14,7 @@ from pathlib import Path
 
 from _tables_explorer import render_explorer
 from _tables_generation import render_generation
-from _tables_lds import render_lds, render_lds_ranks
+from _tables_lds import render_lds, render_lds_ranks, render_lds_sketch
 from _tables_probes import render_probes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -254,6 +254,8 @@ def render_attribution_speed(f: dict) -> list[str]:
 
 
 def render_attribution_latency(f: dict) -> list[str]:
+    if "influence_ms_p50" in f or "neighbourhood_ms_p50" in f:
+        return _latency_percentiles(f)
     keys = ("neighbourhood_ms", "influence_ms", "forward_ms", "neighbourhood_over_forward", "influence_over_forward")
     decimals = (1, 1, 1, 2, 2)
     runs = max((len(f[k]) for k in keys if isinstance(f.get(k), list)), default=1)
@@ -270,6 +272,48 @@ def render_attribution_latency(f: dict) -> list[str]:
     if f.get("forward_ms_min") is not None:
         lines += ["", f"Forward passes over the runs: {num(f['forward_ms_min'], 1)}-{num(f['forward_ms_max'], 1)} ms."]
     lines += ["", f"Median over {f.get('queries', NONE)} queries of 24 + 8 tokens, {f.get('threads', NONE)} threads."]
+    return lines
+
+
+def _latency_percentiles(f: dict) -> list[str]:
+    """One query at a time: attribute() and a forward pass of the same text, p50 / p95."""
+    rows = []
+    for method in ("influence", "neighbourhood"):
+        if f.get(f"{method}_ms_p50") is None:
+            continue
+        rows.append(
+            [
+                method,
+                f"{num(f[f'{method}_ms_p50'], 1)} / {num(f.get(f'{method}_ms_p95'), 1)}",
+                f"{num(f.get(f'{method}_forward_ms_p50'), 1)} / {num(f.get(f'{method}_forward_ms_p95'), 1)}",
+                f"{num(f.get(f'{method}_over_forward_p50'), 2)} / {num(f.get(f'{method}_over_forward_p95'), 2)}",
+            ]
+        )
+    lines = table(["method", "attribute ms p50 / p95", "forward ms p50 / p95", "attribute / forward p50 / p95"], rows)
+    if f.get("store") is not None:
+        scored = (
+            "every document by its sketch's estimate"
+            if f["store"] == "sketch"
+            else (
+                f"{f.get('candidates')} candidates from the sketches, scored exactly"
+                if f.get("candidates")
+                else "every document exactly"
+            )
+        )
+        lines += [
+            "",
+            f"Influence store: {f['store']} ({f.get('documents', NONE)} documents, "
+            f"{num(f.get('bytes_per_document'), 0)} bytes per document, sketch width {f.get('sketch_width', NONE)}); "
+            f"{scored}.",
+        ]
+    if f.get("recall_of_exact_top10") is not None:
+        lines += [
+            "",
+            f"Recall of the exact top 10 (every document scored exactly from a position store of the same weights): "
+            f"{num(f['recall_of_exact_top10'], 3)} ± {num(f.get('recall_of_exact_top10_se'), 3)}.",
+        ]
+    queries, threads = f.get("queries", NONE), f.get("threads", NONE)
+    lines += ["", f"{queries} queries of 24 + 8 tokens, one at a time, {threads} threads."]
     return lines
 
 
@@ -416,6 +460,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "attribution_quality": render_attribution_quality,
     "lds": render_lds,
     "lds_ranks": render_lds_ranks,
+    "lds_sketch": render_lds_sketch,
     "probes": render_probes,
     "generation": render_generation,
 }

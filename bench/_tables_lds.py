@@ -98,3 +98,34 @@ def render_lds_ranks(f: dict) -> list[str]:
         f"{num(f.get('curvature_tokens'))} training tokens (as shipped); 2d = {num(f.get('two_d'))}; mean ± "
         "standard error over queries.",
     ]
+
+
+def render_lds_sketch(f: dict) -> list[str]:
+    """bench/lds_sketch.py: the gradient sketch alone per width, beside the exact store and the baselines."""
+    from _tables import NONE, num, table
+
+    def pm(key: str, sign: bool = False) -> str:
+        return NONE if f.get(key) is None else f"{num(f[key], 3, sign)} ± {num(f.get(key + '_se'), 3)}"
+
+    keys = ["exact", *[str(w) for w in f.get("widths", [])], "ekfac", "logra", "bm25"]
+    rows = [
+        [
+            f.get(f"{key}_label", key),
+            num(f.get(f"{key}_bytes_per_document"), 0),
+            f"{num(f.get(f'{key}_recall_verbatim'), 2)} / {num(f.get(f'{key}_recall_paraphrased'), 2)}",
+            pm(f"{key}_lds"),
+            NONE if key == "logra" else pm(f"{key}_minus_logra", sign=True),
+        ]
+        for key in keys
+        if f.get(f"{key}_lds") is not None
+    ]
+    header = ["method", "bytes/document", "recall@10 verbatim / paraphrased", "LDS ± SE", "− LoGra (paired)"]
+    lines = table(header, rows)
+    lines += [
+        "",
+        f"{f.get('documents', NONE)} documents, {f.get('lds_queries', NONE)} LDS queries, {f.get('halves', NONE)} "
+        f"halves x {f.get('seeds', NONE)} seeds (bench/lds.py's retrains); sketch widths are prefixes of the "
+        f"{f.get('sketch_width_built', NONE)}-wide sketch of one build (4 bytes per coordinate); EK-FAC, LoGra "
+        "and BM25 from bench/results/lds.json (same queries and retrains).",
+    ]
+    return lines

@@ -11,6 +11,8 @@ over neutral text.
     python bench/control.py                     # every task and behaviour (a few minutes on 2 cores)
     python bench/control.py --behaviours "" --results-tag tasks
     python bench/control.py --tasks "" --max-new-tokens 24 --ppl-tokens 8192 --results-tag behaviours
+    python bench/control.py --tasks "" --max-new-tokens 24 --ppl-tokens 8192 --method cluster --results-tag cluster
+    python bench/control.py --tasks "" --max-new-tokens 24 --ppl-tokens 8192 --contrast-texts 200 --results-tag more
     python bench/control.py --quick --no-results  # fewer items, samples and tokens (a smoke run)
 
 The last line is one JSON object with every figure (flat keys), also written to
@@ -126,22 +128,79 @@ def mean_kl(bundle: Bundle, texts: list[str], controls: Controls) -> float:
     return total / count
 
 
-def suppression_rounds(bundle: Bundle, behaviour: Behaviour, rounds: int, per_round: int, method: str) -> Controls:
+def key_neighbours(bundle: Bundle, seeds: list[int], budget: int) -> list[int]:
+    """``seeds`` and then, round-robin over the seeds, each one's nearest prototypes by the
+    cosine of their keys (the space the atlas maps), until ``budget`` prototypes in all."""
+    keys = F.normalize(bundle.model.prototypes.keys.detach().float(), dim=-1)
+    similarity = keys[seeds] @ keys.T  # (seeds, P)
+    order = similarity.argsort(dim=1, descending=True).tolist()
+    chosen, seen = list(seeds), set(seeds)
+    depth = 1
+    while len(chosen) < budget and depth < keys.shape[0]:
+        for row in order:
+            if len(chosen) < budget and row[depth] not in seen:
+                chosen.append(row[depth])
+                seen.add(row[depth])
+        depth += 1
+    return chosen
+
+
+def corpus_contrast(corpus: Path, behaviour: Behaviour, count: int, chars: int = 200) -> tuple[list[str], list[str]]:
+    """``count`` more contrast texts from the training split: contexts of the behaviour's source
+    that end just before a match of its pattern, and as many texts of the other sources (cut to
+    ``chars``), each from its own document, in corpus order."""
+    import re
+
+    from core.data.corpus import load_corpus
+
+    pattern = re.compile(behaviour.pattern, re.IGNORECASE)
+    train = load_corpus(corpus).train
+    behaving, neutral = [], []
+    for text, source in zip(train["text"], train["source"], strict=True):
+        if source == behaviour.source and len(behaving) < count:
+            match = pattern.search(text, 40)
+            if match:
+                behaving.append(text[max(0, match.start() - chars) : match.start()])
+        elif source != behaviour.source and len(neutral) < count:
+            neutral.append(text[:chars])
+        if len(behaving) >= count and len(neutral) >= count:
+            break
+    return behaving, neutral
+
+
+def suppression_rounds(
+    bundle: Bundle,
+    behaviour: Behaviour,
+    rounds: int,
+    per_round: int,
+    method: str,
+    extra: tuple[list[str], list[str]] = ([], []),
+) -> Controls:
     """Suppress by contrast, ``per_round`` prototypes a round, each round under the last's suppression.
 
     method "weight": mixture weights at the last position of texts cut before the behaviour
     vs texts cut before another word, with the neutral prompts as background. method "slice":
     slices towards the behaviour's own tokens over every position of the behaviour texts vs
-    the neutral prompts (other sources).
+    the neutral prompts (other sources). method "cluster": one round of ``per_round`` by slice,
+    then each chosen prototype's nearest prototypes by key (a cluster around each), up to
+    ``rounds x per_round`` in all. ``extra``: more (behaviour, neutral) contrast texts.
     """
     controls = Controls(model_fingerprint=bundle.fingerprint, note=f"suppression of {behaviour.name}")
+    behaving = [*behaviour.contrast_behaviour, *extra[0]]
+    neutral = [*behaviour.neutral_prompts, *extra[1]]
+    if method == "cluster":
+        seeds = target_by_contrast(
+            bundle, behaving, neutral, per_round, positions="all", token_ids=behaviour.token_ids(bundle.tokenizer)
+        )
+        controls.suppressed = sorted(key_neighbours(bundle, [t.id for t in seeds], rounds * per_round))
+        return controls
     for _ in range(rounds):
         current = controls if controls.suppressed else None
         if method == "slice":
             targets = target_by_contrast(
                 bundle,
-                behaviour.contrast_behaviour,
-                behaviour.neutral_prompts,
+                behaving,
+                neutral,
                 per_round,
                 positions="all",
                 controls=current,
@@ -150,8 +209,8 @@ def suppression_rounds(bundle: Bundle, behaviour: Behaviour, rounds: int, per_ro
         else:
             targets = target_by_contrast(
                 bundle,
-                behaviour.contrast_behaviour,
-                behaviour.contrast_neutral,
+                behaving,
+                [*behaviour.contrast_neutral, *extra[1]],
                 per_round,
                 controls=current,
                 background=behaviour.neutral_prompts,
@@ -173,7 +232,18 @@ def main() -> None:
     parser.add_argument("--dev", type=float, default=0.0, help="calibration items kept for early stopping")
     parser.add_argument("--rounds", type=int, default=4, help="contrast rounds per behaviour")
     parser.add_argument("--per-round", type=int, default=8, help="prototypes suppressed per round")
-    parser.add_argument("--method", default="slice", choices=["slice", "weight"], help="contrast of what")
+    parser.add_argument(
+        "--method",
+        default="slice",
+        choices=["slice", "weight", "cluster"],
+        help="contrast of slices or weights, or a cluster by key around each prototype of one slice round",
+    )
+    parser.add_argument(
+        "--contrast-texts",
+        type=int,
+        default=0,
+        help="more contrast texts from the training split: contexts before a match, and other sources",
+    )
     parser.add_argument("--samples", type=int, default=2, help="sampled continuations per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -223,7 +293,8 @@ def main() -> None:
     for name in filter(None, args.behaviours.split(",")):
         behaviour = load_behaviour(REPO / "assets" / "behaviours" / f"{name}.json")
         t0 = time.time()
-        controls = suppression_rounds(bundle, behaviour, args.rounds, args.per_round, args.method)
+        extra = corpus_contrast(Path(args.corpus), behaviour, args.contrast_texts) if args.contrast_texts else ([], [])
+        controls = suppression_rounds(bundle, behaviour, args.rounds, args.per_round, args.method, extra)
         rate_before, _ = sample_rate(
             bundle, behaviour, None, args.samples, args.max_new_tokens, args.temperature, args.seed
         )
@@ -267,6 +338,8 @@ def main() -> None:
         penalty=args.penalty,
         rounds=args.rounds,
         per_round=args.per_round,
+        method=args.method,
+        contrast_texts=args.contrast_texts,
         samples=args.samples,
         max_new_tokens=args.max_new_tokens,
         ppl_tokens=args.ppl_tokens,
