@@ -17,6 +17,7 @@ the figures, then one JSON line, also written to bench/results/attribution_laten
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -44,6 +45,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--candidates", type=int, default=0, help="position store: documents scored exactly (0: all)")
     parser.add_argument("--reference", help="bundle of the same weights with a position store: exact top 10")
+    parser.add_argument("--reference-tops", help="the exact top 10s saved by an earlier run (--save-tops)")
+    parser.add_argument("--save-tops", help="write each query's influence top 10 to this JSON file")
     parser.add_argument("--methods", default="influence,neighbourhood")
     _results.add_arguments(parser)
     args = parser.parse_args()
@@ -99,7 +102,15 @@ def main() -> None:
             f"{figures[f'{method}_over_forward_p50']:.2f}, p95 {figures[f'{method}_over_forward_p95']:.2f}",
             flush=True,
         )
-    if args.reference and "influence" in tops:
+    if args.save_tops and "influence" in tops:
+        Path(args.save_tops).write_text(json.dumps(tops["influence"]))
+    if args.reference_tops and "influence" in tops:
+        truths = json.loads(Path(args.reference_tops).read_text())
+        shares = [len(set(t) & set(top)) / max(1, len(t)) for t, top in zip(truths, tops["influence"], strict=True)]
+        figures["recall_of_exact_top10"] = statistics.fmean(shares)
+        figures["recall_of_exact_top10_se"] = statistics.stdev(shares) / len(shares) ** 0.5
+        print(f"recall of the exact top 10: {figures['recall_of_exact_top10']:.3f}")
+    elif args.reference and "influence" in tops:
         ref_bundle, ref_index = load_bundle(args.reference), load_index(args.reference)
         reference = influence_factors(ref_index)
         shares = []
