@@ -16,10 +16,13 @@ def render_explorer(f: dict) -> list[str]:
     if f.get("slider_to_64_tokens_s_min") is not None:
         slider += f" (min {s('slider_to_64_tokens_s_min', 3)})"
     size = NONE if f.get("atlas_16384_json_kb") is None else num(f["atlas_16384_json_kb"]) + " KB"
+    tokens = f.get("steered_tokens")  # the sampled default ends at the first end of text
+    span = (f"{min(tokens)}" if min(tokens) == max(tokens) else f"{min(tokens)}-{max(tokens)}") if tokens else ""
+    steered = f"{span} tokens, sampled" if tokens else "64 greedy tokens"
     rows = [
         ["cold start (`streamlit run` to the Atlas drawn in the browser)", s("cold_start_s")],
-        ["gain slider moved to 64 regenerated tokens on screen (median)", slider],
-        ["of which the 64-token generation on the server", s("server_generation_ms", 3, 1e-3)],
+        [f"gain slider moved to the regenerated text on screen (median; {steered})", slider],
+        ["of which the steered text's generation on the server", s("server_generation_ms", 3, 1e-3)],
         ["64 tokens generated in-process (median)", s("generate_64_ms_median", 3, 1e-3)],
         [
             "Atlas with 16,384 synthetic prototypes drawn (first / later)",
