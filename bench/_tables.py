@@ -302,7 +302,7 @@ def _latency_percentiles(f: dict) -> list[str]:
         )
         lines += [
             "",
-            f"Influence store: {f['store']} ({f.get('documents', NONE)} documents, "
+            f"Influence store: {f['store']} ({num(f.get('documents'), 0)} documents, "
             f"{num(f.get('bytes_per_document'), 0)} bytes per document, sketch width {f.get('sketch_width', NONE)}); "
             f"{scored}.",
         ]
