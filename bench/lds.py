@@ -325,6 +325,17 @@ class Setup:
     lds_queries: int
 
 
+def model_copy(setup: Setup, name: str) -> Path:
+    """A fresh copy of the bench's PRISM model and index, without its influence store, as
+    ``WORKDIR/ranks/prism-STEPS-NAME`` (for benches that rebuild the store their own way)."""
+    out = setup.work / "ranks" / f"prism-{setup.steps}-{name}"
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(setup.full / f"prism-{setup.steps}", out)
+    (out / "index" / "influence.safetensors").unlink(missing_ok=True)
+    return out
+
+
 def prepare(args, twin: bool) -> Setup:
     """Environment, corpus, the full models (trained once per corpus) and the queries."""
     work = args.workdir.resolve()

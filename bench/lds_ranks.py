@@ -14,7 +14,6 @@ last line one JSON object (bench/results/lds_ranks[.TAG].json).
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -55,11 +54,7 @@ def main() -> None:
     rhos: dict[tuple[int, str], np.ndarray] = {}
     figures: dict = {}
     for rank in (int(r) for r in args.ranks.split(",")):
-        bundle_dir = setup.work / "ranks" / f"prism-{setup.steps}-rank{rank}"
-        if bundle_dir.exists():
-            shutil.rmtree(bundle_dir)
-        shutil.copytree(setup.full / f"prism-{setup.steps}", bundle_dir)
-        (bundle_dir / "index" / "influence.safetensors").unlink(missing_ok=True)
+        bundle_dir = lds.model_copy(setup, f"rank{rank}")
         t0 = time.perf_counter()
         build_influence(bundle_dir, setup.work / "corpus", InfluenceArguments(rank=rank), show_progress=False)
         figures[f"rank{rank}_build_s"] = time.perf_counter() - t0

@@ -20,7 +20,6 @@ one JSON object (bench/results/lds_sketch[.TAG].json).
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -69,11 +68,7 @@ def main() -> None:
     _, masks, actual = lds.ground_truth(setup, ["prism"], args.halves, args.seeds)
     lds_index = np.arange(setup.lds_queries)
     D = len(setup.rows)
-    bundle_dir = setup.work / "ranks" / f"prism-{setup.steps}-sketch"
-    if bundle_dir.exists():
-        shutil.rmtree(bundle_dir)
-    shutil.copytree(setup.full / f"prism-{setup.steps}", bundle_dir)
-    (bundle_dir / "index" / "influence.safetensors").unlink(missing_ok=True)
+    bundle_dir = lds.model_copy(setup, "sketch")
     t0 = time.perf_counter()
     build_influence(bundle_dir, setup.work / "corpus", InfluenceArguments(), show_progress=False)
     build_s = time.perf_counter() - t0
