@@ -35,7 +35,8 @@ from typing import Any, Literal, TypeVar
 from core.attribution import neighbourhood, spans
 from core.attribution.decompose import QueryTensors, decompose_with_tensors
 from core.attribution.influence import method as influence_method
-from core.attribution.influence.query import RANKINGS, InfluenceFactors, load_influence
+from core.attribution.influence.loading import load_influence
+from core.attribution.influence.query import RANKINGS, InfluenceFactors
 from core.attribution.records import Attribution, Decomposition, Example
 from core.bundle import Bundle
 from core.control.controls import Controls

@@ -69,6 +69,7 @@ attribution method of the engine).
 
 from core.attribution.influence.arguments import InfluenceArguments
 from core.attribution.influence.fit import build_influence
+from core.attribution.influence.loading import DocumentSelfInfluence, load_influence, self_influence
 from core.attribution.influence.math import (
     active_set,
     apply_inverse,
@@ -83,13 +84,10 @@ from core.attribution.influence.math import (
 from core.attribution.influence.query import (
     FORMAT_VERSION,
     INFLUENCE_FILE,
-    DocumentSelfInfluence,
     InfluenceCredit,
     InfluenceFactors,
     RankedDocument,
     influence_exists,
-    load_influence,
-    self_influence,
 )
 from core.errors import InfluenceError
 
