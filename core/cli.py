@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=number_parser(int, minimum=0),
         default=None,
         help="influence only: score only the N documents whose gradient sketches promise most (faster on large "
-        "stores; it can miss documents of the exact top, see docs/benchmarks.md); default: every document, exactly",
+        "stores; it can miss documents of the exact top, see docs/benchmarks.md); default: every document, exactly. "
+        "A sketch-only store (--influence-store sketch) always estimates every document and ignores it",
     )
     attr.add_argument(
         "--rank-by",
