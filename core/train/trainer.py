@@ -153,7 +153,7 @@ def build_backbone_config(backbone: PreTrainedConfig, preset: Preset, dense: boo
         sequence_length=sequence_length(preset, backbone),
         tie_word_embeddings=bool(getattr(backbone, "tie_word_embeddings", True)),
     )
-    return PrismConfig(text_config=backbone.to_dict(), **{**fields, **overrides})
+    return PrismConfig(text_config=backbone.to_dict(), **_head_fields(preset, fields, overrides))
 
 
 def build_config(preset: Preset, vocab_size: int, eos_id: int, dense: bool, **overrides) -> PrismConfig:
@@ -180,7 +180,20 @@ def build_config(preset: Preset, vocab_size: int, eos_id: int, dense: bool, **ov
         weight_power=preset.weight_power,
         sequence_length=preset.seq_len,
     )
-    return PrismConfig(text_config=text_config, **{**fields, **overrides})
+    return PrismConfig(text_config=text_config, **_head_fields(preset, fields, overrides))
+
+
+def _head_fields(preset: Preset, fields: dict, overrides: dict) -> dict:
+    """``fields`` with the preset's k annealing and the command line's ``overrides`` applied.
+
+    The preset's starting k applies to PRISM models whose final k is at or below it: ``--top-k 128``
+    on a preset that anneals from 64 trains at 128 throughout rather than failing.
+    """
+    merged = {**fields, **overrides}
+    if "prototype_top_k_start" not in overrides and preset.top_k_start is not None and not merged["dense"]:
+        if preset.top_k_start >= merged["prototype_top_k"]:
+            merged["prototype_top_k_start"] = min(preset.top_k_start, merged["num_prototypes"])
+    return merged
 
 
 class _Collator:

@@ -16,7 +16,8 @@ from core.bundle import load_bundle
 from core.model.head import PrototypeHead, prototype_weights, prototype_weights_grad
 from core.model.losses import concentration_loss
 from core.train.callbacks import annealed_top_k
-from core.train.trainer import TrainOptions, train
+from core.train.presets import PRESETS
+from core.train.trainer import TrainOptions, build_config, train
 from tests.model.test_modeling import relative_error, tiny_config
 
 OPTIONS = {
@@ -103,6 +104,18 @@ def test_annealed_top_k_schedule():
     assert schedule[0] == 64 and schedule[25] == 40 and schedule[50:] == [16] * 51
     assert all(a >= b for a, b in zip(schedule, schedule[1:], strict=False))  # never widens again
     assert annealed_top_k(8, 8, 1.0, 3, 10) == 8
+
+
+def test_demo_preset_anneals_prism_models_only():
+    demo = PRESETS["demo"]
+    assert demo.top_k_start is not None and demo.top_k_start > demo.top_k
+    prism = build_config(demo, 512, 0, dense=False)
+    assert (prism.prototype_top_k_start, prism.prototype_top_k) == (demo.top_k_start, demo.top_k)
+    assert build_config(demo, 512, 0, dense=True).prototype_top_k_start is None  # the twin has no k
+    # A final k above the preset's start trains at that k throughout; an explicit start wins.
+    assert build_config(demo, 512, 0, dense=False, prototype_top_k=128).prototype_top_k_start is None
+    assert build_config(demo, 512, 0, dense=False, prototype_top_k_start=32).prototype_top_k_start == 32
+    assert build_config(PRESETS["tiny"], 512, 0, dense=False).prototype_top_k_start is None
 
 
 def test_weight_power_and_its_gradient_follow_the_definition():
