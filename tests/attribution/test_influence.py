@@ -340,7 +340,13 @@ def test_complement_preserving_inverse():
     the truncated U (Sigma + lambda)^-1 U^T plus exactly the complement (I - U U^T) / (rho +
     lambda), rho the mean of the dropped eigenvalues; that complement is the exact inverse's
     average over the dropped directions, closer to it than 1/lambda (which overweights them)."""
-    from core.attribution.influence import apply_inverse, complement_weights, eigen_blocks, inverse_weights
+    from core.attribution.influence import (
+        apply_inverse,
+        apply_inverse_and_root,
+        complement_weights,
+        eigen_blocks,
+        inverse_weights,
+    )
 
     c, D = 3, 12
     X = torch.randn(c, D, 40, dtype=torch.float64)
@@ -377,6 +383,13 @@ def test_complement_preserving_inverse():
     torch.testing.assert_close(damped - truncated, outside / lam[:, None, None], rtol=0, atol=1e-10 / float(lam.min()))
     for b in range(c):
         assert torch.linalg.norm(kept[b] - exact[b]) < torch.linalg.norm(damped[b] - exact[b])
+    # the square root applied with the same gather: A^{1/2} A^{1/2} = A, symmetric
+    kappa = complement_weights(trace, sigma, lam, D)
+    inverse, root = apply_inverse_and_root(basis, ids, U, inverse_weights(sigma, lam, kappa), kappa, chunk=5)
+    root = root.reshape(c, D, D)
+    torch.testing.assert_close(inverse.reshape(c, D, D), kept, rtol=0, atol=0)
+    torch.testing.assert_close(root, root.transpose(1, 2), rtol=0, atol=1e-12 * float(root.abs().max()))
+    torch.testing.assert_close(root @ root, kept, rtol=1e-9, atol=1e-9 * float(kept.abs().max()))
 
 
 STORE_SEQUENCES = 16  # sequences stored by the explicit-gradient tests (no dense solve there)
@@ -568,6 +581,9 @@ def test_document_sketches_are_their_whitened_block_gradients_projected(stored):
         for j, g_q in zip(ids[i].tolist(), grads[i], strict=True):
             explicit += rho[j] * (R @ (root[j] @ g_q))
     np.testing.assert_allclose(query, explicit, rtol=1e-6, atol=1e-8 * float(explicit.abs().max()))
+    assert span.root is not None  # the credit keeps A^{1/2} g_q: its sketch without A^{-1/2}
+    kept = factors.query_sketches([span])[0]
+    np.testing.assert_allclose(kept, explicit, rtol=1e-6, atol=1e-8 * float(explicit.abs().max()))
     estimates = (stored_sketch @ query).numpy()
     # the relative ranking searches the sketches divided by the documents' gradient norms
     for ranking, estimate in (("loss", estimates), ("relative", estimates / factors.gradient_norm)):

@@ -73,6 +73,7 @@ from core.attribution.influence.loading import DocumentSelfInfluence, load_influ
 from core.attribution.influence.math import (
     active_set,
     apply_inverse,
+    apply_inverse_and_root,
     complement_weights,
     eigen_blocks,
     gradient_parts,
@@ -102,6 +103,7 @@ __all__ = [
     "RankedDocument",
     "active_set",
     "apply_inverse",
+    "apply_inverse_and_root",
     "build_influence",
     "complement_weights",
     "eigen_blocks",

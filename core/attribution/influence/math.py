@@ -191,10 +191,41 @@ def apply_inverse(
     Returns:
         (R, 2d), in the gradients' dtype.
     """
-    out = grads * complement.to(grads.dtype)[ids].unsqueeze(-1)  # (R, 2d) the complement
+    return _low_rank_plus_scaled(grads, ids, eigenvectors, [(weights, complement)], chunk)[0]
+
+
+def apply_inverse_and_root(
+    grads: torch.Tensor,
+    ids: torch.Tensor,
+    eigenvectors: torch.Tensor,
+    weights: torch.Tensor,
+    complement: torch.Tensor,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_j g, A_j^{1/2} g) of (R, 2d) block gradients, sharing one gather of U_j: arguments as
+    :func:`apply_inverse`. A_j has the eigenvalues w_j + kappa_j along U_j and kappa_j
+    elsewhere, so A_j^{1/2} = U_j diag(sqrt(w_j + kappa_j) - sqrt(kappa_j)) U_j^T + sqrt(kappa_j) I
+    (the gradient sketches are of A^{1/2} g: :mod:`.sketch`)."""
+    root_scale = complement.sqrt()
+    root_weights = (weights + complement[:, None]).clamp_min(0).sqrt() - root_scale[:, None]
+    pair = [(weights, complement), (root_weights, root_scale)]
+    inverse, root = _low_rank_plus_scaled(grads, ids, eigenvectors, pair, chunk)
+    return inverse, root
+
+
+def _low_rank_plus_scaled(
+    grads: torch.Tensor,
+    ids: torch.Tensor,
+    eigenvectors: torch.Tensor,
+    factors: list[tuple[torch.Tensor, torch.Tensor]],
+    chunk: int,
+) -> list[torch.Tensor]:
+    """U_j (v_j * (U_j^T g)) + s_j g for each (v (P, r), s (P,)) of ``factors``."""
+    outs = [grads * scale.to(grads.dtype)[ids].unsqueeze(-1) for _, scale in factors]  # the isotropic parts
     for lo in range(0, len(ids), chunk):
-        U = eigenvectors[ids[lo : lo + chunk]].to(grads.dtype)  # (c, 2d, r)
+        rows = ids[lo : lo + chunk]
+        U = eigenvectors[rows].to(grads.dtype)  # (c, 2d, r)
         coef = torch.einsum("cd,cdr->cr", grads[lo : lo + chunk], U)  # (c, r) U^T g
-        coef = coef * weights[ids[lo : lo + chunk]].to(grads.dtype)
-        out[lo : lo + chunk] += torch.einsum("cdr,cr->cd", U, coef)
-    return out
+        for out, (weights, _) in zip(outs, factors, strict=True):
+            out[lo : lo + chunk] += torch.einsum("cdr,cr->cd", U, coef * weights[rows].to(grads.dtype))
+    return outs

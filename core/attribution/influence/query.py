@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.attribution.influence.math import apply_inverse, head_probabilities, prototype_gradients
+from core.attribution.influence.math import apply_inverse_and_root, head_probabilities, prototype_gradients
 from core.attribution.influence.sketch import CandidateSearch, GradientSketch
 from core.attribution.influence.store import (
     PositionStore,
@@ -68,11 +68,14 @@ class InfluenceCredit:
         prototypes: (m,) the query's distinct active prototypes.
         psi: (m, 2d) A_j g_qj of each.
         factors: the factors that score it.
+        root: (m, 2d) A_j^{1/2} g_qj of each, whose sketch estimates the scores (:mod:`.sketch`);
+            None: derived from psi when needed.
     """
 
     prototypes: np.ndarray
     psi: torch.Tensor
     factors: InfluenceFactors | None = None
+    root: torch.Tensor | None = None
     _exact: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
@@ -98,11 +101,15 @@ class InfluenceCredit:
             return InfluenceCredit(np.zeros(0, dtype=np.int64), torch.zeros(0, 0))
         ids = np.concatenate([p.prototypes for p in parts])
         prototypes, inverse = np.unique(ids, return_inverse=True)
-        psi = torch.cat([p.psi for p in parts])  # (sum m, 2d)
-        summed = torch.zeros(len(prototypes), psi.shape[1], dtype=psi.dtype).index_add_(
-            0, torch.from_numpy(inverse), psi
-        )
-        return InfluenceCredit(prototypes, summed, parts[0].factors)
+        inverse = torch.from_numpy(inverse)
+
+        def summed(rows: list[torch.Tensor]) -> torch.Tensor:
+            stacked = torch.cat(rows)  # (sum m, 2d)
+            return torch.zeros(len(prototypes), stacked.shape[1], dtype=stacked.dtype).index_add_(0, inverse, stacked)
+
+        roots = [p.root for p in parts]
+        root = summed(roots) if all(r is not None for r in roots) else None
+        return InfluenceCredit(prototypes, summed([p.psi for p in parts]), parts[0].factors, root)
 
 
 @dataclass
@@ -198,10 +205,13 @@ class InfluenceFactors:
         power = head.weight_power
         grads = prototype_gradients(h, ids, weights.to(dt), probs, targets, K, W, Em, gains, power)  # (n, k, 2d)
         flat = ids.reshape(-1).cpu()  # (n k,) the (token, active prototype) pairs
-        psi = apply_inverse(
+        psi, root = apply_inverse_and_root(
             grads.reshape(n * k, -1).cpu(), flat, self.eigenvectors, self.inverse_weights, self.complement
-        )  # (n k, 2d) A_j g_qj
-        return [InfluenceCredit(flat[i * k : (i + 1) * k].numpy(), psi[i * k : (i + 1) * k], self) for i in range(n)]
+        )  # (n k, 2d) A_j g_qj and A_j^{1/2} g_qj
+        return [
+            InfluenceCredit(flat[i * k : (i + 1) * k].numpy(), psi[i * k : (i + 1) * k], self, root[i * k : (i + 1) * k])
+            for i in range(n)
+        ]
 
     def score_every_document(self, credits: list[InfluenceCredit]) -> None:
         """Score every stored document exactly for several credits in one scan of the store
@@ -209,7 +219,10 @@ class InfluenceFactors:
         todo = [c for c in credits if c._exact is None]
         if not todo:
             return
-        scores, terms = self._scores(*self._columns(todo), None)  # (D, n)
+        if self.store is None:
+            scores, terms = self._sketch_scores(todo, None)
+        else:
+            scores, terms = self._scores(*self._columns(todo), None)  # (D, n)
         for i, c in enumerate(todo):
             c._exact = (scores[:, i], terms[:, i])
 
@@ -221,7 +234,11 @@ class InfluenceFactors:
         return torch.cat([c.psi.to(self.dtype) for c in credits]), lookup
 
     def exact_scores(self, credit: InfluenceCredit, documents: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
-        """((C,) scores, (C,) terms met) of some store documents (None: every one), exactly."""
+        """((C,) scores, (C,) terms met) of some store documents (None: every one), exactly (a
+        sketch-only store: estimated)."""
+        if self.store is None:
+            scores, terms = self._sketch_scores([credit], documents)
+            return scores[:, 0], terms[:, 0]
         prototypes = torch.from_numpy(np.asarray(credit.prototypes, dtype=np.int64))
         lookup = pair_lookup(prototypes, torch.zeros(len(prototypes), dtype=torch.long), len(self.complement), 1)
         scores, terms = self._scores(credit.psi.to(self.dtype), lookup, documents)
@@ -234,27 +251,23 @@ class InfluenceFactors:
         return self.store is not None
 
     def _scores(self, psi: torch.Tensor, lookup: torch.Tensor, documents: np.ndarray | None) -> tuple[np.ndarray, ...]:
-        """(C, n) scores and shared terms: exact from the per-document block sums when the build
-        kept them (one product over the query's blocks), else by a scan of the positions; for a
-        sketch-only store, the sketches' estimates (terms: 1 for a document with a gradient)."""
-        if self.store is None:
-            return self._sketch_scores(psi, lookup, documents)
+        """(C, n) scores and shared terms, exactly: from the per-document block sums when the
+        build kept them (one product over the query's blocks), else by a scan of the positions."""
         if self.blocks is not None:
             return block_scores(*self.blocks, psi, lookup, documents)
         return document_scores(self.store, psi, lookup, CREDIT_CHUNK_ENTRIES, documents)
 
     def _sketch_scores(
-        self, psi: torch.Tensor, lookup: torch.Tensor, documents: np.ndarray | None
+        self, credits: list[InfluenceCredit], documents: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """<phi(q), phi(D)> per document and column: the estimate of I(q, D) (:mod:`.sketch`)."""
-        prototypes, column = torch.nonzero(lookup < len(psi), as_tuple=True)
-        whitening = (self.eigenvectors, self.inverse_weights, self.complement)
-        phi = self.sketch.pairs(prototypes, psi[lookup[prototypes, column]], whitening)  # (pairs, m)
-        queries = torch.zeros(lookup.shape[1], phi.shape[1], dtype=phi.dtype).index_add_(0, column, phi)
+        """(C, n) <phi(q), phi(D)> per store document and credit: the estimate of I(q, D)
+        (:mod:`.sketch`), and terms 1 for a document with a gradient."""
+        queries = self.query_sketches(credits)  # (n, m)
         sketches = self.sketch_matrix() if documents is None else self.sketch_matrix()[torch.from_numpy(documents)]
-        scores = (sketches.to(queries.dtype) @ queries.T).double().numpy()  # (C, n)
+        # in the sketches' float32: an estimate, and no (D, m) copy in a wider type per query
+        scores = (sketches @ queries.to(sketches.dtype).T).double().numpy()  # (C, n)
         norm = self.gradient_norm if documents is None else self.gradient_norm[documents]
-        return scores, np.repeat((norm > 0).astype(np.int64)[:, None], lookup.shape[1], axis=1)
+        return scores, np.repeat((norm > 0).astype(np.int64)[:, None], len(credits), axis=1)
 
     def sketch_matrix(self) -> torch.Tensor:
         """(D, m) the documents' sketches in memory (read from the file once)."""
@@ -286,9 +299,12 @@ class InfluenceFactors:
         document's stored sketch is an unbiased estimate of I(q, D) (:mod:`.sketch`)."""
         sizes = [len(c.prototypes) for c in credits]
         prototypes = torch.from_numpy(np.concatenate([c.prototypes for c in credits]).astype(np.int64))
-        psi = torch.cat([c.psi.to(self.dtype) for c in credits])
-        whitening = (self.eigenvectors, self.inverse_weights, self.complement)
-        phi = self.sketch.pairs(prototypes, psi, whitening)  # (sum of pairs, m)
+        if all(c.root is not None for c in credits):  # A^{1/2} g kept by the credit: sketched as it is
+            phi = self.sketch.pairs(prototypes, torch.cat([c.root.to(self.dtype) for c in credits]))
+        else:  # A^{1/2} g = A^{-1/2} psi
+            psi = torch.cat([c.psi.to(self.dtype) for c in credits])
+            whitening = (self.eigenvectors, self.inverse_weights, self.complement)
+            phi = self.sketch.pairs(prototypes, psi, whitening)  # (sum of pairs, m)
         column = torch.repeat_interleave(torch.arange(len(credits)), torch.tensor(sizes))
         return torch.zeros(len(credits), phi.shape[1], dtype=phi.dtype).index_add_(0, column, phi)
 
