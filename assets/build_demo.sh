@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Rebuilds the shipped demo: corpus (optional, needs apt + PyPI), PRISM bundle, dense twin and
 # the bundle's index (neighbourhoods, labels, atlas).
-# On 2 CPU cores: PRISM about 49 minutes (2,920 s, measured on shared cores), the twin about 30,
-# the index about 10.
+# On 2 CPU cores: PRISM about 68 minutes (4,052 s, measured on shared cores; the preset anneals k
+# from 64 to 12, so the first steps are the slower), the twin about 30, the index about 10.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${REBUILD_CORPUS:-0}" = 1 ]; then
