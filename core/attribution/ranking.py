@@ -61,7 +61,12 @@ class Ranking:
 
 
 def rank_groups(
-    group: np.ndarray, values: np.ndarray, top: int, tiebreak: np.ndarray | None = None, size: int = 0
+    group: np.ndarray,
+    values: np.ndarray,
+    top: int,
+    tiebreak: np.ndarray | None = None,
+    size: int = 0,
+    distinct: bool = False,
 ) -> Ranking:
     """Sum (C,) ``values`` per (C,) ``group`` id and rank the ``top`` groups, highest sum first.
 
@@ -72,6 +77,7 @@ def rank_groups(
         tiebreak: (C,) a key per entry, equal within a group, that orders tied totals (lower
             first); None orders them by group id.
         size: a bound on the group ids, when known (skips a max over the entries).
+        distinct: every group has one entry (a score per document): nothing to sum.
 
     Returns:
         the ranking; empty when there is no credit.
@@ -81,10 +87,13 @@ def rank_groups(
         return Ranking(empty, np.zeros(0), empty, empty, np.zeros(0))
     # Credited groups by counting, not sorting: a query's active prototypes can bring hundreds
     # of thousands of entries, but they fall on comparatively few documents.
-    counts = np.bincount(group, minlength=size)
-    groups = np.flatnonzero(counts)  # (D,) credited groups, ascending
-    inverse = np.cumsum(counts > 0)[group] - 1  # (C,) each entry's group among them
-    totals = np.bincount(inverse, weights=values, minlength=len(groups))  # (D,)
+    if distinct:
+        groups, inverse, totals = group, np.arange(len(group)), np.asarray(values, dtype=np.float64)
+    else:
+        counts = np.bincount(group, minlength=size)
+        groups = np.flatnonzero(counts)  # (D,) credited groups, ascending
+        inverse = np.cumsum(counts > 0)[group] - 1  # (C,) each entry's group among them
+        totals = np.bincount(inverse, weights=values, minlength=len(groups))  # (D,)
     if tiebreak is None:
         key = groups
     else:

@@ -208,3 +208,20 @@ def test_help(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_ranking_one_score_per_document_skips_the_sums_and_ranks_the_same():
+    """rank_groups(distinct=True) on one entry per document gives the summing path's ranking:
+    the same documents, totals, ties broken by id (values drawn with many ties), entries."""
+    from core.attribution.ranking import rank_groups
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        groups = np.sort(rng.choice(500, size=int(rng.integers(1, 300)), replace=False))
+        values = rng.integers(-3, 4, size=len(groups)).astype(np.float64)  # many ties
+        top = int(rng.integers(1, 40))
+        summed, direct = rank_groups(groups, values, top, size=500), rank_groups(groups, values, top, distinct=True)
+        for field in ("groups", "totals", "entries", "rank", "values"):
+            np.testing.assert_array_equal(getattr(direct, field), getattr(summed, field))
+        expected = sorted(range(len(groups)), key=lambda i: (-values[i], groups[i]))[:top]
+        assert direct.groups.tolist() == groups[expected].tolist()

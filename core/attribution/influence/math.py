@@ -225,7 +225,9 @@ def _low_rank_plus_scaled(
     for lo in range(0, len(ids), chunk):
         rows = ids[lo : lo + chunk]
         U = eigenvectors[rows].to(grads.dtype)  # (c, 2d, r)
-        coef = torch.einsum("cd,cdr->cr", grads[lo : lo + chunk], U)  # (c, r) U^T g
-        for out, (weights, _) in zip(outs, factors, strict=True):
-            out[lo : lo + chunk] += torch.einsum("cdr,cr->cd", U, coef * weights[rows].to(grads.dtype))
+        coef = torch.bmm(grads[lo : lo + chunk].unsqueeze(1), U).squeeze(1)  # (c, r) U^T g
+        scaled = torch.stack([coef * weights[rows].to(grads.dtype) for weights, _ in factors], -1)  # (c, r, f)
+        low_rank = torch.bmm(U, scaled)  # (c, 2d, f): every factor's U (v * U^T g) in one product
+        for i, out in enumerate(outs):
+            out[lo : lo + chunk] += low_rank[..., i]
     return outs

@@ -385,7 +385,8 @@ class InfluenceFactors:
             key = relative if ranking == "relative" else scores
             # places in the pool of documents sharing a block (harmful: and raising the loss)
             met = np.flatnonzero((terms > 0) & (scores < 0)) if bad else np.flatnonzero(terms > 0)
-            order = rank_groups(pool[met], (-1.0 if bad else 1.0) * key[met], top, size=len(self.documents))
+            # one score per pool document: ranked without summing
+            order = rank_groups(pool[met], (-1.0 if bad else 1.0) * key[met], top, distinct=True)
             at = met[np.searchsorted(pool[met], order.groups)] if len(order) else met[:0]
             chosen.append((pool[at], scores[at], relative[at]))
         carriers = self._carriers([(c, docs, s) for c, (docs, s, _) in zip(credits, chosen, strict=True)])
