@@ -208,10 +208,8 @@ class InfluenceFactors:
         psi, root = apply_inverse_and_root(
             grads.reshape(n * k, -1).cpu(), flat, self.eigenvectors, self.inverse_weights, self.complement
         )  # (n k, 2d) A_j g_qj and A_j^{1/2} g_qj
-        return [
-            InfluenceCredit(flat[i * k : (i + 1) * k].numpy(), psi[i * k : (i + 1) * k], self, root[i * k : (i + 1) * k])
-            for i in range(n)
-        ]
+        rows = [slice(i * k, (i + 1) * k) for i in range(n)]  # each token's k pairs
+        return [InfluenceCredit(flat[r].numpy(), psi[r], self, root[r]) for r in rows]
 
     def score_every_document(self, credits: list[InfluenceCredit]) -> None:
         """Score every stored document exactly for several credits in one scan of the store
