@@ -246,9 +246,13 @@ def _esc(value: object) -> str:
 
 
 def highlighted_snippet(snippet: str, start: int, end: int) -> str:
-    """HTML for a snippet with its trigger token ``snippet[start:end]`` in <mark>; all escaped."""
-    start = max(0, min(start, len(snippet)))
-    end = max(start, min(end, len(snippet)))
+    """HTML for a snippet with its trigger token ``snippet[start:end]`` in <mark>; all escaped.
+    An empty span (an example with no marked token, as from a sketch-only influence store)
+    marks nothing."""
+    start = max(0, min(int(start), len(snippet)))
+    end = max(start, min(int(end), len(snippet)))
+    if start == end:
+        return _esc(snippet)
     return f"{_esc(snippet[:start])}<mark>{_esc(snippet[start:end])}</mark>{_esc(snippet[end:])}"
 
 
@@ -343,7 +347,8 @@ def _examples_table(examples: list[dict]) -> str:
     """Ranked training examples as an HTML table; every corpus string escaped."""
     rows = "".join(
         f'<tr><td class="num">{rank}</td><td class="num">{e["score"]:.4f}</td><td>{_esc(e["doc_id"])}</td>'
-        f'<td>{_esc(e["source"])}</td><td class="num">{e["prototype"]}</td><td class="snippet">'
+        f'<td>{_esc(e["source"])}</td><td class="num">{e["prototype"] if e["prototype"] >= 0 else "–"}</td>'
+        '<td class="snippet">'
         f"{highlighted_snippet(e['snippet'], e['highlight_start'], e['highlight_end'])}</td></tr>"
         for rank, e in enumerate(examples, start=1)
     )

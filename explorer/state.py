@@ -289,9 +289,12 @@ def escape(text: str) -> str:
 
 
 def marked_snippet(snippet: str, start: int, end: int) -> str:
-    """Escaped HTML of a snippet with the trigger token in <mark>."""
+    """Escaped HTML of a snippet with the trigger token in <mark>; an empty span (an example
+    with no marked token, as from a sketch-only influence store) marks nothing."""
     start = max(0, min(int(start), len(snippet)))
     end = max(start, min(int(end), len(snippet)))
+    if start == end:
+        return escape(snippet)
     return f"{escape(snippet[:start])}<mark>{escape(snippet[start:end])}</mark>{escape(snippet[end:])}"
 
 

@@ -119,3 +119,16 @@ def test_report_refuses_contradictory_generation_options(explorer_bundle, tmp_pa
     assert main([*command, "--greedy", "--temperature", "0.5"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--greedy is plain greedy decoding" in err[0] and not (tmp_path / "r.json").exists()
+
+
+def test_snippets_mark_the_trigger_token_and_nothing_for_an_empty_span():
+    """A marked token is wrapped in <mark> with everything escaped; an example with no marked
+    token (a sketch-only influence store, start == end) shows the escaped snippet unmarked, in
+    the report and in the explorer alike."""
+    from core.report import highlighted_snippet
+    from explorer.state import marked_snippet
+
+    for render in (highlighted_snippet, marked_snippet):
+        assert render("a <b> c", 2, 5) == "a <mark>&lt;b&gt;</mark> c"
+        assert render(EVIL, 3, 3) == render(EVIL, 0, 0)
+        assert "<mark>" not in render(EVIL, 3, 3) and "<script" not in render(EVIL, 3, 3)

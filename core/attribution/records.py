@@ -193,14 +193,18 @@ class Attribution:
         span = f" tokens {self.span[0]}..{self.span[1] - 1}" if self.span else " the whole completion"
         lines.append(f"examples over{span} ({self.method}):")
         for rank, e in enumerate(self.examples, start=1):
-            lines.append(f"  {rank:>2}. {_score(e)}  {e.doc_id} ({e.source}, prototype {e.prototype}): {_marked(e)}")
+            lines.append(f"  {rank:>2}. {_score(e)}  {e.doc_id} ({_origin(e)}): {_marked(e)}")
         if self.harmful:
             lines.append(f"most harmful over{span} (upweighting them raises the loss):")
             for rank, e in enumerate(self.harmful, start=1):
-                lines.append(
-                    f"  {rank:>2}. {_score(e)}  {e.doc_id} ({e.source}, prototype {e.prototype}): {_marked(e)}"
-                )
+                lines.append(f"  {rank:>2}. {_score(e)}  {e.doc_id} ({_origin(e)}): {_marked(e)}")
         return "\n".join(lines)
+
+
+def _origin(example: Example) -> str:
+    """The source, and the prototype that carried the credit where one did (-1: none, as for
+    verbatim spans or a sketch-only influence store)."""
+    return example.source + (f", prototype {example.prototype}" if example.prototype >= 0 else "")
 
 
 def _score(example: Example) -> str:
@@ -211,7 +215,10 @@ def _score(example: Example) -> str:
 
 
 def _marked(example: Example, width: int = 70) -> str:
-    """One line of snippet around the trigger token, which is wrapped in [[ ]]."""
+    """One line of snippet around the trigger token, which is wrapped in [[ ]]; the snippet's
+    start where no token is marked (an empty span)."""
     s, a, b = example.snippet, example.highlight_start, example.highlight_end
+    if a >= b:
+        return " ".join(s[:width].split())
     text = s[max(0, a - width // 2) : a] + "[[" + s[a:b] + "]]" + s[b : b + width // 2]
     return " ".join(text.split())

@@ -545,6 +545,8 @@ def test_a_sketch_only_store_scores_every_document_by_its_sketch(stored, short_c
     bundle.model.double()
     result = attribute(bundle, load_index(sketch_dir), PROMPT, COMPLETION, method="influence", influence=only)
     assert result.measurement == "loss (estimated from gradient sketches)" and result.examples
+    text = result.to_text()  # no empty [[ ]] marks and no "prototype -1" where nothing is known
+    assert "[[]]" not in text and "prototype -1" not in text and result.examples[0].doc_id in text
 
 
 def test_document_sketches_are_their_whitened_block_gradients_projected(stored):
