@@ -217,11 +217,14 @@ def test_ranking_one_score_per_document_skips_the_sums_and_ranks_the_same():
 
     rng = np.random.default_rng(0)
     for _ in range(20):
-        groups = np.sort(rng.choice(500, size=int(rng.integers(1, 300)), replace=False))
+        groups = rng.choice(500, size=int(rng.integers(1, 300)), replace=False)  # any order
         values = rng.integers(-3, 4, size=len(groups)).astype(np.float64)  # many ties
         top = int(rng.integers(1, 40))
-        summed, direct = rank_groups(groups, values, top, size=500), rank_groups(groups, values, top, distinct=True)
-        for field in ("groups", "totals", "entries", "rank", "values"):
-            np.testing.assert_array_equal(getattr(direct, field), getattr(summed, field))
-        expected = sorted(range(len(groups)), key=lambda i: (-values[i], groups[i]))[:top]
-        assert direct.groups.tolist() == groups[expected].tolist()
+        for tiebreak in (None, rng.permutation(len(groups))):
+            summed = rank_groups(groups, values, top, tiebreak=tiebreak, size=500)
+            direct = rank_groups(groups, values, top, tiebreak=tiebreak, distinct=True)
+            for field in ("groups", "totals", "entries", "rank", "values"):
+                np.testing.assert_array_equal(getattr(direct, field), getattr(summed, field))
+            key = groups if tiebreak is None else tiebreak
+            expected = sorted(range(len(groups)), key=lambda i: (-values[i], key[i]))[:top]
+            assert direct.groups.tolist() == groups[expected].tolist()

@@ -148,6 +148,8 @@ class InfluenceFactors:
         positions = np.diff(np.asarray(arrays["document_offsets"])).astype(np.float64)
         # (D,) ||g_D||_A = sqrt(g_D^T A g_D), the divisor of the relative scores (0: no gradient)
         self.gradient_norm = np.sqrt(np.maximum(self.self_influence * positions, 0.0))
+        norm = self.gradient_norm
+        self._inverse_norm = np.divide(1.0, norm, out=np.zeros(len(norm)), where=norm > 0)  # 0: no gradient
         self.sketch = GradientSketch(
             torch.from_numpy(np.array(arrays["sketch_projection"])).to(dtype),
             torch.from_numpy(np.array(arrays["sketch_signs"])).to(dtype),
@@ -277,8 +279,8 @@ class InfluenceFactors:
     def relative(self, scores: np.ndarray, documents: np.ndarray | None = None) -> np.ndarray:
         """Scores of store ``documents`` (None: every one) divided by their ||g_D||_A (0 where
         a document has no gradient)."""
-        norm = self.gradient_norm if documents is None else self.gradient_norm[documents]
-        return np.divide(scores, norm, out=np.zeros(len(norm)), where=norm > 0)
+        inverse = self._inverse_norm if documents is None else self._inverse_norm[documents]
+        return scores * inverse
 
     def searcher(self, ranking: str = "relative") -> CandidateSearch:
         """The inner-product search over the documents' sketches, divided by their gradient
@@ -361,7 +363,8 @@ class InfluenceFactors:
             raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
         if not credits:
             return []
-        if not candidates or self.store is None:  # a sketch-only store estimates every document
+        every = not candidates or self.store is None  # a sketch-only store estimates every document
+        if every:
             self.score_every_document(list({id(c): c for c in credits}.values()))
             pools = [np.arange(len(self.documents))] * len(credits)
             exact = [(c.scores, c.terms) for c in credits]
@@ -379,7 +382,7 @@ class InfluenceFactors:
                 exact.append((scores[rows, i], terms[rows, i]))
         chosen = []
         for pool, (scores, terms), bad in zip(pools, exact, harmful, strict=True):
-            relative = self.relative(scores, pool)
+            relative = self.relative(scores, None if every else pool)
             key = relative if ranking == "relative" else scores
             # places in the pool of documents sharing a block (harmful: and raising the loss)
             met = np.flatnonzero((terms > 0) & (scores < 0)) if bad else np.flatnonzero(terms > 0)
