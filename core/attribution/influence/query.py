@@ -10,7 +10,7 @@ model and corpus fingerprints in the header; a mismatch is refused with the comm
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -70,12 +70,15 @@ class InfluenceCredit:
         factors: the factors that score it.
         root: (m, 2d) A_j^{1/2} g_qj of each, whose sketch estimates the scores (:mod:`.sketch`);
             None: derived from psi when needed.
+        parts: the credits it is the sum of (:meth:`concat`); scored with them, its scores are
+            theirs summed (scores are linear in psi), so the store is read once for their pairs.
     """
 
     prototypes: np.ndarray
     psi: torch.Tensor
     factors: InfluenceFactors | None = None
     root: torch.Tensor | None = None
+    parts: tuple[InfluenceCredit, ...] = field(default=(), repr=False, compare=False)
     _exact: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
@@ -85,7 +88,8 @@ class InfluenceCredit:
 
     @property
     def terms(self) -> np.ndarray:
-        """(D,) (position, prototype) terms each document shares with the query; 0: none."""
+        """(D,) (position, prototype) terms each document shares with the query; 0: none. Scored
+        through its :attr:`parts`, a term counts once per part whose prototypes hold it."""
         return self._every_document()[1]
 
     def _every_document(self) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +113,7 @@ class InfluenceCredit:
 
         roots = [p.root for p in parts]
         root = summed(roots) if all(r is not None for r in roots) else None
-        return InfluenceCredit(prototypes, summed([p.psi for p in parts]), parts[0].factors, root)
+        return InfluenceCredit(prototypes, summed([p.psi for p in parts]), parts[0].factors, root, tuple(parts))
 
 
 @dataclass
@@ -219,12 +223,30 @@ class InfluenceFactors:
         todo = [c for c in credits if c._exact is None]
         if not todo:
             return
-        if self.store is None:
-            scores, terms = self._sketch_scores(todo, None)
-        else:
-            scores, terms = self._scores(*self._columns(todo), None)  # (D, n)
+        scores, terms = self._score_credits(todo, None)  # (D, n)
         for i, c in enumerate(todo):
             c._exact = (scores[:, i], terms[:, i])
+
+    def _score_credits(self, credits: list[InfluenceCredit], documents: np.ndarray | None) -> tuple[np.ndarray, ...]:
+        """(C, n) scores and terms of store ``documents`` (None: every one) for distinct credits:
+        exact, or the sketches' estimates for a sketch-only store. A credit whose parts are all
+        among the others is their sum (the completion of its tokens), which spares the store's
+        products its pairs: the tokens' pairs are all the scan computes."""
+        place = {id(c): i for i, c in enumerate(credits)}
+        summed = [i for i, c in enumerate(credits) if c.parts and all(id(p) in place and not p.parts for p in c.parts)]
+        direct = [i for i in range(len(credits)) if i not in set(summed)]
+        subset = [credits[i] for i in direct]
+        if self.store is None:
+            scored, met = self._sketch_scores(subset, documents)
+        else:
+            scored, met = self._scores(*self._columns(subset), documents)
+        scores = np.zeros((len(scored), len(credits)))
+        terms = np.zeros((len(scored), len(credits)), dtype=np.int64)
+        scores[:, direct], terms[:, direct] = scored, met
+        for i in summed:
+            columns = [place[id(p)] for p in credits[i].parts]
+            scores[:, i], terms[:, i] = scores[:, columns].sum(1), terms[:, columns].sum(1)
+        return scores, terms
 
     def _columns(self, credits: list[InfluenceCredit]) -> tuple[torch.Tensor, torch.Tensor]:
         """(pairs, 2d) psi of several credits and their (P, n) lookup, one column per credit."""
@@ -375,7 +397,7 @@ class InfluenceFactors:
             distinct = list({id(c): c for c in credits}.values())
             column = {id(c): i for i, c in enumerate(distinct)}
             union = np.unique(np.concatenate(pools))
-            scores, terms = self._scores(*self._columns(distinct), union)  # (U, n)
+            scores, terms = self._score_credits(distinct, union)  # (U, n)
             exact = []
             for c, pool in zip(credits, pools, strict=True):
                 rows, i = np.searchsorted(union, pool), column[id(c)]
