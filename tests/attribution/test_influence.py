@@ -604,6 +604,13 @@ def test_retrieval_tier_scores_its_candidates_exactly(stored):
     bundle_dir, factors, A, positions, (model, hidden, ids, weights, targets, probs, grads) = stored
     span = influence_module.InfluenceCredit.concat(factors.credit(model, hidden, ids, weights, targets, None, probs))
     exact = span.scores
+    # scored beside its tokens, the span is their scores summed: the same scores, the same support
+    tokens = factors.credit(model, hidden, ids, weights, targets, None, probs)
+    together = influence_module.InfluenceCredit.concat(tokens)
+    factors.score_every_document([*tokens, together])
+    np.testing.assert_allclose(together.scores, exact, rtol=1e-9, atol=1e-12 * np.abs(exact).max())
+    np.testing.assert_array_equal(together.terms > 0, span.terms > 0)
+    assert (together.terms >= span.terms).all()  # a term counts once per token that holds it
     for ranking, key in (("loss", exact), ("relative", exact / factors.gradient_norm)):
         for harmful in (False, True):
             pool = factors.candidates_for(span, 8, harmful=harmful, ranking=ranking)
