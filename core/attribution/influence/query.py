@@ -232,14 +232,13 @@ class InfluenceFactors:
         exact, or the sketches' estimates for a sketch-only store. A credit whose parts are all
         among the others is their sum (the completion of its tokens), which spares the store's
         products its pairs: the tokens' pairs are all the scan computes."""
+        if self.store is None:  # one (D, m) product whatever the columns: nothing to spare
+            return self._sketch_scores(credits, documents)
         place = {id(c): i for i, c in enumerate(credits)}
         summed = [i for i, c in enumerate(credits) if c.parts and all(id(p) in place and not p.parts for p in c.parts)]
         direct = [i for i in range(len(credits)) if i not in set(summed)]
         subset = [credits[i] for i in direct]
-        if self.store is None:
-            scored, met = self._sketch_scores(subset, documents)
-        else:
-            scored, met = self._scores(*self._columns(subset), documents)
+        scored, met = self._scores(*self._columns(subset), documents)
         scores = np.zeros((len(scored), len(credits)))
         terms = np.zeros((len(scored), len(credits)), dtype=np.int64)
         scores[:, direct], terms[:, direct] = scored, met
@@ -289,7 +288,7 @@ class InfluenceFactors:
         # in the sketches' float32: an estimate, and no (D, m) copy in a wider type per query
         scores = (sketches @ queries.to(sketches.dtype).T).double().numpy()  # (C, n)
         norm = self.gradient_norm if documents is None else self.gradient_norm[documents]
-        return scores, np.repeat((norm > 0).astype(np.int64)[:, None], len(credits), axis=1)
+        return scores, np.broadcast_to((norm > 0).astype(np.int64)[:, None], scores.shape)  # read-only
 
     def sketch_matrix(self) -> torch.Tensor:
         """(D, m) the documents' sketches in memory (read from the file once)."""
