@@ -220,14 +220,28 @@ def _low_rank_plus_scaled(
     factors: list[tuple[torch.Tensor, torch.Tensor]],
     chunk: int,
 ) -> list[torch.Tensor]:
-    """U_j (v_j * (U_j^T g)) + s_j g for each (v (P, r), s (P,)) of ``factors``."""
-    outs = [grads * scale.to(grads.dtype)[ids].unsqueeze(-1) for _, scale in factors]  # the isotropic parts
+    """U_j (v_j * (U_j^T g)) + s_j g for each (v (P, r), s (P,)) of ``factors``.
+
+    Rows are grouped by prototype: each distinct prototype's U_j is gathered once and its rows
+    (a query's tokens that share it) multiplied together, (n_j, 2d) by (2d, r), padded to the
+    largest group, instead of one gathered (2d, r) factor per row.
+    """
+    dt = grads.dtype
+    outs = [grads * scale.to(dt)[ids].unsqueeze(-1) for _, scale in factors]  # the isotropic parts
     for lo in range(0, len(ids), chunk):
-        rows = ids[lo : lo + chunk]
-        U = eigenvectors[rows].to(grads.dtype)  # (c, 2d, r)
-        coef = torch.bmm(grads[lo : lo + chunk].unsqueeze(1), U).squeeze(1)  # (c, r) U^T g
-        scaled = torch.stack([coef * weights[rows].to(grads.dtype) for weights, _ in factors], -1)  # (c, r, f)
-        low_rank = torch.bmm(U, scaled)  # (c, 2d, f): every factor's U (v * U^T g) in one product
+        rows, block = ids[lo : lo + chunk], grads[lo : lo + chunk]
+        prototypes, group = torch.unique(rows, return_inverse=True)  # (u,), (c,) each row's prototype
+        counts = torch.bincount(group, minlength=len(prototypes))
+        order = torch.argsort(group, stable=True)
+        slot = torch.empty_like(group)  # each row's place within its prototype's group
+        slot[order] = torch.arange(len(group)) - (torch.cumsum(counts, 0) - counts)[group[order]]
+        width = int(counts.max())
+        padded = block.new_zeros(len(prototypes), width, block.shape[1])
+        padded[group, slot] = block
+        U = eigenvectors[prototypes].to(dt)  # (u, 2d, r)
+        coef = torch.bmm(padded, U)  # (u, width, r) U_j^T g
+        scaled = torch.cat([coef * weights[prototypes].to(dt).unsqueeze(1) for weights, _ in factors], 1)
+        low_rank = torch.bmm(scaled, U.transpose(1, 2))  # (u, f width, 2d): every factor in one product
         for i, out in enumerate(outs):
-            out[lo : lo + chunk] += low_rank[..., i]
+            out[lo : lo + chunk] += low_rank[group, i * width + slot]
     return outs
