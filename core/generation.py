@@ -121,7 +121,7 @@ GREEDY = GenerationSettings()
 # whose text is nearest the corpus's own continuations in distinct-2 and log twin perplexity.
 # On a new bundle, rerun `python bench/generation.py --model DIR --twin DIR` and paste the line
 # it prints here.
-DEFAULT_GENERATION = GenerationSettings(do_sample=True, temperature=0.7, top_p=0.9)
+DEFAULT_GENERATION = GenerationSettings(do_sample=True, temperature=0.8, top_p=0.95, no_repeat_ngram_size=3)
 """The default of generate_text, ``prism generate``/``attribute`` and the explorer."""
 
 

@@ -188,13 +188,14 @@ def test_a_steer_permalink_keeps_the_generation_settings(explorer_bundle, case):
     if case == "sampled":
         at.slider(key="steer_temperature").set_value(1.3)
         at.slider(key="steer_top_p").set_value(0.8)
-        at.number_input(key="steer_no_repeat_ngram").set_value(3)
-        expected = {"temp": "1.3", "topp": "0.8", "rep": "1.25", "ngram": "3"}
-        words = "sampled with seed 7, temperature 1.3, top-p 0.8, repetition penalty 1.25, no repeated 3-grams"
+        at.number_input(key="steer_no_repeat_ngram").set_value(4)  # the default's is 3
+        expected = {"temp": "1.3", "topp": "0.8", "rep": "1.25", "ngram": "4"}
+        words = "sampled with seed 7, temperature 1.3, top-p 0.8, repetition penalty 1.25, no repeated 4-grams"
     else:
         at.toggle(key="steer_sample").set_value(False)
-        expected = {"sample": "0", "rep": "1.25"}
-        words = "generated greedily, repetition penalty 1.25"
+        expected = {"sample": "0", "rep": "1.25"}  # the default's no-repeat n-gram size is kept
+        ngram = DEFAULT_GENERATION.no_repeat_ngram_size
+        words = "generated greedily, repetition penalty 1.25" + (f", no repeated {ngram}-grams" if ngram else "")
     at.slider(key="steer_repetition_penalty").set_value(1.25)
     at.run()
     assert not at.exception and not at.error, [e.value for e in at.error]
