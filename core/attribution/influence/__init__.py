@@ -72,7 +72,6 @@ from core.attribution.influence.fit import build_influence
 from core.attribution.influence.loading import DocumentSelfInfluence, load_influence, self_influence
 from core.attribution.influence.math import (
     active_set,
-    apply_inverse,
     apply_inverse_and_root,
     complement_weights,
     eigen_blocks,
@@ -102,7 +101,6 @@ __all__ = [
     "InfluenceFactors",
     "RankedDocument",
     "active_set",
-    "apply_inverse",
     "apply_inverse_and_root",
     "build_influence",
     "complement_weights",

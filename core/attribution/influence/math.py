@@ -173,27 +173,6 @@ def inverse_weights(eigenvalues: torch.Tensor, damping: torch.Tensor, complement
     return (rest - eigenvalues) / ((eigenvalues + lam) * (rest + lam))
 
 
-def apply_inverse(
-    grads: torch.Tensor,
-    ids: torch.Tensor,
-    eigenvectors: torch.Tensor,
-    weights: torch.Tensor,
-    complement: torch.Tensor,
-    chunk: int = 256,
-) -> torch.Tensor:
-    """psi = A_j g = U_j (w_j * (U_j^T g)) + kappa_j g for (R, 2d) block gradients.
-
-    Args:
-        grads: (R, 2d) gradients of the (R,) prototype ``ids``.
-        eigenvectors: (P, 2d, r) U; weights: (P, r) w; complement: (P,) kappa.
-        chunk: rows whose (2d, r) factors are gathered at once (memory).
-
-    Returns:
-        (R, 2d), in the gradients' dtype.
-    """
-    return _low_rank_plus_scaled(grads, ids, eigenvectors, [(weights, complement)], chunk)[0]
-
-
 def apply_inverse_and_root(
     grads: torch.Tensor,
     ids: torch.Tensor,
@@ -202,10 +181,19 @@ def apply_inverse_and_root(
     complement: torch.Tensor,
     chunk: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A_j g, A_j^{1/2} g) of (R, 2d) block gradients, sharing one gather of U_j: arguments as
-    :func:`apply_inverse`. A_j has the eigenvalues w_j + kappa_j along U_j and kappa_j
-    elsewhere, so A_j^{1/2} = U_j diag(sqrt(w_j + kappa_j) - sqrt(kappa_j)) U_j^T + sqrt(kappa_j) I
-    (the gradient sketches are of A^{1/2} g: :mod:`.sketch`)."""
+    """psi = A_j g = U_j (w_j * (U_j^T g)) + kappa_j g and A_j^{1/2} g for (R, 2d) block
+    gradients, sharing one gather of U_j. A_j has the eigenvalues w_j + kappa_j along U_j and
+    kappa_j elsewhere, so A_j^{1/2} = U_j diag(sqrt(w_j + kappa_j) - sqrt(kappa_j)) U_j^T +
+    sqrt(kappa_j) I (the gradient sketches are of A^{1/2} g: :mod:`.sketch`).
+
+    Args:
+        grads: (R, 2d) gradients of the (R,) prototype ``ids``.
+        eigenvectors: (P, 2d, r) U; weights: (P, r) w; complement: (P,) kappa.
+        chunk: rows whose (2d, r) factors are gathered at once (memory).
+
+    Returns:
+        ((R, 2d) A g, (R, 2d) A^{1/2} g), in the gradients' dtype.
+    """
     root_scale = complement.sqrt()
     root_weights = (weights + complement[:, None]).clamp_min(0).sqrt() - root_scale[:, None]
     pair = [(weights, complement), (root_weights, root_scale)]
