@@ -85,19 +85,10 @@ def rank_groups(
     if len(values) == 0:
         empty = np.zeros(0, dtype=np.int64)
         return Ranking(empty, np.zeros(0), empty, empty, np.zeros(0))
-    # Credited groups by counting, not sorting: a query's active prototypes can bring hundreds
-    # of thousands of entries, but they fall on comparatively few documents.
-    if distinct:  # each entry is its own group: rank the entries themselves
-        totals = np.asarray(values, dtype=np.float64)
-        candidates = np.arange(len(totals))
-        if len(totals) > top:  # sort only the top scores and every tie with the last of them
-            candidates = np.flatnonzero(-totals <= np.partition(-totals, top - 1)[top - 1])
-        key = group if tiebreak is None else tiebreak
-        order = candidates[np.lexsort((key[candidates], -totals[candidates]))[:top]]  # (n,) ranked entries
-        rank = np.argsort(order, kind="stable")  # the place in ``order`` of each entry, in ascending order
-        entries = order[rank]
-        return Ranking(group[order], totals[order], entries, rank, totals[entries])
-    else:
+    if distinct:  # each entry is its own group: nothing to sum
+        groups, inverse, totals = group, np.arange(len(group)), np.asarray(values, dtype=np.float64)
+    else:  # credited groups by counting, not sorting: a query's active prototypes can bring
+        # hundreds of thousands of entries, but they fall on comparatively few documents
         counts = np.bincount(group, minlength=size)
         groups = np.flatnonzero(counts)  # (D,) credited groups, ascending
         inverse = np.cumsum(counts > 0)[group] - 1  # (C,) each entry's group among them

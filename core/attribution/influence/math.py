@@ -194,28 +194,15 @@ def apply_inverse_and_root(
     Returns:
         ((R, 2d) A g, (R, 2d) A^{1/2} g), in the gradients' dtype.
     """
-    root_scale = complement.sqrt()
-    root_weights = (weights + complement[:, None]).clamp_min(0).sqrt() - root_scale[:, None]
-    pair = [(weights, complement), (root_weights, root_scale)]
-    inverse, root = _low_rank_plus_scaled(grads, ids, eigenvectors, pair, chunk)
-    return inverse, root
-
-
-def _low_rank_plus_scaled(
-    grads: torch.Tensor,
-    ids: torch.Tensor,
-    eigenvectors: torch.Tensor,
-    factors: list[tuple[torch.Tensor, torch.Tensor]],
-    chunk: int,
-) -> list[torch.Tensor]:
-    """U_j (v_j * (U_j^T g)) + s_j g for each (v (P, r), s (P,)) of ``factors``.
-
-    Rows are grouped by prototype: each distinct prototype's U_j is gathered once and its rows
-    (a query's tokens that share it) multiplied together, (n_j, 2d) by (2d, r), padded to the
-    largest group, instead of one gathered (2d, r) factor per row.
-    """
     dt = grads.dtype
-    outs = [grads * scale.to(dt)[ids].unsqueeze(-1) for _, scale in factors]  # the isotropic parts
+    kappa = complement.to(dt)
+    root_scale = kappa.sqrt()
+    root_weights = (weights.to(dt) + kappa[:, None]).clamp_min(0).sqrt() - root_scale[:, None]
+    factors = [(weights.to(dt), kappa), (root_weights, root_scale)]  # (v_j, s_j): U_j (v_j * (U_j^T g)) + s_j g
+    inverse, root = (grads * scale[ids].unsqueeze(-1) for _, scale in factors)  # the isotropic parts
+    # Rows grouped by prototype: each distinct U_j is gathered once and multiplied with all its
+    # rows (a query's tokens share popular prototypes), (n_j, 2d) by (2d, r), padded to the
+    # largest group, instead of one gathered (2d, r) factor per row.
     for lo in range(0, len(ids), chunk):
         rows, block = ids[lo : lo + chunk], grads[lo : lo + chunk]
         prototypes, group = torch.unique(rows, return_inverse=True)  # (u,), (c,) each row's prototype
@@ -228,8 +215,8 @@ def _low_rank_plus_scaled(
         padded[group, slot] = block
         U = eigenvectors[prototypes].to(dt)  # (u, 2d, r)
         coef = torch.bmm(padded, U)  # (u, width, r) U_j^T g
-        scaled = torch.cat([coef * weights[prototypes].to(dt).unsqueeze(1) for weights, _ in factors], 1)
-        low_rank = torch.bmm(scaled, U.transpose(1, 2))  # (u, f width, 2d): every factor in one product
-        for i, out in enumerate(outs):
-            out[lo : lo + chunk] += low_rank[group, i * width + slot]
-    return outs
+        scaled = torch.cat([coef * v[prototypes].unsqueeze(1) for v, _ in factors], 1)  # (u, 2 width, r)
+        low_rank = torch.bmm(scaled, U.transpose(1, 2))  # (u, 2 width, 2d): both factors in one product
+        inverse[lo : lo + chunk] += low_rank[group, slot]
+        root[lo : lo + chunk] += low_rank[group, width + slot]
+    return inverse, root

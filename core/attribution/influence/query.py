@@ -67,17 +67,16 @@ class InfluenceCredit:
     Attributes:
         prototypes: (m,) the query's distinct active prototypes.
         psi: (m, 2d) A_j g_qj of each.
+        root: (m, 2d) A_j^{1/2} g_qj of each, whose sketch estimates the scores (:mod:`.sketch`).
         factors: the factors that score it.
-        root: (m, 2d) A_j^{1/2} g_qj of each, whose sketch estimates the scores (:mod:`.sketch`);
-            None: derived from psi when needed.
         parts: the credits it is the sum of (:meth:`concat`); scored with them, its scores are
             theirs summed (scores are linear in psi), so the store is read once for their pairs.
     """
 
     prototypes: np.ndarray
     psi: torch.Tensor
+    root: torch.Tensor
     factors: InfluenceFactors | None = None
-    root: torch.Tensor | None = None
     parts: tuple[InfluenceCredit, ...] = field(default=(), repr=False, compare=False)
     _exact: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -102,7 +101,7 @@ class InfluenceCredit:
     def concat(parts: list[InfluenceCredit]) -> InfluenceCredit:
         """The credit of several tokens together: psi summed per prototype (scores are linear in it)."""
         if not parts:
-            return InfluenceCredit(np.zeros(0, dtype=np.int64), torch.zeros(0, 0))
+            return InfluenceCredit(np.zeros(0, dtype=np.int64), torch.zeros(0, 0), torch.zeros(0, 0))
         ids = np.concatenate([p.prototypes for p in parts])
         prototypes, inverse = np.unique(ids, return_inverse=True)
         inverse = torch.from_numpy(inverse)
@@ -111,9 +110,8 @@ class InfluenceCredit:
             stacked = torch.cat(rows)  # (sum m, 2d)
             return torch.zeros(len(prototypes), stacked.shape[1], dtype=stacked.dtype).index_add_(0, inverse, stacked)
 
-        roots = [p.root for p in parts]
-        root = summed(roots) if all(r is not None for r in roots) else None
-        return InfluenceCredit(prototypes, summed([p.psi for p in parts]), parts[0].factors, root, tuple(parts))
+        psi, root = summed([p.psi for p in parts]), summed([p.root for p in parts])
+        return InfluenceCredit(prototypes, psi, root, parts[0].factors, tuple(parts))
 
 
 @dataclass
@@ -215,7 +213,7 @@ class InfluenceFactors:
             grads.reshape(n * k, -1).cpu(), flat, self.eigenvectors, self.inverse_weights, self.complement
         )  # (n k, 2d) A_j g_qj and A_j^{1/2} g_qj
         rows = [slice(i * k, (i + 1) * k) for i in range(n)]  # each token's k pairs
-        return [InfluenceCredit(flat[r].numpy(), psi[r], self, root[r]) for r in rows]
+        return [InfluenceCredit(flat[r].numpy(), psi[r], root[r], self) for r in rows]
 
     def score_every_document(self, credits: list[InfluenceCredit]) -> None:
         """Score every stored document exactly for several credits in one scan of the store
@@ -236,7 +234,7 @@ class InfluenceFactors:
             return self._sketch_scores(credits, documents)
         place = {id(c): i for i, c in enumerate(credits)}
         summed = [i for i, c in enumerate(credits) if c.parts and all(id(p) in place and not p.parts for p in c.parts)]
-        direct = [i for i in range(len(credits)) if i not in set(summed)]
+        direct = sorted(set(range(len(credits))) - set(summed))
         subset = [credits[i] for i in direct]
         scored, met = self._scores(*self._columns(subset), documents)
         scores = np.zeros((len(scored), len(credits)))
@@ -320,12 +318,7 @@ class InfluenceFactors:
         document's stored sketch is an unbiased estimate of I(q, D) (:mod:`.sketch`)."""
         sizes = [len(c.prototypes) for c in credits]
         prototypes = torch.from_numpy(np.concatenate([c.prototypes for c in credits]).astype(np.int64))
-        if all(c.root is not None for c in credits):  # A^{1/2} g kept by the credit: sketched as it is
-            phi = self.sketch.pairs(prototypes, torch.cat([c.root.to(self.dtype) for c in credits]))
-        else:  # A^{1/2} g = A^{-1/2} psi
-            psi = torch.cat([c.psi.to(self.dtype) for c in credits])
-            whitening = (self.eigenvectors, self.inverse_weights, self.complement)
-            phi = self.sketch.pairs(prototypes, psi, whitening)  # (sum of pairs, m)
+        phi = self.sketch.pairs(prototypes, torch.cat([c.root.to(self.dtype) for c in credits]))  # (pairs, m)
         column = torch.repeat_interleave(torch.arange(len(credits)), torch.tensor(sizes))
         return torch.zeros(len(credits), phi.shape[1], dtype=phi.dtype).index_add_(0, column, phi)
 

@@ -107,18 +107,10 @@ class GradientSketch:
         dt = coefficients.dtype
         return (coefficients * self.root[prototype].to(dt)) @ self.basis[prototype].to(dt).T
 
-    def pairs(self, prototypes: torch.Tensor, psi: torch.Tensor, whitening=None) -> torch.Tensor:
-        """(R, m) phi(j, x) of (R,) prototype ids and their (R, 2d) vectors psi_j = A_j g_qj:
-        x = psi_j unwhitened, x = A_j^{-1/2} psi_j = A_j^{1/2} g_qj given the ``whitening``
-        factors ((P, 2d, r) U, (P, r) w, (P,) kappa) of a whitened store."""
-        if whitening is not None:
-            U, w, kappa = (t.to(psi.dtype) for t in whitening)
-            U, w, kappa = U[prototypes], w[prototypes], kappa[prototypes]
-            inv_mu = kappa.rsqrt()  # 1 / mu_j
-            inv_root = (w + kappa[:, None]).clamp_min(1e-300).rsqrt() - inv_mu[:, None]  # (R, r)
-            coefficients = torch.einsum("rdk,rd->rk", U, psi)
-            psi = torch.einsum("rdk,rk->rd", U, coefficients * inv_root) + psi * inv_mu[:, None]
-        return self.signs[prototypes].to(psi.dtype) * (psi @ self.projection.to(psi.dtype).T)
+    def pairs(self, prototypes: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """(R, m) phi(j, x) of (R,) prototype ids and their (R, 2d) block vectors x (a query's
+        A_j^{1/2} g_qj for a whitened store)."""
+        return self.signs[prototypes].to(vectors.dtype) * (vectors @ self.projection.to(vectors.dtype).T)
 
 
 class CandidateSearch:
