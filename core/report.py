@@ -245,15 +245,16 @@ def _esc(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def highlighted_snippet(snippet: str, start: int, end: int) -> str:
-    """HTML for a snippet with its trigger token ``snippet[start:end]`` in <mark>; all escaped.
-    An empty span (an example with no marked token, as from a sketch-only influence store)
-    marks nothing."""
+def highlighted_snippet(snippet: str, start: int, end: int, escape: Callable[[str], str] | None = None) -> str:
+    """HTML for a snippet with its trigger token ``snippet[start:end]`` in <mark>; every part
+    through ``escape`` (default: html.escape). An empty span (an example with no marked token,
+    as from a sketch-only influence store) marks nothing."""
+    escape = escape or _esc
     start = max(0, min(int(start), len(snippet)))
     end = max(start, min(int(end), len(snippet)))
     if start == end:
-        return _esc(snippet)
-    return f"{_esc(snippet[:start])}<mark>{_esc(snippet[start:end])}</mark>{_esc(snippet[end:])}"
+        return escape(snippet)
+    return f"{escape(snippet[:start])}<mark>{escape(snippet[start:end])}</mark>{escape(snippet[end:])}"
 
 
 def waterfall_svg(

@@ -17,6 +17,7 @@ import streamlit as st
 
 import core
 from core import AtlasTables, Bundle, BundleError, Controls, PrototypeIndex, PrototypeIndexError
+from core.report import highlighted_snippet
 
 from .controls import ControlHistory, ControlSet
 from .safe import html_text, md
@@ -289,13 +290,8 @@ def escape(text: str) -> str:
 
 
 def marked_snippet(snippet: str, start: int, end: int) -> str:
-    """Escaped HTML of a snippet with the trigger token in <mark>; an empty span (an example
-    with no marked token, as from a sketch-only influence store) marks nothing."""
-    start = max(0, min(int(start), len(snippet)))
-    end = max(start, min(int(end), len(snippet)))
-    if start == end:
-        return escape(snippet)
-    return f"{escape(snippet[:start])}<mark>{escape(snippet[start:end])}</mark>{escape(snippet[end:])}"
+    """Escaped HTML of a snippet with the trigger token in <mark> (nothing marked for an empty span)."""
+    return highlighted_snippet(snippet, start, end, escape)
 
 
 def visible_token(token: str) -> str:
