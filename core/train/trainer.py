@@ -144,16 +144,14 @@ def sequence_length(preset: Preset, backbone: PreTrainedConfig | None = None) ->
 
 def build_backbone_config(backbone: PreTrainedConfig, preset: Preset, dense: bool, **overrides) -> PrismConfig:
     """PrismConfig around a pretrained decoder's config; the preset sizes the head and the sequences."""
-    fields = dict(
-        num_prototypes=preset.num_prototypes,
-        prototype_top_k=preset.top_k,
-        dense=dense,
-        router_gradient=preset.router_gradient,
-        weight_power=preset.weight_power,
+    fields = _head_fields(
+        preset,
+        dense,
+        overrides,
         sequence_length=sequence_length(preset, backbone),
         tie_word_embeddings=bool(getattr(backbone, "tie_word_embeddings", True)),
     )
-    return PrismConfig(text_config=backbone.to_dict(), **_head_fields(preset, fields, overrides))
+    return PrismConfig(text_config=backbone.to_dict(), **fields)
 
 
 def build_config(preset: Preset, vocab_size: int, eos_id: int, dense: bool, **overrides) -> PrismConfig:
@@ -172,24 +170,25 @@ def build_config(preset: Preset, vocab_size: int, eos_id: int, dense: bool, **ov
         pad_token_id=eos_id,
         tie_word_embeddings=True,
     )
-    fields = dict(
+    fields = _head_fields(preset, dense, overrides, sequence_length=preset.seq_len)
+    return PrismConfig(text_config=text_config, **fields)
+
+
+def _head_fields(preset: Preset, dense: bool, overrides: dict, **fields) -> dict:
+    """PrismConfig fields of the preset's head, then ``fields``, then the command line's
+    ``overrides``, with the preset's k annealing.
+
+    The preset's starting k applies to PRISM models whose final k is at or below it: ``--top-k 128``
+    on a preset that anneals from 64 trains at 128 throughout rather than failing.
+    """
+    head = dict(
         num_prototypes=preset.num_prototypes,
         prototype_top_k=preset.top_k,
         dense=dense,
         router_gradient=preset.router_gradient,
         weight_power=preset.weight_power,
-        sequence_length=preset.seq_len,
     )
-    return PrismConfig(text_config=text_config, **_head_fields(preset, fields, overrides))
-
-
-def _head_fields(preset: Preset, fields: dict, overrides: dict) -> dict:
-    """``fields`` with the preset's k annealing and the command line's ``overrides`` applied.
-
-    The preset's starting k applies to PRISM models whose final k is at or below it: ``--top-k 128``
-    on a preset that anneals from 64 trains at 128 throughout rather than failing.
-    """
-    merged = {**fields, **overrides}
+    merged = {**head, **fields, **overrides}
     if "prototype_top_k_start" not in overrides and preset.top_k_start is not None and not merged["dense"]:
         if preset.top_k_start >= merged["prototype_top_k"]:
             merged["prototype_top_k_start"] = min(preset.top_k_start, merged["num_prototypes"])
