@@ -22,6 +22,7 @@ from core.attribution.influence import (
     self_influence,
 )
 from core.attribution.influence import query as influence_module
+from core.attribution.influence.sketch import CandidateSearch
 from core.bundle import load_bundle, write_bundle
 from core.data.corpus import load_corpus, pack
 from core.errors import ArgumentError
@@ -535,6 +536,15 @@ def test_a_sketch_only_store_scores_every_document_by_its_sketch(stored, short_c
     np.testing.assert_allclose(span.scores, estimate, rtol=1e-5, atol=1e-6 * np.abs(estimate).max())
     ranked = only.rank(span, top=3, ranking="loss")
     assert [r.doc_index for r in ranked] == [int(only.documents[d]) for d in np.argsort(-estimate, kind="stable")[:3]]
+    # a ranking searches the sketches (int8 scan, float32 re-estimate of 4 x top): the same top
+    # as sorting every document's estimate, in both directions and both rankings
+    assert len(estimate) > CandidateSearch.PREFILTER  # top 1: the int8 scan's pool is not everything
+    for ranking, key in (("loss", estimate), ("relative", estimate / only.gradient_norm)):
+        for harmful in (False, True):
+            sign = -1 if harmful else 1
+            best = int(np.argsort(-sign * key, kind="stable")[0])
+            ranked = only.rank(span, top=1, harmful=harmful, ranking=ranking)
+            assert [r.doc_index for r in ranked] == [int(only.documents[best])] * int(not harmful or estimate[best] < 0)
     assert all(r.prototype == -1 and r.start == r.end == 0 and r.entries == 0 for r in ranked)  # unknown
     # the estimate follows the exact scores of the same documents
     exact = factors.exact_scores(span)[0]

@@ -79,6 +79,7 @@ class InfluenceCredit:
     factors: InfluenceFactors | None = None
     parts: tuple[InfluenceCredit, ...] = field(default=(), repr=False, compare=False)
     _exact: tuple[np.ndarray, np.ndarray] | None = None
+    _sketch: torch.Tensor | None = field(default=None, repr=False, compare=False)  # (m,) its query sketch
 
     @property
     def scores(self) -> np.ndarray:
@@ -228,21 +229,29 @@ class InfluenceFactors:
     def _score_credits(self, credits: list[InfluenceCredit], documents: np.ndarray | None) -> tuple[np.ndarray, ...]:
         """(C, n) scores and terms of store ``documents`` (None: every one) for distinct credits:
         exact, or the sketches' estimates for a sketch-only store. A credit whose parts are all
-        among the others is their sum (the completion of its tokens), which spares the store's
-        products its pairs: the tokens' pairs are all the scan computes."""
-        if self.store is None:  # one (D, m) product whatever the columns: nothing to spare
-            return self._sketch_scores(credits, documents)
+        among the others is their sum (the completion of its tokens; both are linear in its
+        pairs), which spares the store's products its pairs or its column."""
         place = {id(c): i for i, c in enumerate(credits)}
         summed = [i for i, c in enumerate(credits) if c.parts and all(id(p) in place and not p.parts for p in c.parts)]
         direct = sorted(set(range(len(credits))) - set(summed))
         subset = [credits[i] for i in direct]
-        scored, met = self._scores(*self._columns(subset), documents)
+        sketched = self.store is None
+        if sketched:
+            scored, met = self._sketch_scores(subset, documents)
+        else:
+            scored, met = self._scores(*self._columns(subset), documents)
         scores = np.zeros((len(scored), len(credits)))
-        terms = np.zeros((len(scored), len(credits)), dtype=np.int64)
-        scores[:, direct], terms[:, direct] = scored, met
+        scores[:, direct] = scored
+        if sketched:  # one term per document with a gradient, whatever the credit (read-only)
+            terms = np.broadcast_to(met[:, :1], scores.shape)
+        else:
+            terms = np.zeros((len(scored), len(credits)), dtype=np.int64)
+            terms[:, direct] = met
         for i in summed:
             columns = [place[id(p)] for p in credits[i].parts]
-            scores[:, i], terms[:, i] = scores[:, columns].sum(1), terms[:, columns].sum(1)
+            scores[:, i] = scores[:, columns].sum(1)
+            if not sketched:
+                terms[:, i] = terms[:, columns].sum(1)
         return scores, terms
 
     def _columns(self, credits: list[InfluenceCredit]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,12 +324,24 @@ class InfluenceFactors:
 
     def query_sketches(self, credits: list[InfluenceCredit]) -> torch.Tensor:
         """(n, m) each credit's sketch, sum_j phi(j, A_j^{1/2} g_qj): its inner product with a
-        document's stored sketch is an unbiased estimate of I(q, D) (:mod:`.sketch`)."""
-        sizes = [len(c.prototypes) for c in credits]
-        prototypes = torch.from_numpy(np.concatenate([c.prototypes for c in credits]).astype(np.int64))
-        phi = self.sketch.pairs(prototypes, torch.cat([c.root.to(self.dtype) for c in credits]))  # (pairs, m)
-        column = torch.repeat_interleave(torch.arange(len(credits)), torch.tensor(sizes))
-        return torch.zeros(len(credits), phi.shape[1], dtype=phi.dtype).index_add_(0, column, phi)
+        document's stored sketch is an unbiased estimate of I(q, D) (:mod:`.sketch`). Computed
+        once per credit (kept on it); a credit of several tokens is its parts' sum (phi is linear)."""
+        todo = [c for c in {id(c): c for c in credits}.values() if c._sketch is None and not c.parts]
+        for c in [c for c in todo if not len(c.prototypes)]:  # no active prototype: no gradient
+            c._sketch = torch.zeros(self.sketch.width, dtype=self.dtype)
+        todo = [c for c in todo if c._sketch is None]
+        if todo:
+            sizes = [len(c.prototypes) for c in todo]
+            prototypes = torch.from_numpy(np.concatenate([c.prototypes for c in todo]).astype(np.int64))
+            phi = self.sketch.pairs(prototypes, torch.cat([c.root.to(self.dtype) for c in todo]))  # (pairs, m)
+            column = torch.repeat_interleave(torch.arange(len(todo)), torch.tensor(sizes))
+            rows = torch.zeros(len(todo), phi.shape[1], dtype=phi.dtype).index_add_(0, column, phi)
+            for c, row in zip(todo, rows, strict=True):
+                c._sketch = row
+        for c in credits:
+            if c._sketch is None:  # several tokens
+                c._sketch = self.query_sketches(list(c.parts)).sum(0)
+        return torch.stack([c._sketch for c in credits])
 
     def candidates_for(
         self, credit: InfluenceCredit, count: int, harmful: bool = False, ranking: str = "relative"
@@ -377,33 +398,13 @@ class InfluenceFactors:
             raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
         if not credits:
             return []
-        every = not candidates or self.store is None  # a sketch-only store estimates every document
-        if every:
+        if self.store is not None and not candidates:  # every document scored exactly
             self.score_every_document(list({id(c): c for c in credits}.values()))
-            pools = [np.arange(len(self.documents))] * len(credits)
-            exact = [(c.scores, c.terms) for c in credits]
-        else:
-            pools = self._candidate_pools(credits, harmful, max(candidates, top), ranking)
-            # The pools' documents are read once and scored for every distinct credit (one
-            # column each); a pool keeps its own credit's column.
-            distinct = list({id(c): c for c in credits}.values())
-            column = {id(c): i for i, c in enumerate(distinct)}
-            union = np.unique(np.concatenate(pools))
-            scores, terms = self._score_credits(distinct, union)  # (U, n)
-            exact = []
-            for c, pool in zip(credits, pools, strict=True):
-                rows, i = np.searchsorted(union, pool), column[id(c)]
-                exact.append((scores[rows, i], terms[rows, i]))
-        chosen = []
-        for pool, (scores, terms), bad in zip(pools, exact, harmful, strict=True):
-            relative = self.relative(scores, None if every else pool)
-            key = relative if ranking == "relative" else scores
-            # places in the pool of documents sharing a block (harmful: and raising the loss)
-            met = np.flatnonzero((terms > 0) & (scores < 0)) if bad else np.flatnonzero(terms > 0)
-            # one score per pool document: ranked without summing
-            order = rank_groups(pool[met], (-1.0 if bad else 1.0) * key[met], top, distinct=True)
-            at = met[np.searchsorted(pool[met], order.groups)] if len(order) else met[:0]
-            chosen.append((pool[at], scores[at], relative[at]))
+            chosen = []
+            for c, bad in zip(credits, harmful, strict=True):
+                chosen.append(self._ranked(np.arange(len(self.documents)), c.scores, c.terms, bad, top, ranking, None))
+        else:  # the search's candidates (a sketch-only store: its top ``top``), scored for their credit
+            chosen = self._rank_candidates(credits, harmful, top, max(candidates or 0, top), ranking)
         carriers = self._carriers([(c, docs, s) for c, (docs, s, _) in zip(credits, chosen, strict=True)])
         return [
             [
@@ -412,6 +413,46 @@ class InfluenceFactors:
             ]
             for (docs, scores, relative), carried in zip(chosen, carriers, strict=True)
         ]
+
+    def _rank_candidates(
+        self, credits: list[InfluenceCredit], harmful: list[bool], top: int, candidates: int, ranking: str
+    ) -> list[tuple[np.ndarray, ...]]:
+        """Per request: (chosen store documents, their scores, their relative scores) among the
+        ``candidates`` of the retrieval tier's one search, scored exactly for its own credit."""
+        pools = self._candidate_pools(credits, harmful, max(candidates, top), ranking)
+        # The pools' documents are read once and scored for every distinct credit (one column
+        # each); a pool keeps its own credit's column.
+        distinct = list({id(c): c for c in credits}.values())
+        column = {id(c): i for i, c in enumerate(distinct)}
+        union = np.unique(np.concatenate(pools))
+        scores, terms = self._score_credits(distinct, union)  # (U, n)
+        chosen = []
+        for c, pool, bad in zip(credits, pools, harmful, strict=True):
+            rows, i = np.searchsorted(union, pool), column[id(c)]
+            chosen.append(self._ranked(pool, scores[rows, i], terms[rows, i], bad, top, ranking, pool))
+        return chosen
+
+    def _ranked(
+        self,
+        pool: np.ndarray,
+        scores: np.ndarray,
+        terms: np.ndarray,
+        harmful: bool,
+        top: int,
+        ranking: str,
+        documents: np.ndarray | None,
+    ) -> tuple[np.ndarray, ...]:
+        """(chosen store documents, their scores, their relative scores): the ``top`` of an
+        ascending ``pool`` of store documents (``documents``: the same, or None for every one)
+        by its (C,) scores and terms."""
+        relative = self.relative(scores, documents)
+        key = relative if ranking == "relative" else scores
+        # places in the pool of documents sharing a block (harmful: and raising the loss)
+        met = np.flatnonzero((terms > 0) & (scores < 0)) if harmful else np.flatnonzero(terms > 0)
+        # one score per pool document: ranked without summing
+        order = rank_groups(pool[met], (-1.0 if harmful else 1.0) * key[met], top, distinct=True)
+        at = met[np.searchsorted(pool[met], order.groups)] if len(order) else met[:0]
+        return pool[at], scores[at], relative[at]
 
     def _carriers(self, jobs: list[tuple[InfluenceCredit, np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, ...]]:
         """Per (credit, chosen store documents, their scores) job and chosen document: the

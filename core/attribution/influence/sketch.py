@@ -29,10 +29,13 @@ and mu_j = sqrt(kappa_j), a document's sketch is two sums, and neither needs a p
   M_j = diag(rho_j) R U_j (m x r), where U_j^T g_jD is what the self-influence already computes.
 
 A query finds the documents with the largest (helpful) and smallest (harmful) estimates by an
-inner-product search (faiss), and only those candidates are scored exactly from the store.
+inner-product search (:class:`CandidateSearch`), and only those candidates are scored exactly
+from the store.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -114,26 +117,61 @@ class GradientSketch:
 
 
 class CandidateSearch:
-    """Inner-product search over the documents' sketches (faiss, exact flat index).
+    """Inner-product search over the documents' sketches: the ``count`` largest float32 inner
+    products per query row.
 
-    The flat index scans every sketch (D x m multiply-adds per query column): at the sizes
-    this library indexes that is milliseconds, and it returns the sketch's own top exactly, so
-    the only approximation is the sketch's. Harmful candidates are the top of the negated query.
+    A query scans every sketch. In float32 that is D x m multiply-adds per query row, which at
+    the demo's size (36,998 documents, m = 512) takes about as long as the model's forward pass.
+    So the scan runs in int8 (each sketch scaled to its largest entry; the query rows too, as
+    the quantized linear product of torch's x86 backend, fbgemm, computes them) and keeps the
+    ``PREFILTER`` x ``count`` best, whose float32 products then choose the ``count``: the result
+    is the float32 search's unless one of its ``count`` falls outside four times as many int8
+    estimates (on the demo's sketches: never, in 1,440 searches of 10 and of 100,
+    docs/benchmarks.md). Where torch has no quantized backend, the scan is in float32.
     """
 
-    def __init__(self, sketches: np.ndarray, threads: int | None = None):
-        import faiss
+    PREFILTER = 4
 
-        if threads is not None:
-            faiss.omp_set_num_threads(threads)
-        vectors = np.ascontiguousarray(sketches, dtype=np.float32)
-        self.index = faiss.IndexFlatIP(vectors.shape[1])
-        self.index.add(vectors)
-        self.size = len(vectors)
+    def __init__(self, sketches: np.ndarray):
+        self.vectors = torch.from_numpy(np.require(sketches, np.float32, ["C", "W"]))  # (D, m), copied if read-only
+        self.size = len(self.vectors)
+        self.packed = _packed_int8(self.vectors)  # None: no quantized backend
 
     def search(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """(c, count) document numbers and estimates of the largest inner products per query
-        row; -1 pads when there are fewer documents."""
+        """(c, count) document numbers and float32 inner products, largest first, per query row;
+        -1 pads when there are fewer documents."""
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))  # (c, m)
         count = max(1, min(count, self.size))
-        values, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), count)
-        return rows, values
+        prefilter = min(self.size, self.PREFILTER * count)
+        if self.packed is None or prefilter == self.size:
+            values, rows = (self.vectors @ q.T).T.topk(count, dim=1)  # (c, count)
+        else:
+            pools = _int8_products(self.packed, q).topk(prefilter, dim=1).indices  # (c, prefilter)
+            union, place = torch.unique(pools, return_inverse=True)
+            exact = (self.vectors[union] @ q.T).T  # (c, U) float32 products of the pooled documents
+            values, at = exact.gather(1, place).topk(count, dim=1)
+            rows = pools.gather(1, at)
+        return rows.numpy(), values.numpy()
+
+
+def _packed_int8(vectors: torch.Tensor):
+    """``vectors`` (D, m) as the int8 weight of a quantized linear product (per-row scales), or
+    None where this torch has no x86 quantized backend (the search then scans in float32)."""
+    if not {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines) or not len(vectors):
+        return None
+    scale = vectors.abs().amax(1).clamp_min(1e-30).double() / 127
+    try:
+        with warnings.catch_warnings():  # quantized tensors are deprecated in torch; pinned, tested
+            warnings.simplefilter("ignore", UserWarning)
+            zero = torch.zeros(len(vectors), dtype=torch.long)
+            weight = torch.quantize_per_channel(vectors, scale, zero, 0, torch.qint8)
+            return torch.ops.quantized.linear_prepack(weight, None)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def _int8_products(packed, queries: torch.Tensor) -> torch.Tensor:
+    """(c, D) int8 estimates of the inner products of (c, m) query rows with the packed vectors;
+    each row is scaled to its largest entry first (the product quantizes its input per tensor)."""
+    scale = queries.abs().amax(1, keepdim=True).clamp_min(1e-30)  # (c, 1)
+    return torch.ops.quantized.linear_dynamic(queries / scale, packed, True) * scale
