@@ -446,6 +446,39 @@ def render_load(f: dict) -> list[str]:
     return lines
 
 
+def render_sketch_search(f: dict) -> list[str]:
+    """bench/sketch_search.py: the sketch search per method and count, one request at a time."""
+    names = {
+        "float32": "float32 product of every sketch (torch)",
+        "faiss_flat": "faiss exact flat index (the previous search)",
+        "faiss_sq8_refined": "faiss int8 scalar quantizer, float32 over 4 x count",
+        "shipped": "**int8 scan (torch, fbgemm), float32 over 4 x count (shipped)**",
+    }
+    counts = sorted({int(k.split("_top")[1].split("_")[0]) for k in f if "_top" in k and k.endswith("_ms_p50")})
+    rows = []
+    for name, label in names.items():
+        for count in counts:
+            key = f"{name}_top{count}"
+            if f.get(f"{key}_ms_p50") is None:
+                continue
+            rows.append(
+                [
+                    label,
+                    str(count),
+                    f"{num(f[f'{key}_ms_p50'], 2)} / {num(f.get(f'{key}_ms_p95'), 2)}",
+                    f"{num(f.get(f'{key}_recall'), 4)} (min {num(f.get(f'{key}_recall_min'), 2)})",
+                ]
+            )
+    lines = table(["search", "count", "ms p50 / p95", "recall of the float32 top"], rows)
+    searches = int(f.get("queries", 0) * f.get("rows_per_request", 0))
+    return lines + [
+        "",
+        f"{num(f.get('documents'))} documents, sketch width {f.get('sketch_width', NONE)}; {f.get('queries', NONE)} "
+        f"queries, each one request of {num(f.get('rows_per_request'))} searches (its tokens, its completion, its "
+        f"harmful documents), {searches:,} searches per count; {f.get('threads', NONE)} threads.",
+    ]
+
+
 RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "canaries": render_canaries,
     "influence_retrieval": render_influence_retrieval,
@@ -461,6 +494,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "lds": render_lds,
     "lds_ranks": render_lds_ranks,
     "lds_sketch": render_lds_sketch,
+    "sketch_search": render_sketch_search,
     "probes": render_probes,
     "generation": render_generation,
 }
