@@ -126,8 +126,8 @@ class CandidateSearch:
     the quantized linear product of torch's x86 backend, fbgemm, computes them) and keeps the
     ``PREFILTER`` x ``count`` best, whose float32 products then choose the ``count``: the result
     is the float32 search's unless one of its ``count`` falls outside four times as many int8
-    estimates (on the demo's sketches: never, in 1,440 searches of 10 and of 100,
-    docs/benchmarks.md). Where torch has no quantized backend, the scan is in float32.
+    estimates (on two demo stores: never, in 1,592 searches of 10 and of 100; bench/sketch_search.py).
+    Where torch has no x86 quantized backend, the scan is in float32.
     """
 
     PREFILTER = 4
