@@ -452,6 +452,7 @@ def render_sketch_search(f: dict) -> list[str]:
         "float32": "float32 product of every sketch (torch)",
         "faiss_flat": "faiss exact flat index (the previous search)",
         "faiss_sq8_refined": "faiss int8 scalar quantizer, float32 over 4 x count",
+        "faiss_hnsw": "faiss HNSW graph (approximate)",
         "shipped": "**int8 scan (torch, fbgemm), float32 over 4 x count (shipped)**",
     }
     counts = sorted({int(k.split("_top")[1].split("_")[0]) for k in f if "_top" in k and k.endswith("_ms_p50")})
@@ -475,7 +476,13 @@ def render_sketch_search(f: dict) -> list[str]:
         "",
         f"{num(f.get('documents'))} documents, sketch width {f.get('sketch_width', NONE)}; {f.get('queries', NONE)} "
         f"queries, each one request of {num(f.get('rows_per_request'))} searches (its tokens, its completion, its "
-        f"harmful documents), {searches:,} searches per count; {f.get('threads', NONE)} threads.",
+        f"harmful documents), {searches:,} searches per count; {f.get('threads', NONE)} threads."
+        + (
+            f" HNSW: {f.get('hnsw_m', NONE)} neighbours per node, efConstruction 200, efSearch max(64, 2 x count), "
+            f"built in {num(f['faiss_hnsw_build_s'], 1)} s."
+            if f.get("faiss_hnsw_build_s") is not None
+            else ""
+        ),
     ]
 
 

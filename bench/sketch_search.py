@@ -5,10 +5,10 @@ negated completion) search the documents' relative sketches (divided by ||g_D||_
 ``--counts`` largest inner products, one request at a time as ``attribute`` makes it. Methods:
 the float32 product of every sketch (torch), faiss's exact flat index (what the search used
 before), faiss's int8 scalar quantizer refined in float32 over 4 x count (faiss's version of
-the shipped method), and the shipped :class:`CandidateSearch` (an int8 scan through torch's
-quantized product, then float32 over 4 x count). Prints per method and count the p50 / p95 ms
-of one request and the recall of the float32 top, then one JSON line, also written to
-bench/results/sketch_search[.TAG].json.
+the shipped method), faiss's HNSW graph (approximate; efSearch max(64, 2 x count)), and the
+shipped :class:`CandidateSearch` (an int8 scan through torch's quantized product, then float32
+over 4 x count). Prints per method and count the p50 / p95 ms of one request and the recall of
+the float32 top, then one JSON line, also written to bench/results/sketch_search[.TAG].json.
 
     python bench/sketch_search.py --model DIR   # a bundle whose index has an influence store
 """
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=40)
     parser.add_argument("--counts", default="10,100")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--hnsw-m", type=int, default=32, help="faiss HNSW: neighbours per node")
     _results.add_arguments(parser)
     args = parser.parse_args()
 
@@ -81,7 +82,12 @@ def main() -> None:
         quantized.train(vectors)
         refined = faiss.IndexRefineFlat(quantized)
         refined.add(vectors)
-        methods.update(faiss_flat=flat, faiss_sq8_refined=refined)
+        t = time.perf_counter()
+        graph = faiss.IndexHNSWFlat(width, args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = 200
+        graph.add(vectors)
+        figures["faiss_hnsw_build_s"] = time.perf_counter() - t
+        methods.update(faiss_flat=flat, faiss_sq8_refined=refined, faiss_hnsw=graph)
     except ImportError:
         print("faiss is not installed (pip install -r requirements-bench.txt): its rows are left out")
     full = torch.from_numpy(vectors)
@@ -93,6 +99,8 @@ def main() -> None:
             return engine.search(rows, count)[0]
         if name == "faiss_sq8_refined":
             return engine.search(rows, count, params=faiss.IndexRefineSearchParameters(k_factor=4))[1]
+        if name == "faiss_hnsw":
+            return engine.search(rows, count, params=faiss.SearchParametersHNSW(efSearch=max(64, 2 * count)))[1]
         return engine.search(rows, count)[1]
 
     for count in [int(c) for c in args.counts.split(",")]:
@@ -116,7 +124,7 @@ def main() -> None:
                 f"{len(recall)} searches)",
                 flush=True,
             )
-    figures.update(threads=args.threads, model=str(args.model), prefilter=CandidateSearch.PREFILTER)
+    figures.update(threads=args.threads, model=str(args.model), prefilter=CandidateSearch.PREFILTER, hnsw_m=args.hnsw_m)
     _results.emit({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}, args, __file__)
 
 
