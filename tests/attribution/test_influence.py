@@ -517,6 +517,44 @@ def test_block_sums_and_the_position_scan_give_the_same_scores(stored):
     assert (chunked_terms == scan_terms[subset]).all() and chunked_terms.sum() > 0
 
 
+def test_dense_and_gathered_inner_products_give_the_same_terms(stored):
+    """pair_entries computes the positions' inner products with the query's pairs either as
+    dense products read at the entries or pair by pair over the rows that hold each pair (for
+    stores whose positions meet few of a query's pairs): the same entries and terms, in float64
+    and from an int8 store, whichever way the cost rule picks."""
+    from core.attribution.influence.store import PositionStore, pair_entries, pair_lookup, quantise
+
+    bundle_dir, factors, A, positions, (model, hidden, ids, weights, targets, probs, grads) = stored
+    credits = factors.credit(model, hidden, ids, weights, targets, None, probs)
+    prototypes = torch.from_numpy(np.concatenate([c.prototypes for c in credits]))
+    column = torch.arange(len(credits)).repeat_interleave(len(credits[0].prototypes))
+    lookup = pair_lookup(prototypes, column, len(factors.complement), len(credits))
+    psi = torch.cat([c.psi for c in credits])
+    rows = factors.store.read(slice(0, len(factors.store)))
+    # the same positions stored in int8, as the default build writes them
+    arrays = {"active": factors.store.active, "documents": factors.store.documents}
+    arrays.update(document_offsets=factors.store.offsets, char_start=factors.store.char_start)
+    arrays["char_end"] = factors.store.char_end
+    values = {"hidden": rows.h * rows.h_scale[:, None], "output_grad": rows.r * rows.r_scale[:, None]}
+    values.update(score_grad=rows.c, weights=rows.a)
+    for name, rows_of in values.items():
+        arrays[name], arrays[f"{name}_scale"] = quantise(rows_of, "int8")
+    int8 = PositionStore(arrays, torch.float64).read(slice(0, len(factors.store)))
+    assert int8.h.dtype == torch.int8
+    for stored_rows in (rows, int8):
+        dense = pair_entries(stored_rows, psi, lookup, gather=False)
+        gathered = pair_entries(stored_rows, psi, lookup, gather=True)
+        chosen = pair_entries(stored_rows, psi, lookup)
+        for a, b, c in zip(dense[:3], gathered[:3], chosen[:3], strict=True):
+            assert torch.equal(a, b) and torch.equal(a, c)
+        assert len(dense[3]) > 0 and dense[3].abs().max() > 0
+        torch.testing.assert_close(gathered[3], dense[3], rtol=1e-12, atol=1e-15 * float(dense[3].abs().max()))
+        torch.testing.assert_close(chosen[3], dense[3], rtol=1e-12, atol=1e-15 * float(dense[3].abs().max()))
+    # int8 rows: terms close to the float64 store's (quantisation), not equal
+    error = (pair_entries(int8, psi, lookup)[3] - pair_entries(rows, psi, lookup)[3]).abs().max()
+    assert 0 < error < 0.05 * float(pair_entries(rows, psi, lookup)[3].abs().max())
+
+
 def test_a_sketch_only_store_scores_every_document_by_its_sketch(stored, short_corpus, tmp_path):
     """--influence-store sketch: the same factors and document sketches as the position store,
     no position arrays (a smaller file), and every document scored by <phi(q), phi(D)>: the

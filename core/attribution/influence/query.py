@@ -492,7 +492,7 @@ class InfluenceFactors:
                     continue
                 place = sorter[np.searchsorted(docs, block[owner[keep]], sorter=sorter)]  # (L,) place in the job
                 sign = np.where(scores[place] < 0, -1.0, 1.0)
-                subset = tuple(t.index_select(0, torch.from_numpy(keep)) for t in rows)
+                subset = rows.select(torch.from_numpy(keep))
                 pos, slot, _, terms = pair_entries(subset, credit.psi.to(self.dtype), lookup)
                 pos, terms = pos.numpy(), terms.double().numpy()
                 job["totals"].append(np.bincount(pos, terms, minlength=len(keep)) * sign)
@@ -500,7 +500,7 @@ class InfluenceFactors:
                 job["owner"].append(place)
                 where = place[pos]
                 job["mine"].append(where)
-                job["ids"].append(subset[2][torch.from_numpy(pos), slot].numpy())
+                job["ids"].append(subset.ids[torch.from_numpy(pos), slot].numpy())
                 job["values"].append(terms * np.where(scores[where] < 0, -1.0, 1.0))
             lo = hi
         out = []

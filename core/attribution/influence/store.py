@@ -23,6 +23,7 @@ active prototype the query has (:func:`pair_entries`).
 
 from __future__ import annotations
 
+from dataclasses import astuple, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -275,6 +276,28 @@ class SelfInfluenceSums:
         return self.total
 
 
+@dataclass
+class StoredRows:
+    """L stored positions as :func:`pair_entries` reads them: (L, d) h and r as stored (int8
+    or float) with their (L,) row scales (h_t = h[t] * h_scale[t]), (L, k) active ids, and
+    (L, k) c and a."""
+
+    h: torch.Tensor
+    h_scale: torch.Tensor
+    r: torch.Tensor
+    r_scale: torch.Tensor
+    ids: torch.Tensor
+    c: torch.Tensor
+    a: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def select(self, index: torch.Tensor) -> StoredRows:
+        """The positions at (L',) ``index``."""
+        return StoredRows(*(t.index_select(0, index) for t in astuple(self)))
+
+
 class PositionStore:
     """A loaded store (see the module docstring); read-only, shared between queries. The
     arrays may be memory maps (:func:`core.tensorfile.map_tensors`): a read touches only the
@@ -301,14 +324,20 @@ class PositionStore:
         bounds = np.clip(self.offsets[first : last + 1], start, stop) - start
         return torch.from_numpy(np.repeat(np.arange(first, first + len(bounds) - 1), np.diff(bounds)))
 
-    def read(self, where: slice | np.ndarray) -> tuple[torch.Tensor, ...]:
-        """Positions (a slice or (L,) indices) as (L, d) h, (L, d) r, (L, k) ids, c and a."""
-        h, r, c, a = (
-            torch.from_numpy(np.array(self.rows[name][where])).to(self.dtype)
-            * torch.from_numpy(np.array(self.scales[name][where])).to(self.dtype).unsqueeze(1)
-            for name in ROW_ARRAYS
-        )
-        return h, r, torch.from_numpy(np.asarray(self.active[where]).astype(np.int64)), c, a
+    def read(self, where: slice | np.ndarray) -> StoredRows:
+        """Positions (a slice or (L,) indices) with h and r as stored (int8 or float) beside
+        their row scales, and c and a in the store's precision (:func:`pair_entries` applies
+        the scales to its inner products, not to every (L, d) row)."""
+
+        def column(name: str) -> torch.Tensor:
+            return torch.from_numpy(np.array(self.rows[name][where]))
+
+        def scale(name: str) -> torch.Tensor:
+            return torch.from_numpy(np.array(self.scales[name][where])).to(self.dtype)
+
+        c, a = (column(name).to(self.dtype) * scale(name).unsqueeze(1) for name in ("score_grad", "weights"))
+        ids = torch.from_numpy(np.asarray(self.active[where]).astype(np.int64))
+        return StoredRows(column("hidden"), scale("hidden"), column("output_grad"), scale("output_grad"), ids, c, a)
 
     def positions_of(self, documents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The positions of some store documents, document by document, and the place in
@@ -327,36 +356,72 @@ def pair_lookup(prototypes: torch.Tensor, columns: torch.Tensor, P: int, width: 
     return lookup
 
 
+# A gathered inner product (one position's stored row, converted and multiplied with one pair)
+# costs about this many dense-product multiply-adds per row entry (measured on the demo store:
+# 2 cores, d = 256): pair_entries gathers when the dense products would do more than this many
+# times the work, that is when a position meets few of the query's pairs.
+GATHER_COST = 16
+
+
 def pair_entries(
-    rows: tuple[torch.Tensor, ...], psi: torch.Tensor, lookup: torch.Tensor
+    rows: StoredRows, psi: torch.Tensor, lookup: torch.Tensor, gather: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The (position, slot, column) entries whose active prototype is one of the column's
     pairs, and their terms c_tj <psi_j^K, h_t> + a_tj <psi_j^W, r_t>.
 
-    The inner products of every position with every pair are two dense products (BLAS), then
-    read only at the entries: a position meets a query's prototypes at about k |Q| / P of its
-    k slots, and gathering (entry, d) rows instead costs more than the products (measured).
+    The inner products are computed one of two ways, with the same result: as two dense
+    products of every position with every pair (BLAS), read only at the entries, when a
+    position meets many of the query's pairs (small P, large k); or, when it meets few (a
+    position meets a query's prototypes at about k |Q| / P of its k slots: about 1 of 96 pairs
+    at the demo's P = 1,024, k = 12), pair by pair over only the rows that hold it. Either way
+    the stored rows are multiplied as stored and their scales applied to the products.
 
     Args:
-        rows: (h, r, ids, c, a) of L positions (:meth:`PositionStore.read`).
+        rows: L positions (:meth:`PositionStore.read`).
         psi: (m, 2d) A_j g_qj of the query's pairs.
         lookup: (P, n) pair of (prototype, column), m where the column lacks the prototype.
+        gather: True / False forces the pair-by-pair / dense way; None chooses by cost.
 
     Returns:
         (E,) position in ``rows``, (E,) slot in its k, (E,) column, (E,) term, in (position,
         slot, column) order.
     """
-    h, r, ids, c, a = rows
-    m, d = len(psi), h.shape[1]
+    m, d, dt = len(psi), rows.h.shape[1], psi.dtype
     member = (lookup < m).any(1)  # (P,) prototypes some column has
-    pos, slot = torch.nonzero(member[ids], as_tuple=True)  # (E0,) active slots any column has
-    cols = lookup[ids[pos, slot]]  # (E0, n)
+    pos, slot = torch.nonzero(member[rows.ids], as_tuple=True)  # (E0,) active slots any column has
+    cols = lookup[rows.ids[pos, slot]]  # (E0, n)
     entry, column = torch.nonzero(cols < m, as_tuple=True)
     pair, pos, slot = cols[entry, column], pos[entry], slot[entry]
-    hk = h @ psi[:, :d].T  # (L, m) <psi_j^K, h_t>
-    rw = r @ psi[:, d:].T  # (L, m) <psi_j^W, r_t>
-    terms = c[pos, slot] * hk[pos, pair] + a[pos, slot] * rw[pos, pair]
+    if gather is None:
+        gather = len(pos) * GATHER_COST < len(rows) * m
+    if gather:
+        hk, rw = _gathered_products(rows, psi, pos, pair)
+    else:
+        hk = (rows.h.to(dt) @ psi[:, :d].T)[pos, pair]  # <psi_j^K, stored h_t>
+        rw = (rows.r.to(dt) @ psi[:, d:].T)[pos, pair]
+    terms = rows.c[pos, slot] * rows.h_scale[pos] * hk + rows.a[pos, slot] * rows.r_scale[pos] * rw
     return pos, slot, column, terms
+
+
+def _gathered_products(
+    rows: StoredRows, psi: torch.Tensor, pos: torch.Tensor, pair: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E,) <psi_pair^K, stored h_pos> and <psi_pair^W, stored r_pos> of each entry, pair by
+    pair over the rows that hold it (each row gathered as stored, then converted)."""
+    d, dt = rows.h.shape[1], psi.dtype
+    order = torch.argsort(pair, stable=True)
+    counts = torch.bincount(pair, minlength=len(psi)).tolist()
+    hk, rw = torch.empty(len(pos), dtype=dt), torch.empty(len(pos), dtype=dt)
+    at = 0
+    for p, count in enumerate(counts):
+        if not count:
+            continue
+        place = order[at : at + count]  # entries of pair p
+        held = pos[place]
+        hk[place] = torch.mv(rows.h.index_select(0, held).to(dt), psi[p, :d])
+        rw[place] = torch.mv(rows.r.index_select(0, held).to(dt), psi[p, d:])
+        at += count
+    return hk, rw
 
 
 def document_scores(
