@@ -292,30 +292,14 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 
 def cmd_outliers(args: argparse.Namespace) -> int:
-    from core.attribution.influence import load_influence, self_influence
+    from core.attribution.influence import outliers
 
-    ranked = self_influence(args.model, top=args.top)
-    factors = load_influence(args.model)
-    train = factors.corpus().train
-    rows = train[[r.doc_index for r in ranked]] if ranked else {"id": [], "source": [], "text": []}
-    records = [
-        {
-            "rank": i + 1,
-            "doc_id": doc_id,
-            "source": source,
-            "doc_index": r.doc_index,
-            "self_influence_per_token": r.score,
-            "positions": r.positions,
-            "text": text[:200],
-        }
-        for i, (r, doc_id, source, text) in enumerate(
-            zip(ranked, rows["id"], rows["source"], rows["text"], strict=True)
-        )
-    ]
+    found = outliers(args.model, top=args.top)
+    records = [{**r, "text": r["text"][:200]} for r in found["records"]]
     if args.json:
-        print(json.dumps({"measure": "self-influence per stored position", "documents": records}, ensure_ascii=False))
+        print(json.dumps({"measure": found["measure"], "documents": records}, ensure_ascii=False))
         return 0
-    print(f"{len(records)} of {len(factors.documents)} training documents by self-influence per token")
+    print(f"{len(records)} of {found['documents']} training documents by self-influence per token")
     print("(sum over prototype blocks of g^T A g for the document's summed gradient, over its stored positions)")
     for rec in records:
         snippet = " ".join(rec["text"].split())[:90]

@@ -218,6 +218,14 @@ def test_older_formats_are_refused_with_the_rebuild_command(small_bundle, short_
     bundle_dir = copy_bundle(small_bundle, tmp_path / "old")
     build_influence(bundle_dir, short_corpus, InfluenceArguments(**{**EXACT, "rank": 8}), show_progress=False)
     path = bundle_dir / "index" / "influence.safetensors"
+    alone = bundle_dir / "index" / "self_influence.safetensors"
+    alone_arrays = load_file(alone)
+    with safe_open(str(alone), framework="numpy") as f:
+        alone_meta = json.loads(f.metadata()["meta"])
+    save_file(alone_arrays, alone, metadata={"meta": json.dumps({**alone_meta, "format_version": 0})})
+    with pytest.raises(InfluenceError, match="has format 0, this version reads 1; rebuild.*prism index"):
+        self_influence(bundle_dir)
+    alone.unlink()  # builds of formats 1 to 5 wrote no self-influence file
     arrays = load_file(path)
     with safe_open(str(path), framework="numpy") as f:
         meta = json.loads(f.metadata()["meta"])
@@ -710,6 +718,36 @@ def test_outliers_command_lists_documents_by_self_influence(stored, capsys):
     assert main(["outliers", "--model", str(bundle_dir), "--top", "2"]) == 0
     text = capsys.readouterr().out
     assert text.startswith(f"2 of {len(factors.documents)} training documents") and listed[0]["doc_id"] in text
+
+
+def test_the_self_influence_file_alone_serves_outliers(stored, tmp_path, capsys):
+    """Every build writes index/self_influence.safetensors (the documents' self-influence, far
+    smaller than the factors); a bundle holding only it (as the demo ships) lists the same
+    outliers, with the corpus found relative to the bundle, and has no influence method."""
+    from core.attribution.influence import SELF_INFLUENCE_FILE, influence_exists, outliers, save_self_influence
+    from core.cli import main
+
+    bundle_dir, factors, *_ = stored
+    alone = bundle_dir / "index" / SELF_INFLUENCE_FILE
+    assert alone.is_file() and alone.stat().st_size < factors.stored_bytes() / 4
+    expected = outliers(bundle_dir, top=None)
+    assert expected["documents"] == len(factors.documents) == len(expected["all_scores"])
+    assert [r["doc_index"] for r in expected["records"][:3]] == [
+        int(factors.documents[i]) for i in np.lexsort((factors.documents, -factors.self_influence))[:3]
+    ]
+    copy = copy_bundle(bundle_dir, tmp_path / "elsewhere" / "copy")  # another depth: the corpus path is relative
+    (copy / "index" / influence_module.INFLUENCE_FILE).unlink()
+    (copy / "index" / SELF_INFLUENCE_FILE).unlink()
+    save_self_influence(copy, source=bundle_dir / "index" / influence_module.INFLUENCE_FILE)
+    assert not influence_exists(copy)
+    found = outliers(copy, top=None)
+    assert found["records"] == expected["records"] and list(found["all_sources"]) == list(expected["all_sources"])
+    np.testing.assert_array_equal(found["all_scores"], factors.self_influence)
+    assert main(["outliers", "--model", str(copy), "--top", "2"]) == 0
+    assert capsys.readouterr().out.startswith(f"2 of {len(factors.documents)} training documents")
+    (copy / "index" / SELF_INFLUENCE_FILE).write_bytes(b"not safetensors")
+    assert main(["outliers", "--model", str(copy)]) != 0  # a clear error, not a traceback
+    assert "not readable" in capsys.readouterr().err
 
 
 def test_attribution_lists_the_most_harmful_documents(stored):

@@ -59,7 +59,8 @@ stores the self-influence sum_j g_jD^T A_j g_jD / positions (:func:`self_influen
 
 File: ``BUNDLE/index/influence.safetensors`` (safetensors only), its build arguments and the
 model and corpus fingerprints in the header; a mismatch or an older format is refused with the
-command to rebuild.
+command to rebuild. Beside it, ``self_influence.safetensors``: the documents' self-influence
+alone (:mod:`.loading`), all that outliers need.
 
 Modules: :mod:`.math` (the formulas above, on tensors), :mod:`.arguments` (the build's
 options), :mod:`.store` (the position store and its bulk scan), :mod:`.fit` (the build),
@@ -69,7 +70,14 @@ attribution method of the engine).
 
 from core.attribution.influence.arguments import InfluenceArguments
 from core.attribution.influence.fit import build_influence
-from core.attribution.influence.loading import DocumentSelfInfluence, load_influence, self_influence
+from core.attribution.influence.loading import (
+    SELF_INFLUENCE_FILE,
+    DocumentSelfInfluence,
+    load_influence,
+    outliers,
+    save_self_influence,
+    self_influence,
+)
 from core.attribution.influence.math import (
     active_set,
     apply_inverse_and_root,
@@ -94,6 +102,7 @@ from core.errors import InfluenceError
 __all__ = [
     "FORMAT_VERSION",
     "INFLUENCE_FILE",
+    "SELF_INFLUENCE_FILE",
     "DocumentSelfInfluence",
     "InfluenceArguments",
     "InfluenceCredit",
@@ -110,7 +119,9 @@ __all__ = [
     "influence_exists",
     "inverse_weights",
     "load_influence",
+    "outliers",
     "prototype_gradients",
     "sampled_targets",
+    "save_self_influence",
     "self_influence",
 ]

@@ -24,6 +24,7 @@ import torch
 
 from core import distributed
 from core.attribution.influence.arguments import InfluenceArguments
+from core.attribution.influence.loading import save_self_influence
 from core.attribution.influence.math import (
     active_set,
     complement_weights,
@@ -493,6 +494,7 @@ def build_influence(
     size = path.stat().st_size
     summary = {k: meta[k] for k in ("arguments", "rank", "build_seconds", "documents", "positions", "storage", "store")}
     register_index_file(folder, INFLUENCE_FILE, influence=summary)
+    save_self_influence(bundle_dir)  # outliers need only this part (a bundle may ship it alone)
     keys = ("rank", "num_prototypes", "sequences", "curvature_positions", "documents", "positions", "entries")
     keys += ("storage", "store", "position_bytes", "curvature_seconds", "documents_seconds", "build_seconds")
     return {**{key: meta[key] for key in keys}, "influence_bytes": size, "influence_mb": round(size / 2**20, 3)}

@@ -57,6 +57,34 @@ def influence_exists(bundle_dir: str | Path) -> bool:
     return (index_dir(bundle_dir) / INFLUENCE_FILE).is_file()
 
 
+def checked_corpus(bundle_dir: Path, meta: dict):
+    """The training corpus an influence build recorded in ``meta`` (its path as given, or
+    relative to the bundle), checked to be the one it was built from.
+
+    Raises:
+        InfluenceError: it moved, or its files changed since the build.
+    """
+    recorded = meta["corpus_path"]
+    candidates = [Path(bundle_dir) / meta.get("corpus_path_from_bundle", recorded), Path(recorded)]
+    path = next((p for p in candidates if p.exists()), None)
+    hint = f"move it back, or rebuild with {rebuild_hint(bundle_dir, 'NEWPATH')}"
+    if path is None:
+        raise InfluenceError(
+            f"the corpus the influence factors were built from is no longer at {recorded} "
+            f"(it moved or was deleted); {hint}"
+        )
+    try:
+        corpus = load_corpus(path)
+    except CorpusError as err:
+        raise InfluenceError(f"cannot read the corpus at {path} ({err}); {hint}") from None
+    if corpus.fingerprint != meta["corpus_fingerprint"]:
+        raise InfluenceError(
+            f"the corpus at {path} changed since the influence factors were built; "
+            f"rebuild with {rebuild_hint(bundle_dir, str(path))}"
+        )
+    return corpus
+
+
 @dataclass
 class InfluenceCredit:
     """The credit of one or more query tokens: their pairs psi_j = A_j g_qj, g_qj summed over
@@ -526,25 +554,7 @@ class InfluenceFactors:
             InfluenceError: it moved, or its files changed since the build.
         """
         if self._corpus is None:
-            recorded = self.meta["corpus_path"]
-            candidates = [self.bundle_dir / self.meta.get("corpus_path_from_bundle", recorded), Path(recorded)]
-            path = next((p for p in candidates if p.exists()), None)
-            hint = f"move it back, or rebuild with {rebuild_hint(self.bundle_dir, 'NEWPATH')}"
-            if path is None:
-                raise InfluenceError(
-                    f"the corpus the influence factors were built from is no longer at {recorded} "
-                    f"(it moved or was deleted); {hint}"
-                )
-            try:
-                corpus = load_corpus(path)
-            except CorpusError as err:
-                raise InfluenceError(f"cannot read the corpus at {path} ({err}); {hint}") from None
-            if corpus.fingerprint != self.meta["corpus_fingerprint"]:
-                raise InfluenceError(
-                    f"the corpus at {path} changed since the influence factors were built; "
-                    f"rebuild with {rebuild_hint(self.bundle_dir, str(path))}"
-                )
-            self._corpus = corpus
+            self._corpus = checked_corpus(self.bundle_dir, self.meta)
         return self._corpus
 
     def describe(self, ranked: list[RankedDocument]) -> list[dict]:
