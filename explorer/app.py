@@ -55,6 +55,7 @@ pages = [
     st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
     st.Page("views/calibrate.py", title="Calibrate", icon=":material/model_training:", url_path="calibrate"),
     st.Page("views/report.py", title="Report", icon=":material/description:", url_path="report"),
+    st.Page("views/outliers.py", title="Outliers", icon=":material/bar_chart:", url_path="outliers"),
 ]
 page = st.navigation(pages, position="top")
 

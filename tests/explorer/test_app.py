@@ -91,9 +91,10 @@ def test_every_page_renders(explorer_bundle):
     at.run()
     no_errors(at)
     assert any("Prototype 1" in m.value for m in at.markdown)
-    for page in ("trace", "steer", "compare", "calibrate", "report"):
+    for page in ("trace", "steer", "compare", "calibrate", "report", "outliers"):
         open_page(at, page)
         no_errors(at)
+    assert any("no self-influence" in i.value and "prism index" in i.value for i in at.info)  # no influence built
     open_page(at, "trace")
     at.button(key="trace_run").click().run()
     no_errors(at)
@@ -297,3 +298,32 @@ def test_compare_table_shows_no_none_where_one_text_ended(explorer_bundle):
     assert differing_positions(long, short)[-1] == len(long.tokens) - 1  # the ended positions differ
     assert differing_positions(long, long) == []
     assert token_spans(short, long).count('<span class="prism-tok') == len(short.tokens)
+
+
+def test_outliers_lists_documents_by_self_influence(explorer_bundle, tmp_path_factory):
+    """With influence built, the Outliers page lists the training documents by self-influence
+    per token, highest first (as `prism outliers` does), filters them by source, draws every
+    document in the histogram, and shows corpus text as text."""
+    import shutil
+
+    from core.attribution.influence import InfluenceArguments, build_influence, outliers
+
+    bundle = tmp_path_factory.getbasetemp() / "explorer-influence" / "bundle"
+    shutil.copytree(explorer_bundle, bundle)
+    corpus = explorer_bundle.parent / "corpus"
+    build_influence(bundle, corpus, InfluenceArguments(rank=8, curvature_tokens=4096), show_progress=False)
+    expected = outliers(bundle, top=None)
+    at = open_page(app(bundle).run(), "outliers")
+    no_errors(at)
+    table = at.dataframe[0].value
+    listed = min(25, len(expected["records"]))
+    assert list(table["document"]) == [r["doc_id"] for r in expected["records"][:listed]]
+    assert list(table["self-influence / token"]) == sorted(table["self-influence / token"], reverse=True)
+    histogram = chart_spec(at)["data"]
+    assert sum(len(decode(t["x"])) for t in histogram) == int((expected["all_scores"] > 0).sum())
+    at.multiselect(key="out_sources").set_value(["web"]).run()  # the planted HTML documents' source
+    no_errors(at)
+    table = at.dataframe[0].value
+    assert set(table["source"]) == {"web"} and any(EVIL in text for text in table["text"])  # shown as data
+    assert "<script>" not in "".join(htmls(at))
+    assert [t["name"] for t in chart_spec(at)["data"]] == ["web"]

@@ -317,6 +317,21 @@ def test_atlas_trace_steer_report(page, server, tmp_path):
     idle(page)
     shot(page, "calibrate")
 
+    # Outliers: the demo's training documents by self-influence (the demo ships the self-influence file)
+    from core.attribution.influence import outliers
+
+    nav(page, "Outliers")
+    page.get_by_test_id("stDataFrame").wait_for()
+    idle(page)
+    found = outliers(DEMO, top=None)
+    page.get_by_text(f"25 of {found['documents']:,} training documents").wait_for()  # the grid draws on a canvas
+    bars = page.evaluate("""() => {
+        const gd = [...document.querySelectorAll('.js-plotly-plot')].find(g => g._fullData && g._fullData.length);
+        return gd._fullData.reduce((n, t) => n + t.x.length, 0);
+    }""")
+    assert bars == int((found["all_scores"] > 0).sum())  # every document in the histogram
+    shot(page, "outliers")
+
     # Report: download the HTML and read it
     nav(page, "Report")
     button = page.get_by_role("button", name="Download HTML (offline)")

@@ -55,8 +55,7 @@ def _checked_header(
     meta = _header(path, f"rebuild them with {hint}")
     if meta.get("format_version") != version:
         raise InfluenceError(
-            f"{path} has format {meta.get('format_version')!r}, this version reads "
-            f"{version}; rebuild it with {hint}"
+            f"{path} has format {meta.get('format_version')!r}, this version reads {version}; rebuild it with {hint}"
         )
     hint = rebuild_hint(bundle_dir, meta.get("corpus_path", "PATH"))
     current = model_fingerprint(bundle_dir)
@@ -180,6 +179,7 @@ def save_self_influence(bundle_dir: str | Path, source: str | Path | None = None
     partial = target.with_name(target.name + ".partial")
     save_file(arrays, str(partial), metadata={"meta": json.dumps(out)})
     partial.replace(target)
+    target.chmod(0o644)  # readable as the index's other files are
     register_index_file(target.parent, SELF_INFLUENCE_FILE)
     return target
 
