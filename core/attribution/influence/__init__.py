@@ -64,8 +64,8 @@ alone (:mod:`.loading`), all that outliers need.
 
 Modules: :mod:`.math` (the formulas above, on tensors), :mod:`.arguments` (the build's
 options), :mod:`.store` (the position store and its bulk scan), :mod:`.fit` (the build),
-:mod:`.query` (loading the factors and answering queries) and :mod:`.method` (influence as an
-attribution method of the engine).
+:mod:`.query` (loading the factors and answering queries; :mod:`.credit` holds the values they
+pass around) and :mod:`.method` (influence as an attribution method of the engine).
 """
 
 from core.attribution.influence.arguments import InfluenceArguments

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from core.attribution.influence.query import MEASUREMENT, InfluenceCredit, RankedDocument
+from core.attribution.influence.credit import InfluenceCredit, RankedDocument
+from core.attribution.influence.query import MEASUREMENT
 from core.attribution.records import Example
 from core.errors import PrototypeIndexError
 from core.store import rebuild_hint
