@@ -246,7 +246,12 @@ class InfluenceFactors:
         """(C, n) <phi(q), phi(D)> per store document and credit: the estimate of I(q, D)
         (:mod:`.sketch`), and terms 1 for a document with a gradient."""
         queries = self.query_sketches(credits)  # (n, m)
-        sketches = self.sketch_matrix() if documents is None else self.sketch_matrix()[torch.from_numpy(documents)]
+        if documents is None:
+            sketches = self.sketch_matrix()
+        elif self._sketch_rows is not None:
+            sketches = self._sketch_rows[torch.from_numpy(documents)]
+        else:  # a ranking's few candidates: read from the file, not the whole (D, m) matrix
+            sketches = torch.from_numpy(np.asarray(self._sketches[np.asarray(documents)], dtype=np.float32))
         # in the sketches' float32: an estimate, and no (D, m) copy in a wider type per query
         scores = (sketches @ queries.to(sketches.dtype).T).double().numpy()  # (C, n)
         norm = self.gradient_norm if documents is None else self.gradient_norm[documents]
