@@ -16,12 +16,16 @@ from explorer import permalink, state
 from explorer.safe import csv_cell, html_text, md
 
 LISTED = 500  # documents read with their text (the histogram has every document)
+TEXT = 200  # characters of each shown
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
 def listed(path: str, fingerprint: str) -> dict:
-    """The top LISTED documents with their text, and every document's score and source."""
-    return outliers(path, top=LISTED)
+    """The top LISTED documents with the start of their text (what the table shows), and every
+    document's score and source; kept small, as the cache hands a copy to every rerun."""
+    found = outliers(path, top=LISTED)
+    found["records"] = [{**r, "text": " ".join(r["text"].split())[:TEXT]} for r in found["records"]]
+    return found
 
 
 def histogram(scores: np.ndarray, sources: np.ndarray, chosen: list[str]) -> go.Figure:
@@ -87,7 +91,7 @@ table = pd.DataFrame(
             "tokens": r["positions"],
             "document": r["doc_id"],
             "source": r["source"],
-            "text": " ".join(r["text"].split())[:200],
+            "text": r["text"],
         }
         for r in rows
     ]
